@@ -1,0 +1,1 @@
+"""LLaVA registration hooks: the only package of llava-getok that imports `llava`."""
