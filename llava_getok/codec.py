@@ -166,21 +166,34 @@ def encode_boxes(boxes, cfg: GETokConfig) -> list[str]:
     return [open_ + t[2 * k] + t[2 * k + 1] + close for k in range(len(b))]
 
 
+def _lattice(points, cfg: GETokConfig) -> np.ndarray:
+    """Where each point decodes to (its quantised position on the token lattice of cfg's mode)."""
+    rounds = cfg.rounds if cfg.mode == "inline" else 0
+    return dequantize(*quantize(points, cfg, rounds), cfg)
+
+
 def encode_polyline(points, cfg: GETokConfig) -> str:
-    """Vertices in order -> ``<pl>`` ... ``</pl>``; consecutive vertices in the same cell are merged."""
+    """Vertices in order -> ``<pl>`` ... ``</pl>``; consecutive vertices that quantise to the same lattice
+    point (the same cell in grid mode) are merged."""
     p = check_points(points, "polyline")
-    cells, _ = quantize(p, cfg, 0)
+    q = _lattice(p, cfg)
     keep = np.ones(len(p), dtype=bool)
-    keep[1:] = (cells[1:] != cells[:-1]).any(1)
+    keep[1:] = (q[1:] != q[:-1]).any(1)
     return _wrap("polyline", "".join(_points_tokens(p[keep], cfg)))
 
 
 def encode_mask_points(points, cfg: GETokConfig) -> str:
-    """Mask anchor points -> ``<seg>`` ... ``</seg>``, row-major (j, then i), one point per cell."""
+    """Mask anchor points -> ``<seg>`` ... ``</seg>``, row-major (j, then i), each lattice point once (one
+    point per cell in grid mode). Order and duplicates are judged on the quantised points, so that
+    re-encoding decoded points reproduces the same sequence."""
     p = check_points(points, "mask anchors")
-    cells, _ = quantize(p, cfg, 0)
-    _, first = np.unique(cells[:, 1] * cfg.grid + cells[:, 0], return_index=True)  # sorted by j * n + i
-    return _wrap("mask", "".join(_points_tokens(p[first], cfg)))
+    q = _lattice(p, cfg)
+    cell = np.minimum(np.floor(q * cfg.grid), cfg.grid - 1)
+    order = np.lexsort((q[:, 0], q[:, 1], cell[:, 0], cell[:, 1]))
+    q_sorted = q[order]
+    keep = np.ones(len(order), dtype=bool)
+    keep[1:] = (q_sorted[1:] != q_sorted[:-1]).any(1)
+    return _wrap("mask", "".join(_points_tokens(p[order[keep]], cfg)))
 
 
 def encode_shape(shape: Shape, cfg: GETokConfig) -> str:

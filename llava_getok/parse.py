@@ -86,7 +86,7 @@ def parse_tokens(tokens, cfg: GETokConfig) -> ParseResult:
         nonlocal point, broken
         if point is None:
             return None
-        pos, cell, offs = point
+        pos, cell, offs, _ = point
         point = None
         if len(offs) != rounds:
             err(pos, f"point at {pos} has {len(offs)} offset token(s), expected {rounds}")
@@ -114,10 +114,10 @@ def parse_tokens(tokens, cfg: GETokConfig) -> ParseResult:
         # a point outside any group ends at the next non-offset token
         nonlocal broken
         if group is None and point is not None:
-            start = point[0]
+            start, end_ = point[0], point[3]
             p = finish_point()
             if p is not None:
-                emit("point", [p], start, pos)
+                emit("point", [p], start, end_)
             broken = False
 
     end = 0
@@ -140,7 +140,7 @@ def parse_tokens(tokens, cfg: GETokConfig) -> ParseResult:
                 p = finish_point()
                 if p is not None:
                     group[2].append(p)
-            point = [pos, (i, j), []]
+            point = [pos, (i, j), [], end]
         elif m.group("dx") is not None or m.group("delete"):
             o = None if m.group("delete") else (int(m.group("dx")), int(m.group("dy")))
             if o is not None and not (abs(o[0]) <= h and abs(o[1]) <= h):
@@ -157,6 +157,7 @@ def parse_tokens(tokens, cfg: GETokConfig) -> ParseResult:
                 broken = True
             else:
                 point[2].append(o)
+                point[3] = end
         elif tok in _OPEN:
             close_bare_point(pos)
             name = _OPEN[tok]
