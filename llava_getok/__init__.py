@@ -7,6 +7,7 @@ from .codec import (
     Shape,
     apply_refinement,
     dequantize,
+    decode_boxes,
     encode_box,
     encode_boxes,
     encode_mask_points,

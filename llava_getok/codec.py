@@ -6,6 +6,7 @@ Convention: points are (x, y) and boxes (x1, y1, x2, y2) normalised to [0, 1] in
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -170,6 +171,25 @@ def _lattice(points, cfg: GETokConfig) -> np.ndarray:
     """Where each point decodes to (its quantised position on the token lattice of cfg's mode)."""
     rounds = cfg.rounds if cfg.mode == "inline" else 0
     return dequantize(*quantize(points, cfg, rounds), cfg)
+
+
+def decode_boxes(texts, cfg: GETokConfig) -> np.ndarray:
+    """Batch inverse of :func:`encode_boxes` (vectorised): each text must be exactly one box as written by
+    ``encode_boxes`` with the same config; otherwise ValueError naming the first bad text's index."""
+    rounds = cfg.rounds if cfg.mode == "inline" else 0
+    point = r"<grid_(\d+)_(\d+)>" + r"<off_(-?\d+)_(-?\d+)>" * rounds
+    texts = list(texts)
+    nums = re.findall(TAGS["box"][0] + point + point + TAGS["box"][1], "\n".join(texts))
+    if len(nums) != len(texts):
+        for k, t in enumerate(texts):
+            if not re.fullmatch(TAGS["box"][0] + point + point + TAGS["box"][1], t):
+                raise ValueError(f"text {k} is not one box of this config (grid={cfg.grid}, rounds={rounds}): {t!r}")
+    a = np.asarray(nums, dtype=np.int64).reshape(len(texts), 2, 2 + 2 * rounds)
+    cells = a[:, :, :2].reshape(-1, 2)
+    if (cells >= cfg.grid).any():
+        raise ValueError(f"a grid index is outside the {cfg.grid}x{cfg.grid} grid")
+    pts = dequantize(cells, a[:, :, 2:].reshape(len(cells), rounds, 2), cfg)
+    return pts.reshape(-1, 4)
 
 
 def encode_polyline(points, cfg: GETokConfig) -> str:

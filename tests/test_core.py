@@ -160,6 +160,10 @@ def test_batch_encoding_matches_single_and_one_million_boxes_round_trip():
     assert texts[:50] == [gt.encode_box(b, cfg) for b in boxes[:50]]
     decoded = np.array([gt.decode_box(t, cfg) for t in texts[:2000]])
     assert np.abs(decoded - boxes[:2000]).max() <= cfg.max_error + 1e-12
+    assert np.array_equal(gt.decode_boxes(texts, cfg)[:2000], decoded)
+    assert np.abs(gt.decode_boxes(texts, cfg) - boxes).max() <= cfg.max_error + 1e-12
+    with pytest.raises(ValueError, match="text 1 is not one box"):
+        gt.decode_boxes([texts[0], texts[1][:-1]], cfg)
 
 
 shape_kind = st.sampled_from(["point", "box", "polyline", "mask"])
