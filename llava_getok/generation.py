@@ -1,0 +1,324 @@
+"""Grammar-constrained decoding: a transformers ``LogitsProcessor`` that only lets the model write GETok
+that :func:`llava_getok.parse.parse_ids` accepts (spec sections 4, 5 and 8).
+
+The grammar (the one :mod:`llava_getok.parse` reads), with R = cfg.rounds in inline mode, else 0:
+
+    answer  := (TEXT | group | refine)* EOS
+    point   := GRID OFF{R}
+    group   := <box> point point </box> | <pl> point+ </pl> | <seg> point+ </seg> | point
+    refine  := <offset> (TEXT | rgroup)* </offset>       (refine mode only)
+    rgroup  := the same groups with OFF | <delete> in place of each point
+
+Inside a group nothing but its points and its closing tag may follow (no free text, no EOS).
+
+How it stays cheap: the grammar is a small finite automaton over *token classes* (text, EOS, grid, offset,
+delete, each tag). Every vocabulary id is mapped to its class once; the automaton is tabulated once as a
+transition table and an allowed-classes table. Each step then costs two tensor gathers and a
+``masked_fill`` on the device, with the state of every batch row updated from the one token that was just
+generated (no re-scan of the sequence, no host sync).
+
+``max_new_tokens`` (optional) makes the output parse even when the budget runs out: when only just enough
+tokens are left, the processor allows only the tokens that close the open group in time.
+
+Limitation: the state follows each row's own last token, so use it with greedy search or sampling
+(``num_beams=1``): beam search reorders rows between steps.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+import torch
+from transformers import LogitsProcessor
+
+from .vocab import DELETE, TAGS, GETokConfig
+
+# Token classes. NEVER: ids the model may never write (BOS, ids beyond the tokenizer in a padded head).
+CLASSES = (
+    "text", "eos", "grid", "off", "delete",
+    "<box>", "</box>", "<seg>", "</seg>", "<pl>", "</pl>", "<offset>", "</offset>", "never",
+)
+_C = {c: k for k, c in enumerate(CLASSES)}
+_GROUPS = ("box", "seg", "pl")  # tag names of the shape groups
+ONLY = {  # answer restrictions -> the ways an answer may start
+    None: None,
+    "box": ("<box>",),
+    "mask": ("<seg>",),
+    "polyline": ("<pl>",),
+    "point": ("grid",),
+    "shape": ("<box>", "<seg>", "<pl>", "grid"),
+    "refinement": ("<offset>",),
+}
+
+
+class State(NamedTuple):
+    """One automaton state.
+
+    ctx: "text" (free text), "start" (only-mode, nothing written yet), "end" (only-mode, answer complete:
+    EOS only), "done" (EOS written: anything, generate pads these rows), a group "box"/"seg"/"pl" (a point
+    in free text is ctx "point"), "off" (inside <offset>, between rgroups) or a refine group
+    "off_box"/"off_seg"/"off_pl".
+    points: completed points in the current group (capped at 2 for a box, at 1 for seg/pl).
+    need: offset tokens still owed by the current point (inline mode).
+    """
+
+    ctx: str
+    points: int = 0
+    need: int = 0
+
+
+class GETokGrammar:
+    """The automaton for one config and one answer restriction (``only``), tabulated.
+
+    only: None (free text with any groups), "box", "point", "mask", "polyline", "shape" (exactly one
+    shape of any kind) or "refinement" (exactly one ``<offset>`` block, refine mode).
+
+    >>> g = GETokGrammar(GETokConfig(grid=4, rounds=1), only="box")
+    >>> [g.states[s].ctx for s in g.walk(["<box>", "grid", "off", "grid", "off", "</box>", "eos"])]
+    ['box', 'box', 'box', 'box', 'box', 'end', 'done']
+    >>> g.walk(["<box>", "text"])  # free text inside a box is not allowed
+    Traceback (most recent call last):
+    ...
+    ValueError: class 'text' is not allowed in State(ctx='box', points=0, need=0)
+    """
+
+    def __init__(self, cfg: GETokConfig, only: str | None = None):
+        if only not in ONLY:
+            raise ValueError(f"only must be one of {sorted(k for k in ONLY if k)} or None, got {only!r}")
+        if only == "refinement" and cfg.mode != "refine":
+            raise ValueError(f"only='refinement' needs a config in refine mode, got mode {cfg.mode!r}")
+        self.cfg, self.only = cfg, only
+        self.rounds = cfg.rounds if cfg.mode == "inline" else 0
+        self.start = State("start") if only else State("text")
+        # enumerate the reachable states breadth-first, then tabulate
+        self.states: list[State] = [self.start, State("done")]
+        index = {s: k for k, s in enumerate(self.states)}
+        edges: dict[tuple[int, int], int] = {}
+        todo = deque(self.states)
+        while todo:
+            s = todo.popleft()
+            for c in range(len(CLASSES)):
+                t = self.step(s, CLASSES[c])
+                if t is None:
+                    continue
+                if t not in index:
+                    index[t] = len(self.states)
+                    self.states.append(t)
+                    todo.append(t)
+                edges[index[s], c] = index[t]
+        S, C = len(self.states), len(CLASSES)
+        self.index = index
+        self.trans = [[edges.get((s, c), -1) for c in range(C)] for s in range(S)]
+        self.dist = self._distances()
+        for s, d in enumerate(self.dist):
+            if d is None:
+                raise AssertionError(f"grammar bug: {self.states[s]} cannot reach the end of an answer")
+
+    # -- the grammar, one transition at a time ------------------------------------------------------
+    def _after_point(self, s: State) -> State:
+        """The state once the current point is complete."""
+        if s.ctx == "point":
+            return State("end") if self.only else State("text")
+        cap = 2 if s.ctx == "box" else 1
+        return State(s.ctx, min(s.points + 1, cap), 0)
+
+    def step(self, s: State, cls: str) -> State | None:
+        """The state after a token of class ``cls`` in state ``s``; None when the grammar forbids it."""
+        R, done_group = self.rounds, (State("end") if self.only else State("text"))
+        if s.ctx == "done":
+            return s  # generate pads finished rows; anything goes
+        if s.ctx == "end":
+            return State("done") if cls == "eos" else None
+        if s.need:  # a point owes offsets
+            return (State(s.ctx, s.points, s.need - 1) if s.need > 1 else self._after_point(s)) if cls == "off" else None
+        if s.ctx in ("text", "start"):
+            if s.ctx == "start" and cls not in ONLY[self.only]:
+                return None
+            if cls == "text":
+                return s
+            if cls == "eos":
+                return State("done")
+            if cls == "grid":
+                return State("point", 0, R) if R else self._after_point(State("point"))
+            if cls in ("<box>", "<seg>", "<pl>"):
+                return State(cls[1:-1])
+            if cls == "<offset>" and self.cfg.mode == "refine":
+                return State("off")
+            return None
+        if s.ctx in _GROUPS:
+            if cls == "grid" and (s.ctx != "box" or s.points < 2):
+                return State(s.ctx, s.points, R) if R else self._after_point(s)
+            if cls == TAGS[s.ctx][1] and s.points >= (2 if s.ctx == "box" else 1):
+                return done_group
+            return None
+        if s.ctx == "off":
+            if cls in ("text", "off", "delete"):
+                return s  # free text, or a refined bare point
+            if cls in ("<box>", "<seg>", "<pl>"):
+                return State("off_" + cls[1:-1])
+            if cls == "</offset>":
+                return done_group
+            return None
+        # a refine group: one offset or <delete> per earlier point
+        name = s.ctx[4:]
+        cap = 2 if name == "box" else 1
+        if cls in ("off", "delete") and (name != "box" or s.points < 2):
+            return State(s.ctx, min(s.points + 1, cap))
+        if cls == TAGS[name][1] and s.points >= cap:
+            return State("off")
+        return None
+
+    def walk(self, classes) -> list[int]:
+        """State indices after each class in ``classes`` from the start (for tests and debugging)."""
+        out, s = [], self.index[self.start]
+        for c in classes:
+            t = self.trans[s][_C[c]]
+            if t < 0:
+                raise ValueError(f"class {c!r} is not allowed in {self.states[s]}")
+            out.append(t)
+            s = t
+        return out
+
+    def accepting(self, s: int) -> bool:
+        """May the output stop here (EOS written, or a budget cut) and still parse without errors?"""
+        return self.states[s].ctx in ("text", "end", "done")
+
+    def _distances(self) -> list[int | None]:
+        """Fewest tokens from each state to an accepting one (reverse breadth-first search)."""
+        S, C = len(self.states), len(CLASSES)
+        dist: list[int | None] = [0 if self.accepting(s) else None for s in range(S)]
+        frontier = [s for s in range(S) if dist[s] == 0]
+        while frontier:
+            nxt = []
+            for s in range(S):
+                if dist[s] is None and any(self.trans[s][c] in frontier for c in range(C) if self.trans[s][c] >= 0):
+                    dist[s] = dist[frontier[0]] + 1
+                    nxt.append(s)
+            frontier = nxt
+        return dist
+
+    def allowed(self, budget: int | None = None) -> list[list[bool]]:
+        """allowed[state][class] with ``budget`` tokens left including this one (None: no limit).
+
+        With a budget, a class is allowed only if the state it leads to can still reach an accepting
+        state within the remaining tokens; where none can, the classes that get closest are allowed.
+        """
+        out = []
+        for s, row in enumerate(self.trans):
+            ok = [t >= 0 for t in row]
+            if budget is not None:
+                d = [self.dist[t] if t >= 0 else None for t in row]
+                fit = [o and d[c] <= budget - 1 for c, o in enumerate(ok)]
+                if not any(fit):
+                    best = min(x for x in d if x is not None)
+                    fit = [o and d[c] == best for c, o in enumerate(ok)]
+                ok = fit
+            out.append(ok)
+        return out
+
+
+def getok_token_ids(tokenizer, cfg: GETokConfig) -> dict[str, int]:
+    """Map every GETok token of ``cfg`` to its id in ``tokenizer``; ValueError if one is missing or split."""
+    tokens = cfg.tokens()
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    missing = [t for t, i in zip(tokens, ids) if i is None or i == unk]
+    if missing:
+        raise ValueError(
+            f"the tokenizer lacks {len(missing)} of the {len(tokens)} GETok tokens (first: {missing[0]!r}); "
+            "add them with llava_getok.register() or load a GETok checkpoint"
+        )
+    if len(set(ids)) != len(ids):
+        raise ValueError("two GETok tokens share one id in this tokenizer")
+    return dict(zip(tokens, ids))
+
+
+class GETokLogitsProcessor(LogitsProcessor):
+    """Mask the logits so that generation follows the GETok grammar; one automaton state per batch row.
+
+    token_ids: GETok token -> id (see :func:`getok_token_ids`); eos_token_id: int or list of ints;
+    text_vocab_size: len(tokenizer) (ids at or beyond it, e.g. a padded LM head, are never allowed);
+    never_ids: further ids never allowed (BOS by default via :meth:`from_tokenizer`);
+    only: see :class:`GETokGrammar`; max_new_tokens: the generation budget, so that an answer cut by it
+    still parses.
+
+    A processor instance follows one ``generate`` call at a time; it resets itself when a new call starts
+    (a different batch size, or a sequence that did not grow by exactly one token).
+    """
+
+    def __init__(self, token_ids: dict[str, int], cfg: GETokConfig, eos_token_id, text_vocab_size: int,
+                 never_ids=(), only: str | None = None, max_new_tokens: int | None = None):
+        self.cfg = cfg
+        self.grammar = GETokGrammar(cfg, only)
+        self.max_new_tokens = max_new_tokens
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        if not eos:
+            raise ValueError("eos_token_id is required: the grammar decides where an answer may end")
+        cls = {t: "grid" for t in cfg.grid_tokens} | {t: "off" for t in cfg.offset_tokens} | {DELETE: "delete"}
+        cls |= {tag: tag for pair in TAGS.values() for tag in pair}
+        missing = [t for t in cfg.tokens() if t not in token_ids]
+        if missing:
+            raise ValueError(f"token_ids lacks {len(missing)} GETok token(s), first {missing[0]!r}")
+        self._classes = {"text_vocab_size": text_vocab_size, "eos": eos, "never": list(never_ids),
+                         "getok": [(token_ids[t], _C[cls[t]]) for t in cfg.tokens()]}
+        # Host-side tables; device tensors are made on first use (and per vocabulary width).
+        self._trans = torch.tensor(self.grammar.trans, dtype=torch.long)
+        self._trans[self._trans < 0] = self.grammar.index[State("done")]  # misuse (beams): stop constraining
+        levels = [self.grammar.allowed(None)]
+        if max_new_tokens is not None:  # level b: b tokens left; beyond the longest forced path: no limit
+            top = max(self.grammar.dist) + 1
+            levels = [self.grammar.allowed(b) for b in range(1, top + 1)] + levels
+        self._allowed = torch.tensor(levels, dtype=torch.bool)  # (levels, states, classes)
+        self._dev = None
+        self._rows = None
+        self._state = None
+        self._prompt_len = 0
+        self._last_len = -1
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, cfg: GETokConfig, eos_token_id=None, **kwargs):
+        """Build from a tokenizer holding the GETok tokens (ids from :func:`getok_token_ids`)."""
+        eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        never = kwargs.pop("never_ids", [i for i in (tokenizer.bos_token_id,) if i is not None])
+        return cls(getok_token_ids(tokenizer, cfg), cfg, eos, len(tokenizer), never_ids=never, **kwargs)
+
+    def token_classes(self, vocab_size: int) -> torch.Tensor:
+        """Class index of every id in a vocabulary of ``vocab_size`` (the width of the scores)."""
+        c = self._classes
+        out = torch.full((vocab_size,), _C["text"], dtype=torch.long)
+        out[min(c["text_vocab_size"], vocab_size):] = _C["never"]
+        for ids, k in ((c["never"], _C["never"]), (c["eos"], _C["eos"])):
+            ids = [i for i in ids if i < vocab_size]
+            out[ids] = k
+        ids, ks = zip(*c["getok"])
+        if max(ids) >= vocab_size:
+            raise ValueError(f"GETok token id {max(ids)} is outside the model's vocabulary of {vocab_size}")
+        out[list(ids)] = torch.tensor(ks)
+        return out
+
+    def _to(self, device, vocab_size):
+        if self._dev != (device, vocab_size):
+            self._dev = (device, vocab_size)
+            self._cls = self.token_classes(vocab_size).to(device)
+            self._trans_d = self._trans.to(device)
+            self._allowed_d = self._allowed.to(device)
+
+    def reset(self):
+        self._rows, self._state, self._last_len = None, None, -1
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._to(scores.device, scores.shape[-1])
+        rows, length = input_ids.shape
+        if rows != self._rows or length != self._last_len + 1:  # a new generate call: the prompt ends here
+            self._rows, self._prompt_len = rows, length
+            self._state = torch.full((rows,), self.grammar.index[self.grammar.start], dtype=torch.long,
+                                     device=scores.device)
+        else:  # advance every row by the token it just wrote
+            self._state = self._trans_d[self._state, self._cls[input_ids[:, -1]]]
+        self._last_len = length
+        level = -1
+        if self.max_new_tokens is not None:
+            left = self.max_new_tokens - (length - self._prompt_len)
+            level = max(left, 1) - 1 if left < self._allowed_d.shape[0] else -1
+        allowed = self._allowed_d[level][self._state][:, self._cls]  # (rows, vocab)
+        return scores.masked_fill(~allowed, float("-inf"))

@@ -1,0 +1,156 @@
+"""Grammar-constrained decoding: whatever the logits, the output parses (by ids) without errors."""
+import pytest
+import torch
+
+from llava_getok.generation import GETokGrammar, GETokLogitsProcessor, getok_token_ids
+from llava_getok.parse import parse_ids
+from llava_getok.vocab import GETokConfig
+
+CONFIGS = [
+    GETokConfig(grid=4, mode="grid"),
+    GETokConfig(grid=4, rounds=1),
+    GETokConfig(grid=3, rounds=2, offset_levels=5),
+    GETokConfig(grid=4, mode="refine"),
+]
+N_TEXT, EOS, BOS = 20, 2, 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: threads only fight over the shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fake_vocab(cfg):
+    """ids 0..N_TEXT-1 are text (2 = EOS, 1 = BOS), then the GETok tokens, then 3 padding rows."""
+    ids = {t: N_TEXT + k for k, t in enumerate(cfg.tokens())}
+    return ids, {v: k for k, v in ids.items()}, N_TEXT + len(ids) + 3
+
+
+def sample(proc, vocab, rows, steps, seed, getok_bias=1.0):
+    """Sample ``steps`` tokens per row from random logits through ``proc``, like generate does
+    (finished rows are padded with 0); return each row's tokens up to EOS and whether it wrote EOS."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.zeros(rows, 3, dtype=torch.long)  # a 3-token prompt
+    done = torch.zeros(rows, dtype=torch.bool)
+    for _ in range(steps):
+        scores = torch.randn(rows, vocab, generator=gen) * 3
+        scores[:, N_TEXT:] += getok_bias  # visit the GETok states often
+        gumbel = -torch.log(-torch.log(torch.rand(rows, vocab, generator=gen)))
+        nxt = (proc(x, scores) + gumbel).argmax(-1)  # a sample from softmax(scores) (Gumbel-max)
+        nxt = torch.where(done, torch.zeros_like(nxt), nxt)
+        done |= nxt == EOS
+        x = torch.cat([x, nxt[:, None]], 1)
+    out = []
+    for row in x[:, 3:].tolist():
+        out.append((row[: row.index(EOS)], True) if EOS in row else (row, False))
+    return out
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mode}-R{c.rounds}-m{c.offset_levels}")
+@pytest.mark.parametrize("only", [None, "box", "point", "mask", "polyline", "shape"])
+def test_random_logits_always_parse(cfg, only):
+    ids, id_to_tok, vocab = fake_vocab(cfg)
+    n_shapes = 0
+    for budget in (12, 40):
+        proc = GETokLogitsProcessor(ids, cfg, EOS, vocab - 3, never_ids=[BOS], only=only, max_new_tokens=budget)
+        for row, ended in sample(proc, vocab, rows=48, steps=budget, seed=budget):
+            assert BOS not in row and all(i < vocab - 3 for i in row)
+            r = parse_ids(row, id_to_tok, cfg)
+            assert r.errors == [], [id_to_tok.get(i, i) for i in row]
+            n_shapes += len(r.shapes)
+            if only:  # exactly one shape of the asked kind, then EOS
+                kinds = [s.kind for s in r.shapes]
+                assert len(kinds) == 1, [id_to_tok.get(i, i) for i in row]
+                if only != "shape":
+                    assert kinds == [only]
+                assert all(i >= N_TEXT for i in row)  # no free text around a shape-only answer
+    assert n_shapes > 20  # the test visited the grammar, not just free text
+
+
+def test_refinement_answers_parse_as_refinements():
+    cfg = GETokConfig(grid=4, mode="refine")
+    ids, id_to_tok, vocab = fake_vocab(cfg)
+    proc = GETokLogitsProcessor(ids, cfg, EOS, vocab - 3, only="refinement", max_new_tokens=30)
+    n = 0
+    for row, _ in sample(proc, vocab, rows=64, steps=30, seed=1):
+        r = parse_ids(row, id_to_tok, cfg)
+        assert r.errors == [] and r.shapes == []
+        assert id_to_tok[row[0]] == "<offset>" and id_to_tok[row[-1]] == "</offset>"
+        n += len(r.refinements)
+    assert n > 20
+
+
+def test_the_processor_masks_what_the_grammar_forbids():
+    cfg = GETokConfig(grid=4, rounds=1)
+    ids, _, vocab = fake_vocab(cfg)
+    proc = GETokLogitsProcessor(ids, cfg, EOS, vocab - 3, never_ids=[BOS])
+    prompt = torch.tensor([[5, 6]])
+    out = proc(prompt, torch.zeros(1, vocab))
+    allowed = set(torch.isfinite(out[0]).nonzero().flatten().tolist())
+    text = set(range(N_TEXT)) - {BOS}
+    opens = {ids["<box>"], ids["<seg>"], ids["<pl>"]}
+    assert allowed == text | opens | {ids[t] for t in cfg.grid_tokens}
+    # after <box>: grid tokens only; after a grid token in inline mode: offsets only
+    x = torch.cat([prompt, torch.tensor([[ids["<box>"]]])], 1)
+    out = proc(x, torch.zeros(1, vocab))
+    assert set(torch.isfinite(out[0]).nonzero().flatten().tolist()) == {ids[t] for t in cfg.grid_tokens}
+    x = torch.cat([x, torch.tensor([[ids["<grid_1_1>"]]])], 1)
+    out = proc(x, torch.zeros(1, vocab))
+    assert set(torch.isfinite(out[0]).nonzero().flatten().tolist()) == {ids[t] for t in cfg.offset_tokens}
+    # a new generate call (a shorter sequence) starts again from free text
+    out = proc(prompt, torch.zeros(1, vocab))
+    assert set(torch.isfinite(out[0]).nonzero().flatten().tolist()) == allowed
+
+
+def test_budget_forces_the_open_group_to_close():
+    cfg = GETokConfig(grid=4, rounds=1)
+    ids, id_to_tok, vocab = fake_vocab(cfg)
+    proc = GETokLogitsProcessor(ids, cfg, EOS, vocab - 3, max_new_tokens=7)
+    x = torch.tensor([[5]])
+    written = []
+    for tok in ["<box>", "<grid_0_0>", "<off_0_0>", "<grid_1_1>", "<off_0_0>"]:
+        scores = torch.zeros(1, vocab)
+        scores[0, ids[tok]] = 10
+        nxt = int(proc(x, scores).argmax())
+        written.append(id_to_tok.get(nxt, nxt))
+        x = torch.cat([x, torch.tensor([[nxt]])], 1)
+    assert written == ["<box>", "<grid_0_0>", "<off_0_0>", "<grid_1_1>", "<off_0_0>"]
+    # 2 tokens left: the model wants another grid token, but only </box> still fits
+    scores = torch.zeros(1, vocab)
+    scores[0, ids["<grid_2_2>"]] = 10
+    assert id_to_tok[int(proc(x, scores).argmax())] == "</box>"
+
+
+def test_every_state_allows_something_and_can_finish():
+    for cfg in CONFIGS:
+        for only in [None, "box", "point", "mask", "polyline", "shape"] + (["refinement"] * (cfg.mode == "refine")):
+            g = GETokGrammar(cfg, only)
+            for budget in (None, 1, 2, 3, 5):
+                assert all(any(row) for row in g.allowed(budget)), (cfg, only, budget)
+            assert all(d is not None for d in g.dist)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="only must be one of"):
+        GETokGrammar(GETokConfig(), only="circle")
+    with pytest.raises(ValueError, match="refine mode"):
+        GETokGrammar(GETokConfig(), only="refinement")
+
+
+def test_from_tokenizer_needs_the_getok_tokens(tiny_tokenizer_dir):
+    from transformers import AddedToken, AutoTokenizer
+
+    cfg = GETokConfig(grid=4, rounds=1)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir, use_fast=False)
+    with pytest.raises(ValueError, match="lacks 34 of the 34 GETok tokens"):
+        GETokLogitsProcessor.from_tokenizer(tok, cfg)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in cfg.tokens()], special_tokens=True)
+    ids = getok_token_ids(tok, cfg)
+    proc = GETokLogitsProcessor.from_tokenizer(tok, cfg, max_new_tokens=10)
+    classes = proc.token_classes(len(tok) + 5)
+    assert classes[tok.eos_token_id] == 1 and classes[tok.bos_token_id] == classes[-1] == 13
+    assert classes[ids["<grid_3_3>"]] == 2 and classes[ids["</box>"]] == 6
