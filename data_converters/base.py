@@ -1,0 +1,282 @@
+"""What every source module provides, and the one validated sample type they produce.
+
+The source interface (follow it to add a source, e.g. ``data_converters/shapes.py``)
+------------------------------------------------------------------------------------
+A source is a module listed in :data:`data_converters.registry.SOURCES`. It defines::
+
+    TASKS = ("rec", "reg", ...)       # tasks it can feed (see records.TASKS); the first is the default
+    FORMATS = "one line describing the input files"
+
+    def read(opts: Options) -> Iterator[tuple[str, Any]]:
+        '''Yield (where, raw) for every record of ``opts.input``: cheap, in the main process.
+        ``where`` names the place in the input for error messages ("file.json:17" or "file.json:ann 42");
+        ``raw`` is whatever parse() needs, picklable (it travels to worker processes). Join files here
+        (COCO images/categories), decode JSON in parse() (it runs in the workers).
+        A file that cannot be read at all (missing, not JSON) raises ConvertError: that always stops.'''
+
+    def parse(raw, where: str, opts: Options) -> Sample:
+        '''One raw record -> exactly one Sample, in ORIGINAL PIXELS. Raise ConvertError(where, field,
+        message) for bad input, Filtered(reason) for a record deliberately left out (both are counted).'''
+
+One raw record gives one Sample gives one output record, so ``read = written + skipped`` always holds.
+Sources never build token strings: :func:`data_converters.records.build_record` turns a Sample into a
+LLaVA record with :mod:`llava_getok.codec`. Sources never check boxes against the image either:
+:meth:`Sample.validated` does that once, for every source, after the image size is known.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Pixel coordinates may stray this far outside the image (fraction of the side, plus one pixel) before
+# they count as "far outside" and are rejected; within it they are clipped. Annotation tools round.
+OUTSIDE_TOLERANCE = 0.02
+
+
+class ConvertError(ValueError):
+    """Bad input: names the file and record (``where``), the field, and what is wrong.
+
+    ``reason`` is the short category the skip summary counts (defaults to the field and a generic cause).
+    """
+
+    def __init__(self, where: str, field: str, message: str, reason: str | None = None):
+        self.where, self.field, self.message = where, field, message
+        self.reason = reason or f"bad {field}"
+        super().__init__(f"{where}: field {field!r}: {message}")
+
+
+class Filtered(Exception):
+    """A record deliberately left out (e.g. a COCO crowd region for REC); counted, never an error."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the CLI passes to sources and to the record builder (one object, picklable)."""
+
+    input: Path
+    image_root: Path | None = None
+    task: str = "rec"
+    split: str | None = None  # keep only this split (sources that know splits: refcoco, vg...)
+    dataset: str | None = None  # refcoco: refcoco | refcoco+ | refcocog (default: the input folder's name)
+    split_by: str | None = None  # refcoco: unc | umd | google (default: the dataset's usual one)
+    input_frame: str = "pad"  # llava: the frame the input's normalised coordinates are in
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One grounded example in ORIGINAL PIXELS of its image.
+
+    id: unique and stable (it becomes the record id; the same input gives the same id).
+    image: the image path as written to the output ``image`` field (relative to ``--image-root``).
+    size: (W, H) in pixels, or None: then it is read from the image header under ``--image-root``.
+    expression: the referring expression / category / phrase; None when the task needs none.
+    boxes: pixel boxes (x1, y1, x2, y2), several for ``det``; empty for "nothing matches".
+    points: pixel points (pointing ground truth); when empty, ``point`` uses the mask or box.
+    polygons: COCO polygons [[x1, y1, x2, y2, ...], ...] (pixels) of the object's mask, or None.
+    rle: COCO RLE dict (compressed or uncompressed) of the object's mask, or None.
+    split: the split it belongs to (train / val / testA ...), or None.
+    turns: a conversation of the source's own (``llava``): a list of {"from", "value"} whose values hold
+        BOX_SLOT placeholders, one per box of ``boxes``, in order; None for every other source.
+    source_fields: extra keys of the source record kept on the output record (``llava``: every key).
+    units: "px" (default), or a frame name ("pad" / "orig") when the source gives boxes and points
+        normalised to [0, 1] in that frame; :meth:`validated` turns them into pixels once the size is known.
+    where: the place in the input ("file:record"), for error messages.
+    """
+
+    id: str
+    image: str | None
+    size: tuple[float, float] | None = None
+    expression: str | None = None
+    boxes: tuple = ()
+    points: tuple = ()
+    polygons: list | None = None
+    rle: dict | None = None
+    split: str | None = None
+    turns: list | None = None
+    source_fields: dict | None = None
+    units: str = "px"
+    where: str = ""
+
+    # -- validation, once for every source ---------------------------------------------------------------
+    def validated(self, size) -> "Sample":
+        """Check everything against the image ``size`` (W, H); return a copy with boxes/points clipped."""
+        w, h = check_size(size, self.where)
+        if self.units != "px":
+            return replace(self, units="px", **self._to_pixels((w, h))).validated((w, h))
+        boxes = []
+        for k, b in enumerate(self.boxes):
+            b = check_numbers(b, 4, self.where, f"boxes[{k}]")
+            if b[2] < b[0] or b[3] < b[1]:
+                raise ConvertError(self.where, f"boxes[{k}]", f"x2 < x1 or y2 < y1 in {b} (expected x1, y1, x2, y2)", "box x2 < x1 or y2 < y1")
+            boxes.append(tuple(clip_to_image(np.reshape(b, (2, 2)), w, h, self.where, f"boxes[{k}]").reshape(-1).tolist()))
+        points = [
+            tuple(clip_to_image(np.reshape(check_numbers(p, 2, self.where, f"points[{k}]"), (1, 2)), w, h, self.where, f"points[{k}]")[0].tolist())
+            for k, p in enumerate(self.points)
+        ]
+        if self.polygons is not None:
+            if not self.polygons:
+                raise ConvertError(self.where, "segmentation", "empty polygon list", "polygon with < 3 points")
+            for k, poly in enumerate(self.polygons):
+                p = check_numbers(poly, None, self.where, f"segmentation[{k}]")
+                if len(p) < 6 or len(p) % 2:
+                    raise ConvertError(self.where, f"segmentation[{k}]", f"a polygon needs >= 3 (x, y) points, got {len(p)} numbers", "polygon with < 3 points")
+                clip_to_image(np.reshape(p, (-1, 2)), w, h, self.where, f"segmentation[{k}]")
+        if self.rle is not None:
+            rs = self.rle.get("size") if isinstance(self.rle, dict) else None
+            if not isinstance(self.rle, dict) or "counts" not in self.rle or rs is None:
+                raise ConvertError(self.where, "segmentation", "an RLE mask needs 'counts' and 'size'", "bad RLE mask")
+            if [int(rs[0]), int(rs[1])] != [int(round(h)), int(round(w))]:
+                raise ConvertError(self.where, "segmentation.size", f"RLE size {rs} (h, w) differs from the image size {[h, w]}", "RLE size differs from image")
+        return replace(self, size=(w, h), boxes=tuple(boxes), points=tuple(points))
+
+    def _to_pixels(self, size) -> dict:
+        from llava_getok.geometry import points_from_frame
+
+        def px(values, n, field):
+            p = np.reshape(check_numbers(values, n, self.where, field), (-1, 2))
+            return tuple(points_from_frame(p, size, self.units, clamp=False).reshape(-1).tolist())
+
+        return {
+            "boxes": tuple(px(b, 4, f"boxes[{k}]") for k, b in enumerate(self.boxes)),
+            "points": tuple(px(p, 2, f"points[{k}]") for k, p in enumerate(self.points)),
+        }
+
+    def mask_rle(self) -> dict | None:
+        """The object's mask as compressed COCO RLE (counts a str), from polygons or RLE; None if neither."""
+        if self.polygons is None and self.rle is None:
+            return None
+        from pycocotools import mask as mask_utils
+
+        w, h = (int(round(v)) for v in self.size)
+        if self.polygons is not None:
+            rle = mask_utils.merge(mask_utils.frPyObjects([list(map(float, p)) for p in self.polygons], h, w))
+        elif isinstance(self.rle["counts"], list):
+            rle = mask_utils.frPyObjects(self.rle, h, w)
+        else:
+            rle = dict(self.rle)
+        counts = rle["counts"]
+        return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
+def check_size(size, where: str) -> tuple[float, float]:
+    """(W, H) must be two positive finite numbers."""
+    try:
+        w, h = (float(v) for v in size)
+    except (TypeError, ValueError):
+        raise ConvertError(where, "size", f"expected (width, height), got {size!r}", "bad image size") from None
+    if not (math.isfinite(w) and math.isfinite(h)) or w <= 0 or h <= 0:
+        raise ConvertError(where, "size", f"width and height must be positive and finite, got {[w, h]}", "bad image size")
+    return w, h
+
+
+def check_numbers(values, n: int | None, where: str, field: str) -> list[float]:
+    """A list of ``n`` finite numbers (any length when n is None), else ConvertError naming the field."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise ConvertError(where, field, f"expected a list of numbers, got {values!r}", f"bad {field.split('[')[0]}")
+    if n is not None and len(values) != n:
+        raise ConvertError(where, field, f"expected {n} numbers, got {len(values)}: {list(values)!r}", f"bad {field.split('[')[0]}")
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ConvertError(where, field, f"expected numbers, got {list(values)!r}", f"bad {field.split('[')[0]}") from None
+    if not all(math.isfinite(v) for v in out):
+        raise ConvertError(where, field, f"coordinates must be finite, got {out}", "NaN or infinite coordinate")
+    return out
+
+
+def clip_to_image(points: np.ndarray, w: float, h: float, where: str, field: str) -> np.ndarray:
+    """Points (N, 2) in pixels: clip small excursions, reject points far outside the image."""
+    tol = np.array([OUTSIDE_TOLERANCE * w + 1, OUTSIDE_TOLERANCE * h + 1])
+    lim = np.array([w, h])
+    far = ((points < -tol) | (points > lim + tol)).any(1)
+    if far.any():
+        raise ConvertError(where, field, f"point {points[far][0].tolist()} is far outside the {w:g}x{h:g} image", "far outside the image")
+    return np.clip(points, 0, lim)
+
+
+def get(record: dict, key: str, where: str, types=None):
+    """record[key], else ConvertError naming the missing field (never a bare KeyError)."""
+    if not isinstance(record, dict):
+        raise ConvertError(where, key, f"expected a JSON object, got {type(record).__name__}", "record is not an object")
+    if key not in record or record[key] is None:
+        raise ConvertError(where, key, "missing", f"missing {key}")
+    value = record[key]
+    if types is not None and not isinstance(value, types):
+        raise ConvertError(where, key, f"expected {getattr(types, '__name__', types)}, got {type(value).__name__}", f"bad {key}")
+    return value
+
+
+def load_json(path: Path):
+    """A whole JSON file; a malformed one raises ConvertError with the line and column."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConvertError(str(path), "-", "file not found", "missing file") from None
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}:{e.lineno}:{e.colno}", "-", f"malformed JSON: {e.msg}", "malformed JSON") from None
+
+
+def json_lines(path: Path):
+    """Yield (where, line) for every non-blank line of a JSONL file; JSON is decoded later, in parse()."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(str(path), "-", "file not found", "missing file")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield f"{path.name}:{n}", line
+
+
+def json_records(path: Path):
+    """Yield (where, record) for a JSON list (``.json``, loaded whole) or JSONL (streamed, decoded later)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        yield from json_lines(path)
+        return
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise ConvertError(str(path), "-", f"expected a JSON list of records, got {type(data).__name__}", "not a list")
+    for n, rec in enumerate(data):
+        yield f"{path.name}:{n}", rec
+
+
+def decode_line(raw, where: str):
+    """A JSONL line -> object (records from a JSON list pass through); malformed JSON is a ConvertError."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConvertError(where, "-", f"malformed JSON at column {e.colno}: {e.msg}", "malformed JSON") from None
+
+
+@functools.lru_cache(maxsize=100_000)
+def image_size(path: str) -> tuple[int, int] | None:
+    """(W, H) from the image header (PIL opens lazily and decodes no pixels); None if there is no file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # not an image, truncated header
+        raise ValueError(f"cannot read the image header of {path}: {e}") from None
+
+
+@functools.lru_cache(maxsize=100_000)
+def image_exists(path: str) -> bool:
+    return os.path.isfile(path)

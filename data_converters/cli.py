@@ -1,0 +1,150 @@
+"""``convert-datasets``: grounding datasets -> GETok conversations in LLaVA's format.
+
+    convert-datasets SOURCE --input IN --output OUT.json|OUT.jsonl [--image-root DIR] [--task rec]
+                     [--frame pad|orig] [--grid 32] [--rounds R] [--mode grid|inline|refine]
+                     [--workers N] [--limit N] [--seed S] [--on-error fail|skip]
+    convert-datasets --list                      sources, their tasks and input formats
+    convert-datasets decode FILE [--output F]    coordinates back in pixels, one JSON line per record
+
+Exit status: 0 done, 1 bad input under --on-error fail (the message names file, record and field),
+2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from llava_getok.geometry import FRAMES
+from llava_getok.vocab import MODES, SCHEDULES, GETokConfig
+
+from . import registry
+from .base import ConvertError, Options, decode_line
+from .records import decode_record
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="convert-datasets", description=__doc__.split("\n")[0])
+    p.add_argument("source", nargs="?", help=f"one of: {', '.join(registry.SOURCES)}")
+    p.add_argument("--list", action="store_true", help="list sources, their tasks and input formats")
+    p.add_argument("--input", type=Path, help="annotation file or folder (see --list)")
+    p.add_argument("--image-root", type=Path, help="folder the records' image paths are relative to (sizes from headers, existence checks, RES proposals)")
+    p.add_argument("--output", type=Path, help=".json (LLaVA's list) or .jsonl (one record a line)")
+    p.add_argument("--task", default=None, help="rec, reg, point, res, det, refine (= rec in refine mode); llava: rewrite. Default: the source's first")
+    p.add_argument("--frame", choices=FRAMES, default="pad", help="frame of the output coordinates: pad (LLaVA-1.5 image_aspect_ratio=pad) or orig")
+    p.add_argument("--input-frame", choices=FRAMES, default="pad", help="llava: the frame the input's normalised boxes are in")
+    p.add_argument("--grid", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=None, help="offset rounds (default: 0 for grid mode, else 1)")
+    p.add_argument("--offset-levels", type=int, default=3)
+    p.add_argument("--schedule", choices=SCHEDULES, default="halving")
+    p.add_argument("--mode", choices=MODES, default="inline")
+    p.add_argument("--split", help="keep only this split (refcoco: train/val/test/testA/testB; vg, flickr30k)")
+    p.add_argument("--dataset", help="refcoco: refcoco | refcoco+ | refcocog (default: the input folder's name)")
+    p.add_argument("--split-by", help="refcoco: unc | umd | google (default: unc, refcocog: umd)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--limit", type=int, default=None, help="read only the first N records")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+    p.add_argument("--sam-checkpoint", help="RES: use Segment Anything with this checkpoint instead of superpixels")
+    p.add_argument("--sam-model-type", default="vit_h")
+    p.add_argument("--no-resume", action="store_true", help="start over even if an interrupted run of the same job left OUTPUT.partial")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: when stderr is a terminal)")
+    return p
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "decode":
+        return decode_main(argv[1:])
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.list:
+        rows = registry.describe()
+        w = max(len(r[0]) for r in rows)
+        print("sources (convert-datasets SOURCE --task TASK ...):")
+        for name, tasks, desc in rows:
+            print(f"  {name:<{w}}  tasks: {tasks}\n  {'':<{w}}  {desc}")
+        return 0
+    if not a.source or a.input is None or a.output is None:
+        p.error("SOURCE, --input and --output are required (or --list, or decode FILE)")
+    try:
+        source = registry.load(a.source)
+    except (ValueError, ImportError) as e:
+        p.error(str(e))
+    task = a.task or source.TASKS[0]
+    mode = a.mode
+    if task == "refine":  # shorthand: REC in refine mode (getok.task stays "rec", config.mode says "refine")
+        task, mode = "rec", "refine"
+    if mode == "refine" and task in ("reg", "rewrite"):
+        p.error(f"--mode refine needs a task whose answer holds locations (rec, det, point, res), not {task!r}")
+    if task not in source.TASKS:
+        p.error(f"source {a.source!r} supports tasks {', '.join(source.TASKS)}, not {task!r}")
+    try:
+        cfg = GETokConfig(grid=a.grid, rounds=a.rounds, offset_levels=a.offset_levels, schedule=a.schedule, mode=mode)
+    except ValueError as e:
+        p.error(str(e))
+    if a.output.suffix not in (".json", ".jsonl"):
+        p.error(f"--output must end in .json or .jsonl, got {a.output}")
+    if a.workers < 1:
+        p.error("--workers must be >= 1")
+    from .pipeline import Job, Stop, run
+
+    opts = Options(input=a.input, image_root=a.image_root, task=task, split=a.split, dataset=a.dataset, split_by=a.split_by, input_frame=a.input_frame)
+    label = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("workers", "progress", "no_resume", "list")}
+    job = Job(
+        source=a.source, opts=opts, output=a.output, cfg=cfg, frame=a.frame, seed=a.seed, workers=a.workers,
+        limit=a.limit, on_error=a.on_error, sam_checkpoint=a.sam_checkpoint, sam_model_type=a.sam_model_type,
+        resume=not a.no_resume, progress=a.progress, label=label,
+    )
+    try:
+        summary = run(job)
+    except (ConvertError, Stop) as e:
+        print(f"convert-datasets: error: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary), file=sys.stderr)
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"{s['source']} -> {s['output']} ({s['task']}): read {s['read']}, written {s['written']}, skipped {s['skipped']}"]
+    lines += [f"  skipped {n}: {reason}" for reason, n in s["skipped_by_reason"].items()]
+    if s["skipped"]:
+        lines.append(f"  reasons per record: {Path(s['output']).with_suffix('')}.rejects.jsonl")
+    return "\n".join(lines)
+
+
+def decode_main(argv):
+    p = argparse.ArgumentParser(prog="convert-datasets decode", description="converted records -> shapes in original pixels (JSON lines: id, text, shapes, errors)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--output", type=Path, help="write here (atomically) instead of stdout")
+    a = p.parse_args(argv)
+    try:
+        lines = (json.dumps(decode_record(r), ensure_ascii=False) for r in read_converted(a.file))
+        if a.output is None:
+            for line in lines:
+                print(line)
+            return 0
+        fd, tmp = tempfile.mkstemp(dir=a.output.parent or ".", prefix=a.output.name, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line + "\n")
+        os.replace(tmp, a.output)
+    except ConvertError as e:
+        print(f"convert-datasets decode: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def read_converted(path: Path):
+    """Records of a converted file (.json list or .jsonl, streamed)."""
+    from .base import json_records
+
+    for where, raw in json_records(path):
+        yield decode_line(raw, where)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

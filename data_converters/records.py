@@ -1,0 +1,275 @@
+"""The one function that turns a validated Sample into a LLaVA record (docs/data-format.md), and its inverse
+for inspection (:func:`decode_record`).
+
+Token strings come from :mod:`llava_getok.codec` only; frames from :mod:`llava_getok.geometry`.
+
+Decisions where the issue and spec are silent (a LLaVA user's expectations):
+- Prompts: LLaVA-1.5's own REC / REG wording ("Please provide the bounding box coordinate of the region
+  this sentence describes: ..."), so converted data mixes with llava_v1_5_mix665k; one fixed prompt per
+  task, so the output depends on the data and the seed only.
+- ids: ``{sample.id}-{task}`` (``llava`` keeps the source's ids unchanged).
+- ``getok.task`` is the base task (rec, det, point, res, reg); a two-turn record has ``config.mode`` =
+  "refine". ``--task refine`` is shorthand for ``--task rec --mode refine``.
+- Refine examples (spec sections 5-6): boxes and points: the first answer's cell, per axis, is drawn
+  (seeded) among the cells whose anchor the one refinement offset can bring to within the codec's error
+  bound of the truth (the true cell or, near a cell border, its neighbour), so every second answer is
+  correct and the round trip stays within ``cfg.max_error``. Masks: the greedy's anchors plus about one
+  wrong anchor in four, drawn (seeded) from the cells around the mask; offsets and ``<delete>`` from
+  :func:`llava_getok.masks.mask_refinement_offsets`; ``getok.shapes`` then holds the refined anchors.
+- Pointing: the sample's points, else the mask's most interior pixel (largest distance to the border),
+  else each box's centre.
+- An expression with no target (``boxes`` empty, e.g. VLM-R1 nulls) is answered with NO_MATCH, no box.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from llava_getok.codec import Refinement, Shape, apply_refinement, encode_boxes, encode_mask_points, encode_point, encode_refinement, quantize, refinement_offsets
+from llava_getok.geometry import boxes_from_frame, boxes_to_frame, points_from_frame, points_to_frame
+from llava_getok.parse import parse
+from llava_getok.vocab import GETokConfig
+
+from .base import ConvertError, Filtered, Sample
+
+TASKS = ("rec", "reg", "point", "res", "det", "refine", "rewrite")
+BOX_SLOT = "\x00box\x00"  # placeholder a source's own conversation holds where a box goes (``llava``)
+PROMPTS = {
+    "rec": "Please provide the bounding box coordinate of the region this sentence describes: {expression}.",
+    "det": "Please provide the bounding box coordinates of every {expression} in the image.",
+    "reg": "Please provide a short description for this region: {region}.",
+    "point": "Please point to the region this sentence describes: {expression}.",
+    "res": "Please provide the segmentation mask of the region this sentence describes: {expression}.",
+}
+REFINE_PROMPT = "Your answer was {answer}. Refine it: one offset for each point, or delete the points that are wrong."
+NO_MATCH = "There is no such object in the image."
+WRONG_FRACTION = 0.25  # refine on masks: about this share of the first answer's anchors are wrong
+
+
+def record_rng(seed: int, sample_id: str) -> np.random.Generator:
+    """A generator that depends on the seed and the record only (not on workers or order)."""
+    digest = hashlib.blake2b(f"{seed}\x00{sample_id}".encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def _phrase(expression, sample):
+    if not expression or not str(expression).strip():
+        raise ConvertError(sample.where, "expression", "missing or empty", "missing expression")
+    return str(expression).strip().rstrip(".")
+
+
+def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: int = 0, source: str = "",
+                 image_loader=None, generator=None) -> dict:
+    """A validated Sample (``Sample.validated``) -> one LLaVA record with its ``getok`` field.
+
+    ``image_loader()`` returns the image as an (H, W, 3) array; only ``res`` calls it (proposals).
+    """
+    if sample.turns is not None:
+        return _rewrite_record(sample, cfg, frame, source)
+    if task == "refine":
+        task, cfg = "rec", GETokConfig(cfg.grid, 1, cfg.offset_levels, cfg.schedule, "refine")
+    rng = record_rng(seed, sample.id)
+    size = sample.size
+    getok_extra = {}
+    if task == "reg":
+        if len(sample.boxes) != 1:
+            raise ConvertError(sample.where, "boxes", f"REG needs exactly one box, got {len(sample.boxes)}", "REG needs one box")
+        region = encode_boxes(boxes_to_frame([sample.boxes[0]], size, frame), cfg)[0]
+        human = PROMPTS["reg"].format(region=region)
+        turns = [human, str(_phrase(sample.expression, sample)) + "."]
+        shapes = [_box_shape(sample.boxes[0])]
+    elif task in ("rec", "det"):
+        human = PROMPTS[task].format(expression=_phrase(sample.expression, sample))
+        if not sample.boxes:
+            turns, shapes = [human, NO_MATCH], []
+        else:
+            norm = boxes_to_frame(np.asarray(sample.boxes, dtype=np.float64), size, frame)
+            turns = [human] + _answer("box", norm.reshape(-1, 2, 2), cfg, rng)
+            shapes = [_box_shape(b) for b in sample.boxes]
+    elif task == "point":
+        human = PROMPTS["point"].format(expression=_phrase(sample.expression, sample))
+        pts = _point_targets(sample)
+        if not pts:
+            turns, shapes = [human, NO_MATCH], []
+        else:
+            norm = points_to_frame(np.asarray(pts, dtype=np.float64), size, frame)
+            turns = [human] + _answer("point", norm.reshape(-1, 1, 2), cfg, rng)
+            shapes = [{"kind": "point", "points": [_r(p)]} for p in pts]
+    elif task == "res":
+        turns, shapes, getok_extra = _res(sample, cfg, frame, rng, image_loader, generator)
+    else:
+        raise ValueError(f"unknown task {task!r}; one of {TASKS}")
+    conversations = [{"from": "human" if k % 2 == 0 else "gpt", "value": t} for k, t in enumerate(turns)]
+    conversations[0]["value"] = "<image>\n" + conversations[0]["value"]
+    return {
+        "id": f"{sample.id}-{task}",
+        "image": sample.image,
+        "conversations": conversations,
+        "getok": {
+            "source": source, "task": task, "split": sample.split, "frame": frame, "size": [_r1(v) for v in size] if size else None,
+            "config": cfg.to_dict(), "expression": sample.expression, "shapes": shapes, **getok_extra,
+        },
+    }
+
+
+def _r(p):
+    return [round(float(v), 3) for v in p]
+
+
+def _r1(v):
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def _box_shape(b):
+    return {"kind": "box", "points": [_r(b[:2]), _r(b[2:])]}
+
+
+def _answer(kind, groups, cfg, rng) -> list[str]:
+    """Answer turn(s) for groups of normalised points (G, P, 2): one answer, or two in refine mode."""
+    if cfg.mode != "refine":
+        return [_render(kind, groups, cfg)]
+    first = np.stack([_reachable_first(g, cfg, rng) for g in groups])
+    if kind == "box":  # corners may cross after the draw: keep x1 <= x2, y1 <= y2 (each corner its own target)
+        first = np.stack([np.minimum(first[:, 0], first[:, 1]), np.maximum(first[:, 0], first[:, 1])], 1)
+    text = _render(kind, first, cfg)
+    anchors = [_anchor(g, cfg) for g in first]
+    refs = [Refinement(kind, tuple(refinement_offsets(a, t, cfg))) for a, t in zip(anchors, groups)]
+    return [text, REFINE_PROMPT.format(answer=text), encode_refinement(refs, cfg)]
+
+
+def _render(kind, groups, cfg):
+    if kind == "box":
+        return " ".join(encode_boxes(np.asarray(groups).reshape(-1, 4), cfg))
+    return " ".join(encode_point(p, cfg) for g in groups for p in g)
+
+
+def _anchor(points, cfg):
+    cells, _ = quantize(points, cfg, 0)
+    return (cells + 0.5) / cfg.grid
+
+
+def _reachable_first(points, cfg, rng):
+    """A first-answer point per target point: an anchor from which one offset lands within the error bound."""
+    n, s, h = cfg.grid, cfg.step(1), cfg.half
+    out = np.empty_like(points)
+    for k, p in enumerate(np.clip(points, 0, 1)):
+        for ax in range(2):
+            cell = min(int(np.floor(p[ax] * n)), n - 1)
+            cells = [c for c in (cell - 1, cell, cell + 1) if 0 <= c < n and abs((c + 0.5) / n - p[ax]) <= h * s + s / 2 + 1e-12]
+            out[k, ax] = (cells[int(rng.integers(len(cells)))] + 0.5) / n
+    return out
+
+
+def _point_targets(sample):
+    if sample.points:
+        return [list(p) for p in sample.points]
+    rle = sample.mask_rle()
+    if rle is not None:
+        from pycocotools import mask as mask_utils
+        from scipy.ndimage import distance_transform_edt
+
+        m = mask_utils.decode(rle).astype(bool)
+        if m.any():
+            d = distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
+            y, x = np.unravel_index(int(np.argmax(d)), d.shape)  # first maximum in row-major order
+            return [[x + 0.5, y + 0.5]]
+    return [[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2] for b in sample.boxes]
+
+
+def _res(sample, cfg, frame, rng, image_loader, generator):
+    from pycocotools import mask as mask_utils
+
+    from llava_getok.masks import greedy_mask_anchors, mask_cells_near, mask_refinement_offsets
+
+    human = PROMPTS["res"].format(expression=_phrase(sample.expression, sample))
+    rle = sample.mask_rle()
+    if rle is None:
+        raise ConvertError(sample.where, "segmentation", "RES needs a mask (polygons or RLE)", "no mask for RES")
+    gt = mask_utils.decode(rle).astype(bool)
+    if image_loader is None:
+        raise ConvertError(sample.where, "image", "RES needs the image (pass --image-root)", "image not found")
+    image = image_loader()
+    if image.shape[:2] != gt.shape:
+        raise ConvertError(sample.where, "image", f"image is {image.shape[1]}x{image.shape[0]}, annotation says {gt.shape[1]}x{gt.shape[0]}", "image size differs from annotation")
+    anchors = np.asarray(greedy_mask_anchors(gt, image, cfg, frame, generator), dtype=np.float64).reshape(-1, 2)
+    if len(anchors) == 0:
+        raise Filtered("no mask anchor (no proposal overlaps the mask)")
+    size = sample.size
+    if cfg.mode != "refine":
+        turns = [human, encode_mask_points(anchors, cfg)]
+        final = anchors
+    else:
+        pool = mask_cells_near(gt, cfg, frame)
+        pool = pool[~(np.abs(pool[:, None, :] - anchors[None, :, :]).sum(-1) < 1e-9).any(1)]
+        k = min(len(pool), max(1, int(round(WRONG_FRACTION * len(anchors)))))
+        wrong = pool[np.sort(rng.choice(len(pool), size=k, replace=False))] if k else np.zeros((0, 2))
+        pts = np.concatenate([anchors, wrong])
+        cells = np.floor(pts * cfg.grid).astype(int)
+        pts = pts[np.lexsort((cells[:, 0], cells[:, 1]))]  # row-major, the order encode_mask_points writes
+        text = encode_mask_points(pts, cfg)
+        offs = mask_refinement_offsets(pts, gt, cfg, frame)
+        ref = Refinement("mask", tuple(offs))
+        turns = [human, text, REFINE_PROMPT.format(answer=text), encode_refinement([ref], cfg)]
+        moved = apply_refinement([Shape("mask", tuple(map(tuple, pts.tolist())))], [ref], cfg)
+        final = np.asarray(moved[0].points) if moved else np.zeros((0, 2))
+    shapes = [{"kind": "mask", "points": [_r(p) for p in points_from_frame(final, size, frame)]}] if len(final) else []
+    return turns, shapes, {"mask": rle}
+
+
+def _rewrite_record(sample: Sample, cfg, frame, source) -> dict:
+    """``llava``: the source's own conversation, every BOX_SLOT replaced by the box's tokens."""
+    record = dict(sample.source_fields or {})
+    if not sample.boxes:
+        return record  # nothing to rewrite: the record passes through unchanged
+    tokens = iter(encode_boxes(boxes_to_frame(np.asarray(sample.boxes, dtype=np.float64), sample.size, frame), cfg))
+    record["conversations"] = [
+        {**t, "value": "".join(part if k == 0 else next(tokens) + part for k, part in enumerate(t["value"].split(BOX_SLOT)))}
+        if BOX_SLOT in t["value"] else t
+        for t in sample.turns
+    ]
+    record["getok"] = {
+        "source": source, "task": "rewrite", "split": sample.split, "frame": frame, "size": [_r1(v) for v in sample.size],
+        "config": cfg.to_dict(), "expression": None, "shapes": [_box_shape(b) for b in sample.boxes],
+    }
+    return record
+
+
+def decode_record(record: dict) -> dict:
+    """A converted record -> ``{"id", "text", "shapes", "errors"}`` with every shape in original pixels.
+
+    Shapes are read from every turn in order (the region of a REG question included); a refine answer
+    replaces the shapes of the answer it refines. This is the ground truth as the tokens carry it: the
+    same keys as a prediction line, so a decoded file is also the quantisation ceiling's "prediction".
+    """
+    g = record.get("getok")
+    if not g:
+        return {"id": record.get("id"), "text": "", "shapes": [], "errors": ["no getok field: nothing was converted"]}
+    cfg = GETokConfig.from_dict(g["config"])
+    size, frame = g["size"], g["frame"]
+    shapes, errors, last, text = [], [], [], ""
+    for turn in record["conversations"]:
+        r = parse(turn["value"], cfg)
+        errors += [f"{turn['from']}: {e.message}" for e in r.errors]
+        if r.refinements:
+            try:
+                refined = apply_refinement(last, r.refinements, cfg)
+            except ValueError as e:
+                errors.append(str(e))
+                refined = last
+            shapes = shapes[: len(shapes) - len(last)] + refined
+            last = refined
+        elif r.shapes:
+            shapes += r.shapes
+            last = r.shapes
+        if turn["from"] == "gpt":
+            text = turn["value"]
+    out = []
+    for s in shapes:
+        if s.kind == "box":
+            b = boxes_from_frame(np.asarray(s.box, dtype=np.float64), size, frame)
+            out.append({"kind": "box", "points": [_r(b[:2]), _r(b[2:])]})
+        else:
+            out.append({"kind": s.kind, "points": [_r(p) for p in points_from_frame(np.asarray(s.points), size, frame)]})
+    return {"id": record.get("id"), "text": text, "shapes": out, "errors": errors}
+
