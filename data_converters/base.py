@@ -93,6 +93,7 @@ class Sample:
     units: "px" (default), or a frame name ("pad" / "orig") when the source gives boxes and points
         normalised to [0, 1] in that frame; :meth:`validated` turns them into pixels once the size is known.
     where: the place in the input ("file:record"), for error messages.
+    fields: the source's names for "boxes" / "points" (e.g. {"boxes": "bbox"}), so errors name its field.
     """
 
     id: str
@@ -108,6 +109,7 @@ class Sample:
     source_fields: dict | None = None
     units: str = "px"
     where: str = ""
+    fields: dict | None = None
 
     # -- validation, once for every source ---------------------------------------------------------------
     def validated(self, size) -> "Sample":
@@ -117,12 +119,13 @@ class Sample:
             return replace(self, units="px", **self._to_pixels((w, h))).validated((w, h))
         boxes = []
         for k, b in enumerate(self.boxes):
-            b = check_numbers(b, 4, self.where, f"boxes[{k}]")
+            name = self._field("boxes", k)
+            b = check_numbers(b, 4, self.where, name)
             if b[2] < b[0] or b[3] < b[1]:
-                raise ConvertError(self.where, f"boxes[{k}]", f"x2 < x1 or y2 < y1 in {b} (expected x1, y1, x2, y2)", "box x2 < x1 or y2 < y1")
-            boxes.append(tuple(clip_to_image(np.reshape(b, (2, 2)), w, h, self.where, f"boxes[{k}]").reshape(-1).tolist()))
+                raise ConvertError(self.where, name, f"x2 < x1 or y2 < y1 in {b} (expected x1, y1, x2, y2)", "box x2 < x1 or y2 < y1")
+            boxes.append(tuple(clip_to_image(np.reshape(b, (2, 2)), w, h, self.where, name).reshape(-1).tolist()))
         points = [
-            tuple(clip_to_image(np.reshape(check_numbers(p, 2, self.where, f"points[{k}]"), (1, 2)), w, h, self.where, f"points[{k}]")[0].tolist())
+            tuple(clip_to_image(np.reshape(check_numbers(p, 2, self.where, self._field("points", k)), (1, 2)), w, h, self.where, self._field("points", k))[0].tolist())
             for k, p in enumerate(self.points)
         ]
         if self.polygons is not None:
@@ -141,16 +144,21 @@ class Sample:
                 raise ConvertError(self.where, "segmentation.size", f"RLE size {rs} (h, w) differs from the image size {[h, w]}", "RLE size differs from image")
         return replace(self, size=(w, h), boxes=tuple(boxes), points=tuple(points))
 
+    def _field(self, kind, k):
+        name = (self.fields or {}).get(kind, kind)
+        n = len(self.boxes if kind == "boxes" else self.points)
+        return name if n == 1 and name != kind else f"{name}[{k}]"
+
     def _to_pixels(self, size) -> dict:
         from llava_getok.geometry import points_from_frame
 
         def px(values, n, field):
-            p = np.reshape(check_numbers(values, n, self.where, field), (-1, 2))
+            p = np.reshape(check_numbers(values, n, self.where, self._field(*field)), (-1, 2))
             return tuple(points_from_frame(p, size, self.units, clamp=False).reshape(-1).tolist())
 
         return {
-            "boxes": tuple(px(b, 4, f"boxes[{k}]") for k, b in enumerate(self.boxes)),
-            "points": tuple(px(p, 2, f"points[{k}]") for k, p in enumerate(self.points)),
+            "boxes": tuple(px(b, 4, ("boxes", k)) for k, b in enumerate(self.boxes)),
+            "points": tuple(px(p, 2, ("points", k)) for k, p in enumerate(self.points)),
         }
 
     def mask_rle(self) -> dict | None:

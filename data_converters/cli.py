@@ -59,15 +59,31 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "decode":
         return decode_main(argv[1:])
-    p = _parser()
-    a = p.parse_args(argv)
-    if a.list:
+    if "--list" in argv:
         rows = registry.describe()
         w = max(len(r[0]) for r in rows)
         print("sources (convert-datasets SOURCE --task TASK ...):")
         for name, tasks, desc in rows:
             print(f"  {name:<{w}}  tasks: {tasks}\n  {'':<{w}}  {desc}")
         return 0
+    job = build_job(argv)
+    from .pipeline import Stop, run
+
+    try:
+        summary = run(job)
+    except (ConvertError, Stop) as e:
+        print(f"convert-datasets: error: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary), file=sys.stderr)
+    return 0
+
+
+def build_job(argv):
+    """Parse the arguments into a :class:`data_converters.pipeline.Job` (exits with status 2 on bad ones)."""
+    from .pipeline import Job
+
+    p = _parser()
+    a = p.parse_args(argv)
     if not a.source or a.input is None or a.output is None:
         p.error("SOURCE, --input and --output are required (or --list, or decode FILE)")
     try:
@@ -90,22 +106,13 @@ def main(argv=None):
         p.error(f"--output must end in .json or .jsonl, got {a.output}")
     if a.workers < 1:
         p.error("--workers must be >= 1")
-    from .pipeline import Job, Stop, run
-
     opts = Options(input=a.input, image_root=a.image_root, task=task, split=a.split, dataset=a.dataset, split_by=a.split_by, input_frame=a.input_frame)
     label = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("workers", "progress", "no_resume", "list")}
-    job = Job(
+    return Job(
         source=a.source, opts=opts, output=a.output, cfg=cfg, frame=a.frame, seed=a.seed, workers=a.workers,
         limit=a.limit, on_error=a.on_error, sam_checkpoint=a.sam_checkpoint, sam_model_type=a.sam_model_type,
         resume=not a.no_resume, progress=a.progress, label=label,
     )
-    try:
-        summary = run(job)
-    except (ConvertError, Stop) as e:
-        print(f"convert-datasets: error: {e}", file=sys.stderr)
-        return 1
-    print(format_summary(summary), file=sys.stderr)
-    return 0
 
 
 def format_summary(s: dict) -> str:

@@ -100,5 +100,5 @@ def parse(raw, where, opts) -> Sample:
         id=f"coco-{raw['image_id']}-ann{get(ann, 'id', where)}", image=file_name, size=size,
         expression=f"group of {name}" if crowd else name, boxes=(_xyxy(ann, where),),
         polygons=polygons if opts.task in ("res", "point") else None, rle=rle if opts.task in ("res", "point") else None,
-        split=raw["split"], where=where,
+        split=raw["split"], where=where, fields={"boxes": "bbox"},
     )

@@ -169,11 +169,12 @@ def _point_targets(sample):
         from pycocotools import mask as mask_utils
         from scipy.ndimage import distance_transform_edt
 
-        m = mask_utils.decode(rle).astype(bool)
+        x0, y0, bw, bh = (int(v) for v in mask_utils.toBbox(rle))
+        m = mask_utils.decode(rle)[y0 : y0 + bh + 1, x0 : x0 + bw + 1].astype(bool)  # crop: EDT cost ~ area
         if m.any():
             d = distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
             y, x = np.unravel_index(int(np.argmax(d)), d.shape)  # first maximum in row-major order
-            return [[x + 0.5, y + 0.5]]
+            return [[x0 + x + 0.5, y0 + y + 0.5]]
     return [[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2] for b in sample.boxes]
 
 
@@ -238,8 +239,8 @@ def _rewrite_record(sample: Sample, cfg, frame, source) -> dict:
 def decode_record(record: dict) -> dict:
     """A converted record -> ``{"id", "text", "shapes", "errors"}`` with every shape in original pixels.
 
-    Shapes are read from every turn in order (the region of a REG question included); a refine answer
-    replaces the shapes of the answer it refines. This is the ground truth as the tokens carry it: the
+    Shapes are read from every turn in order (the region of a REG question included); a human turn that
+    restates the previous answer adds nothing; a refine answer replaces the shapes of the answer it refines. This is the ground truth as the tokens carry it: the
     same keys as a prediction line, so a decoded file is also the quantisation ceiling's "prediction".
     """
     g = record.get("getok")
@@ -259,7 +260,7 @@ def decode_record(record: dict) -> dict:
                 refined = last
             shapes = shapes[: len(shapes) - len(last)] + refined
             last = refined
-        elif r.shapes:
+        elif r.shapes and not (turn["from"] == "human" and r.shapes == last):  # a restated answer (refine)
             shapes += r.shapes
             last = r.shapes
         if turn["from"] == "gpt":
