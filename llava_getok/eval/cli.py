@@ -1,0 +1,224 @@
+"""``llava-getok eval``: score a predictions JSONL against the converted annotations.
+
+    llava-getok eval --predictions P.jsonl --annotations A.json [--image-root DIR] [--output-dir DIR]
+                     [--only-predicted] [--no-ceiling] [--sam-checkpoint CKPT]
+
+Writes ``STEM.metrics.json`` (every number), ``STEM.metrics.md`` (per-task tables, one row per split) and
+``STEM.scores.jsonl`` (one line per record) next to the predictions or into ``--output-dir``, and prints the
+tables. Each table carries the quantisation ceiling: the same metrics for the ground-truth answer as the
+tokens carry it (what a perfect model could score with this grid, offsets and frame).
+
+Exit status: 0 done, 1 bad input (the message names file, record and field), 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import THRESHOLDS, aggregate, score_all, scores_as_dicts
+
+
+class InputError(ValueError):
+    pass
+
+
+def read_records(path: Path) -> list[dict]:
+    """A converted file: a JSON list, or JSONL with one record a line."""
+    text = Path(path).read_text()
+    if not text.strip():
+        return []
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not valid JSON ({e})") from None
+    else:
+        records = []
+        for k, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{k}: not valid JSON ({e})") from None
+    for k, r in enumerate(records):
+        if not isinstance(r, dict) or "id" not in r:
+            raise InputError(f"{path}: record {k} has no 'id' field")
+    return records
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """Predictions JSONL -> {id: prediction}; a repeated id or a line without id is an error."""
+    out: dict[str, dict] = {}
+    for k, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            p = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{k}: not valid JSON ({e})") from None
+        if not isinstance(p, dict) or "id" not in p:
+            raise InputError(f"{path}:{k}: a prediction needs an 'id' field")
+        if not isinstance(p.get("shapes", []), list) or not isinstance(p.get("errors", []), list):
+            raise InputError(f"{path}:{k} (id {p['id']}): 'shapes' and 'errors' must be lists")
+        if str(p["id"]) in out:
+            raise InputError(f"{path}:{k}: id {p['id']!r} appears twice")
+        out[str(p["id"])] = p
+    return out
+
+
+def image_loader_for(root: Path | None):
+    """record -> (H, W, 3) uint8 array from ``root / record["image"]``; a clear error when it is missing."""
+    if root is None:
+        return None
+    from PIL import Image
+
+    def load(record):
+        path = Path(root) / str(record.get("image"))
+        if not record.get("image") or not path.is_file():
+            raise InputError(f"record {record.get('id')}: field 'image': {path} not found (under --image-root {root})")
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+
+    return load
+
+
+def ceiling_predictions(records: list[dict]) -> dict[str, dict]:
+    """The ground truth as its tokens carry it, decoded like a prediction (refinements applied)."""
+    from data_converters.records import decode_record
+
+    return {str(r["id"]): decode_record(r) for r in records if r.get("getok")}
+
+
+def _fmt(v, pct=True):
+    if v is None:
+        return "–"
+    return f"{100 * v:.1f}" if pct else str(v)
+
+
+COLUMNS = {  # task -> (title, [(header, key)])
+    "rec": ("REC", [(f"Acc@{t}", f"acc@{t}") for t in THRESHOLDS] + [("mIoU", "miou")]),
+    "res": ("RES", [("cIoU", "ciou"), ("gIoU", "giou")]),
+    "point": ("Pointing", [("Acc", "acc")]),
+}
+
+
+def markdown(metrics: dict, ceiling: dict | None) -> str:
+    """One table per task, one row per split; metrics in percent, counts as numbers."""
+    parts = []
+    for task, (title, cols) in COLUMNS.items():
+        if task not in metrics:
+            continue
+        head = ["split", "n"] + [h for h, _ in cols] + ["unparseable", "no shape", "missing", "skipped"]
+        if ceiling is not None:
+            head += [f"ceiling {h}" for h, _ in cols]
+        lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for split, row in metrics[task].items():
+            cells = [split, str(row["n"])] + [_fmt(row[k]) for _, k in cols]
+            cells += [str(row[k]) for k in ("unparseable", "no_shape", "missing", "skipped")]
+            if ceiling is not None:
+                crow = ceiling.get(task, {}).get(split, {})
+                cells += [_fmt(crow.get(k)) for _, k in cols]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n" if parts else "No record of a scored task (rec, res, point).\n"
+
+
+def write_atomic(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def evaluate(predictions: Path, annotations: Path, image_root: Path | None = None, output_dir: Path | None = None,
+             only_predicted: bool = False, ceiling: bool = True, generator=None) -> dict:
+    """Score, write the three outputs, return ``{"metrics", "ceiling", "counts", "files"}``."""
+    records = read_records(annotations)
+    preds = read_predictions(predictions)
+    ids = {str(r["id"]) for r in records}
+    unknown = sorted(set(preds) - ids)
+    if only_predicted:
+        records = [r for r in records if str(r["id"]) in preds]
+    loader = image_loader_for(image_root)
+    if loader is None and any((r.get("getok") or {}).get("task") == "res" for r in records):
+        raise InputError(f"{annotations}: RES records need the images (pass --image-root)")
+    if generator is None and loader is not None:
+        from ..masks import SuperpixelGenerator
+
+        generator = SuperpixelGenerator()
+    scores = score_all(records, preds, loader, generator)
+    result = {"metrics": aggregate(scores), "ceiling": None,
+              "counts": {"records": len(records), "predictions": len(preds), "unknown_ids": len(unknown),
+                         "no_getok": sum(not r.get("getok") for r in records)}}
+    if ceiling:
+        result["ceiling"] = aggregate(score_all(records, ceiling_predictions(records), loader, generator))
+    out_dir = Path(output_dir) if output_dir else Path(predictions).parent
+    stem = Path(predictions).stem
+    files = {k: out_dir / f"{stem}.{k}" for k in ("metrics.json", "metrics.md", "scores.jsonl")}
+    md = markdown(result["metrics"], result["ceiling"])
+    notes = []
+    if unknown:
+        notes.append(f"{len(unknown)} prediction id(s) not in the annotations (first: {unknown[0]!r}), not scored.")
+    if result["counts"]["no_getok"]:
+        notes.append(f"{result['counts']['no_getok']} record(s) without a getok field, skipped.")
+    if notes:
+        md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    write_atomic(files["metrics.json"], json.dumps(result, indent=1) + "\n")
+    write_atomic(files["metrics.md"], md)
+    write_atomic(files["scores.jsonl"], "".join(json.dumps(s) + "\n" for s in scores_as_dicts(scores)))
+    result["files"] = {k: str(v) for k, v in files.items()}
+    result["markdown"] = md
+    return result
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="llava-getok eval", description=__doc__.split("\n")[0])
+    p.add_argument("--predictions", type=Path, required=True, help="JSONL from llava-getok predict")
+    p.add_argument("--annotations", type=Path, required=True, help="the converted file (JSON list or JSONL)")
+    p.add_argument("--image-root", type=Path, help="images (RES: masks from proposals at the predicted anchors)")
+    p.add_argument("--output-dir", type=Path, help="where to write STEM.metrics.json/.md and STEM.scores.jsonl "
+                                                   "(default: next to the predictions)")
+    p.add_argument("--only-predicted", action="store_true",
+                   help="score only the records that have a prediction (e.g. after predict --limit); "
+                        "default: a record without a prediction is a miss")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the quantisation ceiling")
+    p.add_argument("--sam-checkpoint", help="RES: Segment Anything proposals (use what the data was converted with)")
+    p.add_argument("--sam-model-type", default="vit_h")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    generator = None
+    if args.sam_checkpoint:
+        from ..masks import SamGenerator
+
+        generator = SamGenerator(args.sam_checkpoint, args.sam_model_type)
+    for what, path in (("--predictions", args.predictions), ("--annotations", args.annotations)):
+        if not path.is_file():
+            print(f"llava-getok eval: {what} {path}: no such file", file=sys.stderr)
+            return 2
+    try:
+        result = evaluate(args.predictions, args.annotations, args.image_root, args.output_dir,
+                          args.only_predicted, not args.no_ceiling, generator)
+    except ValueError as e:  # InputError, or a record the metrics cannot score (named in the message)
+        print(f"llava-getok eval: {e}", file=sys.stderr)
+        return 1
+    print(result["markdown"], end="")
+    print(f"\nwrote {', '.join(result['files'].values())}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Scores for grounding predictions, in pixels of the original image.
+
+- REC: IoU of the first predicted box with the ground-truth box; Acc@0.5, Acc@0.8 and mean IoU.
+- RES: the predicted mask is the union of the proposals at the predicted anchors (spec section 6); cIoU is
+  the cumulative intersection over the cumulative union, gIoU the mean per-sample IoU.
+- Pointing: the first predicted point lies inside the target mask (``getok.mask``), else inside a target box.
+
+Strictness: an output with any parse error is a miss (``unparseable``); so is an answer without the shape
+the task asks for (``no_shape``). Both are counted separately, so a format problem is not mistaken for a
+localisation problem. A record whose ground truth cannot be scored (no target) is skipped and counted.
+
+The inputs are the converted records (docs/data-format.md) and prediction dicts
+``{"id", "text", "shapes": [{"kind", "points"}], "errors"}`` with points in original pixels.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..geometry import box_iou, points_to_frame
+
+TASKS = ("rec", "res", "point")
+THRESHOLDS = (0.5, 0.8)
+MISS_STATUSES = ("unparseable", "no_shape", "missing")
+
+
+@dataclass
+class SampleScore:
+    """One record's score. status: ok, unparseable, no_shape, missing (a miss each) or skipped (not scored).
+
+    iou: REC box IoU / RES mask IoU; inter, union: RES pixel counts; hit: pointing (or IoU >= 0.5 for REC).
+    """
+
+    id: str
+    task: str
+    split: str
+    status: str
+    iou: float = 0.0
+    inter: int = 0
+    union: int = 0
+    hit: bool = False
+    reason: str = ""
+
+
+def split_name(record: dict) -> str:
+    """The table row a record belongs to: ``source/split`` (either may be absent)."""
+    g = record.get("getok") or {}
+    return "/".join(str(x) for x in (g.get("source"), g.get("split")) if x) or "all"
+
+
+def _shapes(pred: dict, kind: str) -> list[dict]:
+    return [s for s in pred.get("shapes") or [] if s.get("kind") == kind]
+
+
+def _box(shape: dict) -> np.ndarray:
+    p = np.asarray(shape["points"], dtype=np.float64).reshape(-1, 2)
+    return np.concatenate([p.min(0), p.max(0)])
+
+
+def gt_mask(record: dict) -> np.ndarray | None:
+    """The ground-truth mask (H, W) bool from ``getok.mask`` (COCO RLE), or None."""
+    rle = (record.get("getok") or {}).get("mask")
+    if not rle:
+        return None
+    from pycocotools import mask as mask_utils
+
+    rle = dict(rle)
+    if isinstance(rle.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(rle, *rle["size"])
+    elif isinstance(rle.get("counts"), str):
+        rle["counts"] = rle["counts"].encode()
+    return mask_utils.decode(rle).astype(bool)
+
+
+def score_record(record: dict, pred: dict | None, image_loader=None, generator=None) -> SampleScore:
+    """Score one prediction against its converted record.
+
+    image_loader(record) -> (H, W, 3) array: needed for RES only (proposals at the predicted anchors).
+    generator: the proposal generator (default :class:`llava_getok.masks.SuperpixelGenerator`); use the one
+    the data was converted with.
+    """
+    g = record.get("getok") or {}
+    task, rid = g.get("task"), str(record.get("id"))
+    base = dict(id=rid, task=str(task), split=split_name(record))
+    if task not in TASKS:
+        return SampleScore(**base, status="skipped", reason=f"task {task!r} is not scored (scored: {', '.join(TASKS)})")
+    if pred is None:
+        return _miss(task, base, "missing", record)
+    if pred.get("errors"):
+        return _miss(task, base, "unparseable", record, "; ".join(map(str, pred["errors"]))[:200])
+    if task == "rec":
+        gt = [_box(s) for s in g.get("shapes") or [] if s.get("kind") == "box"]
+        if not gt:
+            return SampleScore(**base, status="skipped", reason="no ground-truth box (nothing matches)")
+        boxes = _shapes(pred, "box")
+        if not boxes:
+            return _miss(task, base, "no_shape", record, "no box in the answer")
+        iou = float(max(box_iou(_box(boxes[0]), b) for b in gt))
+        return SampleScore(**base, status="ok", iou=iou, hit=iou >= 0.5)
+    if task == "res":
+        target = gt_mask(record)
+        if target is None:
+            return SampleScore(**base, status="skipped", reason="no getok.mask (RES needs the ground-truth mask)")
+        anchors = [p for s in _shapes(pred, "mask") for p in s["points"]]
+        if not anchors:
+            return _miss(task, base, "no_shape", record, "no mask in the answer")
+        if image_loader is None:
+            raise ValueError(f"record {rid}: RES needs the image to turn anchors into a mask (pass --image-root)")
+        from ..masks import mask_from_anchors
+
+        image = image_loader(record)
+        if image.shape[:2] != target.shape:
+            raise ValueError(f"record {rid}: image is {image.shape[1]}x{image.shape[0]}, getok.mask is "
+                             f"{target.shape[1]}x{target.shape[0]}")
+        h, w = target.shape
+        norm = points_to_frame(np.asarray(anchors, dtype=np.float64), (w, h), g["frame"])
+        mask = mask_from_anchors(norm, image, g["frame"], generator)
+        inter, union = int((mask & target).sum()), int((mask | target).sum())
+        iou = inter / union if union else 0.0
+        return SampleScore(**base, status="ok", iou=iou, inter=inter, union=union, hit=iou >= 0.5)
+    # pointing
+    points = _shapes(pred, "point")
+    target = gt_mask(record)
+    boxes = [_box(s) for s in g.get("shapes") or [] if s.get("kind") == "box"] + [
+        np.asarray(b, dtype=np.float64) for b in g.get("boxes") or []]
+    if target is None and not boxes:
+        return SampleScore(**base, status="skipped", reason="no target region (getok.mask or a box) to point into")
+    if not points:
+        return _miss(task, base, "no_shape", record, "no point in the answer")
+    x, y = np.asarray(points[0]["points"][0], dtype=np.float64)
+    if target is not None:
+        h, w = target.shape
+        hit = bool(target[min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)])
+    else:
+        hit = any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in boxes)
+    return SampleScore(**base, status="ok", hit=hit)
+
+
+def _miss(task, base, status, record, reason=""):
+    union = 0
+    if task == "res":  # a missed mask still adds the target's area to the cumulative union
+        m = gt_mask(record)
+        union = int(m.sum()) if m is not None else 0
+    return SampleScore(**base, status=status, union=union, reason=reason)
+
+
+def aggregate(scores: list[SampleScore]) -> dict:
+    """Per task, per split (and ``all``): the metrics and the counts of misses by kind and of skips.
+
+    >>> s = [SampleScore("a", "rec", "val", "ok", iou=0.9), SampleScore("b", "rec", "val", "unparseable")]
+    >>> aggregate(s)["rec"]["val"]["acc@0.5"], aggregate(s)["rec"]["val"]["miou"]
+    (0.5, 0.45)
+    """
+    groups: dict[str, dict[str, list[SampleScore]]] = defaultdict(lambda: defaultdict(list))
+    for s in scores:
+        groups[s.task][s.split].append(s)
+        groups[s.task]["all"].append(s)
+    out: dict = {}
+    for task, splits in sorted(groups.items()):
+        out[task] = {}
+        for split, ss in sorted(splits.items(), key=lambda kv: (kv[0] == "all", kv[0])):
+            if len(splits) == 2 and split == "all":
+                continue  # one split only: its "all" row would repeat it
+            out[task][split] = summarize(task, ss)
+    return out
+
+
+def summarize(task: str, scores: list[SampleScore]) -> dict:
+    scored = [s for s in scores if s.status != "skipped"]
+    n = len(scored)
+    row: dict = {"n": n}
+    for status in MISS_STATUSES:
+        row[status] = sum(s.status == status for s in scored)
+    row["skipped"] = len(scores) - n
+    if task == "rec":
+        iou = np.array([s.iou for s in scored])
+        for t in THRESHOLDS:
+            row[f"acc@{t}"] = float((iou >= t).mean()) if n else None
+        row["miou"] = float(iou.mean()) if n else None
+    elif task == "res":
+        inter, union = sum(s.inter for s in scored), sum(s.union for s in scored)
+        row["ciou"] = inter / union if union else None
+        row["giou"] = float(np.mean([s.iou for s in scored])) if n else None
+    elif task == "point":
+        row["acc"] = float(np.mean([s.hit for s in scored])) if n else None
+    return row
+
+
+def score_all(records: list[dict], predictions: dict[str, dict], image_loader=None, generator=None) -> list[SampleScore]:
+    """Score every record (a record without a prediction is ``missing``)."""
+    return [score_record(r, predictions.get(str(r.get("id"))), image_loader, generator) for r in records]
+
+
+def scores_as_dicts(scores: list[SampleScore]) -> list[dict]:
+    return [asdict(s) for s in scores]

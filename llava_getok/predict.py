@@ -1,0 +1,285 @@
+"""``llava-getok predict``: a GETok LLaVA model answers the questions of a converted file; the answers are
+parsed (by token ids) into shapes in pixels of the original image and written as JSONL.
+
+    llava-getok predict --model-path CKPT [--model-base BASE] --data converted.json --image-root DIR
+                        --output preds.jsonl [--constrained/--no-constrained] [--shape-only]
+                        [--batch-size 8] [--max-new-tokens 64] [--limit N] [--conv-mode llava_v1]
+
+One line per record, in the file's order: ``{"id", "text", "shapes": [{"kind", "points"}], "errors"}``
+(docs/data-format.md). Generation is batched with LLaVA's own input path (template, ``<image>`` token,
+``process_images``), left padding and ``config.tokenizer_padding_side = "left"`` (docs pitfalls), greedy.
+Refine-mode records get two turns: the grid answer, then LLaVA's refine question about *that* answer, whose
+offsets are applied to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .geometry import boxes_from_frame, points_from_frame
+from .parse import ParseResult
+from .vocab import GETokConfig
+
+SHAPE_ONLY = {"rec": "box", "res": "mask", "point": "point"}  # --shape-only: the answer each task asks for
+
+
+def to_prediction(rid, text: str, result: ParseResult, size, frame: str, decimals: int = 2) -> dict:
+    """A parse result (normalised shapes in ``frame``) -> a prediction line with points in original pixels.
+
+    >>> from llava_getok.parse import parse
+    >>> cfg = GETokConfig(grid=4, mode="grid")
+    >>> to_prediction("a", "x", parse("<box><grid_0_0><grid_3_3></box>", cfg), (480, 640), "pad")["shapes"]
+    [{'kind': 'box', 'points': [[0.0, 80.0], [480.0, 560.0]]}]
+    """
+    shapes = []
+    for s in result.shapes:
+        if s.kind == "box":
+            b = boxes_from_frame(np.asarray(s.box, dtype=np.float64), size, frame)
+            pts = b.reshape(2, 2)
+        else:
+            pts = points_from_frame(np.asarray(s.points, dtype=np.float64), size, frame)
+        shapes.append({"kind": s.kind, "points": np.round(pts, decimals).tolist()})
+    return {"id": rid, "text": text, "shapes": shapes, "errors": [e.message for e in result.errors]}
+
+
+def question_turns(record: dict) -> list[dict]:
+    """The conversation up to (not including) the first answer."""
+    turns = record.get("conversations") or []
+    if not turns or turns[0].get("from") != "human":
+        raise ValueError(f"record {record.get('id')}: field 'conversations' must start with a human turn")
+    return turns[:1]
+
+
+class Predictor:
+    """Batched generation + parsing for one loaded LLaVA model.
+
+    cfg: the GETok config the model was trained with; frame: where its coordinates live ("pad" for
+    ``image_aspect_ratio=pad``). constrained: apply :class:`GETokLogitsProcessor`; shape_only: make each
+    answer exactly the shape its task asks for (rec: a box, res: a mask, point: a point).
+    """
+
+    def __init__(self, tokenizer, model, image_processor, cfg: GETokConfig, conv_mode: str = "llava_v1",
+                 constrained: bool = True, shape_only: bool = False, max_new_tokens: int = 64):
+        from .generation import getok_token_ids
+
+        self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
+        self.cfg, self.conv_mode = cfg, conv_mode
+        self.constrained, self.shape_only, self.max_new_tokens = constrained, shape_only, max_new_tokens
+        self.token_ids = getok_token_ids(tokenizer, cfg)
+        self.id_to_token = {v: k for k, v in self.token_ids.items()}
+        self.first_cfg = GETokConfig(cfg.grid, 0, cfg.offset_levels, cfg.schedule, "grid") if cfg.mode == "refine" else cfg
+
+    def _processor(self, cfg, only):
+        from transformers import LogitsProcessorList
+
+        from .generation import GETokLogitsProcessor
+
+        if not self.constrained:
+            return LogitsProcessorList()
+        proc = GETokLogitsProcessor.from_tokenizer(self.tokenizer, cfg, only=only, max_new_tokens=self.max_new_tokens)
+        return LogitsProcessorList([proc])
+
+    def generate(self, conversations: list[list[dict]], images: list, cfg: GETokConfig, only: str | None = None) -> list[list[int]]:
+        """Greedy answers (token ids up to EOS) for a batch of conversations and their image tensors."""
+        import torch
+
+        from .llava import rl_inputs
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.unk_token_id
+        ids = [rl_inputs.prompt_ids(rl_inputs.render_prompt(c, self.conv_mode), self.tokenizer) for c in conversations]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        device = self.model.device
+        dtype = next(self.model.parameters()).dtype
+        kwargs = {}
+        if images[0] is not None:
+            kwargs["images"] = torch.stack(images).to(device=device, dtype=dtype)
+        with torch.inference_mode(), rl_inputs.padding_side(self.model, "left"):
+            out = self.model.generate(
+                input_ids.to(device), attention_mask=attention.to(device), do_sample=False, num_beams=1,
+                max_new_tokens=self.max_new_tokens, logits_processor=self._processor(cfg, only),
+                pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id, use_cache=True, **kwargs,
+            )
+        answers = []
+        for row in out.tolist():  # LLaVA passes inputs_embeds: generate returns the new tokens only
+            if self.tokenizer.eos_token_id in row:
+                row = row[: row.index(self.tokenizer.eos_token_id)]
+            answers.append(row)
+        return answers
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def predict(self, records: list[dict], image_root) -> list[dict]:
+        """Prediction lines for a batch of records that share a task (one shape-only restriction)."""
+        from .codec import apply_refinement
+        from .parse import parse_ids
+
+        from .llava import rl_inputs
+
+        tasks = {(r.get("getok") or {}).get("task") for r in records}
+        only = SHAPE_ONLY.get(tasks.pop()) if self.shape_only and len(tasks) == 1 else None
+        images = [self._image(r, image_root, rl_inputs) for r in records]
+        first_turns = [question_turns(r) for r in records]
+        answers = self.generate(first_turns, images, self.first_cfg, only)
+        out = []
+        if self.cfg.mode == "refine":  # second turn: refine the model's own first answer
+            from data_converters.records import REFINE_PROMPT
+
+            texts = [self.decode(a) for a in answers]
+            second = [t + [{"from": "gpt", "value": a}, {"from": "human", "value": REFINE_PROMPT.format(answer=a)}]
+                      for t, a in zip(first_turns, texts)]
+            refinements = self.generate(second, images, self.cfg, "refinement")
+            for r, a, text, b in zip(records, answers, texts, refinements):
+                first = parse_ids(a, self.id_to_token, self.first_cfg)
+                ref = parse_ids(b, self.id_to_token, self.cfg)
+                res = ParseResult(errors=first.errors + ref.errors)
+                try:
+                    res.shapes = apply_refinement(first.shapes, ref.refinements, self.cfg)
+                except ValueError as e:
+                    from .parse import ParseError
+
+                    res.errors.append(ParseError(0, f"refinement does not fit the first answer: {e}"))
+                out.append(self._line(r, text + " || " + self.decode(b), res))
+            return out
+        for r, a in zip(records, answers):
+            out.append(self._line(r, self.decode(a), parse_ids(a, self.id_to_token, self.cfg)))
+        return out
+
+    def _line(self, record, text, result):
+        g = record.get("getok") or {}
+        if not g.get("size") or not g.get("frame"):
+            raise ValueError(f"record {record.get('id')}: field 'getok.size'/'getok.frame' is needed to map shapes to pixels")
+        return to_prediction(record["id"], text, result, tuple(g["size"]), g["frame"])
+
+    def _image(self, record, image_root, rl_inputs):
+        if not record.get("image"):
+            return None
+        path = Path(image_root or ".") / record["image"]
+        if not path.is_file():
+            raise FileNotFoundError(f"record {record.get('id')}: field 'image': {path} not found (--image-root {image_root})")
+        return rl_inputs.image_tensor(path, self.image_processor, self.model.config)
+
+
+def batches(records: list[dict], size: int):
+    """Consecutive records of the same task (and with / without image), at most ``size`` per batch."""
+    batch, key = [], None
+    for r in records:
+        k = ((r.get("getok") or {}).get("task"), bool(r.get("image")))
+        if batch and (k != key or len(batch) == size):
+            yield batch
+            batch = []
+        batch.append(r)
+        key = k
+    if batch:
+        yield batch
+
+
+def load_model(model_path: str, model_base: str | None = None, device: str = "cpu"):
+    """LLaVA's own builder, with the GETok hooks registered (tokens, sidecar, compat fixes)."""
+    import llava_getok
+
+    llava_getok.register()
+    from llava.mm_utils import get_model_name_from_path  # noqa: the builder is LLaVA's public entry point
+    from llava.model.builder import load_pretrained_model
+
+    tokenizer, model, processor, _ = load_pretrained_model(
+        model_path, model_base, get_model_name_from_path(model_path), device_map=device, device=device)
+    if device == "cpu":
+        model = model.float()  # LLaVA's builder loads float16; CPU kernels want float32
+    model.eval()
+    return tokenizer, model, processor
+
+
+def model_getok_config(model_path: str) -> GETokConfig | None:
+    """The GETok config recorded in the checkpoint's sidecar, if any."""
+    path = Path(model_path) / "getok_config.json"
+    return GETokConfig.from_dict(json.loads(path.read_text())["getok"]) if path.is_file() else None
+
+
+def predict_file(predictor: Predictor, records: list[dict], image_root, output: Path, batch_size: int = 8,
+                 progress: bool | None = None) -> int:
+    """Write one prediction line per record to ``output`` atomically; return the number of lines."""
+    from tqdm import tqdm
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    n = 0
+    try:
+        with os.fdopen(fd, "w") as f, tqdm(total=len(records), desc="predict", unit="rec", disable=progress is False) as bar:
+            for batch in batches(records, batch_size):
+                for line in predictor.predict(batch, image_root):
+                    f.write(json.dumps(line) + "\n")
+                    n += 1
+                bar.update(len(batch))
+        os.replace(tmp, output)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return n
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="llava-getok predict", description=__doc__.split("\n")[0])
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--model-base", default=None, help="base model of a LoRA / projector checkpoint")
+    p.add_argument("--data", type=Path, required=True, help="converted file (JSON list or JSONL)")
+    p.add_argument("--image-root", type=Path, default=None)
+    p.add_argument("--output", type=Path, required=True, help="predictions JSONL")
+    p.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="grammar-constrained decoding (default on)")
+    p.add_argument("--shape-only", action="store_true",
+                   help="the answer is exactly the shape the task asks for (rec: box, res: mask, point: point)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--conv-mode", default="llava_v1", help="LLaVA conversation template (as in training)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from .eval.cli import InputError, read_records
+
+    try:
+        records = read_records(args.data)
+    except (InputError, OSError) as e:
+        print(f"llava-getok predict: {e}", file=sys.stderr)
+        return 1
+    records = records[: args.limit] if args.limit is not None else records
+    configs = {json.dumps((r.get("getok") or {}).get("config"), sort_keys=True) for r in records}
+    if len(configs) != 1 or "null" in configs:
+        print(f"llava-getok predict: {args.data}: every record needs the same getok.config, found {len(configs)}",
+              file=sys.stderr)
+        return 1
+    cfg = GETokConfig.from_dict(json.loads(configs.pop()))
+    model_cfg = model_getok_config(args.model_path)
+    if model_cfg is not None and model_cfg != cfg:
+        print(f"llava-getok predict: the model was trained with {model_cfg}, the data says {cfg}", file=sys.stderr)
+        return 1
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer, model, processor = load_model(args.model_path, args.model_base, device)
+    predictor = Predictor(tokenizer, model, processor, cfg, args.conv_mode, args.constrained, args.shape_only,
+                          args.max_new_tokens)
+    try:
+        n = predict_file(predictor, records, args.image_root, args.output, args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"llava-getok predict: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {n} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
