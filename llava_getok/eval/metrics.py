@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..geometry import box_iou, points_to_frame
+from ..viz import rle_to_mask
 
 TASKS = ("rec", "res", "point")
 THRESHOLDS = (0.5, 0.8)
@@ -62,16 +63,7 @@ def _box(shape: dict) -> np.ndarray:
 def gt_mask(record: dict) -> np.ndarray | None:
     """The ground-truth mask (H, W) bool from ``getok.mask`` (COCO RLE), or None."""
     rle = (record.get("getok") or {}).get("mask")
-    if not rle:
-        return None
-    from pycocotools import mask as mask_utils
-
-    rle = dict(rle)
-    if isinstance(rle.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(rle, *rle["size"])
-    elif isinstance(rle.get("counts"), str):
-        rle["counts"] = rle["counts"].encode()
-    return mask_utils.decode(rle).astype(bool)
+    return rle_to_mask(rle) if rle else None
 
 
 def score_record(record: dict, pred: dict | None, image_loader=None, generator=None) -> SampleScore:
