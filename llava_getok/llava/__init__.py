@@ -1,1 +1,47 @@
-"""LLaVA registration hooks: the only package of llava-getok that imports `llava`."""
+"""LLaVA registration hooks: the only package of llava-getok that imports `llava`.
+
+One small file per seam: ``compat`` (fixes for current transformers), ``tokens`` (tokenizer + embedding
+rows), ``rows`` (GETok-only trainable rows), ``templates`` (``getok_*`` conversation templates), ``builder``
+(checkpoint loading), ``box_loss`` (the spec's box-token loss, torch only), ``trainer`` (LLaVA's trainer with
+the loss and the checkpoint files), ``sidecar`` (``getok_config.json``), ``check`` (``llava-getok
+check-data``). :func:`register` applies them all, is idempotent and returns what it changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RegisterReport:
+    """What one :func:`register` call changed (empty lists: it was already registered)."""
+
+    compat_fixes: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+    builder_hook: bool = False
+    trainer_hook: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.compat_fixes or self.templates or self.builder_hook or self.trainer_hook)
+
+
+def register(settings=None, **kwargs) -> RegisterReport:
+    """Apply every LLaVA hook: compat fixes, ``getok_*`` templates, the builder hook and the GETok trainer
+    (as ``llava.train.train.LLaVATrainer``, so LLaVA's own ``train()`` uses it). Idempotent.
+
+    settings: a :class:`llava_getok.llava.trainer.GETokSettings` for training (grid, init, loss weights, ...);
+        keyword arguments build one (``register(grid=16, grid_weight=0.5)``). Without either, the trainer
+        keeps the settings of an earlier call, or the defaults.
+    """
+    from .compat import apply_compat_fixes
+
+    report = RegisterReport()
+    report.compat_fixes = apply_compat_fixes()  # first: fix 3 must precede any import of llava.train
+    from .builder import install_builder_hook
+    from .templates import register_templates
+    from .trainer import install_trainer_hook
+
+    report.templates = register_templates()
+    report.builder_hook = install_builder_hook()
+    report.trainer_hook = install_trainer_hook(settings, **kwargs)
+    return report

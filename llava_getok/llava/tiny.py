@@ -151,3 +151,45 @@ class _VisionArgs:
     pretrain_mm_mlp_adapter: str | None = None
     mm_patch_merge_type: str = "flat"
     mm_projector_type: str = "mlp2x_gelu"
+
+
+def make_grounding_data(out_dir, coco_dir, cfg, n_records: int = 4, frame: str = "pad") -> Path:
+    """A small LLaVA-format REC file from real COCO boxes (``coco_dir``: instances_val2017.json + val2017/):
+    the largest object of the first ``n_records`` images that are present, its box encoded with ``cfg``.
+    Copies those images to ``out_dir/images``; returns the path of ``out_dir/data.json``."""
+    import shutil
+
+    from ..codec import encode_box
+    from ..geometry import boxes_to_frame, xywh_to_xyxy
+
+    coco_dir, out = Path(coco_dir), Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    ann = json.loads((coco_dir / "instances_val2017.json").read_text())
+    names = {c["id"]: c["name"] for c in ann["categories"]}
+    by_image: dict[int, list] = {}
+    for a in ann["annotations"]:
+        if not a.get("iscrowd"):
+            by_image.setdefault(a["image_id"], []).append(a)
+    records = []
+    for img in sorted(ann["images"], key=lambda i: i["file_name"]):
+        src = coco_dir / "val2017" / img["file_name"]
+        if not src.exists() or img["id"] not in by_image:
+            continue
+        a = max(by_image[img["id"]], key=lambda a: a["area"])
+        box = boxes_to_frame(xywh_to_xyxy([a["bbox"]]), (img["width"], img["height"]), frame)[0]
+        shutil.copyfile(src, out / "images" / img["file_name"])
+        records.append({
+            "id": f"coco-{img['id']}-ann{a['id']}-rec",
+            "image": img["file_name"],
+            "conversations": [
+                {"from": "human", "value": f"<image>\nWhere is the {names[a['category_id']]}? Answer with a box."},
+                {"from": "gpt", "value": encode_box(box.clip(0, 1).tolist(), cfg)},
+            ],
+            "getok": {"source": "coco", "task": "rec", "frame": frame, "size": [img["width"], img["height"]],
+                      "config": cfg.to_dict(), "shapes": [{"kind": "box", "points": [a["bbox"][:2], [
+                          a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]]}]},
+        })
+        if len(records) == n_records:
+            break
+    (out / "data.json").write_text(json.dumps(records, indent=1))
+    return out / "data.json"

@@ -1,0 +1,169 @@
+"""Box-token loss (spec section 7): the 2D structure of grid tokens, added to the LM loss. Torch only.
+
+Computed at the label positions whose target is a GETok grid or offset token (after the causal shift:
+``logits[:, t]`` predicts ``labels[:, t + 1]``):
+
+- ``grid``: cross-entropy between the model's distribution renormalised over the n² grid tokens and a 2D
+  Gaussian over cells centred on the target cell (``sigma`` in cells; 0 gives the one-hot target). Offset
+  targets get the same over the m x m offset tokens **(ours)**. Mean over those positions.
+- ``box``: for each ``<box> P P </box>`` in the labels, the expected corners under the grid (and offset)
+  distributions (a soft-argmax over anchors, plus the expected offset steps) against the target corners:
+  L1 (mean of 4 coordinates) + (1 - generalised IoU). Mean over boxes.
+
+total = L_lm + grid_weight * grid + box_weight * box; with both weights 0 nothing is added (the trainer
+then runs LLaVA's own loss path: plain LLaVA training, bit for bit).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..vocab import GETokConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """Token ids of one GETok config in one tokenizer, as tensors the loss indexes with."""
+
+    cfg: GETokConfig
+    grid_ids: torch.Tensor  # (n*n,), index j * n + i is cell (i, j)
+    offset_ids: torch.Tensor  # (m*m,), in cfg.offset_values order
+    box_open: int
+    box_close: int
+
+    @classmethod
+    def from_ids(cls, cfg: GETokConfig, ids: list[int]) -> "TokenTable":
+        """``ids``: the tokenizer ids of ``cfg.tokens()``, in that order."""
+        of = dict(zip(cfg.tokens(), ids))
+        grid, off = torch.tensor([of[t] for t in cfg.grid_tokens]), torch.tensor([of[t] for t in cfg.offset_tokens])
+        for name, t in (("grid", grid), ("offset", off)):
+            if len(t) > 1 and not bool((t[1:] > t[:-1]).all()):  # the loss maps ids to classes by searchsorted
+                raise ValueError(f"GETok {name} token ids must increase in cfg.tokens() order, got {t[:5].tolist()}...")
+        return cls(cfg, grid, off, of["<box>"], of["</box>"])
+
+    def cell_xy(self) -> torch.Tensor:
+        """(n*n, 2) cell indices (i, j) in grid_ids order."""
+        n = self.cfg.grid
+        k = torch.arange(n * n)
+        return torch.stack([k % n, k // n], 1)
+
+    def offset_xy(self) -> torch.Tensor:
+        return torch.tensor(self.cfg.offset_values)
+
+
+def soft_targets(target: torch.Tensor, coords: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(P, K) Gaussian targets over K classes at integer 2D ``coords`` (K, 2), centred on class ``target`` (P,).
+
+    >>> q = soft_targets(torch.tensor([4]), torch.tensor([[i, j] for j in range(3) for i in range(3)]), 1.0)
+    >>> int(q.argmax()), round(float(q.sum()), 6)
+    (4, 1.0)
+    """
+    if sigma <= 0:
+        return F.one_hot(target, len(coords)).double()
+    d2 = (coords[None, :, :] - coords[target][:, None, :]).double().pow(2).sum(-1)
+    q = torch.exp(-d2 / (2 * sigma**2))
+    return q / q.sum(-1, keepdim=True)
+
+
+def _soft_ce(logits_sub: torch.Tensor, target: torch.Tensor, coords: torch.Tensor, sigma: float) -> torch.Tensor:
+    logp = F.log_softmax(logits_sub.float(), dim=-1)
+    q = soft_targets(target, coords.to(target.device), sigma).to(logp)
+    return -(q * logp).sum(-1)
+
+
+def _giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Generalised IoU of boxes (B, 4) x1 y1 x2 y2 (corners put in order first)."""
+    a = torch.cat([torch.minimum(a[:, :2], a[:, 2:]), torch.maximum(a[:, :2], a[:, 2:])], 1)
+    b = torch.cat([torch.minimum(b[:, :2], b[:, 2:]), torch.maximum(b[:, :2], b[:, 2:])], 1)
+    area = lambda x: (x[:, 2] - x[:, 0]).clamp_min(0) * (x[:, 3] - x[:, 1]).clamp_min(0)
+    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp_min(0).prod(1)
+    union = area(a) + area(b) - inter
+    hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).clamp_min(0).prod(1)
+    eps = 1e-9
+    iou = inter / (union + eps)
+    return iou - (hull - union) / (hull + eps)
+
+
+def find_boxes(labels: torch.Tensor, table: TokenTable) -> list[tuple[int, list[list[int]]]]:
+    """Boxes in (shifted) labels: (row, [[grid position, offset positions...], [corner 2]]) for every
+    ``<box>`` ... ``</box>`` holding exactly two grid targets, each followed only by offset targets."""
+    grid, off = set(table.grid_ids.tolist()), set(table.offset_ids.tolist())
+    out = []
+    for b in torch.nonzero((labels == table.box_open).any(1)).flatten().tolist():
+        row = labels[b].tolist()
+        t = 0
+        while t < len(row):
+            if row[t] != table.box_open:
+                t += 1
+                continue
+            corners, ok, t = [], True, t + 1
+            while t < len(row) and row[t] != table.box_close:
+                if row[t] in grid:
+                    corners.append([t])
+                elif row[t] in off and corners:
+                    corners[-1].append(t)
+                else:
+                    ok = False
+                t += 1
+            if ok and t < len(row) and len(corners) == 2:
+                out.append((b, corners))
+    return out
+
+
+def box_token_loss(logits: torch.Tensor, labels: torch.Tensor, table: TokenTable, sigma: float = 1.0,
+                   with_box: bool = True, offset_sigma: float = 0.0) -> dict[str, torch.Tensor]:
+    """The two parts {"grid", "box"} (0-dim tensors, 0 when there is nothing to score) and the counts
+    {"n_grid", "n_box"} for ``logits`` (B, T, V) and the model's unshifted ``labels`` (B, T)."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    grid_ids, off_ids = table.grid_ids.to(labels.device), table.offset_ids.to(labels.device)
+    zero = logits.new_zeros((), dtype=torch.float32)
+    parts = {"grid": zero, "box": zero, "n_grid": 0, "n_box": 0}
+
+    losses = []
+    for ids, coords, width in ((grid_ids, table.cell_xy(), sigma), (off_ids, table.offset_xy(), offset_sigma)):
+        where = torch.isin(labels, ids)
+        if where.any():
+            target = torch.searchsorted(ids, labels[where])  # class index: ids are increasing (from_ids)
+            losses.append(_soft_ce(logits[where][:, ids], target, coords, width))
+    if losses:
+        per_pos = torch.cat(losses)
+        parts["grid"], parts["n_grid"] = per_pos.mean(), len(per_pos)
+
+    if with_box:
+        boxes = find_boxes(labels, table)
+        if boxes:
+            parts["box"] = _box_part(logits, labels, boxes, table)
+            parts["n_box"] = len(boxes)
+    return parts
+
+
+def _box_part(logits, labels, boxes, table: TokenTable) -> torch.Tensor:
+    cfg = table.cfg
+    n = cfg.grid
+    grid_ids, off_ids = table.grid_ids.to(labels.device), table.offset_ids.to(labels.device)
+    anchors = (table.cell_xy().to(logits.device).float() + 0.5) / n  # (n*n, 2)
+    offs = table.offset_xy().to(logits.device).float()  # (m*m, 2)
+    pred, true = [], []
+    for b, corners in boxes:
+        for positions in corners:
+            g = positions[0]
+            p = F.softmax(logits[b, g, grid_ids].float(), -1)
+            point = p @ anchors
+            cell = int(torch.searchsorted(grid_ids, labels[b, g]))
+            target = anchors[cell].clone()
+            for r, t in enumerate(positions[1:], start=1):
+                step = cfg.step(r)
+                q = F.softmax(logits[b, t, off_ids].float(), -1)
+                point = point + step * (q @ offs)
+                target = target + step * offs[int(torch.searchsorted(off_ids, labels[b, t]))]
+            pred.append(point)
+            true.append(target.clamp(0, 1))
+    pred = torch.stack(pred).reshape(-1, 4)
+    true = torch.stack(true).reshape(-1, 4)
+    l1 = (pred - true).abs().mean(1)
+    return (l1 + 1 - _giou(pred, true)).mean()

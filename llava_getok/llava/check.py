@@ -1,0 +1,209 @@
+"""``llava-getok check-data``: run LLaVA's own preprocessing over converted data; fail on any mismatch.
+
+LLaVA's ``preprocess_v1`` silently masks a whole sample when its length arithmetic disagrees with the
+tokenizer ("WARNING: tokenization mismatch ... (ignored)": loss 0, data lost without an error; LLaVA#661).
+This check runs exactly that code (``llava.train.train.preprocess``) on every record and fails when:
+
+- LLaVA reports a tokenization mismatch, or a record ends up with no supervised token at all;
+- a GETok token of an answer does not arrive as one supervised label id (split, merged or masked).
+
+Answers cut by ``model_max_length`` are counted and reported, not failed. ``python -m llava_getok.train``
+runs the same check on its training data before it trains.
+
+Usage: ``llava-getok check-data DATA.json --model-path CKPT_OR_TOKENIZER [--version getok_v1] [--grid 32 ...]``
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..vocab import TOKEN_RE, GETokConfig
+
+MISMATCH = "tokenization mismatch"
+
+
+class DataCheckError(ValueError):
+    """Converted data that LLaVA's preprocessing would silently drop or damage."""
+
+
+@dataclass
+class CheckReport:
+    records: int = 0
+    checked: int = 0
+    supervised_tokens: int = 0
+    getok_tokens: int = 0
+    truncated: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def table(self) -> str:
+        rows = [("records", self.records), ("checked", self.checked), ("supervised tokens", self.supervised_tokens),
+                ("GETok tokens in answers", self.getok_tokens), ("truncated (max length)", self.truncated),
+                ("problems", len(self.problems))]
+        return "| quantity | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+@dataclass
+class _DataArgs:
+    """The fields of LLaVA's DataArguments that ``preprocess_multimodal`` reads."""
+
+    is_multimodal: bool = True
+    mm_use_im_start_end: bool = False
+
+
+def _getok_ids(tokenizer) -> set[int]:
+    vocab = tokenizer.get_vocab()
+    return {i for t, i in vocab.items() if TOKEN_RE.fullmatch(t)}
+
+
+@contextlib.contextmanager
+def _template(version: str | None):
+    """LLaVA's preprocess reads a module global; set it for the check and put it back."""
+    from llava import conversation
+
+    from .templates import resolve_template
+
+    saved = conversation.default_conversation
+    if version is not None:
+        conversation.default_conversation = resolve_template(version)
+    try:
+        yield
+    finally:
+        conversation.default_conversation = saved
+
+
+def check_records(records, tokenizer, version: str | None = None, mm_use_im_start_end: bool = False,
+                  limit: int | None = None, source: str = "data") -> CheckReport:
+    """Run LLaVA's preprocessing over ``records`` (LLaVA-format dicts); return a report (``report.ok``).
+    ``version``: the conversation template (None: the one LLaVA's train() has set)."""
+    from llava.constants import IGNORE_INDEX
+    from llava.train import train as llava_train
+
+    getok_ids = _getok_ids(tokenizer)
+    data_args = _DataArgs(mm_use_im_start_end=mm_use_im_start_end)
+    report = CheckReport(records=len(records))
+    with _template(version):
+        for index, record in enumerate(records[: limit if limit is not None and limit >= 0 else None]):
+            where = f"{source}: record {index} (id {record.get('id', '?')!r})"
+            convs = record.get("conversations")
+            if not isinstance(convs, list) or not convs:
+                report.problems.append(f"{where}: field 'conversations' missing or empty")
+                continue
+            has_image = "image" in record
+            sources = copy.deepcopy([convs])
+            if has_image:
+                sources = llava_train.preprocess_multimodal(sources, data_args)
+            out = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(out):
+                    data = llava_train.preprocess(sources, tokenizer, has_image=has_image)
+            except (AssertionError, KeyError) as e:  # LLaVA asserts on role order and unknown speakers
+                report.problems.append(f"{where}: LLaVA's preprocess rejected it ({type(e).__name__}: {e})")
+                continue
+            report.checked += 1
+            labels = data["labels"][0]
+            input_ids = data["input_ids"][0]
+            supervised = labels[labels != IGNORE_INDEX].tolist()
+            report.supervised_tokens += len(supervised)
+            if MISMATCH in out.getvalue():
+                report.problems.append(f"{where}: LLaVA's {out.getvalue().strip()} -- the sample would be "
+                                       f"silently masked (tokenizer legacy={getattr(tokenizer, 'legacy', None)})")
+                continue
+            if not supervised:
+                report.problems.append(f"{where}: no supervised token (every label masked)")
+                continue
+            answers = "".join(m["value"] for m in convs if m.get("from") == "gpt")
+            want = len(TOKEN_RE.findall(answers))
+            report.getok_tokens += want
+            got = sum(1 for t in supervised if t in getok_ids)
+            if got != want:
+                if len(input_ids) >= tokenizer.model_max_length:
+                    report.truncated += 1
+                else:
+                    report.problems.append(f"{where}: {want} GETok tokens in the answers but {got} supervised "
+                                           f"GETok label ids (split, merged or masked)")
+    return report
+
+
+def load_records(path) -> list[dict]:
+    """A LLaVA-format JSON list or JSONL file."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataCheckError(f"{path}: line {n}: not JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise DataCheckError(f"{path}: expected a JSON list of records or JSONL, got {type(data).__name__}")
+    return data
+
+
+def raise_on_problems(report: CheckReport, source: str, show: int = 5) -> None:
+    if report.problems:
+        more = f"\n... and {len(report.problems) - show} more" if len(report.problems) > show else ""
+        raise DataCheckError(f"{source}: {len(report.problems)} of {report.checked} records fail LLaVA's "
+                             f"preprocessing check:\n" + "\n".join(report.problems[:show]) + more)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="llava-getok check-data", description=__doc__.split("\n\n")[0])
+    p.add_argument("data", help="converted data (LLaVA JSON list or JSONL)")
+    p.add_argument("--model-path", required=True, help="a checkpoint or tokenizer folder (slow LlamaTokenizer)")
+    p.add_argument("--version", default="getok_v1", help="LLaVA conversation template (default getok_v1)")
+    p.add_argument("--grid", type=int, help="add GETok tokens of this grid if the tokenizer has none yet")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--offset-levels", type=int, default=3)
+    p.add_argument("--mode", default="inline")
+    p.add_argument("--model-max-length", type=int, default=2048)
+    p.add_argument("--mm-use-im-start-end", action="store_true")
+    p.add_argument("--limit", type=int, default=-1, help="check only the first N records (-1: all)")
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from . import register
+    from .sidecar import read_sidecar
+    from .tokens import add_getok_tokens, check_token_ids
+
+    register()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path, use_fast=False, model_max_length=args.model_max_length,
+                                              padding_side="right")
+    tokenizer.pad_token = tokenizer.unk_token  # what LLaVA's train() does for every template but v0
+    sidecar = read_sidecar(args.model_path)
+    if sidecar is not None:
+        sidecar.check_tokenizer(tokenizer, args.model_path)
+        check_token_ids(tokenizer, sidecar.config)
+    elif args.grid:
+        cfg = GETokConfig(grid=args.grid, rounds=args.rounds, offset_levels=args.offset_levels, mode=args.mode)
+        add_getok_tokens(tokenizer, cfg)
+        check_token_ids(tokenizer, cfg)
+    elif not _getok_ids(tokenizer):
+        print(f"{args.model_path}: no GETok tokens in the tokenizer and no --grid: GETok tokens would be split",
+              file=sys.stderr)
+        return 2
+    records = load_records(args.data)
+    report = check_records(records, tokenizer, version=args.version, mm_use_im_start_end=args.mm_use_im_start_end,
+                           limit=args.limit, source=str(args.data))
+    print(report.table())
+    for line in report.problems[:20]:
+        print(line, file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

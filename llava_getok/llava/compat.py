@@ -1,0 +1,262 @@
+"""Fixes that let LLaVA 1.2.2 run on current transformers / peft / torch (docs: llava-compat.md).
+
+Each fix is a :class:`Fix`: a name, a ``needed()`` test that looks at the installed code (not at version
+numbers where a feature test is possible) and an ``apply()`` that wraps LLaVA's function, keeping the
+original reachable as ``__getok_original__``. :func:`apply_compat_fixes` applies those that are needed, once, and
+returns the names it applied this call (peft style: it says what it changed).
+
+Fix 3 must run before ``llava.train`` is imported; nothing here imports ``llava.train`` before it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+_APPLIED: dict[str, bool] = {}  # fix name -> whether it was needed (and so applied)
+
+
+@dataclass(frozen=True)
+class Fix:
+    name: str
+    symptom: str
+    needed: Callable[[], bool]
+    apply: Callable[[], None]
+
+
+def _llava_causal_lms():
+    """LLaVA's LLaMA-family causal LMs (same forward/generate code); MPT has its own and is left alone."""
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+    from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
+
+    return (LlavaLlamaForCausalLM, LlavaMistralForCausalLM)
+
+
+def _wrap(owner, attr, make):
+    """Replace ``owner.attr`` by ``make(original)``, marking it so a second call is a no-op."""
+    original = inspect.getattr_static(owner, attr) if inspect.isclass(owner) else getattr(owner, attr)
+    if getattr(original, "__getok_compat__", False):
+        return
+    func = original.__func__ if isinstance(original, (classmethod, staticmethod)) else original
+    new = make(func)
+    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+        setattr(new, name, getattr(func, name, None))
+    # Not __wrapped__: inspect.signature would follow it, and fix 1 needs generate() to see the new signature.
+    new.__getok_original__ = func
+    new.__getok_compat__ = True
+    setattr(owner, attr, classmethod(new) if isinstance(original, classmethod) else new)
+
+
+# 1 -- cache_position ----------------------------------------------------------------------------------
+
+def _needs_cache_position():
+    from transformers import LlamaForCausalLM
+
+    return "cache_position" in inspect.signature(LlamaForCausalLM.forward).parameters and any(
+        "cache_position" not in inspect.signature(c.forward).parameters for c in _llava_causal_lms()
+    )
+
+
+def _fix_cache_position():
+    def make(original):
+        # An explicit signature (no **kwargs): generate() inspects it to decide which inputs to pass.
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
+                    output_hidden_states=None, images=None, image_sizes=None, return_dict=None,
+                    cache_position=None):
+            # LLaVA rebuilds positions itself from the attention mask; the cache position is derived again
+            # by the LLaMA forward from past_key_values, so dropping it is exact.
+            return original(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                            use_cache=use_cache, output_attentions=output_attentions,
+                            output_hidden_states=output_hidden_states, images=images, image_sizes=image_sizes,
+                            return_dict=return_dict)
+        return forward
+
+    for cls in _llava_causal_lms():
+        if "cache_position" not in inspect.signature(cls.forward).parameters:
+            _wrap(cls, "forward", make)
+
+
+# 2 -- bare load_in_4bit with quantization_config -----------------------------------------------------
+
+def _needs_bnb_kwargs():
+    from transformers import modeling_utils
+
+    return "as a kwarg when passing" in inspect.getsource(modeling_utils.PreTrainedModel.from_pretrained)
+
+
+def _fix_bnb_kwargs():
+    def make(original):
+        def from_pretrained(cls, *args, **kwargs):
+            if kwargs.get("quantization_config") is not None:
+                # LLaVA passes both; the config says the same thing, the bare flags are what newer versions refuse.
+                kwargs.pop("load_in_4bit", None)
+                kwargs.pop("load_in_8bit", None)
+            return original(cls, *args, **kwargs)
+        return from_pretrained
+
+    for cls in _llava_causal_lms():  # set on the LLaVA classes only, never on PreTrainedModel
+        _wrap(cls, "from_pretrained", make)
+
+
+# 3 -- ALL_LAYERNORM_LAYERS moved -------------------------------------------------------------------------
+
+def _needs_layernorm_name():
+    import transformers.trainer
+
+    return not hasattr(transformers.trainer, "ALL_LAYERNORM_LAYERS")
+
+
+def _fix_layernorm_name():
+    import transformers.trainer
+    from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+
+    transformers.trainer.ALL_LAYERNORM_LAYERS = ALL_LAYERNORM_LAYERS
+
+
+# 4 -- _get_train_sampler(dataset) ------------------------------------------------------------------------
+
+def _needs_sampler_arg():
+    from transformers import Trainer
+
+    return len(inspect.signature(Trainer._get_train_sampler).parameters) > 1
+
+
+def _fix_sampler_arg():
+    from llava.train.llava_trainer import LLaVATrainer
+
+    def make(original):
+        def _get_train_sampler(self, train_dataset=None):
+            # LLaVA's version reads self.train_dataset, which is what the Trainer passes for training.
+            return original(self)
+        return _get_train_sampler
+
+    _wrap(LLaVATrainer, "_get_train_sampler", make)
+
+
+# 5 -- maybe_zero_3 imports deepspeed even without it --------------------------------------------------
+
+def _needs_lazy_deepspeed():
+    return importlib.util.find_spec("deepspeed") is None
+
+
+def _fix_lazy_deepspeed():
+    import llava.train.llava_trainer as trainer_mod
+    import llava.train.train as train_mod
+
+    def make(original):
+        def maybe_zero_3(param, ignore_status=False, name=None):
+            if hasattr(param, "ds_id"):  # only ZeRO-3 parameters need deepspeed
+                return original(param, ignore_status=ignore_status, name=name)
+            return param.detach().cpu().clone()
+        return maybe_zero_3
+
+    _wrap(train_mod, "maybe_zero_3", make)
+    _wrap(trainer_mod, "maybe_zero_3", make)
+
+
+# 6 -- torch.cuda.synchronize without CUDA -------------------------------------------------------------
+
+def _needs_cuda_sync():
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _fix_cuda_sync():
+    import torch
+
+    import llava.train.train as train_mod
+
+    def make(original):
+        def safe_save_model_for_hf_trainer(trainer, output_dir):
+            if trainer.deepspeed and not getattr(trainer.args, "tune_mm_mlp_adapter", False) \
+                    and not torch.cuda.is_available():
+                trainer.save_model(output_dir)  # what LLaVA does after its unconditional cuda sync
+                return
+            return original(trainer=trainer, output_dir=output_dir)
+        return safe_save_model_for_hf_trainer
+
+    _wrap(train_mod, "safe_save_model_for_hf_trainer", make)
+
+
+# 7 -- text-only generate(input_ids=...) ------------------------------------------------------------------
+
+def _needs_generate_input_ids():
+    return any("input_ids" not in inspect.signature(c.generate).parameters for c in _llava_causal_lms())
+
+
+def _fix_generate_input_ids():
+    def make(original):
+        def generate(self, inputs=None, images=None, image_sizes=None, **kwargs):
+            if inputs is None and "input_ids" in kwargs:
+                inputs = kwargs.pop("input_ids")
+            return original(self, inputs, images=images, image_sizes=image_sizes, **kwargs)
+        return generate
+
+    for cls in _llava_causal_lms():
+        _wrap(cls, "generate", make)
+
+
+# 8 -- _save_checkpoint(model, trial, metrics) (ours: found when saving intermediate checkpoints) ---------
+
+def _needs_checkpoint_metrics():
+    from transformers import Trainer
+
+    return "metrics" not in inspect.signature(Trainer._save_checkpoint).parameters
+
+
+def _fix_checkpoint_metrics():
+    from transformers import Trainer
+
+    from llava.train.llava_trainer import LLaVATrainer
+
+    def make(original):
+        def _save_checkpoint(self, model, trial, metrics=None):
+            if getattr(self.args, "tune_mm_mlp_adapter", False):
+                return original(self, model, trial, metrics)  # LLaVA's own projector-only save
+            return Trainer._save_checkpoint(self, model, trial)
+        return _save_checkpoint
+
+    _wrap(LLaVATrainer, "_save_checkpoint", make)
+
+
+FIXES = (
+    Fix("layernorm_name", "cannot import name 'ALL_LAYERNORM_LAYERS' from 'transformers.trainer'",
+        _needs_layernorm_name, _fix_layernorm_name),
+    Fix("cache_position", "forward() got an unexpected keyword argument 'cache_position'",
+        _needs_cache_position, _fix_cache_position),
+    Fix("bnb_kwargs", "You can't pass load_in_4bit or load_in_8bit as a kwarg when passing quantization_config",
+        _needs_bnb_kwargs, _fix_bnb_kwargs),
+    Fix("sampler_arg", "_get_train_sampler() takes 1 positional argument but 2 were given",
+        _needs_sampler_arg, _fix_sampler_arg),
+    Fix("lazy_deepspeed", "No module named 'deepspeed' when saving LoRA/projector weights",
+        _needs_lazy_deepspeed, _fix_lazy_deepspeed),
+    Fix("cuda_sync", "Torch not compiled with CUDA enabled when saving under ZeRO on CPU",
+        _needs_cuda_sync, _fix_cuda_sync),
+    Fix("generate_input_ids", "embedding(): argument 'indices' must be Tensor, not NoneType",
+        _needs_generate_input_ids, _fix_generate_input_ids),
+    Fix("checkpoint_metrics", "_save_checkpoint() takes 3 positional arguments but 4 were given",
+        _needs_checkpoint_metrics, _fix_checkpoint_metrics),
+)
+
+
+def apply_compat_fixes() -> list[str]:
+    """Apply every needed fix not applied yet; return the names applied by this call."""
+    applied = []
+    for fix in FIXES:
+        if fix.name in _APPLIED:
+            continue
+        needed = fix.needed()
+        if needed:
+            fix.apply()
+            applied.append(fix.name)
+        _APPLIED[fix.name] = needed
+    return applied
+
+
+def applied_fixes() -> list[str]:
+    """Names of the fixes applied so far in this process."""
+    return [name for name, needed in _APPLIED.items() if needed]

@@ -1,0 +1,105 @@
+"""Train only the GETok rows of the input embeddings and the LM head (LoRA, QLoRA, frozen backbone).
+
+Why not peft's ``trainable_token_indices`` or ``modules_to_save``: LLaVA's train() applies LoRA *before* it
+resizes the embeddings, and modules_to_save copies the whole matrices (pitfalls.md). Here the matrices stay
+frozen and untouched; a small module ``model.getok_rows`` holds a (k, dim) delta for each end, added by
+forward hooks at the GETok ids only. So the other rows are bit-identical by construction, the optimiser
+state is 2 x k x dim, and the delta is an ordinary parameter of the model (seen by LLaVA's optimiser
+groups, DeepSpeed, and LLaVA's ``non_lora_trainables.bin``).
+
+:func:`getok_rows_values` gives the effective rows (base + delta) that every checkpoint stores in
+``getok_rows.safetensors``; :func:`fold_rows_into_state` writes them into a full state dict, so a full
+checkpoint is an ordinary LLaVA checkpoint.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ROWS_ATTR = "getok_rows"
+
+
+class GETokRows(nn.Module):
+    """Deltas for the GETok rows of the input embeddings and the LM head, applied by forward hooks."""
+
+    def __init__(self, ids: list[int], vocab_size: int, dim: int, dtype=torch.float32, device=None):
+        super().__init__()
+        k = len(ids)
+        self.input_delta = nn.Parameter(torch.zeros(k, dim, dtype=dtype, device=device))
+        self.output_delta = nn.Parameter(torch.zeros(k, dim, dtype=dtype, device=device))
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=device), persistent=False)
+        lookup = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
+        lookup[self.ids] = torch.arange(k, device=device)
+        self.register_buffer("lookup", lookup, persistent=False)
+        self._handles = []
+
+    def embed_hook(self, module, args, out):
+        slot = self.lookup.to(args[0].device)[args[0]]
+        hit = slot >= 0
+        delta = self.input_delta[slot.clamp_min(0)] * hit.unsqueeze(-1).to(self.input_delta.dtype)
+        return out + delta.to(out.dtype)
+
+    def head_hook(self, module, args, out):
+        hidden = args[0]
+        extra = hidden.to(self.output_delta.dtype) @ self.output_delta.t()  # (..., k) logits of the delta rows
+        return out.index_add(-1, self.ids.to(out.device), extra.to(out.dtype))
+
+
+def attach_trainable_rows(model, ids: list[int]) -> GETokRows:
+    """Freeze both embedding matrices and add trainable GETok-row deltas to ``model`` (the unwrapped
+    LLaVA model, not a PeftModel). Idempotent: returns the existing module when present."""
+    existing = getattr(model, ROWS_ATTR, None)
+    if existing is not None:
+        return existing
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    emb.weight.requires_grad_(False)
+    head.weight.requires_grad_(False)
+    dtype = emb.weight.dtype if emb.weight.is_floating_point() and emb.weight.dtype != torch.float16 else torch.float32
+    rows = GETokRows(ids, emb.weight.shape[0], emb.weight.shape[1], dtype=dtype, device=emb.weight.device)
+    model.add_module(ROWS_ATTR, rows)
+    rows._handles = [emb.register_forward_hook(rows.embed_hook), head.register_forward_hook(rows.head_hook)]
+    return rows
+
+
+def getok_rows_values(model, ids: list[int]) -> dict[str, torch.Tensor]:
+    """Effective GETok rows {"input_rows", "output_rows", "token_ids"} on CPU, float32 (ZeRO-3 aware)."""
+    from .tokens import _gathered
+
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    rows = getattr(model, ROWS_ATTR, None)
+    params = [emb, head] + ([rows.input_delta, rows.output_delta] if rows is not None else [])
+    index = torch.tensor(ids, dtype=torch.long)
+    with _gathered(params), torch.no_grad():
+        inp = emb.detach()[index.to(emb.device)].float().cpu()
+        out = head.detach()[index.to(head.device)].float().cpu()
+        if rows is not None:
+            inp = inp + rows.input_delta.detach().float().cpu()
+            out = out + rows.output_delta.detach().float().cpu()
+    return {"input_rows": inp.contiguous(), "output_rows": out.contiguous(), "token_ids": index}
+
+
+def set_rows(model, values: dict[str, torch.Tensor]) -> None:
+    """Write saved GETok rows into the model's matrices (zeroing any delta module)."""
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    index = values["token_ids"].long()
+    with torch.no_grad():
+        emb[index.to(emb.device)] = values["input_rows"].to(emb.device, emb.dtype)
+        head[index.to(head.device)] = values["output_rows"].to(head.device, head.dtype)
+        rows = getattr(model, ROWS_ATTR, None)
+        if rows is not None:
+            rows.input_delta.zero_()
+            rows.output_delta.zero_()
+
+
+def fold_rows_into_state(state: dict, values: dict[str, torch.Tensor]) -> dict:
+    """A full state dict with the delta keys removed and the effective rows written into the matrices."""
+    state = {k: v for k, v in state.items() if f"{ROWS_ATTR}." not in k}
+    index = values["token_ids"].long()
+    for key, part in (("embed_tokens.weight", "input_rows"), ("lm_head.weight", "output_rows")):
+        names = [k for k in state if k.endswith(key)]
+        if len(names) != 1:
+            raise KeyError(f"expected one '{key}' in the state dict, found {names}")
+        w = state[names[0]].clone()
+        w[index] = values[part].to(w.dtype)
+        state[names[0]] = w
+    return state

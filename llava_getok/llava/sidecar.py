@@ -1,0 +1,116 @@
+"""``getok_config.json`` and ``getok_rows.safetensors``: what every GETok checkpoint records about itself.
+
+The sidecar says how the checkpoint was built (GETok config, token list and ids, vocabulary size, tokenizer
+``legacy`` flag, frame / ``image_aspect_ratio``, base model, kind of checkpoint), so the builder hook can load
+it back exactly, whatever the folder is called. The rows file holds the effective GETok rows of the input
+embeddings and the LM head (k x dim each), small enough to write at every save step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..vocab import GETokConfig
+
+SIDECAR = "getok_config.json"
+ROWS_FILE = "getok_rows.safetensors"
+TOWER_FILE = "getok_vision_tower.safetensors"
+FORMAT_VERSION = 1
+KINDS = ("full", "lora", "projector")
+
+
+@dataclass
+class Sidecar:
+    """Contents of ``getok_config.json``."""
+
+    getok: dict
+    tokens: list[str]
+    token_ids: list[int]
+    vocab_size: int
+    tokenizer_legacy: bool | None
+    image_aspect_ratio: str
+    frame: str
+    kind: str
+    base_model: str | None = None
+    init: str = "sincos2d"
+    loss: dict = field(default_factory=dict)
+    vision_tower_trained: bool = False
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"{SIDECAR}: kind must be one of {KINDS}, got {self.kind!r}")
+        if len(self.tokens) != len(self.token_ids):
+            raise ValueError(f"{SIDECAR}: {len(self.tokens)} tokens but {len(self.token_ids)} token_ids")
+
+    @property
+    def config(self) -> GETokConfig:
+        return GETokConfig.from_dict(self.getok)
+
+    def check_tokenizer(self, tokenizer, where: str) -> None:
+        """Refuse a tokenizer whose ids for the GETok tokens differ from the recorded ones."""
+        ids = tokenizer.convert_tokens_to_ids(self.tokens)
+        bad = [(t, want, got) for t, want, got in zip(self.tokens, self.token_ids, ids) if want != got]
+        if bad:
+            t, want, got = bad[0]
+            raise ValueError(f"{where}: tokenizer gives {t!r} id {got}, {SIDECAR} records {want} "
+                             f"({len(bad)} of {len(self.tokens)} GETok tokens disagree); refusing to load")
+        if len(tokenizer) > self.vocab_size:
+            raise ValueError(f"{where}: tokenizer has {len(tokenizer)} tokens, more than the recorded "
+                             f"vocabulary size {self.vocab_size}")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def write_sidecar(folder, sidecar: Sidecar) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / SIDECAR, asdict(sidecar))
+    return folder / SIDECAR
+
+
+def read_sidecar(folder) -> Sidecar | None:
+    """The sidecar of ``folder``, or None when it has none (a plain LLaVA checkpoint)."""
+    path = Path(folder) / SIDECAR
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format_version {data.get('format_version')!r}, this version reads {FORMAT_VERSION}")
+        return Sidecar(**data)
+    except (TypeError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a valid GETok sidecar: {e}") from None
+
+
+def read_rows(folder, sidecar: Sidecar) -> dict:
+    """The rows file of ``folder``, checked against the sidecar's ids."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / ROWS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; every GETok checkpoint stores its GETok rows there")
+    rows = load_file(str(path))
+    ids = rows["token_ids"].tolist()
+    if ids != list(sidecar.token_ids):
+        raise ValueError(f"{path}: token_ids disagree with {SIDECAR} (first: {ids[:3]} vs {sidecar.token_ids[:3]})")
+    return rows

@@ -1,0 +1,152 @@
+"""GETok tokens in the tokenizer and the embedding matrices (spec section 2; pitfalls.md "New tokens").
+
+- :func:`add_getok_tokens`: every GETok token becomes an added special token that is never normalised or
+  stripped, so it is exactly one id in any context; :func:`check_token_ids` proves it.
+- :func:`resize_embeddings`: resize to an explicit size (never shrink), keep ``config.vocab_size`` right.
+- :func:`init_getok_rows`: ``mean`` (what LLaVA does for its own new tokens) or ``sincos2d`` (the mean plus a
+  fixed 2D sinusoidal code of the cell's position, scaled to the spread of the existing rows), for the input
+  embeddings and the LM head alike (LLaMA does not tie them). Works under ZeRO-3 (gathers the matrices).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from ..vocab import DELETE, TAG_TOKENS, GETokConfig
+
+INITS = ("mean", "sincos2d")
+# Contexts a GETok token must survive as one id: start of text, after a space, after a word, at the start
+# of a turn (after the role and colon), after a newline, right after another GETok token.
+CONTEXTS = ("{t}", " {t}", "a {t} b", "{t} b", "ASSISTANT: {t}", "USER: x\n{t}", "{t}{t}", "x{t}y")
+
+
+def add_getok_tokens(tokenizer, cfg: GETokConfig) -> list[int]:
+    """Add every token of ``cfg`` as an unnormalised, unstripped special token; return their ids in
+    ``cfg.tokens()`` order. Tokens already present keep their ids (idempotent)."""
+    from transformers import AddedToken
+
+    tokens = cfg.tokens()
+    new = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False)
+                                           for t in new]},
+            replace_additional_special_tokens=False,
+        )
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    if tokenizer.unk_token_id in ids:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} did not add {tokens[ids.index(tokenizer.unk_token_id)]!r}")
+    return ids
+
+
+def check_token_ids(tokenizer, cfg: GETokConfig, tokens=None) -> None:
+    """Raise ValueError unless every GETok token is exactly one id, in every context of :data:`CONTEXTS`,
+    and no context produces two word-boundary pieces ('▁') in a row where the text has one space (the slow
+    LlamaTokenizer with ``legacy=True`` does, after added tokens: transformers#25073). A text that starts with
+    a space gives '▁', '▁' for every word with sentencepiece's dummy prefix; that one is not a GETok issue."""
+    ids = dict(zip(cfg.tokens(), tokenizer.convert_tokens_to_ids(list(cfg.tokens()))))
+    probe = tokens if tokens is not None else _probe_tokens(cfg)
+    for t in probe:
+        for ctx in CONTEXTS:
+            text = ctx.format(t=t)
+            got = tokenizer(text, add_special_tokens=False).input_ids
+            pieces = tokenizer.convert_ids_to_tokens(got)
+            if got.count(ids[t]) != text.count(t):
+                raise ValueError(f"GETok token {t!r} is not one id in {text!r}: pieces {pieces}")
+            start = 1 if text.startswith(" ") else 0
+            for a, b in zip(pieces[start:], pieces[start + 1 :]):
+                if a == "\u2581" and b.startswith("\u2581") and "  " not in text:
+                    legacy = getattr(tokenizer, "legacy", None)
+                    raise ValueError(
+                        f"stray '\u2581' piece around GETok token {t!r} in {text!r}: {pieces} (tokenizer legacy="
+                        f"{legacy}); load the tokenizer with legacy=False (transformers#25073)")
+
+
+def _probe_tokens(cfg: GETokConfig) -> list[str]:
+    """A few tokens of each kind; all of them share one code path in the tokenizer."""
+    n = cfg.grid
+    return [cfg.grid_token(0, 0), cfg.grid_token(n - 1, n - 1), cfg.grid_token(n // 2, 0), *cfg.offset_tokens[:2],
+            DELETE, *TAG_TOKENS]
+
+
+def resize_embeddings(model, size: int) -> int:
+    """Resize input and output embeddings to ``size`` rows (never fewer than now); return the old row count."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if _zero3_rows(model.get_input_embeddings().weight) is not None:
+        old = _zero3_rows(model.get_input_embeddings().weight)
+    if size < old:
+        raise ValueError(f"refusing to shrink the vocabulary from {old} to {size} rows")
+    if size != old:
+        # mean_resizing=False: the new rows are initialised by init_getok_rows, not by transformers.
+        model.resize_token_embeddings(size, mean_resizing=False)
+    model.config.vocab_size = size
+    return old
+
+
+def _zero3_rows(weight):
+    return weight.ds_shape[0] if hasattr(weight, "ds_shape") else None
+
+
+@contextlib.contextmanager
+def _gathered(params):
+    """Full tensors of ZeRO-3 partitioned params, written back from rank 0 on exit; a no-op otherwise."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            yield
+    else:
+        yield
+
+
+def sincos2d_code(points: torch.Tensor, dim: int) -> torch.Tensor:
+    """2D sinusoidal code (transformer style, half the channels for x, half for y) of points (N, 2) in
+    [0, 1]^2 or direction vectors in [-1, 1]^2; rows are scaled to unit RMS.
+
+    >>> c = sincos2d_code(torch.tensor([[0.1, 0.2], [0.1, 0.2], [0.9, 0.9]]), 8)
+    >>> c.shape, bool(torch.equal(c[0], c[1])), round(float(c[2].pow(2).mean()), 4)
+    (torch.Size([3, 8]), True, 1.0)
+    """
+    quarter = max(dim // 4, 1)
+    # Wavelengths from 1/4 of the frame down to a small fraction of a cell: neighbours get close codes.
+    freqs = 2 * math.pi * torch.logspace(0, math.log10(max(dim, 2) * 2.0), quarter, dtype=torch.float64) / 4
+    parts = []
+    for axis in range(2):
+        angle = points[:, axis : axis + 1].double() * freqs
+        parts += [angle.sin(), angle.cos()]
+    code = torch.cat(parts, dim=1)
+    code = torch.nn.functional.pad(code, (0, dim - code.shape[1])) if code.shape[1] < dim else code[:, :dim]
+    return (code / code.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)).float()
+
+
+def getok_row_targets(cfg: GETokConfig, init: str, mean: torch.Tensor, spread: float) -> torch.Tensor:
+    """Initial rows (len(cfg.tokens()), dim) for one matrix from the mean row and the spread of old rows."""
+    if init not in INITS:
+        raise ValueError(f"embedding init must be one of {INITS}, got {init!r}")
+    dim = mean.shape[-1]
+    rows = mean.reshape(1, dim).repeat(len(cfg.tokens()), 1).float()
+    if init == "sincos2d":
+        n, h = cfg.grid, max(cfg.half, 1)
+        cells = torch.tensor([[(i + 0.5) / n, (j + 0.5) / n] for j in range(n) for i in range(n)])
+        dirs = torch.tensor([[dx / h, dy / h] for dx, dy in cfg.offset_values], dtype=torch.float32)
+        rows[: n * n] += spread * sincos2d_code(cells, dim)
+        rows[n * n : n * n + len(dirs)] += spread * sincos2d_code(dirs, dim)
+    return rows
+
+
+def init_getok_rows(model, ids: list[int], cfg: GETokConfig, init: str = "sincos2d", n_old: int | None = None) -> None:
+    """Initialise the GETok rows of the input embeddings and the LM head from the rows before ``n_old``
+    (default: every row that is not a GETok row)."""
+    matrices = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    with _gathered(matrices), torch.no_grad():
+        for w in matrices:
+            keep = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+            keep[torch.tensor(ids, device=w.device)] = False
+            if n_old is not None:
+                keep[n_old:] = False
+            old = w[keep].float()
+            mean = old.mean(0)
+            spread = float(old.std(0).mean()) if len(old) > 1 else 0.0
+            w[torch.tensor(ids, device=w.device)] = getok_row_targets(cfg, init, mean, spread).to(w.dtype).to(w.device)

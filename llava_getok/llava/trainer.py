@@ -1,0 +1,305 @@
+"""LLaVA's trainer with GETok: tokens and rows set up before training, the box-token loss, GETok files in
+every checkpoint. ``register()`` installs :class:`GETokTrainer` as ``llava.train.train.LLaVATrainer``, so
+LLaVA's own ``train()`` builds it at the point where model, tokenizer and data are all ready (after LoRA and
+after LLaVA's own token additions: the GETok rows are added after any LoRA injection, as they must be).
+"""
+from __future__ import annotations
+
+import os
+import types
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..vocab import GETokConfig
+from .compat import apply_compat_fixes
+
+apply_compat_fixes()  # fix 3 before llava.train is imported
+
+from llava.train.llava_trainer import LLaVATrainer  # noqa: E402
+
+from .box_loss import TokenTable, box_token_loss  # noqa: E402
+from .rows import ROWS_ATTR, attach_trainable_rows, fold_rows_into_state, getok_rows_values  # noqa: E402
+from .sidecar import ROWS_FILE, TOWER_FILE, Sidecar, save_tensors_atomic, write_sidecar  # noqa: E402
+from .tokens import INITS, add_getok_tokens, check_token_ids, init_getok_rows, resize_embeddings  # noqa: E402
+
+ROW_MODES = ("auto", "full", "delta")
+
+
+@dataclass(frozen=True)
+class GETokSettings:
+    """GETok options of a training run (``python -m llava_getok.train --getok_* ...``).
+
+    grid, rounds, offset_levels, schedule, mode: the GETok config (spec sections 2-5).
+    init: initialisation of the new rows, "sincos2d" (default) or "mean".
+    grid_weight, box_weight: lambda_grid, lambda_box of the box-token loss; both 0 = plain LLaVA loss.
+    sigma: width of the soft grid target in cells; offset_sigma: the same over offset tokens (0 = one-hot).
+    rows: "auto" trains only the GETok rows (delta) under LoRA / QLoRA / frozen backbone / projector-only
+        tuning and everything under full fine-tuning; "full" or "delta" force one.
+    train_vision_tower: also train the CLIP tower (LLaVA freezes it and runs it under no_grad).
+    check_data: records to run through LLaVA's preprocessing check before training (-1: all, 0: none).
+    """
+
+    grid: int = 32
+    rounds: int | None = None
+    offset_levels: int = 3
+    schedule: str = "halving"
+    mode: str = "inline"
+    init: str = "sincos2d"
+    grid_weight: float = 0.5
+    box_weight: float = 0.5
+    sigma: float = 1.0
+    offset_sigma: float = 0.0
+    rows: str = "auto"
+    train_vision_tower: bool = False
+    check_data: int = -1
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"--getok_init must be one of {INITS}, got {self.init!r}")
+        if self.rows not in ROW_MODES:
+            raise ValueError(f"--getok_rows must be one of {ROW_MODES}, got {self.rows!r}")
+        for name in ("grid_weight", "box_weight", "sigma", "offset_sigma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--getok_{name} must be >= 0, got {getattr(self, name)}")
+        self.config()  # validates grid/rounds/mode
+
+    def config(self) -> GETokConfig:
+        return GETokConfig(grid=self.grid, rounds=self.rounds, offset_levels=self.offset_levels,
+                           schedule=self.schedule, mode=self.mode)
+
+    @property
+    def loss_on(self) -> bool:
+        return self.grid_weight > 0 or self.box_weight > 0
+
+
+@dataclass
+class GETokState:
+    """What :func:`prepare_for_getok` set up, kept by the trainer."""
+
+    config: GETokConfig
+    ids: list[int]
+    table: TokenTable
+    rows_mode: str
+    new_rows: int
+    vocab_size: int
+
+
+def unwrap_llava(model):
+    """The LlavaLlamaForCausalLM inside DeepSpeed / DDP / peft wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "get_vision_tower"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _rows_mode(settings: GETokSettings, args, embeddings_frozen: bool) -> str:
+    """LLaVA's --freeze_backbone lives in its ModelArguments, which the trainer never sees: a frozen
+    backbone shows as a frozen input embedding matrix."""
+    if settings.rows != "auto":
+        return settings.rows
+    frozen = (getattr(args, "lora_enable", False) or getattr(args, "bits", 16) in (4, 8)
+              or getattr(args, "tune_mm_mlp_adapter", False) or embeddings_frozen)
+    return "delta" if frozen else "full"
+
+
+def enable_vision_tower_training(model, dtype) -> None:
+    """Train LLaVA's CLIP tower: unfreeze it and run its forward with gradients (LLaVA decorates
+    ``CLIPVisionTower.forward`` with ``@torch.no_grad()``; the undecorated function is ``__wrapped__``)."""
+    tower = model.get_vision_tower()
+    tower.vision_tower.to(dtype=dtype)
+    tower.vision_tower.requires_grad_(True)
+    plain = getattr(type(tower).forward, "__wrapped__", None)
+    if plain is None:
+        raise TypeError(f"{type(tower).__name__}.forward has no __wrapped__: cannot run it with gradients")
+    tower.forward = types.MethodType(plain, tower)
+
+
+def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dataset=None) -> GETokState:
+    """Add the GETok tokens, resize and initialise the rows, choose what trains, check the data."""
+    cfg = settings.config()
+    base = unwrap_llava(model)
+    embeddings_frozen = not base.get_input_embeddings().weight.requires_grad
+    ids = add_getok_tokens(tokenizer, cfg)
+    check_token_ids(tokenizer, cfg)
+    rows_now = base.get_input_embeddings().weight
+    rows_now = rows_now.ds_shape[0] if hasattr(rows_now, "ds_shape") else rows_now.shape[0]
+    size = max(len(tokenizer), rows_now)
+    n_old = resize_embeddings(base, size)
+    new = [i for i in ids if i >= n_old]
+    if new and len(new) != len(ids):
+        raise ValueError(f"{len(ids) - len(new)} GETok tokens already had rows and {len(new)} did not: the "
+                         f"tokenizer and the model disagree")
+    if new:
+        init_getok_rows(base, ids, cfg, settings.init, n_old=n_old)
+    mode = _rows_mode(settings, args, embeddings_frozen)
+    if mode == "delta":
+        attach_trainable_rows(base, ids)
+    else:
+        base.get_input_embeddings().weight.requires_grad_(True)
+        base.get_output_embeddings().weight.requires_grad_(True)
+    compute = torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
+    tower = base.get_vision_tower()
+    if settings.train_vision_tower:
+        enable_vision_tower_training(base, compute)
+    elif tower is not None and not torch.cuda.is_available() and not getattr(args, "bf16", False):
+        tower.vision_tower.to(dtype=torch.float32)  # LLaVA casts it to float16, slow or unsupported on CPU
+    if train_dataset is not None and settings.check_data != 0 and hasattr(train_dataset, "list_data_dict"):
+        from .check import check_records, raise_on_problems
+
+        data_args = train_dataset.data_args
+        source = getattr(data_args, "data_path", "training data")
+        report = check_records(train_dataset.list_data_dict, tokenizer, version=None,
+                               mm_use_im_start_end=getattr(data_args, "mm_use_im_start_end", False),
+                               limit=settings.check_data, source=source)
+        raise_on_problems(report, source)
+    return GETokState(cfg, ids, TokenTable.from_ids(cfg, ids), mode, len(new), size)
+
+
+class GETokTrainer(LLaVATrainer):
+    """LLaVATrainer + GETok. Settings come from the class attribute set by :func:`install_trainer_hook`."""
+
+    getok_settings: GETokSettings = GETokSettings()
+
+    def __init__(self, model=None, tokenizer=None, args=None, **kwargs):
+        self.getok = prepare_for_getok(model, tokenizer, args, self.getok_settings, kwargs.get("train_dataset"))
+        self._getok_tokenizer = tokenizer
+        self._getok_sums: dict[str, float] = {}
+        self._getok_labels = None
+        if self.getok_settings.loss_on:
+            _capture_expanded_labels(unwrap_llava(model), self)
+        super().__init__(model=model, tokenizer=tokenizer, args=args, **kwargs)
+
+    # -- loss ------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        s = self.getok_settings
+        if not s.loss_on:  # LLaVA's own loss path, untouched: plain LLaVA training bit for bit
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        lm, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        labels, self._getok_labels = self._getok_labels, None
+        parts = box_token_loss(outputs.logits, labels, self.getok.table, sigma=s.sigma, with_box=s.box_weight > 0,
+                               offset_sigma=s.offset_sigma)
+        total = lm
+        if s.grid_weight > 0:
+            total = total + s.grid_weight * parts["grid"]
+        if s.box_weight > 0:
+            total = total + s.box_weight * parts["box"]
+        self._accumulate({"loss_lm": lm, "loss_grid": parts["grid"], "loss_box": parts["box"]})
+        return (total, outputs) if return_outputs else total
+
+    def _accumulate(self, values):
+        for k, v in values.items():
+            self._getok_sums[k] = self._getok_sums.get(k, 0.0) + float(v.detach())
+        self._getok_sums["_n"] = self._getok_sums.get("_n", 0) + 1
+
+    def log(self, logs, *args, **kwargs):
+        n = self._getok_sums.pop("_n", 0)
+        if n and "loss" in logs:
+            logs.update({k: round(v / n, 6) for k, v in self._getok_sums.items()})
+            self._getok_sums = {}
+        return super().log(logs, *args, **kwargs)
+
+    # -- saving ----------------------------------------------------------------------------------------
+    def _save(self, output_dir=None, state_dict=None):
+        base = unwrap_llava(self.model)
+        if getattr(base, ROWS_ATTR, None) is not None and not hasattr(self.model, "peft_config") \
+                and not getattr(self.args, "tune_mm_mlp_adapter", False):
+            # a full checkpoint with frozen matrices: write the effective rows in, drop the delta keys
+            state = state_dict if state_dict is not None else self.model.state_dict()
+            state_dict = fold_rows_into_state(state, getok_rows_values(base, self.getok.ids))
+        return super()._save(output_dir, state_dict=state_dict)
+
+    def _save_checkpoint(self, model, trial, metrics=None):
+        super()._save_checkpoint(model, trial, metrics)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.write_getok_files(folder)
+
+    def train(self, *args, **kwargs):
+        out = super().train(*args, **kwargs)
+        self.write_getok_files(self.args.output_dir)
+        return out
+
+    def checkpoint_kind(self) -> str:
+        if getattr(self.args, "tune_mm_mlp_adapter", False):
+            return "projector"
+        return "lora" if getattr(self.args, "lora_enable", False) else "full"
+
+    def write_getok_files(self, folder) -> None:
+        """Sidecar, GETok rows, tokenizer (and, for LoRA, config + non-LoRA weights) into ``folder``: every
+        checkpoint, intermediate ones included, can be loaded back on its own (pitfalls.md)."""
+        base = unwrap_llava(self.model)
+        rows = getok_rows_values(base, self.getok.ids)  # collective under ZeRO-3: every rank calls it
+        kind = self.checkpoint_kind()
+        non_lora = None
+        if kind == "lora":
+            from llava.train.train import get_peft_state_non_lora_maybe_zero_3
+
+            non_lora = get_peft_state_non_lora_maybe_zero_3(self.model.named_parameters())
+        tower = None
+        if self.getok_settings.train_vision_tower:
+            from .tokens import _gathered
+
+            params = list(base.get_vision_tower().vision_tower.parameters())
+            with _gathered(params):
+                tower = {k: v.detach().float().cpu().clone()
+                         for k, v in base.get_vision_tower().vision_tower.state_dict().items()}
+        if not self.args.should_save:
+            return
+        os.makedirs(folder, exist_ok=True)
+        save_tensors_atomic(os.path.join(folder, ROWS_FILE), rows)
+        if tower is not None:
+            save_tensors_atomic(os.path.join(folder, TOWER_FILE), tower)
+        self._getok_tokenizer.save_pretrained(folder)
+        if non_lora is not None:
+            base.config.save_pretrained(folder)
+            tmp = os.path.join(folder, "non_lora_trainables.bin.tmp")
+            torch.save(non_lora, tmp)
+            os.replace(tmp, os.path.join(folder, "non_lora_trainables.bin"))
+        s = self.getok_settings
+        aspect = getattr(base.config, "image_aspect_ratio", "square")
+        write_sidecar(folder, Sidecar(
+            getok=self.getok.config.to_dict(), tokens=list(self.getok.config.tokens()), token_ids=list(self.getok.ids),
+            vocab_size=self.getok.vocab_size, tokenizer_legacy=getattr(self._getok_tokenizer, "legacy", None),
+            image_aspect_ratio=aspect, frame="pad" if aspect == "pad" else "orig", kind=kind,
+            base_model=getattr(base.config, "_name_or_path", None) or None, init=s.init,
+            loss={k: v for k, v in asdict(s).items() if k in ("grid_weight", "box_weight", "sigma", "offset_sigma")},
+            vision_tower_trained=s.train_vision_tower))
+
+
+def _capture_expanded_labels(model, trainer) -> None:
+    """Record the labels LLaVA builds inside forward (image positions inserted, re-padded), which the
+    box-token loss needs to line up with the logits. Wraps the instance's method; LLaVA's forward itself
+    runs unchanged, so the LM loss is the plain one bit for bit."""
+    original = model.prepare_inputs_labels_for_multimodal
+    if getattr(original, "__getok_capture__", False):
+        original.__getok_trainer__[0] = trainer
+        return
+    owner = [trainer]
+
+    def prepare_inputs_labels_for_multimodal(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if out[-1] is not None:
+            owner[0]._getok_labels = out[-1]
+        return out
+
+    prepare_inputs_labels_for_multimodal.__getok_capture__ = True
+    prepare_inputs_labels_for_multimodal.__getok_trainer__ = owner
+    model.prepare_inputs_labels_for_multimodal = prepare_inputs_labels_for_multimodal
+
+
+def install_trainer_hook(settings: GETokSettings | None = None, **kwargs) -> bool:
+    """Make LLaVA's train() use :class:`GETokTrainer` (with ``settings``); True if this call installed it."""
+    import llava.train.train as train_mod
+
+    if settings is None and kwargs:
+        settings = GETokSettings(**kwargs)
+    if settings is not None:
+        GETokTrainer.getok_settings = settings
+    if train_mod.LLaVATrainer is GETokTrainer:
+        return False
+    train_mod.LLaVATrainer = GETokTrainer
+    return True
