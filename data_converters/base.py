@@ -51,6 +51,9 @@ class ConvertError(ValueError):
         self.reason = reason or f"bad {field}"
         super().__init__(f"{where}: field {field!r}: {message}")
 
+    def __reduce__(self):  # picklable: sources may hand a broken record to a worker to be counted there
+        return (type(self), (self.where, self.field, self.message, self.reason))
+
 
 class Filtered(Exception):
     """A record deliberately left out (e.g. a COCO crowd region for REC); counted, never an error."""
@@ -58,6 +61,9 @@ class Filtered(Exception):
     def __init__(self, reason: str):
         self.reason = reason
         super().__init__(reason)
+
+    def __reduce__(self):
+        return (type(self), (self.reason,))
 
 
 @dataclass(frozen=True)
@@ -262,7 +268,10 @@ def json_records(path: Path):
 
 
 def decode_line(raw, where: str):
-    """A JSONL line -> object (records from a JSON list pass through); malformed JSON is a ConvertError."""
+    """A JSONL line -> object (records from a JSON list pass through); malformed JSON is a ConvertError.
+    A ConvertError or Filtered that read() handed over for counting is raised here."""
+    if isinstance(raw, (ConvertError, Filtered)):
+        raise raw
     if not isinstance(raw, str):
         return raw
     try:

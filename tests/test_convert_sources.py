@@ -1,0 +1,139 @@
+"""Every source on a fixture in its real format: what is read, what is written, what is skipped and why,
+and the round trip back to the source's boxes in original pixels for both frames."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_converters.cli import main
+from data_converters.kosmos2 import patch_index_to_coordinate
+from test_convert_core import assert_round_trip, load
+
+FIXTURES = Path(__file__).parent / "fixtures" / "convert"
+
+
+def run(tmp_path, *argv, frame="pad"):
+    out = tmp_path / f"out-{frame}.jsonl"
+    assert main([str(a) for a in argv] + ["--output", str(out), "--frame", frame, "--on-error", "skip"]) == 0
+    return load(out), load(tmp_path / f"out-{frame}.summary.json")
+
+
+@pytest.fixture(scope="module")
+def images(shared_data):
+    return shared_data / "coco_mini" / "val2017"
+
+
+@pytest.fixture(scope="module")
+def refer_folder(tmp_path_factory, shared_data):
+    """A refer-toolkit folder built from real COCO annotations: refs(unc).p (a pickle list of refs with
+    sentences) and instances.json, as the toolkit lays out data/refcoco."""
+    folder = tmp_path_factory.mktemp("data") / "refcoco"
+    folder.mkdir()
+    coco = json.loads((shared_data / "coco_mini" / "instances_val2017.json").read_text())
+    anns = [a for a in coco["annotations"] if a["image_id"] in (397133, 34417) and not a["iscrowd"]][:4]
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    refs = []
+    for k, a in enumerate(anns):
+        im = next(i for i in coco["images"] if i["id"] == a["image_id"])
+        sents = [{"tokens": ["the", names[a["category_id"]]], "raw": f"The {names[a['category_id']]}", "sent_id": 10 * k + s,
+                  "sent": f"the {names[a['category_id']]} {side}"} for s, side in enumerate(("on the left", "near the middle"))]
+        refs.append({"sent_ids": [s["sent_id"] for s in sents], "file_name": im["file_name"][:-4] + f"_{a['id']}.jpg", "ann_id": a["id"],
+                     "ref_id": 100 + k, "image_id": a["image_id"], "split": "train" if k < 3 else "testA", "sentences": sents,
+                     "category_id": a["category_id"]})
+    refs.append({**refs[0], "ref_id": 999, "ann_id": -1, "split": "train"})  # an ann_id instances.json lacks
+    with open(folder / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)  # the toolkit's pickles are protocol 2
+    (folder / "instances.json").write_text(json.dumps({"images": coco["images"], "annotations": anns, "categories": coco["categories"]}))
+    return folder
+
+
+@pytest.mark.parametrize("frame", ["pad", "orig"])
+def test_refcoco_rec_and_res(tmp_path, refer_folder, images, frame):
+    recs, s = run(tmp_path, "refcoco", "--input", refer_folder, "--task", "rec", frame=frame)
+    assert s["read"] == 10 and s["written"] == 8 and s["skipped_by_reason"] == {"unknown ann_id": 2}
+    assert recs[0]["id"] == "refcoco-unc-ref100-sent0-rec" and recs[0]["getok"]["split"] == "train"
+    assert recs[0]["conversations"][0]["value"].endswith("describes: the " + recs[0]["getok"]["expression"].split(" ", 1)[1] + ".")
+    assert_round_trip(recs)
+    test_a, s = run(tmp_path, "refcoco", "--input", refer_folder / "refs(unc).p", "--split", "testA", frame=frame)
+    assert s["read"] == 2 == len(test_a) and {r["getok"]["split"] for r in test_a} == {"testA"}
+    if frame == "pad":
+        res, s = run(tmp_path, "refcoco", "--input", refer_folder, "--task", "res", "--image-root", images, "--limit", 3, frame=frame)
+        assert s["written"] == 3 and all(r["conversations"][1]["value"].startswith("<seg>") for r in res)
+        assert all(r["getok"]["mask"]["counts"] for r in res)
+
+
+def test_refcoco_names_a_missing_split_by(tmp_path, refer_folder, capsys):
+    assert main(["refcoco", "--input", str(refer_folder), "--split-by", "google", "--output", str(tmp_path / "o.json")]) == 1
+    err = capsys.readouterr().err
+    assert "refs(google).p" in err and "file not found" in err and "refs(unc).p" in err  # says what the folder has
+
+
+@pytest.mark.parametrize("frame", ["pad", "orig"])
+def test_vlm_r1_null_solution_says_no_match(tmp_path, frame):
+    recs, s = run(tmp_path, "vlm-r1", "--input", FIXTURES / "vlm_r1.json", frame=frame)
+    assert s["written"] == 3
+    assert recs[1]["conversations"][1]["value"] == "There is no such object in the image." and recs[1]["getok"]["shapes"] == []
+    assert recs[2]["getok"]["shapes"][0]["points"] == [[120.0, 384.0], [316.8, 576.0]]  # 0-1000 of 480 x 640
+    assert_round_trip(recs)
+
+
+@pytest.mark.parametrize("frame", ["pad", "orig"])
+def test_shikra(tmp_path, frame):
+    recs, s = run(tmp_path, "shikra", "--input", FIXTURES / "shikra.jsonl", frame=frame)
+    assert s["written"] == 2 and recs[0]["getok"]["expression"] == "man cooking at the stove"
+    assert_round_trip(recs)
+    reg, _ = run(tmp_path, "shikra", "--input", FIXTURES / "shikra.jsonl", "--task", "reg", frame=frame)
+    assert reg[0]["conversations"][1]["value"] == "man cooking at the stove." and "<box>" in reg[0]["conversations"][0]["value"]
+    assert_round_trip(reg)
+
+
+def test_odvg_detection_and_grounding_lines(tmp_path):
+    det, s = run(tmp_path, "odvg", "--input", FIXTURES / "odvg.jsonl", "--task", "det")
+    assert s["read"] == 3 and s["written"] == 2 and list(s["skipped_by_reason"]) == ["odvg grounding line, not used by task det"]
+    assert [len(r["getok"]["shapes"]) for r in det] == [2, 1] and det[0]["getok"]["expression"] == "person"
+    assert_round_trip(det)
+    rec, s = run(tmp_path, "odvg", "--input", FIXTURES / "odvg.jsonl", "--task", "rec", frame="orig")
+    assert s["written"] == 2 and [len(r["getok"]["shapes"]) for r in rec] == [1, 2]
+    assert_round_trip(rec)
+
+
+def test_flickr30k_phrases_with_boxes(tmp_path):
+    recs, s = run(tmp_path, "flickr30k", "--input", FIXTURES / "flickr30k", "--split", "val")
+    # 6 phrases: "the yard" is a scene without a box
+    assert s["read"] == 6 and s["written"] == 5 and s["skipped_by_reason"] == {"phrase without a box (scene)": 1}
+    assert recs[0]["getok"]["expression"] == "Two young guys" and len(recs[0]["getok"]["shapes"]) == 2
+    assert recs[0]["image"] == "1000092795.jpg" and recs[0]["getok"]["size"] == [500, 333]
+    assert_round_trip(recs)
+
+
+def test_vg_regions_take_paths_and_sizes_from_image_data(tmp_path):
+    recs, s = run(tmp_path, "vg", "--input", FIXTURES / "vg" / "region_descriptions.json", frame="orig")
+    assert s["written"] == 3 and recs[0]["getok"]["task"] == "reg"
+    assert recs[0]["image"] == "VG_100K_2/1.jpg" and recs[2]["image"] == "VG_100K/107899.jpg" and recs[0]["getok"]["size"] == [800, 600]
+    assert recs[0]["conversations"][1]["value"] == "the clock is green in colour."
+    assert_round_trip(recs)
+
+
+def test_qwen_rewrites_ref_box_markup(tmp_path, images):
+    recs, s = run(tmp_path, "qwen", "--input", FIXTURES / "qwen.json", "--image-root", images)
+    assert s["written"] == 2
+    a = recs[0]
+    assert a["image"] == "000000397133.jpg" and a["conversations"][0] == {"from": "human", "value": "<image>\nWhere is the man in the white shirt?"}
+    assert a["conversations"][1]["value"].startswith("The man in the white shirt <box><grid_") and a["conversations"][1]["value"].endswith("</box> is cooking.")
+    assert a["getok"]["shapes"][0]["points"] == [[381.44, 56.791], [449.92, 161.833]]  # (596, 133) / 1000 of 640 x 427
+    assert "getok" not in recs[1] and recs[1]["conversations"][1] == {"from": "gpt", "value": "Rice and vegetables."}
+    assert_round_trip(recs)
+
+
+def test_kosmos2_patch_pairs(tmp_path, images):
+    recs, s = run(tmp_path, "kosmos2", "--input", FIXTURES / "kosmos2.jsonl", "--image-root", images, frame="orig")
+    assert s["written"] == 2
+    answer = recs[0]["conversations"][1]["value"]
+    assert answer.startswith("An image of a man <box>") and answer.count("<box>") == 3 and "patch_index" not in answer
+    x1, y1, x2, y2 = patch_index_to_coordinate(307, 470)
+    assert np.allclose(recs[0]["getok"]["shapes"][0]["points"], [[x1 * 640, y1 * 427], [x2 * 640, y2 * 427]], atol=1e-3)
+    assert_round_trip(recs)
