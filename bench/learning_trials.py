@@ -52,6 +52,8 @@ class Trial:
     patch: int = 8
     select_layer: int = -2
     train_tower: bool = False
+    tower_pos: str = "random"  # random | sincos: 2D sine-cosine patch position embeddings in the tower
+    tower_pos_scale: float = 1.0
     projector: str = "mlp2x_gelu"
     system_prompt: bool = False
     # stages
@@ -161,11 +163,26 @@ def build(trial: Trial, work: Path):
             n = cfg.grid
             ids = [tok.convert_tokens_to_ids(t) for t in cfg.grid_tokens]
             emb[ids] += 0.02 * torch.as_tensor(sincos2d(n, emb.shape[1]), dtype=emb.dtype) / 0.5
+    if trial.tower_pos == "sincos":
+        set_sincos_positions(tower.vision_tower, trial.tower_pos_scale)
     if trial.train_tower:
         tower.vision_tower.requires_grad_(True)
         tower.forward = types.MethodType(type(tower).forward.__wrapped__, tower)  # LLaVA's is @torch.no_grad()
     model.config.tokenizer_padding_side = "right"
     return model, tok, cfg
+
+
+def set_sincos_positions(clip_vision_model, scale: float = 1.0):
+    """Overwrite a CLIP tower's patch position embeddings with 2D sine-cosine codes of norm ~``scale``
+    per dimension (CLS position: zeros). Random CLIP position embeddings (std 0.02) are ~14x smaller
+    than the patch content, and a random tower does not learn to use them within minutes."""
+    import torch
+
+    pe = clip_vision_model.vision_model.embeddings.position_embedding.weight
+    side = int(round((pe.shape[0] - 1) ** 0.5))
+    with torch.no_grad():
+        pe[1:] = torch.as_tensor(sincos2d(side, pe.shape[1]), dtype=pe.dtype) * scale
+        pe[0] = 0
 
 
 def sincos2d(n: int, dim: int) -> np.ndarray:
