@@ -13,9 +13,9 @@ Inside a group nothing but its points and its closing tag may follow (no free te
 
 How it stays cheap: the grammar is a small finite automaton over *token classes* (text, EOS, grid, offset,
 delete, each tag). Every vocabulary id is mapped to its class once; the automaton is tabulated once as a
-transition table and an allowed-classes table. Each step then costs two tensor gathers and a
-``masked_fill`` on the device, with the state of every batch row updated from the one token that was just
-generated (no re-scan of the sequence, no host sync).
+transition table and, per state, an additive bias over the vocabulary (0 or -inf). Each step then costs one
+table lookup per row for the new state and one row gather + add on the device, with the state of every
+batch row updated from the one token that was just generated (no re-scan of the sequence, no host sync).
 
 ``max_new_tokens`` (optional) makes the output parse even when the budget runs out: when only just enough
 tokens are left, the processor allows only the tokens that close the open group in time.
@@ -296,18 +296,27 @@ class GETokLogitsProcessor(LogitsProcessor):
         out[list(ids)] = torch.tensor(ks)
         return out
 
-    def _to(self, device, vocab_size):
-        if self._dev != (device, vocab_size):
-            self._dev = (device, vocab_size)
+    def _to(self, device, vocab_size, dtype):
+        if self._dev != (device, vocab_size, dtype):
+            self._dev = (device, vocab_size, dtype)
             self._cls = self.token_classes(vocab_size).to(device)
             self._trans_d = self._trans.to(device)
-            self._allowed_d = self._allowed.to(device)
+            self._bias = {}
+
+    def _level_bias(self, level: int, dtype) -> torch.Tensor:
+        """(states, vocab) additive bias, 0 where allowed and -inf elsewhere, made on first use of a level.
+        Adding rows of it is several times faster than gathering classes or ``masked_fill`` per step."""
+        if level not in self._bias:
+            allowed = self._allowed[level].to(self._cls.device)[:, self._cls]
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=self._cls.device)
+            self._bias[level] = bias.masked_fill_(~allowed, float("-inf"))
+        return self._bias[level]
 
     def reset(self):
         self._rows, self._state, self._last_len = None, None, -1
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._to(scores.device, scores.shape[-1])
+        self._to(scores.device, scores.shape[-1], scores.dtype)
         rows, length = input_ids.shape
         if rows != self._rows or length != self._last_len + 1:  # a new generate call: the prompt ends here
             self._rows, self._prompt_len = rows, length
@@ -316,9 +325,8 @@ class GETokLogitsProcessor(LogitsProcessor):
         else:  # advance every row by the token it just wrote
             self._state = self._trans_d[self._state, self._cls[input_ids[:, -1]]]
         self._last_len = length
-        level = -1
+        level = len(self._allowed) - 1  # no budget limit
         if self.max_new_tokens is not None:
             left = self.max_new_tokens - (length - self._prompt_len)
-            level = max(left, 1) - 1 if left < self._allowed_d.shape[0] else -1
-        allowed = self._allowed_d[level][self._state][:, self._cls]  # (rows, vocab)
-        return scores.masked_fill(~allowed, float("-inf"))
+            level = min(max(left, 1) - 1, level)
+        return scores + self._level_bias(level, scores.dtype).index_select(0, self._state)

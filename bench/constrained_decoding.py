@@ -1,0 +1,135 @@
+"""Cost of grammar-constrained decoding per generated token, against an unconstrained step (target: <= 5 %).
+
+Runs the tiny random LLaVA (llava_getok.llava.tiny, GETok tokens added) through LLaVA's own ``generate``
+with an image, greedy, a fixed number of new tokens, with and without :class:`GETokLogitsProcessor`
+(interleaved repeats, medians). Also times the processor alone on random scores, for the tiny vocabulary
+and for a LLaMA-sized one (32000 + the GETok tokens of a 32 x 32 grid).
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/constrained_decoding.py [--tokens 48] [--repeats 5]
+
+Prints a markdown table and writes it to bench/results/constrained_decoding.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llava_getok.generation import GETokLogitsProcessor  # noqa: E402
+from llava_getok.vocab import GETokConfig  # noqa: E402
+
+
+def tiny_getok_llava(tmp: Path, cfg: GETokConfig):
+    import llava_getok
+    from llava_getok.llava import rl_inputs
+    from llava_getok.llava.tiny import build_tiny_llava, train_tokenizer
+    from llava_getok.llava.tokens import add_getok_tokens, resize_embeddings
+
+    llava_getok.register()
+    from llava.model.builder import load_pretrained_model
+
+    path = build_tiny_llava(tmp / "tiny-llava", train_tokenizer(tmp / "tok"))
+    tokenizer, model, processor, _ = load_pretrained_model(str(path), None, "tiny-llava", device="cpu")
+    add_getok_tokens(tokenizer, cfg)
+    resize_embeddings(model, len(tokenizer))
+    return tokenizer, model.float().eval(), processor, rl_inputs
+
+
+def inputs(tokenizer, model, processor, rl_inputs, batch: int):
+    from PIL import Image
+
+    prompt = rl_inputs.render_prompt([{"from": "human", "value": "<image>\nWhere is the red circle? Answer with a box."}], "llava_v1")
+    ids = torch.tensor([rl_inputs.prompt_ids(prompt, tokenizer)] * batch)
+    image = Image.new("RGB", (64, 48), "red")
+    with tempfile.NamedTemporaryFile(suffix=".png") as f:
+        image.save(f.name)
+        pixels = rl_inputs.image_tensor(f.name, processor, model.config)
+    return ids, torch.stack([pixels] * batch)
+
+
+def time_generate(model, ids, images, n_tokens, processors, pad_id):
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), images=images, do_sample=False, num_beams=1,
+                             max_new_tokens=n_tokens, min_new_tokens=n_tokens, logits_processor=processors,
+                             pad_token_id=pad_id, use_cache=True)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == n_tokens, out.shape
+    return elapsed / n_tokens, out
+
+
+def time_processor(proc, batch, vocab, calls=300):
+    """Seconds per call on random scores, the state advancing by one token per call (as in generate)."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(batch, vocab, generator=gen)
+    x = torch.zeros(batch, 5, dtype=torch.long)
+    proc(x, scores)  # first call: device tables, start states
+    spent = 0.0
+    for _ in range(calls):
+        start = time.perf_counter()
+        out = proc(x, scores)
+        spent += time.perf_counter() - start
+        x = torch.cat([x, out.argmax(-1, keepdim=True)], 1)
+    return spent / calls
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=48, help="new tokens per generate call")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "constrained_decoding.md")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    cfg = GETokConfig()  # n = 32, m = 3, R = 1, inline: 1024 + 9 + 1 + 8 tokens
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer, model, processor, rl_inputs = tiny_getok_llava(Path(tmp), cfg)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        pad = tokenizer.pad_token_id
+        for batch in map(int, args.batches.split(",")):
+            ids, images = inputs(tokenizer, model, processor, rl_inputs, batch)
+            time_generate(model, ids, images, 4, [], pad)  # warm-up
+            plain, constrained = [], []
+            for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
+                plain.append(time_generate(model, ids, images, args.tokens, [], pad)[0])
+                proc = GETokLogitsProcessor.from_tokenizer(tokenizer, cfg, max_new_tokens=args.tokens)
+                constrained.append(time_generate(model, ids, images, args.tokens, [proc], pad)[0])
+            p, c = statistics.median(plain), statistics.median(constrained)
+            alone = time_processor(GETokLogitsProcessor.from_tokenizer(tokenizer, cfg), batch, vocab)
+            rows.append((batch, vocab, p * 1e3, c * 1e3, 100 * (c - p) / p, alone * 1e6, 100 * alone / p))
+        big = 32000 + len(cfg.tokens())
+        ids = {t: 32000 + k for k, t in enumerate(cfg.tokens())}
+        for batch in map(int, args.batches.split(",")):
+            alone = time_processor(GETokLogitsProcessor(ids, cfg, 2, big, never_ids=[1]), batch, big)
+            rows.append((batch, big, None, None, None, alone * 1e6, None))
+    f = lambda v, fmt: "–" if v is None else format(v, fmt)  # noqa: E731
+    lines = [
+        "| batch | vocab | unconstrained ms/token | constrained ms/token | overhead (generate) | processor alone µs/call | processor / unconstrained step |",
+        "|---|---|---|---|---|---|---|",
+    ] + [f"| {b} | {v} | {f(p, '.3f')} | {f(c, '.3f')} | {f(o, '+.1f')} % | {f(a, '.0f')} | {f(s, '.1f')}{'' if s is None else ' %'} |"
+         for b, v, p, c, o, a, s in rows]
+    head = (f"Tiny random LLaVA (LLaMA hidden 64 x 2 layers, CLIP 32 px), {args.tokens} new tokens per call, greedy, "
+            f"median of {args.repeats}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{platform.processor() or platform.machine()}. LLaMA-sized vocabulary: processor alone.")
+    md = "# Constrained decoding: cost per token\n\n" + head + "\n\n" + "\n".join(lines) + "\n"
+    print(md)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=args.output.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(md)
+    os.replace(tmp, args.output)
+
+
+if __name__ == "__main__":
+    main()
