@@ -69,8 +69,13 @@ def soft_targets(target: torch.Tensor, coords: torch.Tensor, sigma: float) -> to
     return q / q.sum(-1, keepdim=True)
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half-precision logits are upcast, as transformers does for the LM loss)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _soft_ce(logits_sub: torch.Tensor, target: torch.Tensor, coords: torch.Tensor, sigma: float) -> torch.Tensor:
-    logp = F.log_softmax(logits_sub.float(), dim=-1)
+    logp = F.log_softmax(_up(logits_sub), dim=-1)
     q = soft_targets(target, coords.to(target.device), sigma).to(logp)
     return -(q * logp).sum(-1)
 
@@ -121,7 +126,7 @@ def box_token_loss(logits: torch.Tensor, labels: torch.Tensor, table: TokenTable
     {"n_grid", "n_box"} for ``logits`` (B, T, V) and the model's unshifted ``labels`` (B, T)."""
     logits, labels = logits[:, :-1], labels[:, 1:]
     grid_ids, off_ids = table.grid_ids.to(labels.device), table.offset_ids.to(labels.device)
-    zero = logits.new_zeros((), dtype=torch.float32)
+    zero = _up(logits.new_zeros(()))
     parts = {"grid": zero, "box": zero, "n_grid": 0, "n_box": 0}
 
     losses = []
@@ -146,19 +151,20 @@ def _box_part(logits, labels, boxes, table: TokenTable) -> torch.Tensor:
     cfg = table.cfg
     n = cfg.grid
     grid_ids, off_ids = table.grid_ids.to(labels.device), table.offset_ids.to(labels.device)
-    anchors = (table.cell_xy().to(logits.device).float() + 0.5) / n  # (n*n, 2)
-    offs = table.offset_xy().to(logits.device).float()  # (m*m, 2)
+    dtype = _up(logits[:0]).dtype
+    anchors = (table.cell_xy().to(logits.device, dtype) + 0.5) / n  # (n*n, 2)
+    offs = table.offset_xy().to(logits.device, dtype)  # (m*m, 2)
     pred, true = [], []
     for b, corners in boxes:
         for positions in corners:
             g = positions[0]
-            p = F.softmax(logits[b, g, grid_ids].float(), -1)
+            p = F.softmax(_up(logits[b, g, grid_ids]), -1)
             point = p @ anchors
             cell = int(torch.searchsorted(grid_ids, labels[b, g]))
             target = anchors[cell].clone()
             for r, t in enumerate(positions[1:], start=1):
                 step = cfg.step(r)
-                q = F.softmax(logits[b, t, off_ids].float(), -1)
+                q = F.softmax(_up(logits[b, t, off_ids]), -1)
                 point = point + step * (q @ offs)
                 target = target + step * offs[int(torch.searchsorted(off_ids, labels[b, t]))]
             pred.append(point)

@@ -5,6 +5,7 @@ after LLaVA's own token additions: the GETok rows are added after any LoRA injec
 """
 from __future__ import annotations
 
+import functools
 import os
 import types
 from dataclasses import asdict, dataclass
@@ -209,7 +210,17 @@ class GETokTrainer(LLaVATrainer):
             # a full checkpoint with frozen matrices: write the effective rows in, drop the delta keys
             state = state_dict if state_dict is not None else self.model.state_dict()
             state_dict = fold_rows_into_state(state, getok_rows_values(base, self.getok.ids))
-        return super()._save(output_dir, state_dict=state_dict)
+        if not hasattr(self.model, "peft_config"):
+            return super()._save(output_dir, state_dict=state_dict)
+        # peft's save_embedding_layers="auto" sees the resized vocabulary and writes both full matrices into
+        # every intermediate adapter; the GETok rows are in getok_rows.safetensors already.
+        peft_model = self.model
+        peft_model.save_pretrained = functools.partial(type(peft_model).save_pretrained, peft_model,
+                                                       save_embedding_layers=False)
+        try:
+            return super()._save(output_dir, state_dict=state_dict)
+        finally:
+            del peft_model.save_pretrained
 
     def _save_checkpoint(self, model, trial, metrics=None):
         super()._save_checkpoint(model, trial, metrics)

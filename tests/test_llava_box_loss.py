@@ -1,0 +1,136 @@
+"""Box-token loss (spec section 7) against a hand computation in plain Python (math module only)."""
+import math
+
+import pytest
+import torch
+
+from llava_getok.llava.box_loss import TokenTable, box_token_loss, find_boxes, soft_targets
+from llava_getok.vocab import GETokConfig
+
+CFG = GETokConfig(grid=2, rounds=1)  # 4 grid tokens, 9 offset tokens
+BASE = 5  # ids 0..4 are ordinary tokens
+TABLE = TokenTable.from_ids(CFG, list(range(BASE, BASE + len(CFG.tokens()))))
+V = BASE + len(CFG.tokens())
+
+
+def tid(token):
+    return BASE + CFG.tokens().index(token)
+
+
+def one_box_labels():
+    # unshifted labels: position t+1 is predicted by logits at t
+    toks = ["<box>", "<grid_0_0>", "<off_1_0>", "<grid_1_1>", "<off_0_-1>", "</box>"]
+    return torch.tensor([[-100, 1] + [tid(t) for t in toks] + [2]])
+
+
+def softmax(xs):
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def hand_soft_ce(row, ids, coords, target, sigma):
+    p = softmax([row[i] for i in ids])
+    if sigma == 0:
+        q = [1.0 if k == target else 0.0 for k in range(len(ids))]
+    else:
+        w = [math.exp(-((c[0] - coords[target][0]) ** 2 + (c[1] - coords[target][1]) ** 2) / (2 * sigma**2)) for c in coords]
+        q = [v / sum(w) for v in w]
+    return -sum(qk * math.log(pk) for qk, pk in zip(q, p)), p, q
+
+
+GRID_XY = [(0, 0), (1, 0), (0, 1), (1, 1)]
+OFF_XY = list(CFG.offset_values)
+
+
+def test_grid_part_value_and_gradient_match_hand_computation():
+    torch.manual_seed(0)
+    labels = one_box_labels()
+    logits = torch.randn(1, labels.shape[1], V, dtype=torch.float64, requires_grad=True)
+    parts = box_token_loss(logits, labels, TABLE, sigma=0.8, offset_sigma=0.0, with_box=False)
+    rows = logits.detach()[0].tolist()
+    # targets at label positions 3 (grid_0_0), 4 (off_1_0), 5 (grid_1_1), 6 (off_0_-1): predicted by logits t-1
+    grid_ids = [tid(t) for t in CFG.grid_tokens]
+    off_ids = [tid(t) for t in CFG.offset_tokens]
+    cases = [(2, grid_ids, GRID_XY, 0, 0.8), (3, off_ids, OFF_XY, OFF_XY.index((1, 0)), 0.0),
+             (4, grid_ids, GRID_XY, 3, 0.8), (5, off_ids, OFF_XY, OFF_XY.index((0, -1)), 0.0)]
+    terms = [hand_soft_ce(rows[t], ids, xy, k, s) for t, ids, xy, k, s in cases]
+    assert parts["n_grid"] == 4
+    assert float(parts["grid"].detach()) == pytest.approx(sum(t[0] for t in terms) / 4, rel=1e-12)
+
+    parts["grid"].backward()
+    expect = torch.zeros_like(logits)
+    for (t, ids, _, _, _), (_, p, q) in zip(cases, terms):
+        for col, pk, qk in zip(ids, p, q):
+            expect[0, t, col] = (pk - qk) / 4  # d(soft CE)/d(logit) = p - q, averaged over 4 positions
+    assert torch.allclose(logits.grad, expect, atol=1e-12)
+
+
+def hand_box_loss(rows):
+    n, step = 2, CFG.step(1)
+    anchors = [((i + 0.5) / n, (j + 0.5) / n) for i, j in GRID_XY]
+    grid_ids = [tid(t) for t in CFG.grid_tokens]
+    off_ids = [tid(t) for t in CFG.offset_tokens]
+
+    def corner(tg, to, cell, off):
+        p, q = softmax([rows[tg][i] for i in grid_ids]), softmax([rows[to][i] for i in off_ids])
+        x = sum(pk * a[0] for pk, a in zip(p, anchors)) + step * sum(qk * o[0] for qk, o in zip(q, OFF_XY))
+        y = sum(pk * a[1] for pk, a in zip(p, anchors)) + step * sum(qk * o[1] for qk, o in zip(q, OFF_XY))
+        return (x, y), (anchors[cell][0] + step * off[0], anchors[cell][1] + step * off[1])
+
+    (p1, t1), (p2, t2) = corner(2, 3, 0, (1, 0)), corner(4, 5, 3, (0, -1))
+    pred, true = (*p1, *p2), (*t1, *t2)
+    l1 = sum(abs(a - b) for a, b in zip(pred, true)) / 4  # corner by corner, as predicted
+    pred = (min(pred[0], pred[2]), min(pred[1], pred[3]), max(pred[0], pred[2]), max(pred[1], pred[3]))  # for GIoU
+
+    def area(b):
+        return max(b[2] - b[0], 0) * max(b[3] - b[1], 0)
+
+    inter = max(min(pred[2], true[2]) - max(pred[0], true[0]), 0) * max(min(pred[3], true[3]) - max(pred[1], true[1]), 0)
+    union = area(pred) + area(true) - inter
+    hull = (max(pred[2], true[2]) - min(pred[0], true[0])) * (max(pred[3], true[3]) - min(pred[1], true[1]))
+    giou = inter / union - (hull - union) / hull
+    return l1 + 1 - giou
+
+
+def test_box_part_matches_hand_computation_and_has_a_gradient():
+    torch.manual_seed(1)
+    labels = one_box_labels()
+    logits = torch.randn(1, labels.shape[1], V, dtype=torch.float64, requires_grad=True)
+    parts = box_token_loss(logits, labels, TABLE, sigma=1.0)
+    assert parts["n_box"] == 1
+    assert float(parts["box"].detach()) == pytest.approx(hand_box_loss(logits.detach()[0].tolist()), rel=1e-6)
+    parts["box"].backward()
+    # numerical derivative of the hand formula for one grid logit of the first corner
+    eps, col = 1e-6, tid("<grid_1_0>")
+    rows = logits.detach()[0].tolist()
+    up = [r[:] for r in rows]
+    up[2][col] += eps
+    dn = [r[:] for r in rows]
+    dn[2][col] -= eps
+    numeric = (hand_box_loss(up) - hand_box_loss(dn)) / (2 * eps)
+    assert float(logits.grad[0, 2, col]) == pytest.approx(numeric, rel=1e-4, abs=1e-9)
+    assert logits.grad[0, :2].abs().sum() == 0 and logits.grad[0, 6:].abs().sum() == 0
+
+
+def test_soft_target_peaks_at_the_target_cell_and_sigma_zero_is_one_hot():
+    cfg = GETokConfig(grid=5)
+    table = TokenTable.from_ids(cfg, list(range(len(cfg.tokens()))))
+    for target in (0, 7, 12, 24):
+        q = soft_targets(torch.tensor([target]), table.cell_xy(), 1.0)[0]
+        assert int(q.argmax()) == target and q.sum().item() == pytest.approx(1.0)
+        i, j = target % 5, target // 5
+        neighbours = [q[jj * 5 + ii] for ii, jj in ((i + 1, j), (i, j + 1)) if ii < 5 and jj < 5]
+        far = q[(4 - j) * 5 + (4 - i)] if (i, j) != (2, 2) else q[0]
+        assert all(n > far for n in neighbours)
+    assert torch.equal(soft_targets(torch.tensor([3]), table.cell_xy(), 0.0)[0], torch.nn.functional.one_hot(torch.tensor(3), 25).double())
+
+
+def test_no_getok_targets_gives_zero_parts_and_malformed_boxes_are_skipped():
+    labels = torch.tensor([[-100, 1, 2, 3, 4]])
+    logits = torch.randn(1, 5, V)
+    parts = box_token_loss(logits, labels, TABLE)
+    assert float(parts["grid"].detach()) == 0 and float(parts["box"]) == 0 and parts["n_box"] == 0
+    one_corner = torch.tensor([[-100, tid("<box>"), tid("<grid_0_0>"), tid("</box>")]])
+    assert find_boxes(one_corner[:, 1:], TABLE) == []
+    assert box_token_loss(torch.randn(1, 4, V), one_corner, TABLE)["n_box"] == 0
