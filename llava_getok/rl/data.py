@@ -1,0 +1,77 @@
+"""Converted records (docs/data-format.md) -> GRPO prompt rows.
+
+A row is what trl's GRPOTrainer hands to the rollout and to every reward as keyword columns:
+``prompt`` (the conversation up to the answer being trained, rendered by LLaVA's template), ``image_path``
+(absolute; deliberately not named ``image``, which would send trl down its processor-based VLM path),
+``getok`` (the record's ground truth as JSON text: one Arrow type for every record) and ``first_answer``
+(the first assistant turn of a refine record, "" otherwise).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+STAGE_TASKS = {"grid": ("rec", "det", "res", "point"), "refine": ("refine",)}
+
+
+def load_records(path) -> list[dict]:
+    """A converted file: a JSON list, or JSONL with one record a line."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        pass
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg}); expected a JSON list or JSONL") from None
+    return out
+
+
+def build_rows(records, stage: str, image_folder, conv_mode: str, source="<records>"):
+    """Records -> (rows, skipped) for one stage; ``skipped`` counts records left out, by reason."""
+    from ..llava.rl_inputs import render_prompt
+
+    if stage not in STAGE_TASKS:
+        raise ValueError(f"stage must be one of {sorted(STAGE_TASKS)}, got {stage!r}")
+    tasks = STAGE_TASKS[stage]
+    rows, skipped = [], Counter()
+    for k, rec in enumerate(records):
+        where = f"{source}, record {k} (id {rec.get('id', '?')!r})"
+        g = rec.get("getok")
+        if not isinstance(g, dict) or "task" not in g:
+            raise ValueError(f"{where}: field 'getok' with a 'task' is missing; convert the data with convert-datasets")
+        if g["task"] not in tasks:
+            skipped[f"task {g['task']} (not a {stage}-stage task)"] += 1
+            continue
+        if not rec.get("image"):
+            skipped["no image"] += 1
+            continue
+        image = Path(image_folder) / rec["image"]
+        if not image.is_file():
+            raise FileNotFoundError(f"{where}: field 'image' {rec['image']!r} is not a file under {image_folder}")
+        turns = rec.get("conversations") or []
+        if len(turns) < 2 or turns[-1].get("from") != "gpt" or turns[-2].get("from") != "human":
+            raise ValueError(f"{where}: field 'conversations' must end with a human turn and the gpt answer")
+        first_answer = ""
+        if g["task"] == "refine":
+            gpt = [t for t in turns[:-1] if t.get("from") == "gpt"]
+            if not gpt:
+                raise ValueError(f"{where}: a refine record needs the first answer as an earlier gpt turn")
+            first_answer = gpt[-1]["value"]
+        rows.append({
+            "id": str(rec.get("id", k)),
+            "prompt": render_prompt(turns[:-1], conv_mode),
+            "image_path": str(image.resolve()),
+            "getok": json.dumps(g, sort_keys=True),
+            "first_answer": first_answer,
+        })
+    if not rows:
+        raise ValueError(f"{source}: no record of a {stage}-stage task {tasks}; skipped: {dict(skipped)}")
+    return rows, skipped

@@ -1,0 +1,186 @@
+"""trl's GRPOTrainer, taught LLaVA's image path (rollouts and log-probabilities).
+
+trl 1.16 knows vision-language models through a ``ProcessorMixin`` (chat template + image processor that
+expand image placeholders in the text). LLaVA has neither: its model takes ``images=`` and splices the image
+features in at its single ``IMAGE_TOKEN_INDEX`` itself. So the trainer is given the tokenizer (trl's text
+path) and four seams are overridden, everything else (sampling, group advantages, zero-variance logging,
+clipped loss, KL, length-unbiased ``loss_type``, PEFT reference by disabled adapters, checkpoints) is trl's:
+
+- ``_tokenize_prompts``: LLaVA's ``tokenizer_image_token`` (one image id, no expansion here);
+- ``_generate_and_score_completions``: loads the batch's images the SFT way (``process_images``:
+  expand2square for ``pad``) before trl generates and scores, and returns them as ``pixel_values`` so they
+  travel with their rows through trl's shuffling and splitting;
+- ``_generate_single_turn``: LLaVA's ``generate(inputs, images=...)`` with left padding (LLaVA re-pads the
+  spliced sequence by ``config.tokenizer_padding_side``), optionally grammar-constrained; on transformers
+  >= 4.38 it returns only the new tokens (trl's slicing by prompt length would cut them);
+- ``_get_per_token_logps_and_entropies``: LLaVA's ``prepare_inputs_labels_for_multimodal`` (the same splice
+  as in training) builds the embeddings, the model's ordinary forward scores them, and the completion
+  tokens' log-probabilities are put back in completion order.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import entropy_from_logits, pad, selective_log_softmax
+
+from ..llava import rl_inputs
+
+
+def llava_module(model):
+    """The LlavaLlamaForCausalLM inside accelerate/DeepSpeed/PEFT wrappers (same parameters, not a copy)."""
+    m = model
+    if hasattr(m, "get_base_model"):  # PEFT
+        m = m.get_base_model()
+    if not hasattr(m, "prepare_inputs_labels_for_multimodal"):
+        raise TypeError(f"{type(m).__name__} is not a LLaVA model (no prepare_inputs_labels_for_multimodal)")
+    return m
+
+
+class LlavaGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer for LLaVA models. Dataset rows: ``prompt`` (rendered text with ``<image>``), ``image_path``,
+    plus any columns the rewards read (``getok``, ``first_answer``).
+
+    image_processor: the vision tower's processor (LLaVA's builder returns it).
+    logits_processor: optional list of transformers logits processors for rollouts (grammar constraint).
+    """
+
+    def __init__(self, model, tokenizer, image_processor, reward_funcs, args: GRPOConfig, train_dataset,
+                 peft_config=None, logits_processor=None, callbacks=None):
+        self.image_processor = image_processor
+        self.rollout_logits_processor = logits_processor
+        self._rollout_images = None
+        self._image_cache: dict[str, torch.Tensor] = {}
+        # trl builds a full-finetuning reference with AutoModelForCausalLM.from_pretrained(config path), which
+        # loses a model's in-memory GETok rows; copy the policy instead (PEFT: adapters disabled, nothing to copy).
+        beta = args.beta
+        own_ref = beta != 0.0 and peft_config is None and not hasattr(model, "peft_config")
+        ref = copy.deepcopy(model).eval().requires_grad_(False) if own_ref else None
+        if own_ref:
+            args.beta = 0.0
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+        if own_ref:
+            args.beta = self.beta = beta
+            self.ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True)
+
+    # -- prompts and images ----------------------------------------------------------------------------------
+    def _tokenize_prompts(self, prompts: list):
+        if not isinstance(prompts[0], str):
+            raise TypeError("LlavaGRPOTrainer expects rendered text prompts (llava_getok.rl.data.build_rows)")
+        return [rl_inputs.prompt_ids(p, self.processing_class) for p in prompts], None, {}
+
+    def _images_for(self, inputs) -> torch.Tensor:
+        model = llava_module(self.accelerator.unwrap_model(self.model))
+        out = []
+        for x in inputs:
+            path = x["image_path"]
+            if path not in self._image_cache:  # a group's G rows share one image
+                self._image_cache.clear() if len(self._image_cache) > 256 else None
+                self._image_cache[path] = rl_inputs.image_tensor(path, self.image_processor, model.config)
+            out.append(self._image_cache[path])
+        return torch.stack(out).to(device=self.accelerator.device, dtype=model.dtype)
+
+    def _generate_and_score_completions(self, inputs):
+        self._rollout_images = self._images_for(inputs)
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            images, self._rollout_images = self._rollout_images, None
+        output["pixel_values"] = images
+        return output
+
+    # -- rollouts --------------------------------------------------------------------------------------------
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self.use_vllm or self.use_transformers_continuous_batching:
+            raise NotImplementedError("LlavaGRPOTrainer generates with LLaVA's own generate (no vLLM)")
+        device = self.accelerator.device
+        tensors = [torch.tensor(ids) for ids in prompt_ids]
+        input_ids = pad(tensors, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
+        attention_mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left").to(device)
+        kwargs = {}
+        if self.rollout_logits_processor:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(self.rollout_logits_processor)
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped,
+            torch.no_grad(),
+            rl_inputs.padding_side(llava_module(unwrapped), "left"),
+        ):
+            out = unwrapped.generate(inputs=input_ids, images=self._rollout_images, attention_mask=attention_mask,
+                                     generation_config=self.generation_config, **kwargs)
+        # LLaVA generates from inputs_embeds: transformers >= 4.38 returns only the new tokens
+        completion = out.cpu()
+        eos = torch.tensor(self.eos_token_ids)
+        result = []
+        for row in completion:
+            hits = torch.isin(row, eos).nonzero()
+            end = int(hits[0]) + 1 if len(hits) else len(row)
+            result.append(row[:end].tolist())
+        return result, None
+
+    def _generate(self, prompts: list):
+        # trl decodes with skip_special_tokens=True, which drops the GETok tokens (added as special tokens).
+        # Rewards parse by token id, but they check the think/answer structure in the text and log it: decode
+        # with every GETok token kept, leaving out only the end-of-sequence / padding ids.
+        out = list(super()._generate(prompts))
+        drop = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        out[3] = [self._tokenizer.decode([t for t in ids if t not in drop], skip_special_tokens=False)
+                  for ids in out[1]]
+        return tuple(out)
+
+    # -- log-probabilities ----------------------------------------------------------------------------------
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, pixel_values=None,
+                                           **unused):
+        """Log-probs (and entropies) of the completion tokens, shape (B, logits_to_keep), under the image.
+
+        LLaVA splices the image features in (``prepare_inputs_labels_for_multimodal``, left-padded so that
+        every row's completion ends at the last position), then the model's ordinary forward runs on the
+        embeddings. Not trl's fused LM head: it reads ``lm_head.weight`` directly and would bypass the hooks
+        that add the trainable GETok rows (llava_getok.llava.rows) to the head.
+        """
+        images = pixel_values if pixel_values is not None else self._rollout_images
+        if images is None or len(images) != len(input_ids):
+            raise RuntimeError("LlavaGRPOTrainer: no images for this batch (pixel_values lost between steps?)")
+        llava = llava_module(self.accelerator.unwrap_model(model))
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids = input_ids[start : start + batch_size]
+            mask = attention_mask[start : start + batch_size]
+            n_completion = mask[:, -logits_to_keep:].sum(1)
+            with rl_inputs.padding_side(llava, "left"):
+                _, _, mask2, _, embeds, _ = llava.prepare_inputs_labels_for_multimodal(
+                    ids, None, mask, None, None, images[start : start + batch_size])
+            n_image = (ids == rl_inputs.image_token_index()).sum(1)
+            expected = mask.sum(1) + n_image * (llava.get_vision_tower().num_patches - 1)
+            if not torch.equal(mask2.sum(1), expected):
+                raise RuntimeError(
+                    "tokens were cut while splicing the image in: prompt + image features + completion exceed "
+                    f"config.tokenizer_model_max_length ({getattr(llava.config, 'tokenizer_model_max_length', None)})")
+            position_ids = (mask2.long().cumsum(-1) - 1).clamp(min=0)
+            with self.accelerator.autocast():
+                logits = model(inputs_embeds=embeds, attention_mask=mask2, position_ids=position_ids,
+                               use_cache=False).logits
+            # Left-padded, a row ends with its n completion tokens: token k sits at L - n + k and is predicted
+            # at L - n + k - 1, i.e. at column (K - n) + k of the last K + 1 positions' first K (K: logits_to_keep)
+            logits = logits[:, -logits_to_keep - 1 : -1].float() / self.temperature
+            comp = ids[:, -logits_to_keep:]
+            k = torch.arange(logits_to_keep, device=ids.device)[None, :]
+            col = (k + (logits_to_keep - n_completion)[:, None]).clamp(max=logits_to_keep - 1)
+            aligned = torch.gather(logits, 1, col[..., None].expand(-1, -1, logits.size(-1)))
+            valid = k < n_completion[:, None]
+            lp = selective_log_softmax(aligned, comp.masked_fill(~valid, 0)) * valid
+            logps.append(lp)
+            if compute_entropy:
+                entropies.append(entropy_from_logits(aligned) * valid)
+        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
