@@ -25,11 +25,12 @@ LLaVA record with :mod:`llava_getok.codec`. Sources never check boxes against th
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,21 +120,23 @@ class Sample:
 
     # -- validation, once for every source ---------------------------------------------------------------
     def validated(self, size) -> "Sample":
-        """Check everything against the image ``size`` (W, H); return a copy with boxes/points clipped."""
+        """Check everything against the image ``size`` (W, H); return a copy in pixels, boxes/points clipped.
+
+        Plain Python on purpose: this runs once per record, and numpy's per-call cost on 4 numbers would
+        dominate a million-record conversion.
+        """
         w, h = check_size(size, self.where)
+        boxes = [check_numbers(b, 4, self.where, self._field("boxes", k)) for k, b in enumerate(self.boxes)]
+        points = [check_numbers(p, 2, self.where, self._field("points", k)) for k, p in enumerate(self.points)]
         if self.units != "px":
-            return replace(self, units="px", **self._to_pixels((w, h))).validated((w, h))
-        boxes = []
-        for k, b in enumerate(self.boxes):
-            name = self._field("boxes", k)
-            b = check_numbers(b, 4, self.where, name)
+            boxes, points = self._to_pixels(boxes, points, (w, h))
+        tol = (OUTSIDE_TOLERANCE * w + 1, OUTSIDE_TOLERANCE * h + 1)
+        for k, b in enumerate(boxes):
             if b[2] < b[0] or b[3] < b[1]:
-                raise ConvertError(self.where, name, f"x2 < x1 or y2 < y1 in {b} (expected x1, y1, x2, y2)", "box x2 < x1 or y2 < y1")
-            boxes.append(tuple(clip_to_image(np.reshape(b, (2, 2)), w, h, self.where, name).reshape(-1).tolist()))
-        points = [
-            tuple(clip_to_image(np.reshape(check_numbers(p, 2, self.where, self._field("points", k)), (1, 2)), w, h, self.where, self._field("points", k))[0].tolist())
-            for k, p in enumerate(self.points)
-        ]
+                raise ConvertError(self.where, self._field("boxes", k), f"x2 < x1 or y2 < y1 in {b} (expected x1, y1, x2, y2)", "box x2 < x1 or y2 < y1")
+            boxes[k] = _clip(b, w, h, tol, self.where, self._field("boxes", k))
+        for k, p in enumerate(points):
+            points[k] = _clip(p, w, h, tol, self.where, self._field("points", k))
         if self.polygons is not None:
             if not self.polygons:
                 raise ConvertError(self.where, "segmentation", "empty polygon list", "polygon with < 3 points")
@@ -148,24 +151,24 @@ class Sample:
                 raise ConvertError(self.where, "segmentation", "an RLE mask needs 'counts' and 'size'", "bad RLE mask")
             if [int(rs[0]), int(rs[1])] != [int(round(h)), int(round(w))]:
                 raise ConvertError(self.where, "segmentation.size", f"RLE size {rs} (h, w) differs from the image size {[h, w]}", "RLE size differs from image")
-        return replace(self, size=(w, h), boxes=tuple(boxes), points=tuple(points))
+        out = copy.copy(self)  # dataclasses.replace re-runs __init__: measurably slower per record
+        for name, value in (("size", (w, h)), ("boxes", tuple(boxes)), ("points", tuple(points)), ("units", "px")):
+            object.__setattr__(out, name, value)
+        return out
 
     def _field(self, kind, k):
         name = (self.fields or {}).get(kind, kind)
         n = len(self.boxes if kind == "boxes" else self.points)
         return name if n == 1 and name != kind else f"{name}[{k}]"
 
-    def _to_pixels(self, size) -> dict:
+    def _to_pixels(self, boxes, points, size):
+        """Normalised boxes and points in frame ``self.units`` -> pixels (one geometry call per record)."""
         from llava_getok.geometry import points_from_frame
 
-        def px(values, n, field):
-            p = np.reshape(check_numbers(values, n, self.where, self._field(*field)), (-1, 2))
-            return tuple(points_from_frame(p, size, self.units, clamp=False).reshape(-1).tolist())
-
-        return {
-            "boxes": tuple(px(b, 4, ("boxes", k)) for k, b in enumerate(self.boxes)),
-            "points": tuple(px(p, 2, ("points", k)) for k, p in enumerate(self.points)),
-        }
+        flat = [v for b in boxes for v in b] + [v for p in points for v in p]
+        px = points_from_frame(np.reshape(flat, (-1, 2)), size, self.units, clamp=False).reshape(-1).tolist()
+        nb = 4 * len(boxes)
+        return [px[i : i + 4] for i in range(0, nb, 4)], [px[i : i + 2] for i in range(nb, len(px), 2)]
 
     def mask_rle(self) -> dict | None:
         """The object's mask as compressed COCO RLE (counts a str), from polygons or RLE; None if neither."""
@@ -208,6 +211,18 @@ def check_numbers(values, n: int | None, where: str, field: str) -> list[float]:
     if not all(math.isfinite(v) for v in out):
         raise ConvertError(where, field, f"coordinates must be finite, got {out}", "NaN or infinite coordinate")
     return out
+
+
+def _clip(values, w, h, tol, where, field) -> tuple:
+    """(x, y, x, y, ...) in pixels: clip small excursions, reject values far outside the image."""
+    out = []
+    for k, v in enumerate(values):
+        lim, t = (w, tol[0]) if k % 2 == 0 else (h, tol[1])
+        if v < -t or v > lim + t:
+            xy = values[k - k % 2 : k - k % 2 + 2]
+            raise ConvertError(where, field, f"point {list(xy)} is far outside the {w:g}x{h:g} image", "far outside the image")
+        out.append(0.0 if v < 0 else lim if v > lim else v)
+    return tuple(out)
 
 
 def clip_to_image(points: np.ndarray, w: float, h: float, where: str, field: str) -> np.ndarray:
@@ -274,6 +289,8 @@ def decode_line(raw, where: str):
         raise raw
     if not isinstance(raw, str):
         return raw
+    if "\x00" in raw:  # never in real text; the converters use it internally as a placeholder
+        raise ConvertError(where, "-", "NUL character in the record", "NUL character")
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:

@@ -14,6 +14,7 @@ from .base import ConvertError, Sample, decode_line, get, json_records
 from .records import BOX_SLOT
 
 TASKS = ("rewrite",)
+PASS_THROUGH_RAW = True  # a JSONL line without boxes is written back byte for byte
 FORMATS = "LLaVA conversations (.json list or .jsonl) with text boxes [x1, y1, x2, y2] in 0-1 (--input-frame)"
 
 _NUM = r"\s*(0(?:\.\d+)?|1(?:\.0+)?|\.\d+)\s*"
@@ -30,13 +31,14 @@ def parse(raw, where, opts) -> Sample:
     turns, boxes = [], []
     for k, turn in enumerate(conv):
         value = get(turn, "value", f"{where} conversations[{k}]", str)
-        found = [tuple(float(v) for v in m.groups()) for m in BOX_RE.finditer(value)]
-        for b in found:
-            if b[2] < b[0] or b[3] < b[1]:
-                raise ConvertError(where, f"conversations[{k}].value", f"box {list(b)} has x2 < x1 or y2 < y1", "box x2 < x1 or y2 < y1")
-        if found:
-            boxes += found
-            turn = {**turn, "value": BOX_RE.sub(BOX_SLOT, value)}
+        if "[" in value:  # cheap test first: most turns hold no box
+            found = [tuple(float(v) for v in m.groups()) for m in BOX_RE.finditer(value)]
+            for b in found:
+                if b[2] < b[0] or b[3] < b[1]:
+                    raise ConvertError(where, f"conversations[{k}].value", f"box {list(b)} has x2 < x1 or y2 < y1", "box x2 < x1 or y2 < y1")
+            if found:
+                boxes += found
+                turn = {**turn, "value": BOX_RE.sub(BOX_SLOT, value)}
         turns.append(turn)
     if boxes and not rec.get("image"):
         raise ConvertError(where, "image", "the conversation holds boxes but the record has no image", "boxes without image")

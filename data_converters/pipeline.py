@@ -28,9 +28,10 @@ from llava_getok.vocab import GETokConfig
 
 from . import registry
 from .base import ConvertError, Filtered, Options, image_exists, image_size
-from .records import build_record
+from .records import BatchEncoder, build_record
 
 BATCH = 512
+PASS_THROUGH = object()  # convert()'s answer for a record that is written as it was read
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Converter:
         self.source = registry.load(job.source)
         self._generator = None
         self._image = (None, None)
+        self.image_root = str(job.opts.image_root) if job.opts.image_root is not None else None
 
     def generator(self):
         if self._generator is None:
@@ -82,25 +84,30 @@ class Converter:
                 self._image = (path, np.asarray(im.convert("RGB")))
         return self._image[1]
 
-    def __call__(self, item):
+    def __call__(self, item, box_encoder=None):
         where, raw = item
         try:
-            return "W", json.dumps(self.convert(raw, where), ensure_ascii=False)
+            rec = self.convert(raw, where, box_encoder)
+            if rec is PASS_THROUGH:
+                return "W", raw.strip()
+            return "W", json.dumps(rec, ensure_ascii=False)
         except Filtered as e:
             return "R", json.dumps({"where": where, "reason": e.reason, "field": None, "message": e.reason}, ensure_ascii=False)
         except ConvertError as e:
             return "R", json.dumps({"where": e.where, "reason": e.reason, "field": e.field, "message": e.message, "error": True}, ensure_ascii=False)
 
-    def convert(self, raw, where) -> dict:
+    def convert(self, raw, where, box_encoder=None) -> dict:
         job, opts = self.job, self.job.opts
         sample = self.source.parse(raw, where, opts)
         path = None
-        if opts.image_root is not None and sample.image:
-            path = str(opts.image_root / sample.image)
+        if self.image_root is not None and sample.image:
+            path = os.path.join(self.image_root, sample.image)
             if not image_exists(path):
                 raise ConvertError(where, "image", f"image file {path} does not exist", "image not found")
-        if sample.turns is not None and not sample.boxes:
-            return build_record(sample, opts.task, job.cfg, job.frame, job.seed, job.source)  # passes through
+        if sample.turns is not None and not sample.boxes:  # nothing to rewrite: passes through
+            if getattr(self.source, "PASS_THROUGH_RAW", False) and isinstance(raw, str):
+                return PASS_THROUGH  # the input line itself, byte for byte
+            return build_record(sample, opts.task, job.cfg, job.frame, job.seed, job.source)
         size = sample.size
         if size is None and path is not None:
             try:
@@ -113,10 +120,18 @@ class Converter:
         else:
             sample = sample.validated(size)
         loader = (lambda: self.load_image(path)) if path else None
-        return build_record(sample, opts.task, job.cfg, job.frame, job.seed, job.source, loader, self.generator() if opts.task == "res" else None)
+        return build_record(sample, opts.task, job.cfg, job.frame, job.seed, job.source, loader,
+                            self.generator() if opts.task == "res" else None, box_encoder)
 
     def batch(self, items):
-        return [self(item) for item in items]
+        """Convert a batch; boxes are encoded in one codec call for the whole batch (BatchEncoder)."""
+        enc = BatchEncoder(self.job.cfg)
+        out = [self(item, enc) for item in items]
+        try:
+            lines = enc.resolve([line if kind == "W" else "" for kind, line in out])
+        except ValueError:  # cannot happen after validation; if it does, find the record one by one
+            return [self(item) for item in items]
+        return [(kind, lines[k] if kind == "W" else line) for k, (kind, line) in enumerate(out)]
 
 
 _WORKER: Converter | None = None

@@ -22,7 +22,9 @@ Decisions where the issue and spec are silent (a LLaVA user's expectations):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 
 import numpy as np
 
@@ -47,6 +49,35 @@ NO_MATCH = "There is no such object in the image."
 WRONG_FRACTION = 0.25  # refine on masks: about this share of the first answer's anchors are wrong
 
 
+class BatchEncoder:
+    """Defers ``codec.encode_boxes`` for a batch of records to one call (numpy costs per call, not per box).
+
+    Calling it returns placeholders; :meth:`resolve` encodes every collected box at once and puts the
+    tokens into the records' JSON lines. Sources reject text holding NUL, so placeholders cannot clash.
+    """
+
+    _RE = re.compile(r"\\u0000T(\d+)\\u0000")  # a placeholder as json.dumps writes it
+
+    def __init__(self, cfg: GETokConfig):
+        self.cfg, self.boxes = cfg, []
+
+    def __call__(self, boxes, cfg=None) -> list[str]:
+        start = len(self.boxes)
+        self.boxes.extend(np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tolist())
+        return [f"\x00T{k}\x00" for k in range(start, len(self.boxes))]
+
+    def resolve(self, lines: list[str]) -> list[str]:
+        if not self.boxes:
+            return lines
+        tokens = encode_boxes(self.boxes, self.cfg)
+        return [self._RE.sub(lambda m: tokens[int(m.group(1))], line) for line in lines]
+
+
+@functools.lru_cache(maxsize=16)
+def _config_dict(cfg: GETokConfig) -> dict:
+    return cfg.to_dict()
+
+
 def record_rng(seed: int, sample_id: str) -> np.random.Generator:
     """A generator that depends on the seed and the record only (not on workers or order)."""
     digest = hashlib.blake2b(f"{seed}\x00{sample_id}".encode(), digest_size=8).digest()
@@ -60,13 +91,16 @@ def _phrase(expression, sample):
 
 
 def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: int = 0, source: str = "",
-                 image_loader=None, generator=None) -> dict:
+                 image_loader=None, generator=None, box_encoder=None) -> dict:
     """A validated Sample (``Sample.validated``) -> one LLaVA record with its ``getok`` field.
 
     ``image_loader()`` returns the image as an (H, W, 3) array; only ``res`` calls it (proposals).
+    ``box_encoder``: a :class:`BatchEncoder` to defer box encoding (the pipeline's batches); default
+    ``codec.encode_boxes``.
     """
+    enc = box_encoder or encode_boxes
     if sample.turns is not None:
-        return _rewrite_record(sample, cfg, frame, source)
+        return _rewrite_record(sample, cfg, frame, source, enc)
     if task == "refine":
         task, cfg = "rec", GETokConfig(cfg.grid, 1, cfg.offset_levels, cfg.schedule, "refine")
     rng = record_rng(seed, sample.id)
@@ -75,7 +109,7 @@ def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: 
     if task == "reg":
         if len(sample.boxes) != 1:
             raise ConvertError(sample.where, "boxes", f"REG needs exactly one box, got {len(sample.boxes)}", "REG needs one box")
-        region = encode_boxes(boxes_to_frame([sample.boxes[0]], size, frame), cfg)[0]
+        region = enc(boxes_to_frame([sample.boxes[0]], size, frame), cfg)[0]
         human = PROMPTS["reg"].format(region=region)
         turns = [human, str(_phrase(sample.expression, sample)) + "."]
         shapes = [_box_shape(sample.boxes[0])]
@@ -85,7 +119,7 @@ def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: 
             turns, shapes = [human, NO_MATCH], []
         else:
             norm = boxes_to_frame(np.asarray(sample.boxes, dtype=np.float64), size, frame)
-            turns = [human] + _answer("box", norm.reshape(-1, 2, 2), cfg, rng)
+            turns = [human] + (_answer("box", norm.reshape(-1, 2, 2), cfg, rng) if cfg.mode == "refine" else [" ".join(enc(norm, cfg))])
             shapes = [_box_shape(b) for b in sample.boxes]
     elif task == "point":
         human = PROMPTS["point"].format(expression=_phrase(sample.expression, sample))
@@ -108,7 +142,7 @@ def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: 
         "conversations": conversations,
         "getok": {
             "source": source, "task": task, "split": sample.split, "frame": frame, "size": [_r1(v) for v in size] if size else None,
-            "config": cfg.to_dict(), "expression": sample.expression, "shapes": shapes, **getok_extra,
+            "config": _config_dict(cfg), "expression": sample.expression, "shapes": shapes, **getok_extra,
         },
     }
 
@@ -218,12 +252,12 @@ def _res(sample, cfg, frame, rng, image_loader, generator):
     return turns, shapes, {"mask": rle}
 
 
-def _rewrite_record(sample: Sample, cfg, frame, source) -> dict:
+def _rewrite_record(sample: Sample, cfg, frame, source, enc=encode_boxes) -> dict:
     """``llava``: the source's own conversation, every BOX_SLOT replaced by the box's tokens."""
     record = dict(sample.source_fields or {})
     if not sample.boxes:
         return record  # nothing to rewrite: the record passes through unchanged
-    tokens = iter(encode_boxes(boxes_to_frame(np.asarray(sample.boxes, dtype=np.float64), sample.size, frame), cfg))
+    tokens = iter(enc(boxes_to_frame(np.asarray(sample.boxes, dtype=np.float64), sample.size, frame), cfg))
     record["conversations"] = [
         {**t, "value": "".join(part if k == 0 else next(tokens) + part for k, part in enumerate(t["value"].split(BOX_SLOT)))}
         if BOX_SLOT in t["value"] else t
@@ -231,7 +265,7 @@ def _rewrite_record(sample: Sample, cfg, frame, source) -> dict:
     ]
     record["getok"] = {
         "source": source, "task": "rewrite", "split": sample.split, "frame": frame, "size": [_r1(v) for v in sample.size],
-        "config": cfg.to_dict(), "expression": None, "shapes": [_box_shape(b) for b in sample.boxes],
+        "config": _config_dict(cfg), "expression": None, "shapes": [_box_shape(b) for b in sample.boxes],
     }
     return record
 

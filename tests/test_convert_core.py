@@ -246,3 +246,31 @@ def test_res_and_point_on_real_coco_masks(tmp_path, coco_json, coco_images):
         (x, y), = r["getok"]["shapes"][0]["points"]
         assert coco.annToMask(ann)[int(y), int(x)] == 1  # the point lies on the object
     assert_round_trip(load(out))
+
+
+def test_res_refine_mode_offsets_and_deletes(tmp_path, coco_json, coco_images):
+    d = json.loads(coco_json.read_text())
+    d["annotations"] = [a for a in d["annotations"] if a["image_id"] == 397133 and not a["iscrowd"]][:4]
+    src = tmp_path / "instances_val2017.json"
+    src.write_text(json.dumps(d))
+    out = tmp_path / "res.jsonl"
+    assert convert("coco", "--input", src, "--image-root", coco_images, "--output", out, "--task", "res", "--mode", "refine", "--on-error", "skip") == 0
+    recs = load(out)
+    assert recs
+    for r in recs:
+        first, ask, second = (t["value"] for t in r["conversations"][1:])
+        assert first.startswith("<seg>") and "<off_" not in first and first in ask
+        assert second.startswith("<offset><seg>") and second.count("<off_") + second.count("<delete>") == first.count("<grid_")
+    assert any("<delete>" in r["conversations"][3]["value"] for r in recs)  # the drawn wrong anchors
+    for r in recs:
+        assert decode_record(r)["shapes"] == r["getok"]["shapes"]  # shapes = the refined anchors, in pixels
+
+
+def test_decode_command_writes_pixel_shapes(tmp_path, coco_json):
+    out = tmp_path / "rec.json"
+    assert convert("coco", "--input", coco_json, "--output", out, "--limit", 20, "--frame", "orig", "--on-error", "skip") == 0
+    assert convert("decode", out, "--output", tmp_path / "decoded.jsonl") == 0
+    decoded = load(tmp_path / "decoded.jsonl")
+    recs = load(out)
+    assert [d["id"] for d in decoded] == [r["id"] for r in recs] and len(decoded) == 20
+    assert all(d["shapes"][0]["kind"] == "box" and not d["errors"] and d["text"].startswith("<box>") for d in decoded)
