@@ -115,7 +115,8 @@ class Predictor:
         return answers
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False,
+                                     spaces_between_special_tokens=False)
 
     def predict(self, records: list[dict], image_root) -> list[dict]:
         """Prediction lines for a batch of records that share a task (one shape-only restriction)."""

@@ -46,9 +46,9 @@ class SampleScore:
 
 
 def split_name(record: dict) -> str:
-    """The table row a record belongs to: ``source/split`` (either may be absent)."""
+    """The table row a record belongs to: ``source/split`` (either may be absent; neither: "default")."""
     g = record.get("getok") or {}
-    return "/".join(str(x) for x in (g.get("source"), g.get("split")) if x) or "all"
+    return "/".join(str(x) for x in (g.get("source"), g.get("split")) if x) or "default"
 
 
 def _shapes(pred: dict, kind: str) -> list[dict]:

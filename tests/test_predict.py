@@ -1,0 +1,124 @@
+"""Prediction runner on the tiny random LLaVA: LLaVA's own generate, batched with left padding, constrained
+output that always parses, shapes in pixels of the original image."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from llava_getok.vocab import GETokConfig
+
+PORTRAIT, LANDSCAPE = "000000183709.jpg", "000000034417.jpg"  # 480 x 640 and 500 x 375
+CFG = GETokConfig(grid=8, rounds=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_getok(tiny_llava_dir):
+    """The tiny LLaVA through LLaVA's builder (hooks registered), GETok tokens added, random new rows."""
+    import llava_getok
+    from llava_getok.llava.tokens import add_getok_tokens, resize_embeddings
+
+    llava_getok.register()
+    from llava.model.builder import load_pretrained_model
+
+    torch.manual_seed(0)
+    tokenizer, model, processor, _ = load_pretrained_model(str(tiny_llava_dir), None, "tiny-llava", device="cpu")
+    add_getok_tokens(tokenizer, CFG)
+    resize_embeddings(model, len(tokenizer))
+    with torch.no_grad():  # random rows with the spread of the trained ones, so GETok tokens do get sampled
+        for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            w[-len(CFG.tokens()):] = torch.randn_like(w[-len(CFG.tokens()):]) * w[:-len(CFG.tokens())].std()
+    return tokenizer, model.float().eval(), processor
+
+
+@pytest.fixture(scope="module")
+def records_and_root(shared_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    for name in (PORTRAIT, LANDSCAPE):
+        shutil.copy(shared_data / "coco_mini" / "val2017" / name, root / name)
+    sizes = {PORTRAIT: [480, 640], LANDSCAPE: [500, 375]}
+
+    def rec(k, image, task):
+        return {"id": f"r{k}", "image": image,
+                "conversations": [{"from": "human", "value": f"<image>\nWhere is object {k}?"}, {"from": "gpt", "value": ""}],
+                "getok": {"task": task, "frame": "pad", "size": sizes[image], "config": CFG.to_dict(), "shapes": []}}
+
+    images = [PORTRAIT, LANDSCAPE, LANDSCAPE, PORTRAIT, LANDSCAPE]
+    records = [rec(k, im, "rec") for k, im in enumerate(images)] + [rec(5, PORTRAIT, "point"), rec(6, LANDSCAPE, "res")]
+    return records, root, sizes
+
+
+def test_constrained_generation_always_parses(tiny_getok, records_and_root):
+    from llava_getok.predict import Predictor
+
+    tokenizer, model, processor = tiny_getok
+    records, root, sizes = records_and_root
+    free = Predictor(tokenizer, model, processor, CFG, constrained=True, max_new_tokens=24)
+    lines = [line for k in range(0, 6, 3) for line in free.predict(records[k:k + 3], root)]
+    assert all(line["errors"] == [] for line in lines), [(x["text"], x["errors"]) for x in lines]
+    shape_only = Predictor(tokenizer, model, processor, CFG, constrained=True, shape_only=True, max_new_tokens=12)
+    for batch, kind in ((records[:5], "box"), (records[5:6], "point")):
+        for line, r in zip(shape_only.predict(batch, root), batch):
+            assert line["errors"] == [] and [s["kind"] for s in line["shapes"]] == [kind], line
+            w, h = r["getok"]["size"]
+            assert all(0 <= x <= w and 0 <= y <= h for s in line["shapes"] for x, y in s["points"])
+
+
+def test_batched_left_padded_generation_matches_one_by_one(tiny_getok, records_and_root):
+    from llava_getok.predict import Predictor
+
+    tokenizer, model, processor = tiny_getok
+    records, root, _ = records_and_root
+    p = Predictor(tokenizer, model, processor, CFG, constrained=True, max_new_tokens=10)
+    # prompts of different lengths ("object 1" vs "object 10"), so the batch really is padded
+    batch = [dict(records[0]), dict(records[1])]
+    batch[1]["conversations"] = [{"from": "human", "value": "<image>\nWhere is the object number 10 on the left?"}]
+    together = p.predict(batch, root)
+    alone = [p.predict([r], root)[0] for r in batch]
+    assert [x["text"] for x in together] == [x["text"] for x in alone]
+
+
+def test_predict_file_writes_one_line_per_record(tiny_getok, records_and_root, tmp_path):
+    from llava_getok.predict import Predictor, predict_file
+
+    tokenizer, model, processor = tiny_getok
+    records, root, _ = records_and_root
+    p = Predictor(tokenizer, model, processor, CFG, constrained=True, shape_only=True, max_new_tokens=8)
+    out = tmp_path / "preds.jsonl"
+    assert predict_file(p, records[:4], root, out, batch_size=3, progress=False) == 4
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["r0", "r1", "r2", "r3"]
+    assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed
+    bad = [dict(records[0], image="missing.jpg")]
+    with pytest.raises(FileNotFoundError, match="record r0: field 'image'"):
+        predict_file(p, bad, root, tmp_path / "x.jsonl", progress=False)
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_cli_predict_then_eval_then_show(tiny_getok, records_and_root, tmp_path):
+    """The three commands on one converted file: a checkpoint saved with the GETok tokens loads through
+    LLaVA's builder, every answer parses, eval scores it, show draws it."""
+    from llava_getok.cli import main
+
+    tokenizer, model, processor = tiny_getok
+    records, root, _ = records_and_root
+    ckpt = tmp_path / "tiny-llava-getok"
+    model.save_pretrained(ckpt, safe_serialization=True)
+    tokenizer.save_pretrained(ckpt)
+    records = json.loads(json.dumps(records))
+    for r in records:  # a ground-truth box, so eval has something to score
+        r["getok"]["shapes"] = [{"kind": "box", "points": [[10, 20], [200, 300]]}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records[:3]))
+    preds = tmp_path / "preds.jsonl"
+    assert main(["predict", "--model-path", str(ckpt), "--data", str(data), "--image-root", str(root),
+                 "--output", str(preds), "--shape-only", "--batch-size", "2", "--max-new-tokens", "8",
+                 "--limit", "2", "--device", "cpu"]) == 0
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert len(lines) == 2 and all(x["errors"] == [] and x["shapes"][0]["kind"] == "box" for x in lines)
+    assert main(["eval", "--predictions", str(preds), "--annotations", str(data), "--only-predicted", "--no-ceiling"]) == 0
+    metrics = json.loads((tmp_path / "preds.metrics.json").read_text())["metrics"]["rec"]["default"]
+    assert metrics["n"] == 2 and metrics["unparseable"] == 0
+    assert main(["show", "--predictions", str(preds), "--annotations", str(data), "--image-root", str(root),
+                 "--output", str(tmp_path / "sheet.png")]) == 0
+    assert (tmp_path / "sheet.png").stat().st_size > 0
