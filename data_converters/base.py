@@ -101,6 +101,9 @@ class Sample:
         normalised to [0, 1] in that frame; :meth:`validated` turns them into pixels once the size is known.
     where: the place in the input ("file:record"), for error messages.
     fields: the source's names for "boxes" / "points" (e.g. {"boxes": "bbox"}), so errors name its field.
+    normalised: set by :meth:`validated` for normalised input: (frame, boxes) as the source gave them,
+        when nothing needed clipping; writing to that same frame then reuses them (one geometry call
+        fewer per record, and no float round trip through pixels).
     """
 
     id: str
@@ -117,6 +120,7 @@ class Sample:
     units: str = "px"
     where: str = ""
     fields: dict | None = None
+    normalised: tuple | None = None
 
     # -- validation, once for every source ---------------------------------------------------------------
     def validated(self, size) -> "Sample":
@@ -128,13 +132,17 @@ class Sample:
         w, h = check_size(size, self.where)
         boxes = [check_numbers(b, 4, self.where, self._field("boxes", k)) for k, b in enumerate(self.boxes)]
         points = [check_numbers(p, 2, self.where, self._field("points", k)) for k, p in enumerate(self.points)]
+        normalised = None
         if self.units != "px":
+            normalised = (self.units, tuple(tuple(b) for b in boxes))
             boxes, points = self._to_pixels(boxes, points, (w, h))
         tol = (OUTSIDE_TOLERANCE * w + 1, OUTSIDE_TOLERANCE * h + 1)
         for k, b in enumerate(boxes):
             if b[2] < b[0] or b[3] < b[1]:
                 raise ConvertError(self.where, self._field("boxes", k), f"x2 < x1 or y2 < y1 in {b} (expected x1, y1, x2, y2)", "box x2 < x1 or y2 < y1")
             boxes[k] = _clip(b, w, h, tol, self.where, self._field("boxes", k))
+            if normalised is not None and boxes[k] != tuple(b):
+                normalised = None
         for k, p in enumerate(points):
             points[k] = _clip(p, w, h, tol, self.where, self._field("points", k))
         if self.polygons is not None:
@@ -152,7 +160,7 @@ class Sample:
             if [int(rs[0]), int(rs[1])] != [int(round(h)), int(round(w))]:
                 raise ConvertError(self.where, "segmentation.size", f"RLE size {rs} (h, w) differs from the image size {[h, w]}", "RLE size differs from image")
         out = copy.copy(self)  # dataclasses.replace re-runs __init__: measurably slower per record
-        for name, value in (("size", (w, h)), ("boxes", tuple(boxes)), ("points", tuple(points)), ("units", "px")):
+        for name, value in (("size", (w, h)), ("boxes", tuple(boxes)), ("points", tuple(points)), ("units", "px"), ("normalised", normalised)):
             object.__setattr__(out, name, value)
         return out
 

@@ -257,7 +257,11 @@ def _rewrite_record(sample: Sample, cfg, frame, source, enc=encode_boxes) -> dic
     record = dict(sample.source_fields or {})
     if not sample.boxes:
         return record  # nothing to rewrite: the record passes through unchanged
-    tokens = iter(enc(boxes_to_frame(np.asarray(sample.boxes, dtype=np.float64), sample.size, frame), cfg))
+    if sample.normalised is not None and sample.normalised[0] == frame:
+        norm = sample.normalised[1]  # the source's own numbers, already in this frame
+    else:
+        norm = boxes_to_frame(np.asarray(sample.boxes, dtype=np.float64), sample.size, frame)
+    tokens = iter(enc(norm, cfg))
     record["conversations"] = [
         {**t, "value": "".join(part if k == 0 else next(tokens) + part for k, part in enumerate(t["value"].split(BOX_SLOT)))}
         if BOX_SLOT in t["value"] else t
