@@ -277,8 +277,8 @@ def _rewrite_record(sample: Sample, cfg, frame, source, enc=encode_boxes) -> dic
 def decode_record(record: dict) -> dict:
     """A converted record -> ``{"id", "text", "shapes", "errors"}`` with every shape in original pixels.
 
-    Shapes are read from every turn in order (the region of a REG question included); a human turn that
-    restates the previous answer adds nothing; a refine answer replaces the shapes of the answer it refines. This is the ground truth as the tokens carry it: the
+    Shapes are read from every turn in order (the region of a REG question included); in refine mode the
+    human turn that restates the previous answer adds nothing; a refine answer replaces the shapes of the answer it refines. This is the ground truth as the tokens carry it: the
     same keys as a prediction line, so a decoded file is also the quantisation ceiling's "prediction".
     """
     g = record.get("getok")
@@ -298,7 +298,7 @@ def decode_record(record: dict) -> dict:
                 refined = last
             shapes = shapes[: len(shapes) - len(last)] + refined
             last = refined
-        elif r.shapes and not (turn["from"] == "human" and r.shapes == last):  # a restated answer (refine)
+        elif r.shapes and not (cfg.mode == "refine" and turn["from"] == "human" and r.shapes == last):  # restated answer
             shapes += r.shapes
             last = r.shapes
         if turn["from"] == "gpt":

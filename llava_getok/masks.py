@@ -40,9 +40,10 @@ def _image_key(image: np.ndarray) -> bytes:
 class SuperpixelGenerator:
     """The weight-free default: the SLIC superpixel containing each point (deterministic).
 
-    n_segments: superpixels per image; None means ``segments_per_cell`` per grid cell of a 32 x 32 grid
-    (about 512), which keeps a typical COCO object at a few dozen anchors. Segmentations of the last
-    ``cache_size`` images are kept, so several objects of one image cost one SLIC run.
+    n_segments: superpixels per image. The default 512 (half the cells of a 32 x 32 grid) keeps a typical
+    COCO object at a few dozen anchors; finer segments fit masks better but cost more anchors and most
+    superpixels then hold no anchor. Segmentations of the last ``cache_size`` images are kept, so several
+    objects of one image cost one SLIC run.
     """
 
     def __init__(self, n_segments: int | None = 512, compactness: float = 10.0, cache_size: int = 8):
@@ -142,7 +143,8 @@ def greedy_mask_anchors(gt_mask, image, cfg: GETokConfig, frame: str, generator=
                         max_points: int = DEFAULT_MAX_POINTS) -> list[tuple[float, float]]:
     """The smallest anchor set the greedy of spec section 6 finds for ``gt_mask`` (H, W) bool.
 
-    Candidates: one proposal per grid anchor on the image. Sorted by IoU with the ground truth (highest
+    Candidates: one proposal per grid anchor on the image (for generators without a partition, such as
+    SAM, only the anchors within one cell of the mask's bounding box: a model call each). Sorted by IoU with the ground truth (highest
     first, ties in row-major anchor order); a candidate is kept only if the union's IoU rises; stop at
     IoU >= tau, when candidates run out, or at ``max_points``. Anchors whose proposal equals an earlier
     anchor's are dropped first (the first in row-major order stands for them). Returns normalised anchors
@@ -157,7 +159,11 @@ def greedy_mask_anchors(gt_mask, image, cfg: GETokConfig, frame: str, generator=
     if hasattr(generator, "segments"):
         chosen = _greedy_disjoint(gt, generator.segments(image), px, tau, max_points)
     else:
-        chosen = _greedy_general(gt, generator.masks_at(image, px), tau, max_points)
+        # one model call per anchor (SAM): only anchors within a cell of the mask's box can plausibly help
+        ys, xs = np.nonzero(gt)
+        cell = points_from_frame([[1 / cfg.grid] * 2], (w, h), frame, clamp=False)[0] - points_from_frame([[0, 0]], (w, h), frame, clamp=False)[0]
+        near = np.nonzero((px[:, 0] >= xs.min() - cell[0]) & (px[:, 0] <= xs.max() + 1 + cell[0]) & (px[:, 1] >= ys.min() - cell[1]) & (px[:, 1] <= ys.max() + 1 + cell[1]))[0]
+        chosen = [int(near[k]) for k in _greedy_general(gt, generator.masks_at(image, px[near]), tau, max_points)]
     return [tuple(anchors[k].tolist()) for k in sorted(chosen)]
 
 
