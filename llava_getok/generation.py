@@ -330,3 +330,61 @@ class GETokLogitsProcessor(LogitsProcessor):
             left = self.max_new_tokens - (length - self._prompt_len)
             level = min(max(left, 1) - 1, level)
         return scores + self._level_bias(level, scores.dtype).index_select(0, self._state)
+
+
+_KIND_TAG = {"box": "box", "mask": "seg", "polyline": "pl"}
+
+
+def refinement_classes(shapes) -> list[tuple[str, ...]]:
+    """The token classes, position by position, of the one refinement that fits ``shapes`` (the first
+    answer, spec section 5): ``<offset>``, per shape its tag and one offset or ``<delete>`` per point,
+    ``</offset>``, EOS.
+
+    >>> from llava_getok.codec import Shape
+    >>> refinement_classes([Shape("box", ((0.1, 0.1), (0.5, 0.5)))])
+    [('<offset>',), ('<box>',), ('off', 'delete'), ('off', 'delete'), ('</box>',), ('</offset>',), ('eos',)]
+    """
+    out = [("<offset>",)]
+    for s in shapes:
+        tag = _KIND_TAG.get(s.kind)
+        out += [(f"<{tag}>",)] if tag else []
+        out += [("off", "delete")] * len(s.points)
+        out += [(f"</{tag}>",)] if tag else []
+    return out + [("</offset>",), ("eos",)]
+
+
+class RefinementLogitsProcessor(GETokLogitsProcessor):
+    """Refine mode's second answer, made to fit each row's first answer exactly: row r may only write
+    ``refinement_classes(first_shapes[r])``, one position per step (then anything: generate pads it).
+    So every refinement applies (``codec.apply_refinement``) without a structure mismatch."""
+
+    def __init__(self, token_ids, cfg: GETokConfig, eos_token_id, text_vocab_size: int, first_shapes,
+                 never_ids=()):
+        super().__init__(token_ids, cfg, eos_token_id, text_vocab_size, never_ids)
+        plans = [refinement_classes(shapes) for shapes in first_shapes]
+        width = max(map(len, plans)) + 1
+        table = torch.ones(len(plans), width, len(CLASSES), dtype=torch.bool)  # past the end: anything
+        for r, plan in enumerate(plans):
+            for k, allowed in enumerate(plan):
+                table[r, k] = False
+                table[r, k, [_C[c] for c in allowed]] = True
+        self._plan = table
+        self.max_new_tokens = width - 1  # the longest plan: pass it to generate as max_new_tokens
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, cfg: GETokConfig, first_shapes, eos_token_id=None):
+        eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        never = [i for i in (tokenizer.bos_token_id,) if i is not None]
+        return cls(getok_token_ids(tokenizer, cfg), cfg, eos, len(tokenizer), first_shapes, never_ids=never)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._to(scores.device, scores.shape[-1], scores.dtype)
+        rows, length = input_ids.shape
+        if rows != self._plan.shape[0]:
+            raise ValueError(f"{rows} rows to generate, but first answers for {self._plan.shape[0]}")
+        if rows != self._rows or length != self._last_len + 1:
+            self._rows, self._prompt_len = rows, length
+        self._last_len = length
+        pos = min(length - self._prompt_len, self._plan.shape[1] - 1)
+        allowed = self._plan[:, pos].to(scores.device)[:, self._cls]  # (rows, vocab)
+        return scores.masked_fill(~allowed, float("-inf"))

@@ -75,19 +75,20 @@ class Predictor:
         self.id_to_token = {v: k for k, v in self.token_ids.items()}
         self.first_cfg = GETokConfig(cfg.grid, 0, cfg.offset_levels, cfg.schedule, "grid") if cfg.mode == "refine" else cfg
 
-    def _processor(self, cfg, only):
-        from transformers import LogitsProcessorList
-
-        from .generation import GETokLogitsProcessor
+    def _processors(self, cfg, only=None, first_shapes=None):
+        """The grammar constraint for one generate call (none when unconstrained)."""
+        from .generation import GETokLogitsProcessor, RefinementLogitsProcessor
 
         if not self.constrained:
-            return LogitsProcessorList()
-        proc = GETokLogitsProcessor.from_tokenizer(self.tokenizer, cfg, only=only, max_new_tokens=self.max_new_tokens)
-        return LogitsProcessorList([proc])
+            return []
+        if first_shapes is not None:  # refine mode's second turn: exactly the first answer's structure
+            return [RefinementLogitsProcessor.from_tokenizer(self.tokenizer, cfg, first_shapes)]
+        return [GETokLogitsProcessor.from_tokenizer(self.tokenizer, cfg, only=only, max_new_tokens=self.max_new_tokens)]
 
-    def generate(self, conversations: list[list[dict]], images: list, cfg: GETokConfig, only: str | None = None) -> list[list[int]]:
+    def generate(self, conversations: list[list[dict]], images: list, processors=(), max_new_tokens=None) -> list[list[int]]:
         """Greedy answers (token ids up to EOS) for a batch of conversations and their image tensors."""
         import torch
+        from transformers import LogitsProcessorList
 
         from .llava import rl_inputs
 
@@ -104,7 +105,7 @@ class Predictor:
         with torch.inference_mode(), rl_inputs.padding_side(self.model, "left"):
             out = self.model.generate(
                 input_ids.to(device), attention_mask=attention.to(device), do_sample=False, num_beams=1,
-                max_new_tokens=self.max_new_tokens, logits_processor=self._processor(cfg, only),
+                max_new_tokens=max_new_tokens or self.max_new_tokens, logits_processor=LogitsProcessorList(processors),
                 pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id, use_cache=True, **kwargs,
             )
         answers = []
@@ -129,26 +130,28 @@ class Predictor:
         only = SHAPE_ONLY.get(tasks.pop()) if self.shape_only and len(tasks) == 1 else None
         images = [self._image(r, image_root, rl_inputs) for r in records]
         first_turns = [question_turns(r) for r in records]
-        answers = self.generate(first_turns, images, self.first_cfg, only)
+        answers = self.generate(first_turns, images, self._processors(self.first_cfg, only))
         out = []
         if self.cfg.mode == "refine":  # second turn: refine the model's own first answer
             from data_converters.records import REFINE_PROMPT
 
+            from .parse import ParseError
+
             texts = [self.decode(a) for a in answers]
+            firsts = [parse_ids(a, self.id_to_token, self.first_cfg) for a in answers]
             second = [t + [{"from": "gpt", "value": a}, {"from": "human", "value": REFINE_PROMPT.format(answer=a)}]
                       for t, a in zip(first_turns, texts)]
-            refinements = self.generate(second, images, self.cfg, "refinement")
-            for r, a, text, b in zip(records, answers, texts, refinements):
-                first = parse_ids(a, self.id_to_token, self.first_cfg)
+            procs = self._processors(self.cfg, first_shapes=[f.shapes for f in firsts])
+            budget = procs[0].max_new_tokens if procs else None
+            refinements = self.generate(second, images, procs, budget)
+            for r, first, text, b in zip(records, firsts, texts, refinements):
                 ref = parse_ids(b, self.id_to_token, self.cfg)
                 res = ParseResult(errors=first.errors + ref.errors)
                 try:
                     res.shapes = apply_refinement(first.shapes, ref.refinements, self.cfg)
                 except ValueError as e:
-                    from .parse import ParseError
-
                     res.errors.append(ParseError(0, f"refinement does not fit the first answer: {e}"))
-                out.append(self._line(r, text + " || " + self.decode(b), res))
+                out.append(self._line(r, text + "\n" + self.decode(b), res))
             return out
         for r, a in zip(records, answers):
             out.append(self._line(r, self.decode(a), parse_ids(a, self.id_to_token, self.cfg)))

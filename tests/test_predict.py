@@ -53,11 +53,11 @@ def test_constrained_generation_always_parses(tiny_getok, records_and_root):
 
     tokenizer, model, processor = tiny_getok
     records, root, sizes = records_and_root
-    free = Predictor(tokenizer, model, processor, CFG, constrained=True, max_new_tokens=24)
-    lines = [line for k in range(0, 6, 3) for line in free.predict(records[k:k + 3], root)]
+    free = Predictor(tokenizer, model, processor, CFG, constrained=True, max_new_tokens=16)
+    lines = free.predict(records[3:6], root)  # rec and point records, free answers
     assert all(line["errors"] == [] for line in lines), [(x["text"], x["errors"]) for x in lines]
-    shape_only = Predictor(tokenizer, model, processor, CFG, constrained=True, shape_only=True, max_new_tokens=12)
-    for batch, kind in ((records[:5], "box"), (records[5:6], "point")):
+    shape_only = Predictor(tokenizer, model, processor, CFG, constrained=True, shape_only=True, max_new_tokens=8)
+    for batch, kind in ((records[:3], "box"), (records[5:6], "point")):
         for line, r in zip(shape_only.predict(batch, root), batch):
             assert line["errors"] == [] and [s["kind"] for s in line["shapes"]] == [kind], line
             w, h = r["getok"]["size"]
@@ -69,7 +69,7 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny_getok, records_a
 
     tokenizer, model, processor = tiny_getok
     records, root, _ = records_and_root
-    p = Predictor(tokenizer, model, processor, CFG, constrained=True, max_new_tokens=10)
+    p = Predictor(tokenizer, model, processor, CFG, constrained=True, max_new_tokens=6)
     # prompts of different lengths ("object 1" vs "object 10"), so the batch really is padded
     batch = [dict(records[0]), dict(records[1])]
     batch[1]["conversations"] = [{"from": "human", "value": "<image>\nWhere is the object number 10 on the left?"}]
@@ -122,3 +122,32 @@ def test_cli_predict_then_eval_then_show(tiny_getok, records_and_root, tmp_path)
     assert main(["show", "--predictions", str(preds), "--annotations", str(data), "--image-root", str(root),
                  "--output", str(tmp_path / "sheet.png")]) == 0
     assert (tmp_path / "sheet.png").stat().st_size > 0
+
+
+def test_refine_mode_two_turns_always_fit(tiny_getok, records_and_root):
+    """Refine mode: a grid-only first answer, then a refinement constrained to its exact structure."""
+    from llava_getok.codec import apply_refinement
+    from llava_getok.parse import parse
+    from llava_getok.predict import Predictor
+
+    tokenizer, model, processor = tiny_getok
+    records, root, _ = records_and_root
+    cfg = GETokConfig(grid=8, mode="refine")
+    batch = json.loads(json.dumps(records[:2]))
+    for r in batch:
+        r["getok"]["config"] = cfg.to_dict()
+    p = Predictor(tokenizer, model, processor, cfg, constrained=True, shape_only=True, max_new_tokens=6)
+    for line, r in zip(p.predict(batch, root), batch):
+        assert line["errors"] == [], line
+        first, second = line["text"].split("\n")
+        assert "<off" not in first and second.startswith("<offset><box>") and second.endswith("</offset>")
+        refined = apply_refinement(parse(first, cfg).shapes, parse(second, cfg).refinements, cfg)
+        expected = [to_px(s, r) for s in refined]
+        assert [s["points"] for s in line["shapes"]] == expected
+
+
+def to_px(shape, record):
+    from llava_getok.geometry import boxes_from_frame
+
+    b = boxes_from_frame(list(shape.box), tuple(record["getok"]["size"]), "pad").round(2).reshape(2, 2)
+    return b.tolist()
