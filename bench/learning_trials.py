@@ -42,6 +42,8 @@ class Trial:
     lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 0.0
+    clip: float = 1.0  # gradient norm clipping; 0 = none
+    schedule: str = "cosine"  # cosine | constant (after warmup)
     # model
     hidden: int = 64
     layers: int = 2
@@ -70,7 +72,10 @@ class Trial:
     rounds: int = 1
     offset_levels: int = 3
     bins: int = 32
-    init: str = "mean"  # mean | sincos2d
+    init: str = "mean"  # mean | sincos2d (llava_getok.llava.tokens.init_getok_rows: input and output rows)
+    grid_weight: float = 0.0  # box-token loss (llava_getok.llava.box_loss), as in the GETok trainer
+    box_weight: float = 0.0
+    sigma: float = 1.0
     # eval
     n_eval: int = 300
     eval_every: int = 0
@@ -156,13 +161,14 @@ def build(trial: Trial, work: Path):
         tok.add_tokens([AddedToken(t, normalized=False, special=True, lstrip=False, rstrip=False) for t in toks],
                        special_tokens=True)
         model.resize_token_embeddings(len(tok), mean_resizing=False)
-        emb, head = model.get_input_embeddings().weight.data, model.get_output_embeddings().weight.data
-        emb[old:] = emb[:old].mean(0)
-        head[old:] = head[:old].mean(0)
-        if trial.repr == "getok" and trial.init == "sincos2d":
-            n = cfg.grid
-            ids = [tok.convert_tokens_to_ids(t) for t in cfg.grid_tokens]
-            emb[ids] += 0.02 * torch.as_tensor(sincos2d(n, emb.shape[1]), dtype=emb.dtype) / 0.5
+        if trial.repr == "getok":
+            from llava_getok.llava.tokens import init_getok_rows
+
+            init_getok_rows(model, tok.convert_tokens_to_ids(toks), cfg, trial.init, n_old=old)
+        else:
+            emb, head = model.get_input_embeddings().weight.data, model.get_output_embeddings().weight.data
+            emb[old:] = emb[:old].mean(0)
+            head[old:] = head[:old].mean(0)
     if trial.tower_pos == "sincos":
         set_sincos_positions(tower.vision_tower, trial.tower_pos_scale)
     if trial.train_tower:
@@ -332,6 +338,21 @@ def chance(evalset, train_mean_box):
     return float(rand), float(mean)
 
 
+def lm_loss(model, ids, mask, labels, images, table, trial: Trial):
+    """LLaVA's loss (image tokens spliced in by its own code), plus the GETok box-token loss when asked."""
+    import torch.nn.functional as F
+
+    _, _, att, _, emb, lab = model.prepare_inputs_labels_for_multimodal(ids, None, mask, None, labels, images)
+    logits = model.lm_head(model.get_model()(inputs_embeds=emb, attention_mask=att).last_hidden_state)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
+    if table is not None:
+        from llava_getok.llava.box_loss import box_token_loss
+
+        parts = box_token_loss(logits, lab, table, sigma=trial.sigma, with_box=trial.box_weight > 0)
+        loss = loss + trial.grid_weight * parts["grid"] + trial.box_weight * parts["box"]
+    return loss
+
+
 # -- training ---------------------------------------------------------------------------------------------
 
 def run(trial: Trial, work: Path, log: Path | None = None, verbose=True):
@@ -345,8 +366,16 @@ def run(trial: Trial, work: Path, log: Path | None = None, verbose=True):
     # optimiser: everything trainable (the tower only when asked), no decay on norms/embeddings
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=trial.lr, weight_decay=trial.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, trial.warmup)) *
-                                              (0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, trial.steps))))))
+    def lr_at(s):
+        decay = 1.0 if trial.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, trial.steps))))
+        return min(1.0, (s + 1) / max(1, trial.warmup)) * decay
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    table = None
+    if trial.repr == "getok" and (trial.grid_weight or trial.box_weight):
+        from llava_getok.llava.box_loss import TokenTable
+
+        table = TokenTable.from_ids(cfg, tok.convert_tokens_to_ids(list(cfg.tokens())))
     proj_only = [p for n, p in model.named_parameters() if "mm_projector" in n or "vision_tower" in n]
     pool = trial.train_pool or None
     train_boxes, k, losses = [], 0, []
@@ -368,13 +397,14 @@ def run(trial: Trial, work: Path, log: Path | None = None, verbose=True):
             items.append((p + a, [-100] * len(p) + a))
             imgs.append(x)
         ids, labels, mask = batch_tensors(items, tok.pad_token_id)
-        out = model(input_ids=ids, attention_mask=mask, labels=labels, images=torch.as_tensor(np.stack(imgs)))
+        loss = lm_loss(model, ids, mask, labels, torch.as_tensor(np.stack(imgs)), table, trial)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        loss.backward()
+        if trial.clip:
+            torch.nn.utils.clip_grad_norm_(params, trial.clip)
         opt.step()
         sched.step()
-        losses.append(out.loss.item())
+        losses.append(loss.item())
         if verbose and (step + 1) % 100 == 0:
             print(f"[{trial.name}] step {step + 1}/{trial.steps} loss {np.mean(losses[-100:]):.3f} "
                   f"{(step + 1) / (time.time() - t_train):.1f} it/s", flush=True)

@@ -158,7 +158,8 @@ def describe(objs: list[Obj], target: int, rng: np.random.Generator, p_relation:
 #       {"id", "image" (relative to DIR), "split", "width", "height", "expression",
 #        "box": [x1, y1, x2, y2] (pixels, exclusive right/bottom edge), "point": [x, y],
 #        "mask": COCO compressed RLE {"size": [H, W], "counts": str},
-#        "target": {"kind", "color", "size"}, "shapes": number of shapes in the image}
+#        "target": {"kind", "color", "size"}, "scene_boxes": the boxes of every shape in the image
+#        (the demo's "box of a random shape" chance level)}
 #   DIR/shapes.json          the generator's settings (so a folder says how it was made)
 
 ANNOTATIONS = "annotations.jsonl"
@@ -195,7 +196,8 @@ def scene_records(seed: int, split: str, index: int, image_size: int = 64, n_obj
             "width": image_size, "height": image_size, "expression": expr,
             "box": list(o.box), "point": list(o.point()),
             "mask": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-            "target": {"kind": o.kind, "color": o.color, "size": o.size}, "shapes": len(objs),
+            "target": {"kind": o.kind, "color": o.color, "size": o.size},
+            "scene_boxes": [list(x.box) for x in objs],
         })
     return img, out
 
