@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# GRPO for a GETok LLaVA model, the paper's two stages:
+#   stage 1 (grid):   rec / det / res / point records, rewards format + repetition + grounding
+#                     (box: IoU + corner L1, Hungarian over objects, whole-image / extra-box penalties;
+#                      mask: IoU of the proposal masks at the predicted anchors; point: inside the target)
+#   stage 2 (refine): refine records (second turn: offsets to the first answer), rewards format +
+#                     repetition + refine (per-point +1/0/-1 and the IoU gain), from the stage-1 output.
+#
+# Usage:  bash scripts/grpo_getok.sh [--help] [extra args for both stages, e.g. --max-steps 200]
+# Paths come from the environment (defaults in brackets):
+#   MODEL         the SFT GETok checkpoint to start from        [checkpoints/llava-v1.5-7b-getok]
+#   MODEL_BASE    its base, only for a LoRA SFT checkpoint       [unset]
+#   GRID_DATA     converted JSON for stage 1                     [data/getok/rec_train.json]
+#   REFINE_DATA   converted JSON for stage 2 (refine records)    [data/getok/refine_train.json]
+#   IMAGE_FOLDER  folder the records' image paths are under      [data/coco]
+#   OUT           output root: OUT/grid, OUT/refine              [checkpoints/grpo-getok]
+#   STAGES        which stages to run: "grid refine", "grid" or "refine"   [grid refine]
+#   GRID_ARGS / REFINE_ARGS   extra arguments for one stage only           [unset]
+# Every option: python -m llava_getok.rl --help
+set -euo pipefail
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  exit 0
+fi
+
+PYTHON=${PYTHON:-python}
+MODEL=${MODEL:-checkpoints/llava-v1.5-7b-getok}
+GRID_DATA=${GRID_DATA:-data/getok/rec_train.json}
+REFINE_DATA=${REFINE_DATA:-data/getok/refine_train.json}
+IMAGE_FOLDER=${IMAGE_FOLDER:-data/coco}
+OUT=${OUT:-checkpoints/grpo-getok}
+STAGES=${STAGES:-grid refine}
+BASE_ARGS=()
+[[ -n "${MODEL_BASE:-}" ]] && BASE_ARGS=(--model-base "$MODEL_BASE")
+
+if [[ " $STAGES " == *" grid "* ]]; then
+  echo "[grpo_getok] stage 1 (grid): $MODEL -> $OUT/grid"
+  # shellcheck disable=SC2086
+  "$PYTHON" -m llava_getok.rl --stage grid --model-path "$MODEL" "${BASE_ARGS[@]}" \
+    --data "$GRID_DATA" --image-folder "$IMAGE_FOLDER" --output-dir "$OUT/grid" \
+    --num-generations 8 --beta 0.04 --learning-rate 1e-5 --max-new-tokens 64 --loss-type dapo \
+    ${GRID_ARGS:-} "$@"
+  MODEL="$OUT/grid"  # the final grid-stage save is a full (merged) GETok checkpoint
+  BASE_ARGS=()
+fi
+
+if [[ " $STAGES " == *" refine "* ]]; then
+  echo "[grpo_getok] stage 2 (refine): $MODEL -> $OUT/refine"
+  # shellcheck disable=SC2086
+  "$PYTHON" -m llava_getok.rl --stage refine --model-path "$MODEL" "${BASE_ARGS[@]}" \
+    --data "$REFINE_DATA" --image-folder "$IMAGE_FOLDER" --output-dir "$OUT/refine" \
+    --num-generations 8 --beta 0.04 --learning-rate 1e-5 --max-new-tokens 64 --loss-type dapo \
+    ${REFINE_ARGS:-} "$@"
+fi
