@@ -191,6 +191,30 @@ class TestRefine:
         assert fmt(texts, getok=[g, g], first_answer=[first, first]) == [1.0, 0.0]
 
 
+class TestMask:
+    def test_mask_reward_on_a_real_image(self, shared_data):
+        from PIL import Image
+
+        from llava_getok.geometry import points_from_frame
+        from llava_getok.masks import SuperpixelGenerator
+
+        path = sorted((shared_data / "coco_mini" / "val2017").glob("*.jpg"))[0]
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        h, w = rgb.shape[:2]
+        gen = SuperpixelGenerator()
+        labels = gen.segments(rgb)
+        # anchors of cells (1, 2) and (3, 1) on a 4 x 4 grid, in pixels of the original image (pad frame)
+        (xa, ya), (xb, yb) = np.floor(points_from_frame([[0.375, 0.625], [0.875, 0.375]], (w, h), "pad")).astype(int)
+        assert labels[ya, xa] != labels[yb, xb]
+        gt = labels == labels[ya, xa]  # the ground truth is exactly the proposal at the first anchor
+        g = getok("res", [("mask", [[int(xa), int(ya)]])], size=(w, h), mask=gt)
+        reward = get_reward("mask", generator=gen)
+        texts = ["<seg><grid_1_2></seg>", "<seg><grid_3_1></seg>", "<seg><grid_1_2><grid_3_1></seg>"]
+        out = reward(texts, getok=[g] * 3, image_path=[str(path)] * 3)
+        both = gt.sum() / (gt | (labels == labels[yb, xb])).sum()
+        assert out == [1.0, 0.0, pytest.approx(both)]
+
+
 # -- trl callables -------------------------------------------------------------------------------------------
 
 class TestCallables:

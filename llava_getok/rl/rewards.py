@@ -486,8 +486,11 @@ class MaskReward(GroundingReward):
     tasks = ("res",)
 
     def __init__(self, config: RewardConfig = RewardConfig(), id_to_token=None, generator=None):
+        from ..masks import SuperpixelGenerator
+
         super().__init__(config, id_to_token)
-        self.generator = generator
+        # one generator for the reward's lifetime: a group's G completions share the image's segmentation
+        self.generator = generator if generator is not None else SuperpixelGenerator()
 
     def score(self, text, result, target, record):
         if any(s.kind != "mask" for s in result.shapes) or target.mask is None:
