@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "eval": ("llava_getok.eval.cli", "score predictions: REC Acc@0.5/0.8, RES cIoU/gIoU, pointing accuracy"),
     "show": ("llava_getok.viz", "draw predictions and ground truth on the images (PNG, contact sheet)"),
     "check-data": ("llava_getok.llava.check", "run LLaVA's own preprocessing over converted data; fail on any mismatch"),
+    "grpo": ("llava_getok.rl.__main__", "GRPO with grounding rewards: --stage grid, then --stage refine"),
     "demo": ("llava_getok.demo", "the embedded default: shapes data -> fine-tune -> predict -> eval -> picture"),
 }
 
