@@ -170,13 +170,10 @@ class Sample:
         return name if n == 1 and name != kind else f"{name}[{k}]"
 
     def _to_pixels(self, boxes, points, size):
-        """Normalised boxes and points in frame ``self.units`` -> pixels (one geometry call per record)."""
-        from llava_getok.geometry import points_from_frame
-
-        flat = [v for b in boxes for v in b] + [v for p in points for v in p]
-        px = points_from_frame(np.reshape(flat, (-1, 2)), size, self.units, clamp=False).reshape(-1).tolist()
-        nb = 4 * len(boxes)
-        return [px[i : i + 4] for i in range(0, nb, 4)], [px[i : i + 2] for i in range(nb, len(px), 2)]
+        """Normalised boxes and points in frame ``self.units`` -> pixels."""
+        (ax, bx), (ay, by) = frame_to_pixels(size, self.units)
+        return ([[ax * b[0] + bx, ay * b[1] + by, ax * b[2] + bx, ay * b[3] + by] for b in boxes],
+                [[ax * p[0] + bx, ay * p[1] + by] for p in points])
 
     def mask_rle(self) -> dict | None:
         """The object's mask as compressed COCO RLE (counts a str), from polygons or RLE; None if neither."""
@@ -193,6 +190,19 @@ class Sample:
             rle = dict(self.rle)
         counts = rle["counts"]
         return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
+@functools.lru_cache(maxsize=4096)
+def frame_to_pixels(size: tuple, frame: str) -> tuple:
+    """((a_x, b_x), (a_y, b_y)) with pixel = a * normalised + b, read off ``geometry.points_from_frame``.
+
+    Both frames are affine per axis, so two points fix the map; caching it per image size spares a
+    million-record conversion two numpy round trips per record.
+    """
+    from llava_getok.geometry import points_from_frame
+
+    (x0, y0), (x1, y1) = points_from_frame([[0.0, 0.0], [1.0, 1.0]], size, frame, clamp=False).tolist()
+    return (x1 - x0, x0), (y1 - y0, y0)
 
 
 def check_size(size, where: str) -> tuple[float, float]:
