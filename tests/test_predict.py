@@ -151,3 +151,29 @@ def to_px(shape, record):
 
     b = boxes_from_frame(list(shape.box), tuple(record["getok"]["size"]), "pad").round(2).reshape(2, 2)
     return b.tolist()
+
+
+def test_sampled_generation_on_the_tiny_model_always_parses(tiny_getok, records_and_root):
+    """LLaVA's generate with sampling at a high temperature, 8 rows: every answer parses by ids."""
+    from llava_getok.generation import GETokLogitsProcessor, getok_token_ids
+    from llava_getok.llava import rl_inputs
+    from llava_getok.parse import parse_ids
+
+    tokenizer, model, processor = tiny_getok
+    records, root, _ = records_and_root
+    prompt = rl_inputs.render_prompt(records[0]["conversations"][:1], "llava_v1")
+    ids = torch.tensor([rl_inputs.prompt_ids(prompt, tokenizer)] * 8)
+    images = torch.stack([rl_inputs.image_tensor(root / PORTRAIT, processor, model.config)] * 8)
+    proc = GETokLogitsProcessor.from_tokenizer(tokenizer, CFG, max_new_tokens=20)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), images=images, do_sample=True, temperature=1.5,
+                             top_k=0, max_new_tokens=20, logits_processor=[proc], pad_token_id=tokenizer.pad_token_id)
+    id_to_token = {v: k for k, v in getok_token_ids(tokenizer, CFG).items()}
+    n_shapes = 0
+    for row in out.tolist():
+        row = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
+        r = parse_ids(row, id_to_token, CFG)
+        assert r.errors == [], tokenizer.decode(row)
+        n_shapes += len(r.shapes)
+    assert n_shapes >= 4  # the rows did write GETok, not only text
