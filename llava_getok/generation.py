@@ -242,8 +242,9 @@ class GETokLogitsProcessor(LogitsProcessor):
     only: see :class:`GETokGrammar`; max_new_tokens: the generation budget, so that an answer cut by it
     still parses.
 
-    A processor instance follows one ``generate`` call at a time; it resets itself when a new call starts
-    (a different batch size, or a sequence that did not grow by exactly one token).
+    A processor instance follows one ``generate`` call at a time: make one per call (or call :meth:`reset`).
+    It also restarts by itself when a call looks new (another batch size, or a sequence that did not grow by
+    exactly one token), which catches reuse unless a new prompt happens to be one token longer.
     """
 
     def __init__(self, token_ids: dict[str, int], cfg: GETokConfig, eos_token_id, text_vocab_size: int,

@@ -148,8 +148,13 @@ def test_pointing_inside_mask_else_box(res_case):
     del r["getok"]["mask"]
     r["getok"]["shapes"] = [{"kind": "box", "points": [[0, 0], [10, 10]]}]
     assert score_record(r, outside).hit
-    r["getok"]["shapes"] = [{"kind": "point", "points": [[5, 5]]}]
-    assert score_record(r, outside).status == "skipped"  # a point alone is no region to point into
+    # target points only: within one grid cell (1/32 of the 640 px pad square = 20 px) of one
+    r["getok"]["shapes"] = [{"kind": "point", "points": [[20, 20]]}]
+    assert score_record(r, outside).hit
+    r["getok"]["shapes"] = [{"kind": "point", "points": [[22, 1]]}]
+    assert not score_record(r, outside).hit
+    r["getok"]["shapes"] = []
+    assert score_record(r, outside).status == "skipped"
 
 
 def test_eval_cli_writes_tables_with_the_ceiling(shared_data, tmp_path, capsys):

@@ -3,7 +3,8 @@
 - REC: IoU of the first predicted box with the ground-truth box; Acc@0.5, Acc@0.8 and mean IoU.
 - RES: the predicted mask is the union of the proposals at the predicted anchors (spec section 6); cIoU is
   the cumulative intersection over the cumulative union, gIoU the mean per-sample IoU.
-- Pointing: the first predicted point lies inside the target mask (``getok.mask``), else inside a target box.
+- Pointing: the first predicted point lies inside the target mask (``getok.mask``), else inside a target box,
+  else (records that carry target points only) within one grid cell of one, as the GRPO point reward.
 
 Strictness: an output with any parse error is a miss (``unparseable``); so is an answer without the shape
 the task asks for (``no_shape``). Both are counted separately, so a format problem is not mistaken for a
@@ -117,16 +118,22 @@ def score_record(record: dict, pred: dict | None, image_loader=None, generator=N
     target = gt_mask(record)
     boxes = [_box(s) for s in g.get("shapes") or [] if s.get("kind") == "box"] + [
         np.asarray(b, dtype=np.float64) for b in g.get("boxes") or []]
-    if target is None and not boxes:
-        return SampleScore(**base, status="skipped", reason="no target region (getok.mask or a box) to point into")
+    gt_points = [p for s in g.get("shapes") or [] if s.get("kind") == "point" for p in s["points"]]
+    if target is None and not boxes and not gt_points:
+        return SampleScore(**base, status="skipped", reason="no target (getok.mask, a box or a point) to point at")
     if not points:
         return _miss(task, base, "no_shape", record, "no point in the answer")
     x, y = np.asarray(points[0]["points"][0], dtype=np.float64)
     if target is not None:
         h, w = target.shape
         hit = bool(target[min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)])
-    else:
+    elif boxes:
         hit = any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in boxes)
+    else:  # only target points: within one grid cell (L-infinity, in the model's frame), as the RL reward
+        size, frame = tuple(g["size"]), g["frame"]
+        cell = 1.0 / int((g.get("config") or {}).get("grid", 32))
+        d = np.abs(points_to_frame([[x, y]], size, frame) - points_to_frame(gt_points, size, frame)).max(-1)
+        hit = bool((d <= cell + 1e-9).any())
     return SampleScore(**base, status="ok", hit=hit)
 
 
