@@ -105,7 +105,7 @@ def render(image: Image.Image, gt_shapes=(), pred_shapes=(), gt_mask=None, pred_
         layer = Image.new("RGBA", out.size, (0, 0, 0, 0))
         d = ImageDraw.Draw(layer)
         for line in lattice_lines(cfg, out.size, frame):
-            d.line(line, fill=(*LATTICE, 90), width=1)
+            d.line(line, fill=(*LATTICE, 70), width=1)
         for shapes, color in ((gt_shapes, GT), (pred_shapes, PRED)):
             for rect in anchor_cells(shapes, cfg, out.size, frame):
                 d.rectangle(rect, outline=(*color, 255), fill=(*color, 50), width=1)
