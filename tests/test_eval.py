@@ -164,7 +164,9 @@ def test_eval_cli_writes_tables_with_the_ceiling(shared_data, tmp_path, capsys):
         rec_record("a", LANDSCAPE, size, [187.5, 125.5, 312.5, 375], "<box><grid_1_1><grid_2_3></box>", cfg, "testA"),
         rec_record("b", LANDSCAPE, size, [200, 100, 300, 300], "<box><grid_1_1><grid_2_2></box>", cfg, "testB"),
         {"id": "c", "conversations": []},  # not converted: counted
+        rec_record("d", LANDSCAPE, size, [0, 0, 9, 9], ""),  # a det record (below): no metric, counted
     ]
+    records[3]["getok"]["task"] = "det"
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps(records))
     preds = tmp_path / "preds.jsonl"
@@ -176,13 +178,14 @@ def test_eval_cli_writes_tables_with_the_ceiling(shared_data, tmp_path, capsys):
     assert "| coco/testA | 1 | 100.0 | 100.0 | 100.0 | 0 | 0 | 0 | 0 | 100.0 | 100.0 | 100.0 |" in out
     assert "| coco/testB | 1 | 0.0 | 0.0 | 0.0 | 1 | 0 | 0 | 0 |" in out
     assert "1 prediction id(s) not in the annotations" in out and "1 record(s) without a getok field" in out
+    assert "not scored (no metric for the task): det: 1" in out
     metrics = json.loads((tmp_path / "out" / "preds.metrics.json").read_text())
     assert metrics["metrics"]["rec"]["all"]["acc@0.5"] == 0.5
     # the ceiling of testB: its answer's box (187.5, 125.5, 312.5, 312.5 - 62) against (200, 100, 300, 300)
     inter = 100 * (250.5 - 125.5)
     union = 125 * 125 + 100 * 200 - inter
     assert metrics["ceiling"]["rec"]["coco/testB"]["miou"] == pytest.approx(inter / union, abs=1e-3)
-    assert len((tmp_path / "out" / "preds.scores.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "out" / "preds.scores.jsonl").read_text().splitlines()) == 4
     # bad input: a repeated id names the file and the line
     preds.write_text("".join(json.dumps(p) + "\n" for p in lines[:1] * 2))
     assert eval_cli.main(["--predictions", str(preds), "--annotations", str(ann)]) == 1

@@ -17,11 +17,12 @@ import json
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from .metrics import THRESHOLDS, aggregate, score_all, scores_as_dicts
+from .metrics import TASKS, THRESHOLDS, aggregate, score_all, scores_as_dicts
 
 
 class InputError(ValueError):
@@ -92,7 +93,7 @@ def ceiling_predictions(records: list[dict]) -> dict[str, dict]:
     """The ground truth as its tokens carry it, decoded like a prediction (refinements applied)."""
     from data_converters.records import decode_record
 
-    return {str(r["id"]): decode_record(r) for r in records if r.get("getok")}
+    return {str(r["id"]): decode_record(r) for r in records if (r.get("getok") or {}).get("task") in TASKS}
 
 
 def _fmt(v, pct=True):
@@ -168,6 +169,13 @@ def evaluate(predictions: Path, annotations: Path, image_root: Path | None = Non
     files = {k: out_dir / f"{stem}.{k}" for k in ("metrics.json", "metrics.md", "scores.jsonl")}
     md = markdown(result["metrics"], result["ceiling"])
     notes = []
+    if result["ceiling"] is not None and md.startswith("###"):
+        notes.append("ceiling: the ground-truth answer as its tokens carry it, scored like a prediction: the best "
+                     "this grid, offset scheme, frame (and, for RES, proposal generator) allow.")
+    other = Counter(str((r.get("getok") or {}).get("task")) for r in records
+                    if r.get("getok") and (r.get("getok") or {}).get("task") not in COLUMNS)
+    if other:
+        notes.append("not scored (no metric for the task): " + ", ".join(f"{t}: {n}" for t, n in sorted(other.items())))
     if unknown:
         notes.append(f"{len(unknown)} prediction id(s) not in the annotations (first: {unknown[0]!r}), not scored.")
     if result["counts"]["no_getok"]:
