@@ -57,6 +57,8 @@ class RLArgs:
     bf16: bool | None = field(default=None, metadata={"help": "bfloat16 autocast (default: on when CUDA has it)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for memory"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint-N folder of this "
+                                                                               "run to continue from"})
 
     def __post_init__(self):
         if self.stage not in STAGE_REWARDS:
@@ -195,7 +197,18 @@ def run(args: RLArgs, policy=None):
     from .checkpoint import save_getok_checkpoint
 
     trainer = build_trainer(args, policy)
-    trainer.train()
+    if args.resume_from_checkpoint:
+        # trl's Trainer restores the adapter, optimiser and schedule; the GETok rows live in their own file
+        from ..llava.rows import set_rows
+        from ..llava.sidecar import read_rows, read_sidecar
+        from .trainer import llava_module
+
+        folder = args.resume_from_checkpoint
+        sidecar = read_sidecar(folder)
+        if sidecar is None:
+            raise ValueError(f"{folder}: no getok_config.json; not a checkpoint of a GETok GRPO run")
+        set_rows(llava_module(trainer.accelerator.unwrap_model(trainer.model)), read_rows(folder, sidecar))
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     cb = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "GETokCheckpointCallback")
     save_getok_checkpoint(trainer.model, cb.tokenizer, Path(args.output_dir), cb.sidecar, cb.base_model,
                           cb.quantized, final=True)

@@ -51,8 +51,7 @@ class LlavaGRPOTrainer(GRPOTrainer):
                  peft_config=None, logits_processor=None, callbacks=None):
         self.image_processor = image_processor
         self.rollout_logits_processor = logits_processor
-        self._rollout_images = None
-        self._image_cache: dict[str, torch.Tensor] = {}
+        self._rollout_images = None  # the current generation batch's pixels, while trl generates and scores
         # trl builds a full-finetuning reference with AutoModelForCausalLM.from_pretrained(config path), which
         # loses a model's in-memory GETok rows; copy the policy instead (PEFT: adapters disabled, nothing to copy).
         beta = args.beta
@@ -73,15 +72,14 @@ class LlavaGRPOTrainer(GRPOTrainer):
         return [rl_inputs.prompt_ids(p, self.processing_class) for p in prompts], None, {}
 
     def _images_for(self, inputs) -> torch.Tensor:
+        """Pixel tensors of a batch's rows, each image processed once (a group's G rows share it)."""
         model = llava_module(self.accelerator.unwrap_model(self.model))
-        out = []
+        done: dict[str, torch.Tensor] = {}
         for x in inputs:
-            path = x["image_path"]
-            if path not in self._image_cache:  # a group's G rows share one image
-                self._image_cache.clear() if len(self._image_cache) > 256 else None
-                self._image_cache[path] = rl_inputs.image_tensor(path, self.image_processor, model.config)
-            out.append(self._image_cache[path])
-        return torch.stack(out).to(device=self.accelerator.device, dtype=model.dtype)
+            if x["image_path"] not in done:
+                done[x["image_path"]] = rl_inputs.image_tensor(x["image_path"], self.image_processor, model.config)
+        out = torch.stack([done[x["image_path"]] for x in inputs])
+        return out.to(device=self.accelerator.device, dtype=model.dtype)
 
     def _generate_and_score_completions(self, inputs):
         self._rollout_images = self._images_for(inputs)
