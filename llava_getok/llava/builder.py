@@ -70,11 +70,13 @@ def _normalise_keys(state: dict) -> dict:
 def _quantization(load_4bit, load_8bit, dtype):
     from transformers import BitsAndBytesConfig
 
+    # as in training (LLaVA's train() + the head_unquantised fix): projector and LM head stay in full precision
+    skip = ["mm_projector", "lm_head"]
     if load_4bit:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_quant_type="nf4")
+                                  bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip)
     if load_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return None
 
 
@@ -115,6 +117,8 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
             raise ValueError(f"{path}: a {kind} checkpoint needs model_base (none given, none recorded)")
         base_vocab = AutoConfig.from_pretrained(base).vocab_size
         config.vocab_size = base_vocab  # the base weights have this many rows; resized right after
+        if hasattr(config, "quantization_config"):  # how a QLoRA run loaded its base, not how to load it now
+            del config.quantization_config
         model, info = LlavaLlamaForCausalLM.from_pretrained(base, config=config, **kwargs)
         resize_embeddings(model, sidecar.vocab_size)
         extra_file = path / ("non_lora_trainables.bin" if kind == "lora" else "mm_projector.bin")
@@ -154,6 +158,15 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             resize_embeddings(model, len(tokenizer))
 
+    if kind == "lora":
+        # before the tower is loaded, as in training (LLaVA applies LoRA while the tower is not built yet):
+        # otherwise peft would inject fresh adapters into the tower's q/k/v projections too
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(path))
+        if quant is None:  # merging into 4/8-bit weights would round the LoRA update away
+            model = model.merge_and_unload()
+
     tower = model.get_vision_tower()
     if not tower.is_loaded:
         tower.load_model(device_map={"": device})
@@ -164,13 +177,6 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
     if tower_state:
         tower.vision_tower.load_state_dict({k[len(TOWER_PREFIX):]: v for k, v in tower_state.items()}, strict=True)
     tower.to(device=device, dtype=dtype)
-
-    if kind == "lora":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(path))
-        if quant is None:  # merging into 4/8-bit weights would round the LoRA update away
-            model = model.merge_and_unload()
     model.eval()
     context_len = getattr(model.config, "max_sequence_length", DEFAULT_CONTEXT_LEN)
     return tokenizer, model, tower.image_processor, context_len

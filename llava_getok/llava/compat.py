@@ -33,18 +33,21 @@ def _llava_causal_lms():
     return (LlavaLlamaForCausalLM, LlavaMistralForCausalLM)
 
 
-def _wrap(owner, attr, make):
-    """Replace ``owner.attr`` by ``make(original)``, marking it so a second call is a no-op."""
+def _wrap(owner, attr, make, tag="compat"):
+    """Replace ``owner.attr`` by ``make(original)``, marking it with ``tag`` so a second call is a no-op."""
     original = inspect.getattr_static(owner, attr) if inspect.isclass(owner) else getattr(owner, attr)
-    if getattr(original, "__getok_compat__", False):
-        return
+    func = original.__func__ if isinstance(original, (classmethod, staticmethod)) else original
+    while func is not None:  # look through earlier wrappers for this tag
+        if tag in getattr(func, "__getok_tags__", ()):
+            return
+        func = getattr(func, "__getok_original__", None)
     func = original.__func__ if isinstance(original, (classmethod, staticmethod)) else original
     new = make(func)
     for name in ("__module__", "__name__", "__qualname__", "__doc__"):
         setattr(new, name, getattr(func, name, None))
     # Not __wrapped__: inspect.signature would follow it, and fix 1 needs generate() to see the new signature.
     new.__getok_original__ = func
-    new.__getok_compat__ = True
+    new.__getok_tags__ = (tag,)
     setattr(owner, attr, classmethod(new) if isinstance(original, classmethod) else new)
 
 
@@ -99,6 +102,30 @@ def _fix_bnb_kwargs():
 
     for cls in _llava_causal_lms():  # set on the LLaVA classes only, never on PreTrainedModel
         _wrap(cls, "from_pretrained", make)
+
+
+# 2b -- LLaVA's QLoRA quantises lm_head (ours) ------------------------------------------------------------
+
+def _needs_head_unquantised():
+    import llava.train.train as train_mod
+
+    return 'llm_int8_skip_modules=["mm_projector"]' in inspect.getsource(train_mod.train)
+
+
+def _fix_head_unquantised():
+    def make(original):
+        def from_pretrained(cls, *args, **kwargs):
+            q = kwargs.get("quantization_config")
+            skip = getattr(q, "llm_int8_skip_modules", None)
+            if skip is not None and "lm_head" not in skip:
+                # transformers' own default keeps lm_head in full precision; LLaVA's explicit list drops that,
+                # and a 4-bit head can neither be resized for new tokens nor have rows trained.
+                q.llm_int8_skip_modules = list(skip) + ["lm_head"]
+            return original(cls, *args, **kwargs)
+        return from_pretrained
+
+    for cls in _llava_causal_lms():
+        _wrap(cls, "from_pretrained", make, tag="head_unquantised")
 
 
 # 3 -- ALL_LAYERNORM_LAYERS moved -------------------------------------------------------------------------
@@ -223,13 +250,15 @@ def _fix_checkpoint_metrics():
     _wrap(LLaVATrainer, "_save_checkpoint", make)
 
 
-FIXES = (
+FIXES = (  # layernorm_name first: the later ones import llava.train
     Fix("layernorm_name", "cannot import name 'ALL_LAYERNORM_LAYERS' from 'transformers.trainer'",
         _needs_layernorm_name, _fix_layernorm_name),
     Fix("cache_position", "forward() got an unexpected keyword argument 'cache_position'",
         _needs_cache_position, _fix_cache_position),
     Fix("bnb_kwargs", "You can't pass load_in_4bit or load_in_8bit as a kwarg when passing quantization_config",
         _needs_bnb_kwargs, _fix_bnb_kwargs),
+    Fix("head_unquantised", "RuntimeError: Only Tensors of floating point ... can require gradients (resizing a 4-bit lm_head)",
+        _needs_head_unquantised, _fix_head_unquantised),
     Fix("sampler_arg", "_get_train_sampler() takes 1 positional argument but 2 were given",
         _needs_sampler_arg, _fix_sampler_arg),
     Fix("lazy_deepspeed", "No module named 'deepspeed' when saving LoRA/projector weights",

@@ -105,6 +105,15 @@ def _rows_mode(settings: GETokSettings, args, embeddings_frozen: bool) -> str:
     return "delta" if frozen else "full"
 
 
+def reload_tower_float32(tower) -> None:
+    """Put the tower's own float32 weights back (from ``tower.vision_tower_name``, as LLaVA loaded them)."""
+    from transformers import CLIPVisionModel
+
+    fresh = CLIPVisionModel.from_pretrained(tower.vision_tower_name, dtype=torch.float32)
+    tower.vision_tower.to(dtype=torch.float32)
+    tower.vision_tower.load_state_dict(fresh.state_dict())
+
+
 def enable_vision_tower_training(model, dtype) -> None:
     """Train LLaVA's CLIP tower: unfreeze it and run its forward with gradients (LLaVA decorates
     ``CLIPVisionTower.forward`` with ``@torch.no_grad()``; the undecorated function is ``__wrapped__``)."""
@@ -142,10 +151,15 @@ def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dat
         base.get_output_embeddings().weight.requires_grad_(True)
     compute = torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
     tower = base.get_vision_tower()
+    half = (torch.float16, torch.bfloat16)
+    if tower is not None and compute == torch.float32 and tower.vision_tower.dtype in half \
+            and (settings.train_vision_tower or not torch.cuda.is_available()):
+        # LLaVA's train() casts the tower to float16 even for float32 training: slow or unsupported on CPU, and
+        # a tower that trains needs float32 weights. Reload it at full precision instead of upcasting the
+        # rounded weights.
+        reload_tower_float32(tower)
     if settings.train_vision_tower:
         enable_vision_tower_training(base, compute)
-    elif tower is not None and not torch.cuda.is_available() and not getattr(args, "bf16", False):
-        tower.vision_tower.to(dtype=torch.float32)  # LLaVA casts it to float16, slow or unsupported on CPU
     if train_dataset is not None and settings.check_data != 0 and hasattr(train_dataset, "list_data_dict"):
         from .check import check_records, raise_on_problems
 

@@ -1,0 +1,252 @@
+"""`python -m llava_getok.train` on the tiny LLaVA (full, LoRA, 4-bit QLoRA, ZeRO-2), then the builder hook
+loads the checkpoints back: same GETok ids, same logits, generate returns GETok tokens.
+
+Full and LoRA run in this process through ``llava_getok.train.main`` (the trainer is kept to compare logits
+before save and after load); QLoRA runs as ``python -m llava_getok.train`` and ZeRO-2 through the deepspeed
+launcher, as users run them. Cost on 2 cores: ~15 s per run, ZeRO-2 ~30 s (plus a one-off ~40 s to compile
+DeepSpeed's CPU communication op in a fresh environment).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llava_getok as gt
+
+GRID = 8
+CFG = gt.GETokConfig(grid=GRID)
+REPO = Path(__file__).resolve().parents[1]
+LOGIT_TOL = 1e-5  # float32 on CPU; the same weights through a different load path
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory, shared_data):
+    from llava_getok.llava.tiny import make_grounding_data
+
+    return make_grounding_data(tmp_path_factory.mktemp("rec"), shared_data / "coco_mini", CFG, n_records=2)
+
+
+def train_argv(model_dir, data, out, *extra, steps=8):
+    return [
+        "--model_name_or_path", str(model_dir), "--version", "getok_v1",
+        "--data_path", str(data), "--image_folder", str(data.parent / "images"),
+        "--vision_tower", str(model_dir / "vision_tower"), "--mm_projector_type", "mlp2x_gelu",
+        "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
+        "--image_aspect_ratio", "pad", "--getok_grid", str(GRID),
+        "--output_dir", str(out), "--max_steps", str(steps), "--per_device_train_batch_size", "2",
+        "--learning_rate", "3e-3", "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1",
+        "--logging_steps", "1", "--report_to", "none", "--model_max_length", "256",
+        "--dataloader_num_workers", "0", "--seed", "0", "--disable_tqdm", "True", *extra,
+    ]
+
+
+def train_in_process(argv):
+    """Run the real entry point here and keep the trainer it built."""
+    from llava_getok import train as entry
+    from llava_getok.llava.trainer import GETokTrainer
+
+    kept = []
+    original = GETokTrainer.train
+
+    def keep(self, *a, **k):
+        kept.append(self)
+        return original(self, *a, **k)
+
+    saved_argv = sys.argv
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GETokTrainer, "train", keep)
+        try:
+            entry.main(argv + ["--use_cpu", "True"])
+        finally:
+            sys.argv = saved_argv
+    return kept[0]
+
+
+def run_cli(cmd, cwd=REPO, timeout=400):
+    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd[:4]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def losses(out_dir):
+    history = json.loads((Path(out_dir) / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h], history
+
+
+def rows_file(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "getok_rows.safetensors"))
+
+
+def base_matrices(model_dir):
+    from safetensors.torch import load_file
+
+    state = load_file(str(model_dir / "model.safetensors"))
+    return state["model.embed_tokens.weight"], state["lm_head.weight"]
+
+
+def probe_inputs(tokenizer, processor, model_config, data):
+    from llava import conversation
+    from llava.mm_utils import process_images, tokenizer_image_token
+    from PIL import Image
+
+    record = json.loads(data.read_text())[0]
+    conv = conversation.conv_templates["getok_v1"].copy()
+    conv.append_message(conv.roles[0], record["conversations"][0]["value"])
+    conv.append_message(conv.roles[1], None)
+    ids = tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt")[None]
+    image = Image.open(data.parent / "images" / record["image"]).convert("RGB")
+    return ids, process_images([image], processor, model_config).float()
+
+
+def logits_of(model, ids, images):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, images=images).logits.float()
+
+
+def load(path, base=None, **kw):
+    gt.register()
+    from llava.model.builder import load_pretrained_model
+
+    return load_pretrained_model(str(path), None if base is None else str(base), "anything", device="cpu", **kw)
+
+
+# -- full fine-tuning -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def full_run(tiny_llava_dir, train_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "out"
+    trainer = train_in_process(train_argv(tiny_llava_dir, train_data, out, "--unfreeze_mm_vision_tower",
+                                                   "--save_steps", "8", "--save_total_limit", "2", steps=10))
+    return trainer, out
+
+
+def test_full_training_loss_falls_and_rows_and_tower_train(full_run, tiny_llava_dir):
+    trainer, out = full_run
+    values, history = losses(out)
+    assert all(map(torch.isfinite, map(torch.tensor, values))) and len(values) == 10
+    assert values[-1] < values[0] * 0.8, values
+    assert {"loss_lm", "loss_grid", "loss_box"} <= set(history[0])
+    sidecar = json.loads((out / "getok_config.json").read_text())
+    assert sidecar["kind"] == "full" and sidecar["vision_tower_trained"] and sidecar["getok"]["grid"] == GRID
+    ids = sidecar["token_ids"]
+    assert ids == trainer.getok.ids and sidecar["vocab_size"] == trainer.model.get_input_embeddings().weight.shape[0]
+    # GETok rows moved away from their initialisation (checkpoint-8 vs the end) and the CLIP tower trained
+    assert not torch.equal(rows_file(out / "checkpoint-8")["input_rows"], rows_file(out)["input_rows"])
+    from safetensors.torch import load_file
+
+    tower = load_file(str(out / "getok_vision_tower.safetensors"))
+    original = load_file(str(tiny_llava_dir / "vision_tower" / "model.safetensors"))
+    key = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert not torch.equal(tower[key], original[key])
+
+
+def test_full_checkpoint_round_trip_same_ids_logits_and_generates_getok(full_run, train_data):
+    trainer, out = full_run
+    tokenizer, model, processor, _ = load(out)
+    assert model.dtype == torch.float32 and model.get_vision_tower().vision_tower.dtype == torch.float32
+    assert tokenizer.convert_tokens_to_ids(list(CFG.tokens())) == trainer.getok.ids
+    ids, images = probe_inputs(tokenizer, processor, model.config, train_data)
+    before = logits_of(trainer.model, ids, images)
+    after = logits_of(model, ids, images)
+    assert (before - after).abs().max() <= LOGIT_TOL
+    out_ids = model.generate(ids, images=images, do_sample=False, max_new_tokens=8)
+    getok_ids = set(trainer.getok.ids)
+    assert any(int(i) in getok_ids for i in out_ids[0]), tokenizer.convert_ids_to_tokens(out_ids[0])
+    # an intermediate checkpoint loads on its own too
+    _, mid, _, _ = load(out / "checkpoint-8")
+    assert mid.get_input_embeddings().weight.shape == model.get_input_embeddings().weight.shape
+
+
+# -- LoRA -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_llava_dir, train_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "out"
+    trainer = train_in_process(train_argv(tiny_llava_dir, train_data, out, "--lora_enable", "True", "--lora_r", "8",
+                                          "--lora_alpha", "16", steps=6))
+    return trainer, out
+
+
+def test_lora_trains_only_getok_rows_of_the_matrices(lora_run, tiny_llava_dir):
+    trainer, out = lora_run
+    values, _ = losses(out)
+    assert values[-1] < values[0], values
+    base_emb, base_head = base_matrices(tiny_llava_dir)
+    llava = trainer.model.get_base_model()
+    emb, head = llava.get_input_embeddings().weight, llava.get_output_embeddings().weight
+    n = base_emb.shape[0]
+    assert torch.equal(emb[:n], base_emb) and torch.equal(head[:n], base_head)  # bit-identical
+    assert llava.getok_rows.input_delta.abs().sum() > 0 and llava.getok_rows.output_delta.abs().sum() > 0
+    # the adapter holds LoRA weights only, the GETok rows sit in their own small file
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_" in k for k in keys), keys[:5]
+    rows = rows_file(out)
+    assert rows["input_rows"].shape == (len(CFG.tokens()), emb.shape[1])
+    assert (out / "checkpoint-6" / "getok_rows.safetensors").exists()
+    assert (out / "checkpoint-6" / "non_lora_trainables.bin").exists() and (out / "checkpoint-6" / "config.json").exists()
+
+
+def test_lora_checkpoint_round_trip_same_ids_and_logits(lora_run, tiny_llava_dir, train_data):
+    trainer, out = lora_run
+    tokenizer, model, processor, _ = load(out, tiny_llava_dir)
+    assert tokenizer.convert_tokens_to_ids(list(CFG.tokens())) == trainer.getok.ids
+    ids, images = probe_inputs(tokenizer, processor, model.config, train_data)
+    before = logits_of(trainer.model, ids, images)  # unmerged LoRA + row deltas
+    after = logits_of(model, ids, images)  # merged LoRA, rows written into the matrices
+    assert (before - after).abs().max() <= LOGIT_TOL
+    base_emb, _ = base_matrices(tiny_llava_dir)
+    assert torch.equal(model.get_input_embeddings().weight[: base_emb.shape[0]], base_emb)
+    # the intermediate LoRA checkpoint is complete: base model path recorded, loads without model_base
+    _, mid, _, _ = load(out / "checkpoint-6")
+    assert (logits_of(mid, ids, images) - after).abs().max() <= LOGIT_TOL
+
+
+# -- QLoRA and ZeRO-2, as users launch them -----------------------------------------------------------
+
+def test_qlora_4bit_cli_trains_getok_rows_only(tiny_llava_dir, train_data, tmp_path):
+    out = tmp_path / "qlora"
+    run_cli([sys.executable, "-m", "llava_getok.train", *train_argv(
+        tiny_llava_dir, train_data, out, "--lora_enable", "True", "--lora_r", "8", "--bits", "4",
+        "--use_cpu", "True", "--save_steps", "3", "--save_total_limit", "2", steps=4)])
+    values, _ = losses(out)
+    assert all(v == v for v in values) and values[-1] < values[0], values
+    assert not torch.equal(rows_file(out / "checkpoint-3")["input_rows"], rows_file(out)["input_rows"])
+    _, model, _, _ = load(out, tiny_llava_dir, load_4bit=True)
+    llava = model.get_base_model()
+    base_emb, base_head = base_matrices(tiny_llava_dir)
+    n = base_emb.shape[0]
+    assert torch.equal(llava.get_input_embeddings().weight[:n].float(), base_emb)
+    assert torch.equal(llava.get_output_embeddings().weight[:n].float(), base_head)
+    assert "Linear4bit" in {type(m).__name__ for m in llava.modules()}
+
+
+def test_qlora_with_zero3_is_refused_with_a_reason(tiny_llava_dir, train_data, tmp_path):
+    from llava_getok.train import check_launch
+
+    with pytest.raises(SystemExit, match="ZeRO-3"):
+        check_launch(["--bits", "4", "--deepspeed", str(REPO / "scripts" / "zero3.json")])
+    check_launch(["--bits", "4", "--deepspeed", str(REPO / "scripts" / "zero2.json")])  # allowed
+
+
+def test_zero2_through_the_deepspeed_launcher(tiny_llava_dir, train_data, tmp_path):
+    out = tmp_path / "zero2"
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    run_cli([str(deepspeed), "--num_gpus", "1", "--master_port", "29517", "--module", "llava_getok.train",
+             *train_argv(tiny_llava_dir, train_data, out, "--deepspeed", str(REPO / "scripts" / "zero2.json"),
+                         steps=4)], timeout=600)
+    values, _ = losses(out)
+    assert values[-1] < values[0], values
+    tokenizer, model, _, _ = load(out)
+    assert json.loads((out / "getok_config.json").read_text())["token_ids"] == \
+        tokenizer.convert_tokens_to_ids(list(CFG.tokens()))
