@@ -30,7 +30,7 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,6 @@ class Options:
     dataset: str | None = None  # refcoco: refcoco | refcoco+ | refcocog (default: the input folder's name)
     split_by: str | None = None  # refcoco: unc | umd | google (default: the dataset's usual one)
     input_frame: str = "pad"  # llava: the frame the input's normalised coordinates are in
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

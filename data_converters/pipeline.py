@@ -95,6 +95,9 @@ class Converter:
             return "R", json.dumps({"where": where, "reason": e.reason, "field": None, "message": e.reason}, ensure_ascii=False)
         except ConvertError as e:
             return "R", json.dumps({"where": e.where, "reason": e.reason, "field": e.field, "message": e.message, "error": True}, ensure_ascii=False)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a shape no check foresaw
+            reason = f"unexpected {type(e).__name__}"
+            return "R", json.dumps({"where": where, "reason": reason, "field": None, "message": f"{reason}: {e}", "error": True}, ensure_ascii=False)
 
     def convert(self, raw, where, box_encoder=None) -> dict:
         job, opts = self.job, self.job.opts

@@ -274,3 +274,23 @@ def test_decode_command_writes_pixel_shapes(tmp_path, coco_json):
     recs = load(out)
     assert [d["id"] for d in decoded] == [r["id"] for r in recs] and len(decoded) == 20
     assert all(d["shapes"][0]["kind"] == "box" and not d["errors"] and d["text"].startswith("<box>") for d in decoded)
+
+
+def test_round_trip_property_over_sizes_frames_and_boxes():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from data_converters.base import Sample
+    from data_converters.records import build_record
+
+    @settings(max_examples=60, deadline=None)
+    @given(w=st.integers(1, 4000), h=st.integers(1, 4000), frame=st.sampled_from(["pad", "orig"]),
+           rounds=st.integers(0, 3), corners=st.lists(st.floats(0, 1), min_size=4, max_size=4))
+    def check(w, h, frame, rounds, corners):
+        x1, x2 = sorted(corners[:2])
+        y1, y2 = sorted(corners[2:])
+        cfg = GETokConfig(grid=32, rounds=rounds, mode="grid" if rounds == 0 else "inline")
+        s = Sample(id="p", image="p.jpg", size=(w, h), expression="it", boxes=((x1 * w, y1 * h, x2 * w, y2 * h),)).validated((w, h))
+        assert_round_trip([build_record(s, "rec", cfg, frame)])
+
+    check()
