@@ -18,6 +18,10 @@ A source is a module listed in :data:`data_converters.registry.SOURCES`. It defi
         '''One raw record -> exactly one Sample, in ORIGINAL PIXELS. Raise ConvertError(where, field,
         message) for bad input, Filtered(reason) for a record deliberately left out (both are counted).'''
 
+Optionally ``def load_image(sample, opts) -> np.ndarray`` (H, W, 3) uint8: the pixels for RES proposals,
+for a source that makes its images; without it they are read from ``--image-root / sample.image``.
+A source that needs no image files gives ``Sample.size`` itself (else sizes come from image headers).
+
 One raw record gives one Sample gives one output record, so ``read = written + skipped`` always holds.
 Sources never build token strings: :func:`data_converters.records.build_record` turns a Sample into a
 LLaVA record with :mod:`llava_getok.codec`. Sources never check boxes against the image either:

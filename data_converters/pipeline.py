@@ -122,7 +122,10 @@ class Converter:
                 raise ConvertError(where, "size", "the record gives no image size; pass --image-root to read it from the image header", "image size unknown")
         else:
             sample = sample.validated(size)
-        loader = (lambda: self.load_image(path)) if path else None
+        if hasattr(self.source, "load_image"):  # a source that makes its images (shapes) may hand them over
+            loader = lambda: self.source.load_image(sample, opts)  # noqa: E731
+        else:
+            loader = (lambda: self.load_image(path)) if path else None
         return build_record(sample, opts.task, job.cfg, job.frame, job.seed, job.source, loader,
                             self.generator() if opts.task == "res" else None, box_encoder)
 
