@@ -1,0 +1,277 @@
+"""The LLaVA hooks on the tiny LLaVA: register(), compat fixes, tokens and rows, templates, loss parity with
+plain LLaVA, check-data, and the builder's refusals."""
+import copy
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llava_getok as gt
+from llava_getok.vocab import GETokConfig
+
+CFG = GETokConfig(grid=8)
+
+
+@pytest.fixture(scope="module")
+def registered():
+    return gt.register()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, shared_data):
+    from llava_getok.llava.tiny import make_grounding_data
+
+    return make_grounding_data(tmp_path_factory.mktemp("rec-hooks"), shared_data / "coco_mini", CFG, n_records=2)
+
+
+def llava_train_args(out, **kw):
+    from llava.train.train import TrainingArguments
+
+    return TrainingArguments(output_dir=str(out), report_to="none", use_cpu=True, per_device_train_batch_size=2,
+                             **kw)
+
+
+@pytest.fixture(scope="module")
+def getok_setup(registered, tiny_llava_dir, data, tmp_path_factory):
+    """The tiny LLaVA as LLaVA's train() hands it to the trainer, data module and a GETok trainer on it."""
+    from llava import conversation
+    from llava.model import LlavaLlamaForCausalLM
+    from llava.train.train import DataArguments, make_supervised_data_module
+    from transformers import AutoTokenizer
+
+    from llava_getok.llava.trainer import GETokSettings, GETokTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir, use_fast=False, model_max_length=256, padding_side="right")
+    tokenizer.pad_token = tokenizer.unk_token
+    model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava_dir)
+    model.get_model().get_vision_tower().load_model()
+    model.config.use_cache = False
+    data_args = DataArguments(data_path=str(data), image_folder=str(data.parent / "images"), is_multimodal=True,
+                              image_aspect_ratio="pad")
+    data_args.image_processor = model.get_vision_tower().image_processor
+    data_args.mm_use_im_start_end = False
+    saved = conversation.default_conversation
+    conversation.default_conversation = conversation.conv_templates["getok_v1"]
+    module = make_supervised_data_module(tokenizer, data_args)
+    GETokTrainer.getok_settings = GETokSettings(grid=8, grid_weight=0.5, box_weight=0.5)
+    trainer = GETokTrainer(model=model, tokenizer=tokenizer, args=llava_train_args(tmp_path_factory.mktemp("t")),
+                           **module)
+    batch = module["data_collator"]([module["train_dataset"][0], module["train_dataset"][1]])
+    yield trainer, batch, module
+    conversation.default_conversation = saved
+    GETokTrainer.getok_settings = GETokSettings()
+
+
+# -- register / compat ------------------------------------------------------------------------------------
+
+def test_register_reports_what_it_changed_once_then_nothing():
+    code = ("import json, llava_getok as gt; a = gt.register(); b = gt.register(); "
+            "import llava.train.train as t, llava.model.builder as mb; "
+            "print(json.dumps([a.compat_fixes, len(a.templates), a.builder_hook, a.trainer_hook, b.changed, "
+            "t.LLaVATrainer.__name__, mb.load_pretrained_model.__getok_hook__]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fixes, n_templates, builder, trainer, changed_again, cls, hooked = json.loads(out.stdout.strip().splitlines()[-1])
+    # what this stack (transformers 4.57, deepspeed installed) needs
+    assert {"layernorm_name", "cache_position", "bnb_kwargs", "head_unquantised", "sampler_arg",
+            "generate_input_ids", "checkpoint_metrics"} <= set(fixes)
+    assert "lazy_deepspeed" not in fixes and ("cuda_sync" in fixes) == (not torch.cuda.is_available())
+    assert n_templates >= 16 and builder and trainer and not changed_again
+    assert cls == "GETokTrainer" and hooked
+
+
+def test_compat_forward_accepts_cache_position_and_text_only_generate_works(registered, tiny_llava_dir):
+    import inspect
+
+    from llava.model.builder import load_pretrained_model
+
+    tokenizer, model, processor, _ = load_pretrained_model(str(tiny_llava_dir), None, "tiny-llava", device="cpu")
+    assert "cache_position" in inspect.signature(type(model).forward).parameters
+    assert model.dtype == torch.float32  # LLaVA's builder would give float16 on CPU
+    ids = torch.tensor([[1, 5, 6, 7]])
+    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)  # fix 7
+    assert out.shape == (1, 3)
+    # with images and the KV cache, generate equals an uncached greedy loop (fix 1 keeps attention_mask)
+    images = torch.zeros(1, 3, 32, 32)
+    img_ids = torch.tensor([[1, 5, -200, 6, 7]])
+    cached = model.generate(img_ids, images=images, max_new_tokens=3, do_sample=False)[0].tolist()
+    seq = img_ids
+    with torch.no_grad():
+        for _ in range(3):
+            nxt = model(input_ids=seq, images=images).logits[0, -1].argmax()
+            seq = torch.cat([seq, nxt.view(1, 1)], 1)
+    assert cached == seq[0, -3:].tolist()
+
+
+# -- tokens, rows, templates ------------------------------------------------------------------------------
+
+def test_getok_tokens_are_one_id_everywhere_and_legacy_tokenizers_are_refused(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from llava_getok.llava.tokens import add_getok_tokens, check_token_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir, use_fast=False)
+    ids = add_getok_tokens(tok, CFG)
+    assert len(set(ids)) == len(CFG.tokens()) and add_getok_tokens(tok, CFG) == ids  # idempotent
+    check_token_ids(tok, CFG, tokens=list(CFG.tokens()))
+    text = "USER: <image>\nWhere? ASSISTANT: <box><grid_1_2><off_0_1><grid_7_7><off_-1_0></box>"
+    pieces = tok.convert_ids_to_tokens(tok(text).input_ids)
+    assert pieces[-7:] == ["\u2581", "<box>", "<grid_1_2>", "<off_0_1>", "<grid_7_7>", "<off_-1_0>", "</box>"]
+    # decoding needs spaces_between_special_tokens=False (the slow tokenizer's default inserts spaces)
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids, spaces_between_special_tokens=False) == text
+    legacy = AutoTokenizer.from_pretrained(tiny_tokenizer_dir, use_fast=False, legacy=True)
+    add_getok_tokens(legacy, CFG)
+    with pytest.raises(ValueError, match="legacy=False"):
+        check_token_ids(legacy, CFG)
+
+
+def test_row_init_mean_and_sincos2d(registered, tiny_llava_dir):
+    from llava.model import LlavaLlamaForCausalLM
+
+    from llava_getok.llava.tokens import init_getok_rows, resize_embeddings
+
+    model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava_dir)
+    n_old = model.get_input_embeddings().weight.shape[0]
+    before = model.get_input_embeddings().weight.detach().clone()
+    k = len(CFG.tokens())
+    assert resize_embeddings(model, n_old + k) == n_old and model.config.vocab_size == n_old + k
+    ids = list(range(n_old, n_old + k))
+    init_getok_rows(model, ids, CFG, "mean")
+    w = model.get_input_embeddings().weight.detach()
+    assert torch.equal(w[:n_old], before)
+    assert torch.allclose(w[n_old], before.mean(0), atol=1e-6) and torch.equal(w[n_old], w[-1])
+    init_getok_rows(model, ids, CFG, "sincos2d")
+    w = model.get_input_embeddings().weight.detach()
+    head = model.get_output_embeddings().weight.detach()
+    cell = lambda i, j: w[n_old + j * CFG.grid + i] - before.mean(0)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(cell(3, 3), cell(4, 3), dim=0) > cos(cell(3, 3), cell(7, 0), dim=0)
+    assert not torch.allclose(head[n_old], head[n_old + 1])  # the LM head is initialised too
+    with pytest.raises(ValueError, match="shrink"):
+        resize_embeddings(model, n_old)
+
+
+def test_trainable_rows_change_only_getok_rows_even_with_weight_decay(registered, tiny_llava_dir):
+    from llava.model import LlavaLlamaForCausalLM
+
+    from llava_getok.llava.rows import attach_trainable_rows, getok_rows_values
+    from llava_getok.llava.tokens import init_getok_rows, resize_embeddings
+
+    model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava_dir)
+    n_old = model.get_input_embeddings().weight.shape[0]
+    ids = list(range(n_old, n_old + len(CFG.tokens())))
+    resize_embeddings(model, ids[-1] + 1)
+    init_getok_rows(model, ids, CFG)
+    model.requires_grad_(False)
+    rows = attach_trainable_rows(model, ids)
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    head0 = model.get_output_embeddings().weight.detach().clone()
+    start = getok_rows_values(model, ids)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    x = torch.tensor([[1, ids[3], 7, ids[10], ids[0]]])
+    for _ in range(2):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["getok_rows.input_delta",
+                                                                          "getok_rows.output_delta"]
+    assert torch.equal(model.get_input_embeddings().weight, emb0) and torch.equal(model.get_output_embeddings().weight, head0)
+    end = getok_rows_values(model, ids)
+    assert not torch.equal(end["input_rows"][3], start["input_rows"][3])
+    assert rows.input_delta.shape == (len(ids), emb0.shape[1])
+
+
+def test_templates_keep_llavas_preprocessing_and_unknown_versions_fail(registered):
+    from llava import conversation
+
+    from llava_getok.llava.templates import SYSTEM_NOTE, resolve_template
+
+    v1, g = conversation.conv_templates["v1"], conversation.conv_templates["getok_v1"]
+    assert g.version == v1.version and g.sep_style == v1.sep_style and g.sep2 == v1.sep2
+    assert g.system.endswith(SYSTEM_NOTE) and conversation.conv_templates["getok_plain"].system == ""
+    with pytest.raises(ValueError, match="getok_v1"):
+        resolve_template("getok_v7")
+
+
+# -- loss parity with plain LLaVA ---------------------------------------------------------------------
+
+def test_zero_weights_reproduce_plain_llava_loss_bit_for_bit(getok_setup):
+    from llava.train.llava_trainer import LLaVATrainer
+
+    from llava_getok.llava.trainer import GETokSettings
+
+    trainer, batch, _ = getok_setup
+    plain = LLaVATrainer(model=trainer.model, tokenizer=trainer._getok_tokenizer, args=trainer.args)
+    torch.manual_seed(0)
+    reference = plain.compute_loss(trainer.model, dict(batch))
+    type(trainer).getok_settings = GETokSettings(grid=8, grid_weight=0.0, box_weight=0.0)
+    try:
+        assert torch.equal(trainer.compute_loss(trainer.model, dict(batch)), reference)
+    finally:
+        type(trainer).getok_settings = GETokSettings(grid=8, grid_weight=0.5, box_weight=0.5)
+    total = trainer.compute_loss(trainer.model, dict(batch))
+    logged = trainer._getok_sums
+    assert logged["loss_lm"] == float(reference)  # the LM part is LLaVA's loss, bit for bit
+    assert logged["loss_grid"] > 0 and logged["loss_box"] > 0
+    assert float(total) == pytest.approx(float(reference) + 0.5 * logged["loss_grid"] + 0.5 * logged["loss_box"],
+                                         rel=1e-6)
+    trainer._getok_sums = {}
+
+
+# -- check-data ---------------------------------------------------------------------------------------
+
+def test_check_data_passes_good_data_and_fails_loudly_on_mismatch_and_split_tokens(getok_setup, data, tmp_path):
+    from llava_getok.llava.check import DataCheckError, check_records, main, raise_on_problems
+
+    trainer, _, module = getok_setup
+    tokenizer = trainer._getok_tokenizer
+    records = json.loads(data.read_text())
+    ok = check_records(records, tokenizer, version="getok_v1", source="good")
+    assert ok.ok and ok.checked == 2 and ok.getok_tokens == 12
+    # a second turn: the tiny tokenizer tokenises "USER" after "</s>" differently from LLaVA's arithmetic
+    two_turns = copy.deepcopy(records[0])
+    two_turns["conversations"] += [{"from": "human", "value": "And the other one?"},
+                                   {"from": "gpt", "value": "<box><grid_1_1><off_0_0><grid_2_2><off_0_0></box>"}]
+    bad = check_records([two_turns], tokenizer, version="getok_v1", source="bad")
+    assert not bad.ok and "tokenization mismatch" in bad.problems[0] and "record 0" in bad.problems[0]
+    with pytest.raises(DataCheckError, match="1 of 1 records"):
+        raise_on_problems(bad, "bad.json")
+    # tokens of another grid are not GETok tokens of this tokenizer: they split
+    wrong_grid = copy.deepcopy(records[0])
+    wrong_grid["conversations"][1]["value"] = "<box><grid_20_3><off_0_0><grid_21_9><off_0_0></box>"
+    split = check_records([wrong_grid], tokenizer, version="getok_v1", source="split")
+    assert not split.ok and "2 supervised" in split.problems[0] or "supervised GETok" in split.problems[0]
+    # the CLI: exit status 0 / 1 and a table
+    ckpt = tmp_path / "tok"
+    tokenizer.save_pretrained(ckpt)
+    assert main([str(data), "--model-path", str(ckpt)]) == 0
+    bad_file = tmp_path / "bad.json"
+    bad_file.write_text(json.dumps([two_turns]))
+    assert main([str(bad_file), "--model-path", str(ckpt)]) == 1
+
+
+# -- builder --------------------------------------------------------------------------------------------
+
+def test_builder_loads_by_sidecar_not_folder_name_and_refuses_disagreeing_ids(getok_setup, tmp_path, data):
+    from llava.model.builder import load_pretrained_model
+
+    trainer, _, _ = getok_setup
+    folder = tmp_path / "my-run"  # no "llava" in the name: LLaVA's builder would take the plain-LM path
+    trainer.save_model(str(folder))
+    trainer.write_getok_files(str(folder))
+    tokenizer, model, processor, _ = load_pretrained_model(str(folder), None, "my-run", device="cpu")
+    assert type(model).__name__ == "LlavaLlamaForCausalLM" and model.dtype == torch.float32
+    assert tokenizer.convert_tokens_to_ids(list(CFG.tokens())) == trainer.getok.ids
+    sidecar = json.loads((folder / "getok_config.json").read_text())
+    assert sidecar["kind"] == "full" and sidecar["frame"] == "pad" and sidecar["tokenizer_legacy"] is False
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(folder, tampered)
+    sidecar["token_ids"] = [i + 1 for i in sidecar["token_ids"]]
+    (tampered / "getok_config.json").write_text(json.dumps(sidecar))
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_pretrained_model(str(tampered), None, "tampered", device="cpu")
