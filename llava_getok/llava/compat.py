@@ -272,11 +272,12 @@ FIXES = (  # layernorm_name first: the later ones import llava.train
 )
 
 
-def apply_compat_fixes() -> list[str]:
-    """Apply every needed fix not applied yet; return the names applied by this call."""
+def apply_compat_fixes(names=None) -> list[str]:
+    """Apply every needed fix not applied yet (only ``names`` if given); return the names applied by this
+    call. ``names=("layernorm_name",)`` is safe while ``llava.train`` is being imported (patches/)."""
     applied = []
     for fix in FIXES:
-        if fix.name in _APPLIED:
+        if fix.name in _APPLIED or (names is not None and fix.name not in names):
             continue
         needed = fix.needed()
         if needed:
