@@ -1,0 +1,283 @@
+"""``llava-getok demo``: the whole job on a laptop CPU, no GPU, no downloaded weights.
+
+    llava-getok demo [--out runs/demo] [--steps 1500] [--threads 2] [--quick]
+
+1. draw the procedural ``shapes`` dataset (PNG images + annotations.jsonl),
+2. ``convert-datasets shapes`` -> GETok conversations (train / val),
+3. build a tiny random LLaVA (LLaMA 64 x 2 layers, CLIP tower 64 px / 16 px patches),
+4. fine-tune it with ``python -m llava_getok.train`` (LLaVA's own train() with the GETok hooks),
+5. predict on the held-out split with constrained decoding, 6. evaluate (Acc@0.5 / 0.8, mIoU),
+7. draw a contact sheet of predictions (and ground truth) -> OUT/contact_sheet.png.
+
+It prints Acc@0.5 next to two chance levels computed on the same split: the box of a random shape of the
+image, and the mean training box. The recipe that makes a random tiny model ground in minutes comes from
+bench/learning_trials.py (measurements in bench/results/learning_trials.md): a trainable vision tower
+(``--unfreeze_mm_vision_tower``; LLaVA freezes it and runs it under no_grad) with 2D sine-cosine patch
+position embeddings (a random tower's positions are ~14x weaker than its patch content), the tower's last
+layer (``--mm_vision_select_layer -1``), few image tokens, a high constant learning rate without gradient
+clipping, and a short prompt template (``getok_mistral_instruct``: no system prompt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TARGET_ACC, TARGET_FACTOR = 0.5, 5.0  # what "it grounds" means here (issue 7)
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="llava-getok demo", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder (created; reused data is redrawn)")
+    p.add_argument("--train-images", type=int, default=6000)
+    p.add_argument("--val-images", type=int, default=200)
+    p.add_argument("--objects", default="2-3", help="shapes per image, MIN-MAX")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--patch", type=int, default=16, help="vision tower patch size: (image/patch)^2 image tokens")
+    p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--template", default="getok_mistral_instruct", help="conversation template (training and prediction)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 is fastest for this tiny model, and 2 threads on a busy 2-core machine "
+                        "were 10x slower in our measurements (OpenMP threads waiting on each other)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sheet", type=int, default=16, help="samples on the contact sheet")
+    p.add_argument("--quick", action="store_true", help="tiny settings that only check the plumbing (~1 min)")
+    return p
+
+
+class Stages:
+    """Numbered stage headers with elapsed time, so a user sees where the minutes go."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.t0, self.times = total, 0, time.time(), {}
+        self._name, self._start = None, None
+
+    def start(self, name: str):
+        self.end()
+        self.n += 1
+        self._name, self._start = name, time.time()
+        print(f"\n[demo {self.n}/{self.total}] {name}  (t = {time.time() - self.t0:.0f} s)", flush=True)
+
+    def end(self):
+        if self._name:
+            self.times[self._name] = round(time.time() - self._start, 1)
+            self._name = None
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    if a.quick:
+        a.train_images, a.val_images, a.steps, a.sheet = 32, 4, 2, 4
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # LLaVA's reload lists every tower weight
+    st = Stages(7)
+    skipped: list[str] = []
+    lo, hi = (int(v) for v in a.objects.split("-"))
+
+    st.start(f"drawing the shapes dataset: {a.train_images} train + {a.val_images} val images of {a.image_size} px")
+    from data_converters import shapes
+
+    data = out / "data"
+    shapes.generate(data, {"train": a.train_images, "val": a.val_images}, seed=a.seed, image_size=a.image_size,
+                    n_objects=(lo, hi), progress=True)
+
+    st.start("convert-datasets shapes -> GETok conversations")
+    from data_converters.cli import main as convert
+
+    conv = {}
+    for split in ("train", "val"):
+        conv[split] = out / f"{split}.json"
+        rc = convert(["shapes", "--input", str(data), "--image-root", str(data), "--output", str(conv[split]),
+                      "--split", split, "--grid", str(a.grid), "--rounds", str(a.rounds), "--seed", str(a.seed),
+                      "--no-resume"])
+        if rc:
+            print(f"demo: convert-datasets failed for {split} (exit {rc})", file=sys.stderr)
+            return rc
+    print(f"example answer: {json.loads(conv['val'].read_text())[0]['conversations'][1]['value']}")
+
+    st.start("building a tiny random LLaVA (no weights downloaded)")
+    model_dir = build_model(out, a)
+
+    st.start(f"fine-tuning with python -m llava_getok.train: {a.steps} steps x batch {a.batch}, {a.threads} thread(s)")
+    ckpt = out / "llava-getok-demo"
+    cmd = [sys.executable, "-m", "llava_getok.train", *train_args(model_dir, conv["train"], data, ckpt, a)]
+    print("$ " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
+    if rc:
+        print(f"demo: training failed (exit {rc})", file=sys.stderr)
+        return rc
+
+    st.start("predicting the val split with constrained decoding")
+    preds = out / "predictions.jsonl"
+    try:
+        from .predict import main as predict
+    except ImportError as e:
+        predict = None
+        skipped.append(f"prediction (llava_getok.predict not available: {e})")
+    if predict is not None:
+        rc = predict(["--model-path", str(ckpt), "--data", str(conv["val"]), "--image-root", str(data),
+                      "--output", str(preds), "--constrained", "--shape-only", "--batch-size", "32", "--conv-mode", a.template,
+                      "--max-new-tokens", "16", "--device", "cpu"])
+        if rc:
+            print(f"demo: prediction failed (exit {rc})", file=sys.stderr)
+            return rc
+
+    st.start("evaluating")
+    metrics = None
+    if preds.is_file():
+        try:
+            from .eval.cli import evaluate
+        except ImportError as e:
+            skipped.append(f"evaluation (llava_getok.eval not available: {e})")
+        else:
+            result = evaluate(preds, conv["val"], data, out, False, True, None)
+            print(result["markdown"], end="")
+            metrics = result["metrics"]["rec"]
+    chance = chance_levels(data)
+
+    st.start("drawing the contact sheet")
+    sheet = out / "contact_sheet.png"
+    try:
+        from .viz import main as show
+    except ImportError as e:
+        skipped.append(f"contact sheet (llava_getok.viz not available: {e})")
+    else:
+        show(["--annotations", str(conv["val"]), "--image-root", str(data), "--output", str(sheet),
+              "--limit", str(a.sheet), "--no-masks", *(["--predictions", str(preds)] if preds.is_file() else [])])
+    st.end()
+
+    summary = report(metrics, chance, st, skipped, a, sheet if sheet.is_file() else None)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
+def build_model(out: Path, a) -> Path:
+    """The tiny LLaVA, with 2D sine-cosine position embeddings in its (random) CLIP tower."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    from .llava.tiny import TinyLlavaConfig, build_tiny_llava, train_tokenizer
+
+    torch.set_num_threads(a.threads)
+    tok = train_tokenizer(out / "tokenizer", seed=a.seed)
+    cfg = TinyLlavaConfig(image_size=a.image_size, patch_size=a.patch, mm_vision_select_layer=-1, seed=a.seed)
+    model_dir = build_tiny_llava(out / "tiny-llava", tok, cfg)
+    tower_dir = model_dir / "vision_tower"
+    tower = CLIPVisionModel.from_pretrained(tower_dir)
+    set_sincos_positions(tower)
+    tower.save_pretrained(tower_dir, safe_serialization=True)
+    return model_dir
+
+
+def set_sincos_positions(clip_vision_model, scale: float = 1.0) -> None:
+    """Overwrite a CLIP tower's patch position embeddings with 2D sine-cosine codes (CLS position: zeros).
+
+    Random CLIP position embeddings (std 0.02) are ~14x weaker than the patch content and a random tower
+    does not learn to use them within minutes (bench/results/learning_trials.md)."""
+    import torch
+
+    pe = clip_vision_model.vision_model.embeddings.position_embedding.weight
+    side = int(round((pe.shape[0] - 1) ** 0.5))
+    dim = pe.shape[1]
+    q = dim // 4
+    freq = 1.0 / (100.0 ** (np.arange(q) / q))
+    j, i = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    i, j = i.reshape(-1, 1) * freq, j.reshape(-1, 1) * freq
+    code = np.concatenate([np.sin(i), np.cos(i), np.sin(j), np.cos(j)], 1)
+    code = np.pad(code, ((0, 0), (0, dim - code.shape[1])))
+    with torch.no_grad():
+        pe[1:] = torch.as_tensor(code, dtype=pe.dtype) * scale
+        pe[0] = 0
+
+
+def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a) -> list[str]:
+    return [
+        "--model_name_or_path", str(model_dir), "--version", a.template,
+        "--data_path", str(data_json), "--image_folder", str(image_root),
+        "--vision_tower", str(model_dir / "vision_tower"), "--mm_projector_type", "mlp2x_gelu",
+        "--mm_vision_select_layer", "-1", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
+        "--image_aspect_ratio", "pad", "--unfreeze_mm_vision_tower", "True",
+        "--getok_grid", str(a.grid), "--getok_rounds", str(a.rounds),
+        "--output_dir", str(ckpt), "--max_steps", str(a.steps), "--per_device_train_batch_size", str(a.batch),
+        "--learning_rate", str(a.lr), "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "50",
+        "--max_grad_norm", "0", "--weight_decay", "0",
+        "--save_strategy", "no", "--logging_steps", str(max(1, min(50, a.steps // 10))), "--report_to", "none",
+        "--model_max_length", "256", "--dataloader_num_workers", "0", "--seed", str(a.seed),
+        "--use_cpu", "True", "--group_by_modality_length", "False",
+    ]
+
+
+def chance_levels(data: Path) -> dict:
+    """Acc@0.5 of two answers that ignore the expression, on the val split: the box of a random shape of the
+    image (expected value) and the mean box of the training targets."""
+    from .geometry import box_iou
+
+    train, val = [], []
+    with open(data / shapes_annotations()) as f:
+        for line in f:
+            r = json.loads(line)
+            (train if r["split"] == "train" else val).append(r)
+    mean_box = np.mean([np.asarray(r["box"], float) / r["width"] for r in train], 0)
+    rand, mean = [], []
+    for r in val:
+        gt = np.asarray(r["box"], float)
+        scene = np.asarray(r["scene_boxes"], float)
+        rand.append(np.mean(np.asarray(box_iou(scene, gt[None])).reshape(-1) >= 0.5))
+        mean.append(float(np.asarray(box_iou(mean_box[None] * r["width"], gt[None])).reshape(-1)[0] >= 0.5))
+    return {"random_shape": float(np.mean(rand)), "mean_box": float(np.mean(mean))}
+
+
+def shapes_annotations() -> str:
+    from data_converters.shapes import ANNOTATIONS
+
+    return ANNOTATIONS
+
+
+def report(metrics, chance, st: Stages, skipped, a, sheet) -> dict:
+    total = time.time() - st.t0
+    rows = [v for k, v in (metrics or {}).items() if k != "all"] or [v for v in (metrics or {}).values()]
+    row = rows[0] if rows else {}
+    acc = row.get("acc@0.5")
+    print("\n" + "=" * 72)
+    print(f"llava-getok demo: tiny random LLaVA, {a.steps} steps on {a.train_images} shapes images, {total / 60:.1f} min")
+    if acc is None:
+        print("Acc@0.5: not measured (see skipped steps below)")
+        verdict = "not measured"
+    else:
+        best_chance = max(chance.values())
+        ok = acc >= TARGET_ACC and acc >= TARGET_FACTOR * chance["mean_box"]
+        verdict = "grounds" if ok else "below target"
+        print(f"Acc@0.5 {acc:.3f}   Acc@0.8 {row.get('acc@0.8', float('nan')):.3f}   mIoU {row.get('miou', float('nan')):.3f}"
+              f"   (n = {row.get('n')})")
+        print(f"chance: box of a random shape of the image {chance['random_shape']:.3f}, mean training box "
+              f"{chance['mean_box']:.3f}; Acc@0.5 = {acc / max(best_chance, 1e-9):.1f}x the better of the two")
+        print(f"target (Acc@0.5 >= {TARGET_ACC} and >= {TARGET_FACTOR:g}x the mean-box chance): "
+              f"{'met' if ok else 'NOT met'}")
+    if sheet:
+        print(f"contact sheet: {sheet}")
+    for s in skipped:
+        print(f"skipped: {s}")
+    print("stage times (s): " + ", ".join(f"{k.split(':')[0]} {v}" for k, v in st.times.items()))
+    print("=" * 72)
+    return {"acc@0.5": acc, "metrics": row, "chance": chance, "verdict": verdict, "skipped": skipped,
+            "seconds": round(total, 1), "stage_seconds": st.times, "settings": {k: str(v) for k, v in vars(a).items()}}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
