@@ -2,6 +2,7 @@
 checkpoints, grid -> refine stage hand-over, and a learning check with a fixed seed."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,24 @@ def test_learning_one_image_one_box(getok_ckpt, data, tmp_path):
     assert len(rewards) == 12
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.1, rewards
+
+
+def test_rows_from_converted_records(data):
+    """Prompt rows: LLaVA's template up to the trained answer, the refine first answer, counted skips, and
+    clear errors for a record made for another frame or grid, or whose image is missing."""
+    from llava_getok.rl.data import build_rows, load_records
+    from llava_getok.vocab import GETokConfig
+
+    recs = load_records(data / "rec.json") + load_records(data / "refine.json")
+    rows, skipped = build_rows(recs, "grid", data, "llava_v1", "x.json", frame="pad", config=GETokConfig(**GRID))
+    assert len(rows) == 1 and dict(skipped) == {"task refine (not a grid-stage task)": 1}
+    assert rows[0]["prompt"].endswith("Answer with a box. ASSISTANT:") and rows[0]["prompt"].count("<image>") == 1
+    assert json.loads(rows[0]["getok"])["task"] == "rec" and Path(rows[0]["image_path"]).is_file()
+    rows, _ = build_rows(recs, "refine", data, "llava_v1")
+    assert rows[0]["first_answer"] == "<box><grid_0_1><grid_2_2></box>" and "Refine it. ASSISTANT:" in rows[0]["prompt"]
+    with pytest.raises(ValueError, match=r"x.json, record 0 \(id 'rec-1'\): field 'getok.frame' is 'pad'"):
+        build_rows(recs, "grid", data, "llava_v1", "x.json", frame="orig")
+    with pytest.raises(ValueError, match="'getok.config.grid' is 4, the model was trained with 32"):
+        build_rows(recs, "grid", data, "llava_v1", "x.json", config=GETokConfig())
+    with pytest.raises(FileNotFoundError, match="field 'image' 'missing.jpg'"):
+        build_rows([{**recs[0], "image": "missing.jpg"}], "grid", data, "llava_v1")

@@ -34,8 +34,12 @@ def load_records(path) -> list[dict]:
     return out
 
 
-def build_rows(records, stage: str, image_folder, conv_mode: str, source="<records>"):
-    """Records -> (rows, skipped) for one stage; ``skipped`` counts records left out, by reason."""
+def build_rows(records, stage: str, image_folder, conv_mode: str, source="<records>", frame=None, config=None):
+    """Records -> (rows, skipped) for one stage; ``skipped`` counts records left out, by reason.
+
+    frame / config: the model's frame and GETok config (its sidecar). A record made for another frame or
+    grid is an error: its ground truth would be compared with coordinates the model does not mean.
+    """
     from ..llava.rl_inputs import render_prompt
 
     if stage not in STAGE_TASKS:
@@ -47,6 +51,14 @@ def build_rows(records, stage: str, image_folder, conv_mode: str, source="<recor
         g = rec.get("getok")
         if not isinstance(g, dict) or "task" not in g:
             raise ValueError(f"{where}: field 'getok' with a 'task' is missing; convert the data with convert-datasets")
+        if frame is not None and g.get("frame") != frame:
+            raise ValueError(f"{where}: field 'getok.frame' is {g.get('frame')!r}, the model's frame is {frame!r}")
+        if config is not None:
+            rc = g.get("config", {})
+            for key in ("grid", "offset_levels", "schedule"):
+                if rc.get(key) != getattr(config, key):
+                    raise ValueError(f"{where}: field 'getok.config.{key}' is {rc.get(key)!r}, the model was "
+                                     f"trained with {getattr(config, key)!r}")
         if g["task"] not in tasks:
             skipped[f"task {g['task']} (not a {stage}-stage task)"] += 1
             continue

@@ -162,7 +162,8 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
 
     tokenizer, model, image_processor, sidecar, ids = policy or load_policy(args)
     cfg = sidecar.config
-    rows, skipped = build_rows(load_records(args.data), args.stage, args.image_folder, args.conv_mode, args.data)
+    rows, skipped = build_rows(load_records(args.data), args.stage, args.image_folder, args.conv_mode, args.data,
+                               frame=sidecar.frame, config=cfg)
     for reason, n in sorted(skipped.items()):
         print(f"[grpo] skipped {n} record(s): {reason}", file=sys.stderr)
     id_to_token = dict(zip(ids, sidecar.tokens))
