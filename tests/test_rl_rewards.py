@@ -72,6 +72,10 @@ class TestBoxScore:
         # IoU 0.25, L1 = mean(0, 0, 0.5, 0.5) = 0.25 -> 1.0, minus the whole-image penalty 1.0
         assert box_score([[0, 0, 1, 1]], [[0, 0, 0.5, 0.5]]) == pytest.approx(0.0)
         assert box_score([[0, 0, 1, 1]], [[0, 0, 1, 0.95]]) > 1.9  # unless the object is that large
+        # pad frame, 4:3 image: the image is the band y in [0.125, 0.875]; a box on that band is whole-image
+        band = (0.0, 0.125, 1.0, 0.875)
+        assert box_score([band], [[0, 0.125, 0.5, 0.5]], image_box=band) == pytest.approx(
+            0.25 + 1 - (0.5 + 0.375) / 4 - 1.0)  # IoU 0.1875 / 0.75, L1 mean(0, 0, 0.5, 0.375), penalty 1
 
     def test_miss_ranked_by_distance(self):
         gt = [[0.0, 0.0, 0.1, 0.1]]

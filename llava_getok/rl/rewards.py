@@ -42,7 +42,7 @@ class RewardConfig:
     box_l1: weight of (1 - L1) per matched pair, L1 = mean |corner difference| in the normalised frame: a dense
         term that still ranks misses by distance when IoU is 0.
     extra_box_penalty: subtracted per predicted box beyond the number of ground-truth boxes.
-    whole_image_area: a predicted box covering at least this share of the frame counts as "whole image"...
+    whole_image_area: a predicted box covering at least this share of the image counts as "whole image"...
     whole_image_penalty: ...and costs this much, unless a ground-truth box is that large too.
     point_inside: reward for the share of predicted points inside the target.
     points_per_target: predicted points allowed per ground-truth object before the penalty applies.
@@ -223,14 +223,28 @@ def _match(cost: np.ndarray):
     return linear_sum_assignment(cost)
 
 
-def box_score(pred, gt, cfg: RewardConfig = RewardConfig()) -> float:
+def image_coverage(boxes, image_box=(0.0, 0.0, 1.0, 1.0)) -> np.ndarray:
+    """Share of the image (its box in the frame: with ``pad`` the image is a band of the square) that each
+    normalised box covers.
+
+    >>> image_coverage([[0, 0.125, 1, 0.875], [0, 0, 1, 0.5]], (0, 0.125, 1, 0.875)).tolist()
+    [1.0, 0.5]
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    im = np.asarray(image_box, dtype=np.float64)
+    inter = np.concatenate([np.maximum(b[:, :2], im[:2]), np.minimum(b[:, 2:], im[2:])], -1)
+    area = box_area(im)
+    return box_area(inter) / area if area > 0 else np.zeros(len(b))
+
+
+def box_score(pred, gt, cfg: RewardConfig = RewardConfig(), image_box=(0.0, 0.0, 1.0, 1.0)) -> float:
     """Reward of predicted boxes (P, 4) against ground-truth boxes (G, 4), both normalised.
 
     Pairs are matched one-to-one (Hungarian on -(w_iou IoU + w_l1 (1 - L1))); each matched pair earns
     ``box_iou * IoU + box_l1 * (1 - L1)``; the sum is divided by max(P, G), so missed and extra objects both
     dilute it; then ``extra_box_penalty`` per box beyond G and ``whole_image_penalty`` per predicted box that
-    covers ``whole_image_area`` of the frame (unless a ground-truth box does too). No ground truth and no
-    prediction: full marks (box_iou + box_l1).
+    covers ``whole_image_area`` of the image (``image_box``: where the image lies in the frame), unless a
+    ground-truth box does too. No ground truth and no prediction: full marks (box_iou + box_l1).
 
     >>> round(box_score([[0, 0, 0.5, 0.5]], [[0, 0, 0.5, 0.25]]), 4)  # IoU 0.5, L1 0.0625
     1.4375
@@ -247,9 +261,9 @@ def box_score(pred, gt, cfg: RewardConfig = RewardConfig()) -> float:
         rows, cols = _match(-gain)
         score = float(gain[rows, cols].sum()) / max(len(p), len(g))
     score -= cfg.extra_box_penalty * max(0, len(p) - len(g))
-    gt_whole = len(g) and bool((box_area(g) >= cfg.whole_image_area).any())
-    if not gt_whole:
-        score -= cfg.whole_image_penalty * int((box_area(p) >= cfg.whole_image_area).sum())
+    gt_whole = len(g) and bool((image_coverage(g, image_box) >= cfg.whole_image_area).any())
+    if not gt_whole and len(p):
+        score -= cfg.whole_image_penalty * int((image_coverage(p, image_box) >= cfg.whole_image_area).sum())
     return score
 
 
@@ -462,7 +476,8 @@ class BoxReward(GroundingReward):
     def score(self, text, result, target, record):
         if any(s.kind != "box" for s in result.shapes):
             return None  # a non-box shape where boxes were asked for: unparseable for this task
-        return box_score([s.box for s in result.shapes], target.boxes, self.config)
+        image_box = boxes_to_frame([0, 0, *target.size], target.size, target.frame)
+        return box_score([s.box for s in result.shapes], target.boxes, self.config, image_box)
 
 
 class PointsReward(GroundingReward):
