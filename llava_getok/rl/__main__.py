@@ -38,10 +38,10 @@ def main(argv=None) -> int:
     ns = parser().parse_args(argv)
     try:
         args = RLArgs(**vars(ns))
-    except ValueError as e:
+        trainer = run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad arguments or data: say what, not where in the stack
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer = run(args)
     history = [h for h in trainer.state.log_history if "reward" in h]
     if history:
         last = history[-1]

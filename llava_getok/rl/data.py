@@ -18,6 +18,8 @@ STAGE_TASKS = {"grid": ("rec", "det", "res", "point"), "refine": ("refine",)}
 def load_records(path) -> list[dict]:
     """A converted file: a JSON list, or JSONL with one record a line."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file (a converted JSON / JSONL from convert-datasets)")
     text = path.read_text()
     try:
         data = json.loads(text)

@@ -160,12 +160,20 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
     from .data import build_rows, load_records
     from .trainer import LlavaGRPOTrainer
 
-    tokenizer, model, image_processor, sidecar, ids = policy or load_policy(args)
+    from ..llava import register
+    from ..llava.sidecar import read_sidecar
+
+    register()  # LLaVA's templates and fixes, before the data is rendered
+    sidecar = read_sidecar(args.model_path)
+    if sidecar is None:
+        raise ValueError(f"{args.model_path}: no getok_config.json; GRPO starts from a GETok checkpoint (SFT first)")
     cfg = sidecar.config
+    # the data first: a bad record fails in seconds, not after loading a 7B model
     rows, skipped = build_rows(load_records(args.data), args.stage, args.image_folder, args.conv_mode, args.data,
                                frame=sidecar.frame, config=cfg)
     for reason, n in sorted(skipped.items()):
         print(f"[grpo] skipped {n} record(s): {reason}", file=sys.stderr)
+    tokenizer, model, image_processor, sidecar, ids = policy or load_policy(args)
     id_to_token = dict(zip(ids, sidecar.tokens))
     funcs, weights = reward_funcs(args, id_to_token)
     device = str(next(model.parameters()).device)
