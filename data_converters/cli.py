@@ -50,6 +50,9 @@ def _parser():
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail")
     p.add_argument("--sam-checkpoint", help="RES: use Segment Anything with this checkpoint instead of superpixels")
     p.add_argument("--sam-model-type", default="vit_h")
+    p.add_argument("--superpixels", type=int, default=512, help="RES without SAM: SLIC superpixels per image (fewer: fewer anchors, coarser masks)")
+    p.add_argument("--tau", type=float, default=0.8, help="RES: the greedy stops at this IoU (spec section 6)")
+    p.add_argument("--max-points", type=int, default=64, help="RES: at most this many anchors per mask")
     p.add_argument("--no-resume", action="store_true", help="start over even if an interrupted run of the same job left OUTPUT.partial")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: when stderr is a terminal)")
     return p
@@ -111,6 +114,7 @@ def build_job(argv):
     return Job(
         source=a.source, opts=opts, output=a.output, cfg=cfg, frame=a.frame, seed=a.seed, workers=a.workers,
         limit=a.limit, on_error=a.on_error, sam_checkpoint=a.sam_checkpoint, sam_model_type=a.sam_model_type,
+        superpixels=a.superpixels, tau=a.tau, max_points=a.max_points,
         resume=not a.no_resume, progress=a.progress, label=label,
     )
 
@@ -131,8 +135,11 @@ def decode_main(argv):
     try:
         lines = (json.dumps(decode_record(r), ensure_ascii=False) for r in read_converted(a.file))
         if a.output is None:
-            for line in lines:
-                print(line)
+            try:
+                for line in lines:
+                    print(line)
+            except BrokenPipeError:  # `decode FILE | head`: the reader left; not an error
+                sys.stdout = open(os.devnull, "w")
             return 0
         fd, tmp = tempfile.mkstemp(dir=a.output.parent or ".", prefix=a.output.name, suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:

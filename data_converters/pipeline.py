@@ -47,6 +47,9 @@ class Job:
     on_error: str = "fail"
     sam_checkpoint: str | None = None
     sam_model_type: str = "vit_h"
+    superpixels: int = 512
+    tau: float = 0.8
+    max_points: int = 64
     resume: bool = True
     progress: bool | None = None  # None: a bar when stderr is a terminal
     label: dict = field(default_factory=dict)  # what identifies the run for resuming (the CLI's arguments)
@@ -72,7 +75,7 @@ class Converter:
         if self._generator is None:
             from llava_getok.masks import SamGenerator, SuperpixelGenerator
 
-            self._generator = SamGenerator(self.job.sam_checkpoint, self.job.sam_model_type) if self.job.sam_checkpoint else SuperpixelGenerator()
+            self._generator = SamGenerator(self.job.sam_checkpoint, self.job.sam_model_type) if self.job.sam_checkpoint else SuperpixelGenerator(self.job.superpixels)
         return self._generator
 
     def load_image(self, path):
@@ -127,7 +130,7 @@ class Converter:
         else:
             loader = (lambda: self.load_image(path)) if path else None
         return build_record(sample, opts.task, job.cfg, job.frame, job.seed, job.source, loader,
-                            self.generator() if opts.task == "res" else None, box_encoder)
+                            self.generator() if opts.task == "res" else None, box_encoder, (job.tau, job.max_points))
 
     def batch(self, items):
         """Convert a batch; boxes are encoded in one codec call for the whole batch (BatchEncoder)."""

@@ -91,12 +91,12 @@ def _phrase(expression, sample):
 
 
 def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: int = 0, source: str = "",
-                 image_loader=None, generator=None, box_encoder=None) -> dict:
+                 image_loader=None, generator=None, box_encoder=None, greedy=(0.8, 64)) -> dict:
     """A validated Sample (``Sample.validated``) -> one LLaVA record with its ``getok`` field.
 
     ``image_loader()`` returns the image as an (H, W, 3) array; only ``res`` calls it (proposals).
     ``box_encoder``: a :class:`BatchEncoder` to defer box encoding (the pipeline's batches); default
-    ``codec.encode_boxes``.
+    ``codec.encode_boxes``. ``greedy``: RES's (tau, max_points) for ``masks.greedy_mask_anchors``.
     """
     enc = box_encoder or encode_boxes
     if sample.turns is not None:
@@ -131,7 +131,7 @@ def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: 
             turns = [human] + _answer("point", norm.reshape(-1, 1, 2), cfg, rng)
             shapes = [{"kind": "point", "points": [_r(p)]} for p in pts]
     elif task == "res":
-        turns, shapes, getok_extra = _res(sample, cfg, frame, rng, image_loader, generator)
+        turns, shapes, getok_extra = _res(sample, cfg, frame, rng, image_loader, generator, greedy)
     else:
         raise ValueError(f"unknown task {task!r}; one of {TASKS}")
     conversations = [{"from": "human" if k % 2 == 0 else "gpt", "value": t} for k, t in enumerate(turns)]
@@ -212,10 +212,12 @@ def _point_targets(sample):
     return [[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2] for b in sample.boxes]
 
 
-def _res(sample, cfg, frame, rng, image_loader, generator):
+def _res(sample, cfg, frame, rng, image_loader, generator, greedy=(0.8, 64)):
     from pycocotools import mask as mask_utils
 
-    from llava_getok.masks import greedy_mask_anchors, mask_cells_near, mask_refinement_offsets
+    from llava_getok.masks import SuperpixelGenerator, greedy_mask_anchors, mask_cells_near, mask_refinement_offsets
+
+    generator = generator or SuperpixelGenerator()
 
     human = PROMPTS["res"].format(expression=_phrase(sample.expression, sample))
     rle = sample.mask_rle()
@@ -227,7 +229,7 @@ def _res(sample, cfg, frame, rng, image_loader, generator):
     image = image_loader()
     if image.shape[:2] != gt.shape:
         raise ConvertError(sample.where, "image", f"image is {image.shape[1]}x{image.shape[0]}, annotation says {gt.shape[1]}x{gt.shape[0]}", "image size differs from annotation")
-    anchors = np.asarray(greedy_mask_anchors(gt, image, cfg, frame, generator), dtype=np.float64).reshape(-1, 2)
+    anchors = np.asarray(greedy_mask_anchors(gt, image, cfg, frame, generator, *greedy), dtype=np.float64).reshape(-1, 2)
     if len(anchors) == 0:
         raise Filtered("no mask anchor (no proposal overlaps the mask)")
     size = sample.size
@@ -249,7 +251,8 @@ def _res(sample, cfg, frame, rng, image_loader, generator):
         moved = apply_refinement([Shape("mask", tuple(map(tuple, pts.tolist())))], [ref], cfg)
         final = np.asarray(moved[0].points) if moved else np.zeros((0, 2))
     shapes = [{"kind": "mask", "points": [_r(p) for p in points_from_frame(final, size, frame)]}] if len(final) else []
-    return turns, shapes, {"mask": rle}
+    proposals = generator.config() if hasattr(generator, "config") else None
+    return turns, shapes, {"mask": rle, "proposals": proposals}
 
 
 def _rewrite_record(sample: Sample, cfg, frame, source, enc=encode_boxes) -> dict:

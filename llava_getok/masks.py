@@ -50,6 +50,10 @@ class SuperpixelGenerator:
         self.n_segments, self.compactness, self.cache_size = n_segments, compactness, cache_size
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
+    def config(self) -> dict:
+        """What decoding needs to rebuild the same proposals (written to RES records as getok.proposals)."""
+        return {"generator": "superpixel", "n_segments": self.n_segments, "compactness": self.compactness}
+
     def segments(self, image) -> np.ndarray:
         """Integer label map (H, W), labels 0..L-1."""
         from skimage.segmentation import slic
@@ -84,6 +88,9 @@ class SamGenerator:
         self._predictor = None
         self._key = None
 
+    def config(self) -> dict:
+        return {"generator": "sam", "model_type": self.model_type, "checkpoint": self.checkpoint}
+
     def _predictor_for(self, rgb):
         if self._predictor is None:
             try:
@@ -111,6 +118,22 @@ class SamGenerator:
             masks, scores, _ = predictor.predict(point_coords=np.array([[x, y]]), point_labels=np.array([1]), multimask_output=True)
             out.append(np.asarray(masks[int(np.argmax(scores))], dtype=bool))
         return out
+
+
+def generator_from_config(config: dict | None, sam_checkpoint: str | None = None):
+    """The generator a RES record was made with (its ``getok.proposals``); None gives the default.
+
+    >>> generator_from_config({"generator": "superpixel", "n_segments": 40, "compactness": 10.0}).n_segments
+    40
+    """
+    config = dict(config or {"generator": "superpixel"})
+    kind = config.pop("generator")
+    if kind == "superpixel":
+        return SuperpixelGenerator(**config)
+    if kind == "sam":
+        checkpoint = sam_checkpoint or config.get("checkpoint")
+        return SamGenerator(checkpoint, config.get("model_type", "vit_h"))
+    raise ValueError(f"unknown proposal generator {kind!r}; expected superpixel or sam")
 
 
 def _pixel_index(points_px, shape) -> np.ndarray:

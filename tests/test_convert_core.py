@@ -238,6 +238,7 @@ def test_res_and_point_on_real_coco_masks(tmp_path, coco_json, coco_images):
         assert (mask_utils.decode(r["getok"]["mask"]) == coco.annToMask(ann)).all()
         answer = r["conversations"][1]["value"]
         assert answer.startswith("<seg>") and answer.count("<grid_") == len(r["getok"]["shapes"][0]["points"])
+        assert r["getok"]["proposals"] == {"generator": "superpixel", "n_segments": 512, "compactness": 10.0}
     assert_round_trip(recs)
     out = tmp_path / "point.jsonl"
     assert convert("coco", "--input", src, "--output", out, "--task", "point", "--frame", "orig", "--on-error", "skip") == 0

@@ -61,8 +61,10 @@ def test_refcoco_rec_and_res(tmp_path, refer_folder, images, frame):
     test_a, s = run(tmp_path, "refcoco", "--input", refer_folder / "refs(unc).p", "--split", "testA", frame=frame)
     assert s["read"] == 2 == len(test_a) and {r["getok"]["split"] for r in test_a} == {"testA"}
     if frame == "pad":
-        res, s = run(tmp_path, "refcoco", "--input", refer_folder, "--task", "res", "--image-root", images, "--limit", 3, frame=frame)
+        res, s = run(tmp_path, "refcoco", "--input", refer_folder, "--task", "res", "--image-root", images, "--limit", 3,
+                     "--superpixels", 100, "--max-points", 5, frame=frame)
         assert s["written"] == 3 and all(r["conversations"][1]["value"].startswith("<seg>") for r in res)
+        assert all(r["getok"]["proposals"]["n_segments"] == 100 and 1 <= r["conversations"][1]["value"].count("<grid_") <= 5 for r in res)
         assert all(r["getok"]["mask"]["counts"] for r in res)
 
 

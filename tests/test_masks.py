@@ -79,3 +79,13 @@ def test_sam_generator_says_what_to_install():
             gen.masks_at(np.zeros((8, 8, 3), np.uint8), [[1, 1]])
     else:
         pytest.skip("segment_anything is installed")
+
+
+def test_generator_config_round_trips():
+    from llava_getok.masks import generator_from_config
+
+    gen = generator_from_config(SuperpixelGenerator(n_segments=60, compactness=5.0).config())
+    assert (gen.n_segments, gen.compactness) == (60, 5.0)
+    assert isinstance(generator_from_config({"generator": "sam", "model_type": "vit_b", "checkpoint": "x.pth"}), SamGenerator)
+    with pytest.raises(ValueError, match="unknown proposal generator"):
+        generator_from_config({"generator": "magic"})
