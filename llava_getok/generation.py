@@ -242,7 +242,8 @@ class GETokLogitsProcessor(LogitsProcessor):
     only: see :class:`GETokGrammar`; max_new_tokens: the generation budget, so that an answer cut by it
     still parses.
 
-    A processor instance follows one ``generate`` call at a time: make one per call (or call :meth:`reset`).
+    A processor instance follows one ``generate`` call at a time: call :meth:`reset` before reusing it (reuse
+    saves building its tables, which costs more than many steps), or make one per call.
     It also restarts by itself when a call looks new (another batch size, or a sequence that did not grow by
     exactly one token), which catches reuse unless a new prompt happens to be one token longer.
     """
@@ -308,9 +309,8 @@ class GETokLogitsProcessor(LogitsProcessor):
         """(states, vocab) additive bias, 0 where allowed and -inf elsewhere, made on first use of a level.
         Adding rows of it is several times faster than gathering classes or ``masked_fill`` per step."""
         if level not in self._bias:
-            allowed = self._allowed[level].to(self._cls.device)[:, self._cls]
-            bias = torch.zeros(allowed.shape, dtype=dtype, device=self._cls.device)
-            self._bias[level] = bias.masked_fill_(~allowed, float("-inf"))
+            per_class = torch.zeros(self._allowed[level].shape, dtype=dtype).masked_fill_(~self._allowed[level], float("-inf"))
+            self._bias[level] = per_class.to(self._cls.device).index_select(1, self._cls)
         return self._bias[level]
 
     def reset(self):

@@ -74,6 +74,7 @@ class Predictor:
         self.token_ids = getok_token_ids(tokenizer, cfg)
         self.id_to_token = {v: k for k, v in self.token_ids.items()}
         self.first_cfg = GETokConfig(cfg.grid, 0, cfg.offset_levels, cfg.schedule, "grid") if cfg.mode == "refine" else cfg
+        self._cache = {}
 
     def _processors(self, cfg, only=None, first_shapes=None):
         """The grammar constraint for one generate call (none when unconstrained)."""
@@ -83,7 +84,12 @@ class Predictor:
             return []
         if first_shapes is not None:  # refine mode's second turn: exactly the first answer's structure
             return [RefinementLogitsProcessor.from_tokenizer(self.tokenizer, cfg, first_shapes)]
-        return [GETokLogitsProcessor.from_tokenizer(self.tokenizer, cfg, only=only, max_new_tokens=self.max_new_tokens)]
+        key = (cfg, only)
+        if key not in self._cache:  # building the tables costs more than many steps: one per kind, reused
+            self._cache[key] = GETokLogitsProcessor.from_tokenizer(self.tokenizer, cfg, only=only,
+                                                                   max_new_tokens=self.max_new_tokens)
+        self._cache[key].reset()
+        return [self._cache[key]]
 
     def generate(self, conversations: list[list[dict]], images: list, processors=(), max_new_tokens=None) -> list[list[int]]:
         """Greedy answers (token ids up to EOS) for a batch of conversations and their image tensors."""
