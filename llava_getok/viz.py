@@ -24,6 +24,8 @@ from .geometry import points_from_frame, points_to_frame
 from .vocab import GETokConfig
 
 GT, PRED, LATTICE = (40, 200, 60), (235, 40, 40), (255, 255, 255)
+MIN_CAPTION_WIDTH = 160  # pixels; smaller pictures get their caption on the contact sheet only
+CAPTION_STRIP = 14
 
 
 def rle_to_mask(rle: dict) -> np.ndarray:
@@ -113,7 +115,7 @@ def render(image: Image.Image, gt_shapes=(), pred_shapes=(), gt_mask=None, pred_
     d = ImageDraw.Draw(out)
     draw_shapes(d, gt_shapes, GT, width)
     draw_shapes(d, pred_shapes, PRED, width)
-    if caption:
+    if caption and out.width >= MIN_CAPTION_WIDTH:  # on tiny images a caption would hide the picture
         font = ImageFont.load_default()
         box = d.textbbox((4, 4), caption, font=font)
         d.rectangle([box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2], fill=(0, 0, 0))
@@ -121,20 +123,31 @@ def render(image: Image.Image, gt_shapes=(), pred_shapes=(), gt_mask=None, pred_
     return out
 
 
-def contact_sheet(pictures: list[Image.Image], columns: int = 4, thumb: int = 320, pad: int = 4) -> Image.Image:
-    """Pictures scaled to fit ``thumb`` x ``thumb`` (aspect kept), laid out in rows of ``columns``."""
+def contact_sheet(pictures: list[Image.Image], columns: int = 4, thumb: int = 320, pad: int = 4,
+                  captions: list[str] | None = None) -> Image.Image:
+    """Pictures scaled to fit ``thumb`` x ``thumb`` (aspect kept; small ones scaled up, pixels kept sharp),
+    laid out in rows of ``columns``; ``captions`` go in a strip under each cell."""
     if not pictures:
         raise ValueError("contact_sheet needs at least one picture")
     columns = max(1, min(columns, len(pictures)))
     rows = -(-len(pictures) // columns)
-    sheet = Image.new("RGB", (columns * (thumb + pad) + pad, rows * (thumb + pad) + pad), (24, 24, 24))
+    strip = CAPTION_STRIP if captions else 0
+    cell_h = thumb + strip
+    sheet = Image.new("RGB", (columns * (thumb + pad) + pad, rows * (cell_h + pad) + pad), (24, 24, 24))
+    d = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
     for k, p in enumerate(pictures):
-        t = p.copy()
-        t.thumbnail((thumb, thumb))
+        scale = min(thumb / p.width, thumb / p.height)
+        t = p.resize((max(1, round(p.width * scale)), max(1, round(p.height * scale))),
+                     Image.NEAREST if scale > 1 else Image.LANCZOS)
         r, c = divmod(k, columns)
-        x = pad + c * (thumb + pad) + (thumb - t.width) // 2
-        y = pad + r * (thumb + pad) + (thumb - t.height) // 2
-        sheet.paste(t, (x, y))
+        x0, y0 = pad + c * (thumb + pad), pad + r * (cell_h + pad)
+        sheet.paste(t, (x0 + (thumb - t.width) // 2, y0 + (thumb - t.height) // 2))
+        if captions:
+            text = captions[k]
+            while text and d.textlength(text, font=font) > thumb:  # cut to the cell's width
+                text = text[:-2] + "…" if len(text) > 1 else ""
+            d.text((x0, y0 + thumb + 1), text, fill=(230, 230, 230), font=font)
     return sheet
 
 
@@ -171,13 +184,18 @@ def sample_picture(record: dict, prediction: dict | None, image_root, grid: bool
 
         norm = points_to_frame(np.asarray(anchors, dtype=np.float64), image.size, frame)
         pred_mask = mask_from_anchors(norm, np.asarray(image), frame, generator)
+    return render(image, g.get("shapes") or [], pred_shapes, rle_to_mask(g["mask"]) if masks and g.get("mask") else None, pred_mask,
+                  cfg, frame, grid, sample_caption(record, prediction))
+
+
+def sample_caption(record: dict, prediction: dict | None) -> str:
+    g = record.get("getok") or {}
     caption = str(record.get("id"))
     if g.get("expression"):
         caption += f": {g['expression']}"
     if prediction and prediction.get("errors"):
         caption += " [unparseable]"
-    return render(image, g.get("shapes") or [], pred_shapes, rle_to_mask(g["mask"]) if masks and g.get("mask") else None, pred_mask,
-                  cfg, frame, grid, caption)
+    return caption
 
 
 def _parser():
@@ -229,7 +247,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"llava-getok show: {e}", file=sys.stderr)
         return 1
-    save_png(pictures[0] if len(pictures) == 1 else contact_sheet(pictures, args.columns, args.thumb), args.output)
+    captions = [sample_caption(r, preds.get(str(r["id"]))) for r in records]
+    sheet = pictures[0] if len(pictures) == 1 else contact_sheet(pictures, args.columns, args.thumb, captions=captions)
+    save_png(sheet, args.output)
     print(f"wrote {args.output} ({len(pictures)} sample(s))", file=sys.stderr)
     return 0
 

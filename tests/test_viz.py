@@ -76,7 +76,7 @@ def test_masks_and_contact_sheet(image_root, tmp_path, shared_data):
     assert viz.main(["--annotations", str(ann), "--predictions", str(preds), "--image-root", str(image_root),
                      "--output", str(out), "--output-dir", str(per), "--columns", "2", "--thumb", "100"]) == 0
     with Image.open(out) as im:
-        assert im.format == "PNG" and im.size == (2 * 104 + 4, 104 + 4)
+        assert im.format == "PNG" and im.size == (2 * 104 + 4, 100 + viz.CAPTION_STRIP + 4 + 4)
     with Image.open(per / "res.png") as im, Image.open(image_root / PORTRAIT) as raw:
         assert im.size == (480, 640)
         a, r = np.asarray(im.convert("RGB")).astype(int), np.asarray(raw.convert("RGB")).astype(int)
@@ -93,3 +93,13 @@ def test_bad_input_is_named(image_root, tmp_path, capsys):
     assert viz.main(["--annotations", str(ann), "--image-root", str(image_root), "--output", str(tmp_path / "x.png"),
                      "--ids", "zz"]) == 1
     assert "no record with id 'zz'" in capsys.readouterr().err
+
+
+def test_contact_sheet_scales_small_pictures_up_sharply():
+    small = Image.new("RGB", (8, 4), (255, 0, 0))
+    small.putpixel((0, 0), (0, 0, 255))
+    sheet = viz.contact_sheet([small, small], columns=2, thumb=80, pad=0)
+    assert sheet.size == (160, 80)
+    a = np.asarray(sheet)
+    # 8 x 4 -> 80 x 40, centred vertically at y = 20; nearest-neighbour keeps the blue pixel a 10 x 10 block
+    assert (a[20:30, 0:10] == (0, 0, 255)).all() and (a[20:30, 10:20] == (255, 0, 0)).all()
