@@ -21,7 +21,8 @@ batch row updated from the one token that was just generated (no re-scan of the 
 tokens are left, the processor allows only the tokens that close the open group in time.
 
 Limitation: the state follows each row's own last token, so use it with greedy search or sampling
-(``num_beams=1``): beam search reorders rows between steps.
+(``num_beams=1``, no assisted decoding): beam search reorders rows between steps, and assisted decoding
+checks several tokens per call.
 """
 from __future__ import annotations
 
