@@ -55,7 +55,7 @@ def data(shared_data, tmp_path_factory):
               "conversations": [rec["conversations"][0], {"from": "gpt", "value": "<box><grid_0_1><grid_2_2></box>"},
                                 {"from": "human", "value": "You answered <box><grid_0_1><grid_2_2></box>. Refine it."},
                                 {"from": "gpt", "value": "<offset><box><off_0_0><off_0_0></box></offset>"}],
-              "getok": {**rec["getok"], "task": "refine", "config": REFINE}}
+              "getok": {**rec["getok"], "config": REFINE}}  # as convert-datasets writes it: task rec, mode refine
     (folder / "rec.json").write_text(json.dumps([rec]))
     (folder / "refine.json").write_text(json.dumps([refine]))
     return folder

@@ -43,6 +43,7 @@ def build_rows(records, stage: str, image_folder, conv_mode: str, source="<recor
     grid is an error: its ground truth would be compared with coordinates the model does not mean.
     """
     from ..llava.rl_inputs import render_prompt
+    from .rewards import record_task
 
     if stage not in STAGE_TASKS:
         raise ValueError(f"stage must be one of {sorted(STAGE_TASKS)}, got {stage!r}")
@@ -61,8 +62,9 @@ def build_rows(records, stage: str, image_folder, conv_mode: str, source="<recor
                 if rc.get(key) != getattr(config, key):
                     raise ValueError(f"{where}: field 'getok.config.{key}' is {rc.get(key)!r}, the model was "
                                      f"trained with {getattr(config, key)!r}")
-        if g["task"] not in tasks:
-            skipped[f"task {g['task']} (not a {stage}-stage task)"] += 1
+        task = record_task(g)
+        if task not in tasks:
+            skipped[f"task {task} (not a {stage}-stage task)"] += 1
             continue
         if not rec.get("image"):
             skipped["no image"] += 1
@@ -74,7 +76,7 @@ def build_rows(records, stage: str, image_folder, conv_mode: str, source="<recor
         if len(turns) < 2 or turns[-1].get("from") != "gpt" or turns[-2].get("from") != "human":
             raise ValueError(f"{where}: field 'conversations' must end with a human turn and the gpt answer")
         first_answer = ""
-        if g["task"] == "refine":
+        if task == "refine":
             gpt = [t for t in turns[:-1] if t.get("from") == "gpt"]
             if not gpt:
                 raise ValueError(f"{where}: a refine record needs the first answer as an earlier gpt turn")

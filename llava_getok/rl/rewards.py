@@ -33,6 +33,14 @@ GRID_TASKS = ("rec", "det", "res", "point")  # tasks judged by the grid stage
 BOX_TASKS = ("rec", "det")
 
 
+def record_task(getok: dict) -> str:
+    """The task a reward judges: "refine" for two-turn refine records (convert-datasets writes them as
+    ``task`` rec/res with ``config.mode`` refine), else ``getok.task``."""
+    if getok.get("task") == "refine" or (getok.get("config") or {}).get("mode") == "refine":
+        return "refine"
+    return getok["task"]
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     """Weights and thresholds of every reward (the defaults are the documented ones).
@@ -83,13 +91,14 @@ class RewardConfig:
 class Target:
     """Ground truth of one record in the model's normalised frame (built from the ``getok`` column)."""
 
-    task: str
+    task: str  # see record_task
     boxes: np.ndarray  # (N, 4) normalised
     points: np.ndarray  # (M, 2) normalised: ground-truth points (point task)
     size: tuple[int, int]  # (W, H) of the original image
     frame: str
     mask: np.ndarray | None  # (H, W) bool in original pixels, when the record carries one
     config: GETokConfig
+    proposals: dict | None = None  # the proposal generator the converter used for the mask anchors
 
 
 def target_from_getok(getok) -> Target:
@@ -119,13 +128,14 @@ def target_from_getok(getok) -> Target:
         if mask.shape != (size[1], size[0]):
             raise ValueError(f"getok.mask is {mask.shape[::-1]} (W, H) but getok.size is {size}")
     return Target(
-        task=g["task"],
+        task=record_task(g),
         boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
         points=np.asarray(points, dtype=np.float64).reshape(-1, 2),
         size=size,
         frame=g["frame"],
         mask=mask,
         config=GETokConfig.from_dict(g.get("config", {})),
+        proposals=g.get("proposals"),
     )
 
 
@@ -501,11 +511,24 @@ class MaskReward(GroundingReward):
     tasks = ("res",)
 
     def __init__(self, config: RewardConfig = RewardConfig(), id_to_token=None, generator=None):
+        super().__init__(config, id_to_token)
+        self.generator = generator  # None: the generator each record's ``getok.proposals`` names
+        self._generators = {}  # kept for the reward's lifetime: a group's G completions share a segmentation
+
+    def generator_for(self, target: Target):
+        """The proposal generator that made the record's anchors (the weight-free superpixels by default)."""
+        if self.generator is not None:
+            return self.generator
         from ..masks import SuperpixelGenerator
 
-        super().__init__(config, id_to_token)
-        # one generator for the reward's lifetime: a group's G completions share the image's segmentation
-        self.generator = generator if generator is not None else SuperpixelGenerator()
+        p = dict(target.proposals or {"generator": "superpixel"})
+        if p.pop("generator", "superpixel") != "superpixel":
+            raise ValueError(f"record proposals {target.proposals}: pass that generator to the mask reward "
+                             "(get_reward('mask', generator=...)); only superpixels need no weights")
+        key = json.dumps(p, sort_keys=True)
+        if key not in self._generators:
+            self._generators[key] = SuperpixelGenerator(**p)
+        return self._generators[key]
 
     def score(self, text, result, target, record):
         if any(s.kind != "mask" for s in result.shapes) or target.mask is None:
@@ -518,7 +541,7 @@ class MaskReward(GroundingReward):
             raise ValueError("reward 'mask' needs the 'image_path' column (the record's image on disk)")
         image = _load_image(record["image_path"])
         anchors = np.concatenate([np.asarray(s.points) for s in result.shapes])
-        pred = mask_from_anchors(anchors, image, target.frame, generator=self.generator)
+        pred = mask_from_anchors(anchors, image, target.frame, generator=self.generator_for(target))
         return mask_score(pred, target.mask)
 
 
