@@ -154,3 +154,49 @@ def test_from_tokenizer_needs_the_getok_tokens(tiny_tokenizer_dir):
     classes = proc.token_classes(len(tok) + 5)
     assert classes[tok.eos_token_id] == 1 and classes[tok.bos_token_id] == classes[-1] == 13
     assert classes[ids["<grid_3_3>"]] == 2 and classes[ids["</box>"]] == 6
+
+
+def classes_of(text, cfg):
+    """Token classes of a GETok answer: each GETok token its class, each run of free text one "text"."""
+    from llava_getok.vocab import TOKEN_RE
+
+    out, end = [], 0
+    for m in TOKEN_RE.finditer(text):
+        if text[end:m.start()]:
+            out.append("text")
+        tok = m.group(0)
+        out.append("grid" if m.group("i") else "off" if m.group("dx") else "delete" if m.group("delete") else tok)
+        end = m.end()
+    if text[end:]:
+        out.append("text")
+    return out + ["eos"]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mode}-R{c.rounds}-m{c.offset_levels}")
+def test_the_grammar_accepts_every_answer_the_codec_writes(cfg):
+    """The constraint must never block a training target: every rendered answer walks the automaton."""
+    import numpy as np
+
+    from llava_getok.codec import Refinement, Shape, encode_refinement, render
+
+    rng = np.random.default_rng(0)
+    free = GETokGrammar(cfg)
+    for _ in range(200):
+        shapes = []
+        for kind in rng.choice(["point", "box", "polyline", "mask"], size=rng.integers(1, 4)):
+            n = {"point": 1, "box": 2}.get(kind, int(rng.integers(1, 6)))
+            pts = rng.random((n, 2))
+            if kind == "box":
+                pts = np.sort(pts, axis=0)
+            shapes.append(Shape(kind, tuple(map(tuple, pts))))
+        text = "Here: " + render(shapes, cfg) + " done."
+        states = free.walk(classes_of(text, cfg))
+        assert free.states[states[-1]].ctx == "done"
+        one = GETokGrammar(cfg, only=shapes[0].kind)
+        assert one.states[one.walk(classes_of(render(shapes[:1], cfg), cfg))[-1]].ctx == "done"
+        if cfg.mode == "refine":
+            refs = [Refinement(s.kind, tuple(None if rng.random() < 0.2 else (int(rng.integers(-1, 2)), 0) for _ in s.points))
+                    for s in shapes]
+            answer = encode_refinement(refs, cfg)
+            for g in (free, GETokGrammar(cfg, only="refinement")):
+                assert g.states[g.walk(classes_of(answer, cfg))[-1]].ctx == "done"
