@@ -5,7 +5,8 @@ Computed at the label positions whose target is a GETok grid or offset token (af
 
 - ``grid``: cross-entropy between the model's distribution renormalised over the n² grid tokens and a 2D
   Gaussian over cells centred on the target cell (``sigma`` in cells; 0 gives the one-hot target). Offset
-  targets get the same over the m x m offset tokens **(ours)**. Mean over those positions.
+  targets get the same over the m x m offset tokens with ``offset_sigma`` (default 0: one-hot) **(ours)**.
+  Mean over those positions.
 - ``box``: for each ``<box> P P </box>`` in the labels, the expected corners under the grid (and offset)
   distributions (a soft-argmax over anchors, plus the expected offset steps) against the target corners:
   L1 (mean of 4 coordinates) + (1 - generalised IoU). Mean over boxes.
@@ -128,48 +129,51 @@ def box_token_loss(logits: torch.Tensor, labels: torch.Tensor, table: TokenTable
     grid_ids, off_ids = table.grid_ids.to(labels.device), table.offset_ids.to(labels.device)
     zero = _up(logits.new_zeros(()))
     parts = {"grid": zero, "box": zero, "n_grid": 0, "n_box": 0}
+    where = torch.isin(labels, torch.cat([grid_ids, off_ids]))
+    if not bool(where.any()):
+        return parts
+    # One gather of every scored position. Indexing the (B, T, V) logits once per position or box makes the
+    # backward scatter into a full-size zero tensor each time (it doubled a tiny model's step on CPU).
+    rows = logits[where]  # (P, V)
+    target = labels[where]  # (P,)
 
     losses = []
     for ids, coords, width in ((grid_ids, table.cell_xy(), sigma), (off_ids, table.offset_xy(), offset_sigma)):
-        where = torch.isin(labels, ids)
-        if where.any():
-            target = torch.searchsorted(ids, labels[where])  # class index: ids are increasing (from_ids)
-            losses.append(_soft_ce(logits[where][:, ids], target, coords, width))
-    if losses:
-        per_pos = torch.cat(losses)
-        parts["grid"], parts["n_grid"] = per_pos.mean(), len(per_pos)
+        mine = torch.isin(target, ids)
+        if bool(mine.any()):
+            cls = torch.searchsorted(ids, target[mine])  # class index: ids are increasing (from_ids)
+            losses.append(_soft_ce(rows[mine][:, ids], cls, coords, width))
+    per_pos = torch.cat(losses)
+    parts["grid"], parts["n_grid"] = per_pos.mean(), len(per_pos)
 
     if with_box:
         boxes = find_boxes(labels, table)
         if boxes:
-            parts["box"] = _box_part(logits, labels, boxes, table)
+            row_of = {bt: k for k, bt in enumerate(map(tuple, where.nonzero().tolist()))}
+            parts["box"] = _box_part(rows, target, boxes, row_of, table)
             parts["n_box"] = len(boxes)
     return parts
 
 
-def _box_part(logits, labels, boxes, table: TokenTable) -> torch.Tensor:
+def _box_part(rows, target, boxes, row_of, table: TokenTable) -> torch.Tensor:
+    """Vectorised over corners: expected anchor under the grid distribution, plus the expected offset step
+    of each round, against the decoded target point."""
     cfg = table.cfg
-    n = cfg.grid
-    grid_ids, off_ids = table.grid_ids.to(labels.device), table.offset_ids.to(labels.device)
-    dtype = _up(logits[:0]).dtype
-    anchors = (table.cell_xy().to(logits.device, dtype) + 0.5) / n  # (n*n, 2)
-    offs = table.offset_xy().to(logits.device, dtype)  # (m*m, 2)
-    pred, true = [], []
-    for b, corners in boxes:
-        for positions in corners:
-            g = positions[0]
-            p = F.softmax(_up(logits[b, g, grid_ids]), -1)
-            point = p @ anchors
-            cell = int(torch.searchsorted(grid_ids, labels[b, g]))
-            target = anchors[cell].clone()
-            for r, t in enumerate(positions[1:], start=1):
-                step = cfg.step(r)
-                q = F.softmax(_up(logits[b, t, off_ids]), -1)
-                point = point + step * (q @ offs)
-                target = target + step * offs[int(torch.searchsorted(off_ids, labels[b, t]))]
-            pred.append(point)
-            true.append(target.clamp(0, 1))
-    pred = torch.stack(pred).reshape(-1, 4)
-    true = torch.stack(true).reshape(-1, 4)
+    grid_ids, off_ids = table.grid_ids.to(rows.device), table.offset_ids.to(rows.device)
+    dtype = _up(rows[:0]).dtype
+    anchors = (table.cell_xy().to(rows.device, dtype) + 0.5) / cfg.grid  # (n*n, 2)
+    offs = table.offset_xy().to(rows.device, dtype)  # (m*m, 2)
+    corners = [[row_of[(b, t)] for t in positions] for b, pair in boxes for positions in pair]  # 2 per box
+    g = torch.tensor([c[0] for c in corners], device=rows.device)
+    point = F.softmax(_up(rows[g][:, grid_ids]), -1) @ anchors
+    true = anchors[torch.searchsorted(grid_ids, target[g])]
+    for r in range(1, max(len(c) for c in corners)):
+        which = torch.tensor([k for k, c in enumerate(corners) if len(c) > r], device=rows.device)
+        o = torch.tensor([c[r] for c in corners if len(c) > r], device=rows.device)
+        step = cfg.step(r)
+        point = point.index_add(0, which, step * (F.softmax(_up(rows[o][:, off_ids]), -1) @ offs))
+        true = true.index_add(0, which, step * offs[torch.searchsorted(off_ids, target[o])])
+    pred = point.reshape(-1, 4)
+    true = true.clamp(0, 1).reshape(-1, 4)
     l1 = (pred - true).abs().mean(1)
     return (l1 + 1 - _giou(pred, true)).mean()

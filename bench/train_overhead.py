@@ -1,0 +1,140 @@
+"""Step time of LLaVA training with the GETok hooks and box-token loss on, against plain LLaVA, same tiny model.
+
+Both trainers run on one model and one batch (real COCO boxes as GETok answers), interleaved step by step
+so that machine load hits both alike; the ratio is the median GETok step over the median plain step, measured
+in this one run. A step is forward + backward (LLaVA's compute_loss, then loss.backward()).
+
+    python bench/train_overhead.py [--steps 30] [--batch 4] [--threads 2]
+
+Prints a markdown table and writes it to bench/results/train_overhead.md. Target: ratio <= 1.05.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def build(tmp: Path, batch: int, lora: bool):
+    """Tiny LLaVA + GETok tokens (as LLaVA's train() hands them to the trainer), one batch."""
+    import llava_getok as gt
+
+    gt.register()
+    from llava import conversation
+    from llava.model import LlavaLlamaForCausalLM
+    from llava.train.train import DataArguments, TrainingArguments, make_supervised_data_module
+    from transformers import AutoTokenizer
+
+    from llava_getok.llava.tiny import build_tiny_llava, make_grounding_data, train_tokenizer
+
+    cfg = gt.GETokConfig(grid=32)
+    model_dir = tmp / "tiny-llava"
+    if not model_dir.exists():
+        build_tiny_llava(model_dir, train_tokenizer(tmp / "tok"))
+        make_grounding_data(tmp / "data", Path(os.environ.get("GETOK_SHARED_DATA", SHARED)) / "coco_mini", cfg,
+                            n_records=batch)
+    data = tmp / "data" / "data.json"
+    tok = AutoTokenizer.from_pretrained(model_dir, use_fast=False, model_max_length=512, padding_side="right")
+    tok.pad_token = tok.unk_token
+    model = LlavaLlamaForCausalLM.from_pretrained(model_dir)
+    model.get_model().get_vision_tower().load_model()
+    model.config.use_cache = False
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        from llava.train.train import find_all_linear_names
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=find_all_linear_names(model),
+                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+    data_args = DataArguments(data_path=str(data), image_folder=str(tmp / "data" / "images"), is_multimodal=True,
+                              image_aspect_ratio="pad")
+    data_args.image_processor = model.get_vision_tower().image_processor
+    data_args.mm_use_im_start_end = False
+    conversation.default_conversation = conversation.conv_templates["getok_v1"]
+    module = make_supervised_data_module(tok, data_args)
+    args = TrainingArguments(output_dir=str(tmp / "out"), report_to="none", use_cpu=True, lora_enable=lora,
+                             per_device_train_batch_size=batch)
+    return model, tok, module, args, cfg
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def measure(tmp: Path, steps: int, batch: int, lora: bool, weights: tuple[float, float]):
+    import llava_getok as gt
+
+    gt.register()  # before llava.train is imported (compat fix for transformers >= 4.53)
+    from llava.train.llava_trainer import LLaVATrainer
+
+    from llava_getok.llava.trainer import GETokSettings, GETokTrainer
+
+    model, tok, module, args, cfg = build(tmp, batch, lora)
+    GETokTrainer.getok_settings = GETokSettings(grid=cfg.grid, grid_weight=weights[0], box_weight=weights[1])
+    getok = GETokTrainer(model=model, tokenizer=tok, args=args, **module)
+    plain = LLaVATrainer(model=model, tokenizer=tok, args=args, **module)  # same model, GETok rows included
+    ds = module["train_dataset"]
+    batch_inputs = module["data_collator"]([ds[i] for i in range(min(batch, len(ds)))])
+    model.train()
+
+    def step(trainer):
+        loss = trainer.compute_loss(model, dict(batch_inputs))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up
+        step(plain), step(getok)
+    t_plain, t_getok = [], []
+    for i in range(steps):
+        order = (plain, getok) if i % 2 == 0 else (getok, plain)
+        for trainer in order:
+            (t_plain if trainer is plain else t_getok).append(timed(lambda: step(trainer)))
+    return statistics.median(t_plain), statistics.median(t_getok)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for name, lora, weights in (("full, loss on (0.5, 0.5)", False, (0.5, 0.5)),
+                                    ("full, loss off (0, 0)", False, (0.0, 0.0)),
+                                    ("LoRA + GETok rows, loss on", True, (0.5, 0.5))):
+            plain, getok = measure(tmp, a.steps, a.batch, lora, weights)
+            rows.append((name, plain * 1e3, getok * 1e3, getok / plain))
+    table = ["| configuration | plain LLaVA ms/step | GETok ms/step | ratio |", "|---|---|---|---|"]
+    table += [f"| {n} | {p:.1f} | {g:.1f} | {r:.3f} |" for n, p, g, r in rows]
+    info = (f"\nTiny LLaVA (LLaMA 64 x 2 layers, CLIP 32 px), GETok grid 32 (1035 tokens added), batch {a.batch}, "
+            f"{a.steps} interleaved steps (median), forward + backward, {a.threads} threads, torch "
+            f"{torch.__version__}, {platform.processor() or platform.machine()}. Target ratio <= 1.05.\n"
+            f"Reproduce: `python bench/train_overhead.py --steps {a.steps} --batch {a.batch} --threads {a.threads}`\n")
+    text = "\n".join(table) + "\n" + info
+    print(text)
+    out = REPO / "bench" / "results" / "train_overhead.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".md.tmp")
+    tmp_out.write_text("# Training step overhead of the GETok hooks\n\n" + text)
+    os.replace(tmp_out, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
