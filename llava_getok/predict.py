@@ -273,8 +273,10 @@ def main(argv=None) -> int:
         return 1
     cfg = GETokConfig.from_dict(json.loads(configs.pop()))
     model_cfg = model_getok_config(args.model_path)
-    if model_cfg is not None and model_cfg != cfg:
-        print(f"llava-getok predict: the model was trained with {model_cfg}, the data says {cfg}", file=sys.stderr)
+    lattice = lambda c: (c.grid, c.offset_levels, c.schedule)  # noqa: E731  (mode and rounds: the data's)
+    if model_cfg is not None and lattice(model_cfg) != lattice(cfg):
+        print(f"llava-getok predict: the model's tokens are {model_cfg}, the data's {cfg}: grid, offset levels "
+              "and schedule must agree", file=sys.stderr)
         return 1
     import torch
 
