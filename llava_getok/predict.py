@@ -282,6 +282,14 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, model, processor = load_model(args.model_path, args.model_base, device)
+    # the frame the model sees: LLaVA pads to a square only with image_aspect_ratio "pad" (spec section 1)
+    seen = "pad" if getattr(model.config, "image_aspect_ratio", None) == "pad" else "orig"
+    frames = {(r.get("getok") or {}).get("frame") for r in records}
+    if frames != {seen}:
+        print(f"llava-getok predict: {args.data}: records are in frame(s) {sorted(map(str, frames))}, but the model "
+              f"sees frame {seen!r} (image_aspect_ratio={getattr(model.config, 'image_aspect_ratio', None)!r})",
+              file=sys.stderr)
+        return 1
     predictor = Predictor(tokenizer, model, processor, cfg, args.conv_mode, args.constrained, args.shape_only,
                           args.max_new_tokens)
     try:

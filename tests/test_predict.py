@@ -95,7 +95,7 @@ def test_predict_file_writes_one_line_per_record(tiny_getok, records_and_root, t
     assert not (tmp_path / "x.jsonl").exists()
 
 
-def test_cli_predict_then_eval_then_show(tiny_getok, records_and_root, tmp_path):
+def test_cli_predict_then_eval_then_show(tiny_getok, records_and_root, tmp_path, capsys):
     """The three commands on one converted file: a checkpoint saved with the GETok tokens loads through
     LLaVA's builder, every answer parses, eval scores it, show draws it."""
     from llava_getok.cli import main
@@ -122,6 +122,12 @@ def test_cli_predict_then_eval_then_show(tiny_getok, records_and_root, tmp_path)
     assert main(["show", "--predictions", str(preds), "--annotations", str(data), "--image-root", str(root),
                  "--output", str(tmp_path / "sheet.png")]) == 0
     assert (tmp_path / "sheet.png").stat().st_size > 0
+    for r in records:  # data made for another frame than the model sees: refused, not silently misplaced
+        r["getok"]["frame"] = "orig"
+    data.write_text(json.dumps(records[:1]))
+    assert main(["predict", "--model-path", str(ckpt), "--data", str(data), "--image-root", str(root),
+                 "--output", str(tmp_path / "x.jsonl"), "--device", "cpu"]) == 1
+    assert "the model sees frame 'pad'" in capsys.readouterr().err
 
 
 def test_refine_mode_two_turns_always_fit(tiny_getok, records_and_root):
