@@ -59,9 +59,10 @@ def question_turns(record: dict) -> list[dict]:
 class Predictor:
     """Batched generation + parsing for one loaded LLaVA model.
 
-    cfg: the GETok config the model was trained with; frame: where its coordinates live ("pad" for
-    ``image_aspect_ratio=pad``). constrained: apply :class:`GETokLogitsProcessor`; shape_only: make each
-    answer exactly the shape its task asks for (rec: a box, res: a mask, point: a point).
+    cfg: the GETok config of the answers (the data's; its lattice is the model's). Each record's
+    ``getok.frame`` and ``getok.size`` map the answers back to pixels. constrained: apply
+    :class:`GETokLogitsProcessor`; shape_only: make each answer exactly the shape its task asks for (rec: a
+    box, res: a mask, point: a point), which also rules out "no such object" answers.
     """
 
     def __init__(self, tokenizer, model, image_processor, cfg: GETokConfig, conv_mode: str = "llava_v1",
