@@ -212,6 +212,27 @@ def test_lora_checkpoint_round_trip_same_ids_and_logits(lora_run, tiny_llava_dir
     assert (logits_of(mid, ids, images) - after).abs().max() <= LOGIT_TOL
 
 
+def test_lora_resume_restores_getok_rows_and_projector(lora_run, tiny_llava_dir, train_data):
+    """LLaVA's train() resumes from checkpoint-* in the output folder; the Trainer alone would reload only
+    the LoRA adapter (LLaVA#1200)."""
+    trainer, out = lora_run
+    before = rows_file(out / "checkpoint-6")
+    resumed = train_in_process(train_argv(tiny_llava_dir, train_data, out, "--lora_enable", "True", "--lora_r", "8",
+                                          "--lora_alpha", "16", steps=6))  # already at step 6: trains nothing
+    assert resumed.state.global_step == 6
+    after = getok_rows_values_of(resumed)
+    assert torch.allclose(after["input_rows"], before["input_rows"], atol=1e-6)
+    assert torch.allclose(after["output_rows"], before["output_rows"], atol=1e-6)
+    proj = lambda t: t.model.get_base_model().get_model().mm_projector[0].weight.detach()
+    assert torch.equal(proj(resumed), proj(trainer))
+
+
+def getok_rows_values_of(trainer):
+    from llava_getok.llava.rows import getok_rows_values
+
+    return getok_rows_values(trainer.model.get_base_model(), trainer.getok.ids)
+
+
 # -- QLoRA and ZeRO-2, as users launch them -----------------------------------------------------------
 
 def test_qlora_4bit_cli_trains_getok_rows_only(tiny_llava_dir, train_data, tmp_path):

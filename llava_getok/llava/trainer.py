@@ -243,6 +243,40 @@ class GETokTrainer(LLaVATrainer):
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         self.write_getok_files(folder)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume also what the Trainer does not reload for a PeftModel (LLaVA#1200): the GETok row deltas,
+        LLaVA's non-LoRA weights (projector) and a trained vision tower."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        from safetensors.torch import load_file
+
+        from .sidecar import read_rows, read_sidecar
+
+        base = unwrap_llava(model if model is not None else self.model)
+        folder = resume_from_checkpoint
+        rows_module = getattr(base, ROWS_ATTR, None)
+        sidecar = read_sidecar(folder)
+        if rows_module is not None and sidecar is not None:
+            saved = read_rows(folder, sidecar)
+            index = saved["token_ids"].to(rows_module.ids.device)
+            with torch.no_grad():  # delta = saved effective rows - the frozen matrix rows
+                emb = base.get_input_embeddings().weight[index].float()
+                head = base.get_output_embeddings().weight[index].float()
+                rows_module.input_delta.copy_((saved["input_rows"].to(emb.device) - emb).to(rows_module.input_delta.dtype))
+                rows_module.output_delta.copy_((saved["output_rows"].to(head.device) - head).to(rows_module.output_delta.dtype))
+        non_lora = os.path.join(folder, "non_lora_trainables.bin")
+        if os.path.exists(non_lora) and hasattr(self.model, "peft_config"):
+            state = {k: v for k, v in torch.load(non_lora, map_location="cpu").items() if f"{ROWS_ATTR}." not in k}
+            params = dict(self.model.named_parameters())
+            unknown = [k for k in state if k not in params]
+            if unknown:
+                raise KeyError(f"{non_lora}: keys match no parameter: {unknown[:3]}")
+            with torch.no_grad():
+                for k, v in state.items():
+                    params[k].copy_(v.to(params[k].dtype))
+        tower_file = os.path.join(folder, TOWER_FILE)
+        if os.path.exists(tower_file):
+            base.get_vision_tower().vision_tower.load_state_dict(load_file(tower_file))
+
     def train(self, *args, **kwargs):
         out = super().train(*args, **kwargs)
         self.write_getok_files(self.args.output_dir)
