@@ -65,6 +65,7 @@ class Trial:
     n_min: int = 2
     n_max: int = 4
     p_relation: float = 0.3
+    eval_n_min: int = 0  # 0: as n_min; else held-out scenes have eval_n_min..n_max shapes
     train_pool: int = 0  # 0: a fresh scene every sample; else reuse this many scenes
     # answer
     repr: str = "getok"  # getok | text | bins
@@ -92,7 +93,8 @@ def sample(trial: Trial, split: str, k: int, one_shape: bool = False):
 
     rng = scene_rng(trial.seed if split == "train" else 10_000 + trial.seed, split, k)
     while True:
-        n = (1, 1) if one_shape else (trial.n_min, trial.n_max)
+        lo = trial.eval_n_min if (split == "eval" and trial.eval_n_min) else trial.n_min
+        n = (1, 1) if one_shape else (lo, trial.n_max)
         img, objs = make_scene(rng, trial.image_size, n)
         t = int(rng.integers(len(objs)))
         expr = describe(objs, t, rng, trial.p_relation)

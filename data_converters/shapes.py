@@ -205,7 +205,8 @@ def scene_records(seed: int, split: str, index: int, image_size: int = 64, n_obj
 def generate(out_dir, splits: dict[str, int], seed: int = 0, image_size: int = 64, n_objects=(2, 4),
              p_relation: float = 0.3, refs_per_image: int = 1, progress: bool = False) -> Path:
     """Write the dataset (``splits`` = {"train": 2000, "val": 200}) to ``out_dir``; returns the annotation
-    file. Every file is written to a temporary name and renamed, so an interrupted run leaves no half file."""
+    file. ``n_objects``: (min, max) shapes per image, or {split: (min, max)}. Every file is written to a
+    temporary name and renamed, so an interrupted run leaves no half file."""
     import json
     import os
 
@@ -217,7 +218,8 @@ def generate(out_dir, splits: dict[str, int], seed: int = 0, image_size: int = 6
     for split, n in splits.items():
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         for k in range(n):
-            img, recs = scene_records(seed, split, k, image_size, n_objects, p_relation, refs_per_image)
+            n_obj = n_objects[split] if isinstance(n_objects, dict) else n_objects
+            img, recs = scene_records(seed, split, k, image_size, n_obj, p_relation, refs_per_image)
             path = out / recs[0]["image"]
             tmp = path.with_suffix(".tmp.png")
             Image.fromarray(img).save(tmp)
@@ -225,7 +227,8 @@ def generate(out_dir, splits: dict[str, int], seed: int = 0, image_size: int = 6
             lines.extend(json.dumps(r, sort_keys=True) for r in recs)
             bar.update()
     bar.close()
-    settings = {"seed": seed, "splits": splits, "image_size": image_size, "n_objects": list(n_objects),
+    n_json = {k: list(v) for k, v in n_objects.items()} if isinstance(n_objects, dict) else list(n_objects)
+    settings = {"seed": seed, "splits": splits, "image_size": image_size, "n_objects": n_json,
                 "p_relation": p_relation, "refs_per_image": refs_per_image}
     for name, text in ((ANNOTATIONS, "\n".join(lines) + "\n"), ("shapes.json", json.dumps(settings, indent=1))):
         tmp = out / (name + ".tmp")
@@ -265,6 +268,17 @@ def parse(raw, where, opts):
     )
 
 
+def parse_range(text: str) -> tuple[int, int]:
+    """"2-4" -> (2, 4); "3" -> (3, 3). ValueError with the expected form otherwise."""
+    try:
+        lo, hi = (int(v) for v in (text.split("-") if "-" in text else (text, text)))
+    except ValueError:
+        raise ValueError(f"shapes per image must be MIN-MAX, e.g. 2-4, got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise ValueError(f"shapes per image needs 1 <= MIN <= MAX, got {text!r}")
+    return lo, hi
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -276,18 +290,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--objects", default="2-4", help="shapes per image, MIN-MAX")
+    ap.add_argument("--val-objects", default=None, help="shapes per val image, MIN-MAX (default: --objects)")
     ap.add_argument("--p-relation", type=float, default=0.3, help="share of relational expressions")
     ap.add_argument("--refs-per-image", type=int, default=1)
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     a = ap.parse_args(argv)
     try:
-        lo, hi = (int(v) for v in a.objects.split("-"))
-    except ValueError:
-        ap.error(f"--objects must be MIN-MAX, e.g. 2-4, got {a.objects!r}")
-    if not 1 <= lo <= hi:
-        ap.error(f"--objects needs 1 <= MIN <= MAX, got {a.objects!r}")
-    path = generate(a.output, {"train": a.train, "val": a.val}, a.seed, a.image_size, (lo, hi), a.p_relation,
-                    a.refs_per_image, a.progress)
+        train_n, val_n = parse_range(a.objects), parse_range(a.val_objects or a.objects)
+    except ValueError as e:
+        ap.error(str(e))
+    path = generate(a.output, {"train": a.train, "val": a.val}, a.seed, a.image_size,
+                    {"train": train_n, "val": val_n}, a.p_relation, a.refs_per_image, a.progress)
     print(f"shapes: wrote {a.train + a.val} images and {path}")
     return 0
 

@@ -36,16 +36,18 @@ def _parser():
     p = argparse.ArgumentParser(prog="llava-getok demo", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder (created; reused data is redrawn)")
-    p.add_argument("--train-images", type=int, default=6000)
+    p.add_argument("--train-images", type=int, default=8000)
     p.add_argument("--val-images", type=int, default=200)
-    p.add_argument("--objects", default="2-3", help="shapes per image, MIN-MAX")
+    p.add_argument("--objects", default="1-3", help="shapes per training image, MIN-MAX (one-shape images teach "
+                   "localisation first; see bench/results/learning_trials.md)")
+    p.add_argument("--val-objects", default="2-3", help="shapes per val image, MIN-MAX")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--patch", type=int, default=16, help="vision tower patch size: (image/patch)^2 image tokens")
+    p.add_argument("--patch", type=int, default=8, help="vision tower patch size: (image/patch)^2 image tokens")
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--template", default="getok_mistral_instruct", help="conversation template (training and prediction)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 is fastest for this tiny model, and 2 threads on a busy 2-core machine "
@@ -88,14 +90,15 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # LLaVA's reload lists every tower weight
     st = Stages(7)
     skipped: list[str] = []
-    lo, hi = (int(v) for v in a.objects.split("-"))
 
-    st.start(f"drawing the shapes dataset: {a.train_images} train + {a.val_images} val images of {a.image_size} px")
+    st.start(f"drawing the shapes dataset: {a.train_images} train ({a.objects} shapes) + {a.val_images} val "
+             f"({a.val_objects} shapes) images of {a.image_size} px")
     from data_converters import shapes
 
     data = out / "data"
+    n_objects = {"train": shapes.parse_range(a.objects), "val": shapes.parse_range(a.val_objects)}
     shapes.generate(data, {"train": a.train_images, "val": a.val_images}, seed=a.seed, image_size=a.image_size,
-                    n_objects=(lo, hi), progress=True)
+                    n_objects=n_objects, progress=True)
 
     st.start("convert-datasets shapes -> GETok conversations")
     from data_converters.cli import main as convert
