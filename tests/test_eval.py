@@ -190,3 +190,6 @@ def test_eval_cli_writes_tables_with_the_ceiling(shared_data, tmp_path, capsys):
     preds.write_text("".join(json.dumps(p) + "\n" for p in lines[:1] * 2))
     assert eval_cli.main(["--predictions", str(preds), "--annotations", str(ann)]) == 1
     assert "preds.jsonl:2: id 'a' appears twice" in capsys.readouterr().err
+    preds.write_text(json.dumps({"id": "a", "shapes": [{"kind": "box", "points": [[1, 2, 3, 4]]}], "errors": []}) + "\n")
+    assert eval_cli.main(["--predictions", str(preds), "--annotations", str(ann)]) == 1
+    assert "preds.jsonl:1 (id a): shapes[0]: 'points' must be a non-empty list of [x, y]" in capsys.readouterr().err

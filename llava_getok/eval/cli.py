@@ -25,6 +25,9 @@ import numpy as np
 from .metrics import TASKS, THRESHOLDS, aggregate, score_all, scores_as_dicts
 
 
+SHAPE_KINDS = ("point", "box", "polyline", "mask")
+
+
 class InputError(ValueError):
     pass
 
@@ -67,6 +70,14 @@ def read_predictions(path: Path) -> dict[str, dict]:
             raise InputError(f"{path}:{k}: a prediction needs an 'id' field")
         if not isinstance(p.get("shapes", []), list) or not isinstance(p.get("errors", []), list):
             raise InputError(f"{path}:{k} (id {p['id']}): 'shapes' and 'errors' must be lists")
+        for k_shape, shape in enumerate(p.get("shapes", [])):
+            where = f"{path}:{k} (id {p['id']}): shapes[{k_shape}]"
+            if not isinstance(shape, dict) or shape.get("kind") not in SHAPE_KINDS:
+                raise InputError(f"{where}: 'kind' must be one of {', '.join(SHAPE_KINDS)}")
+            pts = np.asarray(shape.get("points", []), dtype=object)
+            if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0 or not all(
+                    isinstance(v, (int, float)) and np.isfinite(v) for v in pts.ravel()):
+                raise InputError(f"{where}: 'points' must be a non-empty list of [x, y] numbers (pixels)")
         if str(p["id"]) in out:
             raise InputError(f"{path}:{k}: id {p['id']!r} appears twice")
         out[str(p["id"])] = p
