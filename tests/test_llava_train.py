@@ -233,6 +233,18 @@ def getok_rows_values_of(trainer):
     return getok_rows_values(trainer.model.get_base_model(), trainer.getok.ids)
 
 
+def test_projector_only_checkpoint_round_trip(tiny_llava_dir, train_data, tmp_path):
+    """--tune_mm_mlp_adapter: LLaVA saves mm_projector.bin only; the GETok rows come in their own file."""
+    out = tmp_path / "projector"
+    trainer = train_in_process(train_argv(tiny_llava_dir, train_data, out, "--tune_mm_mlp_adapter", "True",
+                                          "--save_strategy", "no", steps=2))
+    assert trainer.getok.rows_mode == "delta" and (out / "mm_projector.bin").exists()
+    assert json.loads((out / "getok_config.json").read_text())["kind"] == "projector"
+    tokenizer, model, processor, _ = load(out)  # base model taken from the sidecar
+    ids, images = probe_inputs(tokenizer, processor, model.config, train_data)
+    assert (logits_of(trainer.model, ids, images) - logits_of(model, ids, images)).abs().max() <= LOGIT_TOL
+
+
 # -- QLoRA and ZeRO-2, as users launch them -----------------------------------------------------------
 
 def test_qlora_4bit_cli_trains_getok_rows_only(tiny_llava_dir, train_data, tmp_path):
