@@ -136,10 +136,16 @@ def test_two_grpo_steps_then_refine_stage(getok_ckpt, data, tmp_path):
         assert torch.equal(start[key][other], final[key][other])
 
     refine = _args(tmp_path / "grid", data, tmp_path / "refine", stage="refine", data=str(data / "refine.json"),
-                   max_steps=1, max_new_tokens=8, constrained=True, constrain_only="refinement")
+                   max_steps=1, max_new_tokens=8, constrained=True, constrain_only="refinement", first_answer="policy")
     trainer = run(refine)
     log = [h for h in trainer.state.log_history if "reward" in h][0]
     assert "rewards/refine/mean" in log and "rewards/format/mean" in log
+    # the refine question was re-asked about the policy's own (grammar-constrained, greedy) first answer
+    for prompt in trainer._logs["prompt"]:
+        first = prompt.split("ASSISTANT:")[1].split("</s>")[0].strip()
+        assert first.startswith("<box><grid_") and first.endswith("</box>")
+        assert f"You answered {first}. Refine it." in prompt
+        assert first != "<box><grid_0_1><grid_2_2></box>"  # not the data's (a random model's box differs)
     assert read_sidecar(tmp_path / "refine").kind == "full"
 
 

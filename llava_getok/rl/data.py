@@ -87,6 +87,7 @@ def build_rows(records, stage: str, image_folder, conv_mode: str, source="<recor
             "image_path": str(image.resolve()),
             "getok": json.dumps(g, sort_keys=True),
             "first_answer": first_answer,
+            "conversation": json.dumps(turns[:-1]),  # for re-asking with the policy's own first answer
         })
     if not rows:
         raise ValueError(f"{source}: no record of a {stage}-stage task {tasks}; skipped: {dict(skipped)}")

@@ -57,6 +57,9 @@ class RLArgs:
     bf16: bool | None = field(default=None, metadata={"help": "bfloat16 autocast (default: on when CUDA has it)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for memory"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    first_answer: str = field(default="data", metadata={"help": "refine stage: refine the first answer stored "
+                                                                  "in the data, or 'policy': the model's own greedy "
+                                                                  "first answer, re-asked each batch (as at inference)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint-N folder of this "
                                                                                "run to continue from"})
 
@@ -67,6 +70,8 @@ class RLArgs:
             raise ValueError(f"--bits must be 4, 8 or 16, got {self.bits}")
         if self.bits != 16 and not self.lora:
             raise ValueError("--bits 4/8 quantises the base: it needs --lora (QLoRA)")
+        if self.first_answer not in ("data", "policy"):
+            raise ValueError(f"--first-answer must be data or policy, got {self.first_answer!r}")
         if self.num_generations < 2:
             raise ValueError("--num-generations must be >= 2: GRPO's advantage is relative within a group")
         if self.batch_size is not None and self.batch_size % self.num_generations:
@@ -158,7 +163,7 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
     from ..generation import GETokLogitsProcessor
     from .checkpoint import GETokCheckpointCallback
     from .data import build_rows, load_records
-    from .trainer import LlavaGRPOTrainer
+    from .trainer import LlavaGRPOTrainer, PolicyFirstAnswers
 
     from ..llava import register
     from ..llava.sidecar import read_sidecar
@@ -195,10 +200,14 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
         processors = [GETokLogitsProcessor(token_ids, gen_cfg, tokenizer.eos_token_id, len(tokenizer),
                                            never_ids=[tokenizer.bos_token_id], only=args.constrain_only,
                                            max_new_tokens=args.max_new_tokens)]
+    first_answers = None
+    if args.stage == "refine" and args.first_answer == "policy":
+        first_answers = PolicyFirstAnswers(args.conv_mode, cfg, dict(zip(sidecar.tokens, ids)), args.max_new_tokens)
     callback = GETokCheckpointCallback(tokenizer, sidecar, args.model_path, quantized=args.bits != 16)
     torch.manual_seed(args.seed)
     return LlavaGRPOTrainer(model, tokenizer, image_processor, funcs, grpo, Dataset.from_list(rows),
-                            logits_processor=processors, callbacks=[callback, *callbacks])
+                            logits_processor=processors, callbacks=[callback, *callbacks],
+                            first_answers=first_answers)
 
 
 def run(args: RLArgs, policy=None):

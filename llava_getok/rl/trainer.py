@@ -45,12 +45,15 @@ class LlavaGRPOTrainer(GRPOTrainer):
 
     image_processor: the vision tower's processor (LLaVA's builder returns it).
     logits_processor: optional list of transformers logits processors for rollouts (grammar constraint).
+    first_answers: optional ``f(trainer, rows) -> rows`` run on each generation batch before the rollouts
+        (:class:`PolicyFirstAnswers`: the refine stage refines the policy's own first answers).
     """
 
     def __init__(self, model, tokenizer, image_processor, reward_funcs, args: GRPOConfig, train_dataset,
-                 peft_config=None, logits_processor=None, callbacks=None):
+                 peft_config=None, logits_processor=None, callbacks=None, first_answers=None):
         self.image_processor = image_processor
         self.rollout_logits_processor = logits_processor
+        self.first_answers = first_answers  # refine stage: rewrites a batch's rows before the rollouts
         self._rollout_images = None  # the current generation batch's pixels, while trl generates and scores
         # trl builds a full-finetuning reference with AutoModelForCausalLM.from_pretrained(config path), which
         # loses a model's in-memory GETok rows; copy the policy instead (PEFT: adapters disabled, nothing to copy).
@@ -83,6 +86,8 @@ class LlavaGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         self._rollout_images = self._images_for(inputs)
+        if self.first_answers is not None:
+            inputs = self.first_answers(self, inputs)
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
@@ -94,15 +99,20 @@ class LlavaGRPOTrainer(GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if self.use_vllm or self.use_transformers_continuous_batching:
             raise NotImplementedError("LlavaGRPOTrainer generates with LLaVA's own generate (no vLLM)")
+        return self._llava_generate(prompt_ids, self._rollout_images, self.generation_config,
+                                    self.rollout_logits_processor), None
+
+    def _llava_generate(self, prompt_ids, images, generation_config, logits_processor=None) -> list[list[int]]:
+        """LLaVA's generate on left-padded prompts with their images; each row's ids up to its first EOS."""
         device = self.accelerator.device
         tensors = [torch.tensor(ids) for ids in prompt_ids]
         input_ids = pad(tensors, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
         attention_mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left").to(device)
         kwargs = {}
-        if self.rollout_logits_processor:
+        if logits_processor:
             from transformers import LogitsProcessorList
 
-            kwargs["logits_processor"] = LogitsProcessorList(self.rollout_logits_processor)
+            kwargs["logits_processor"] = LogitsProcessorList(logits_processor)
         with (
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator,
@@ -113,17 +123,16 @@ class LlavaGRPOTrainer(GRPOTrainer):
             torch.no_grad(),
             rl_inputs.padding_side(llava_module(unwrapped), "left"),
         ):
-            out = unwrapped.generate(inputs=input_ids, images=self._rollout_images, attention_mask=attention_mask,
-                                     generation_config=self.generation_config, **kwargs)
+            out = unwrapped.generate(inputs=input_ids, images=images, attention_mask=attention_mask,
+                                     generation_config=generation_config, **kwargs)
         # LLaVA generates from inputs_embeds: transformers >= 4.38 returns only the new tokens
-        completion = out.cpu()
         eos = torch.tensor(self.eos_token_ids)
         result = []
-        for row in completion:
+        for row in out.cpu():
             hits = torch.isin(row, eos).nonzero()
             end = int(hits[0]) + 1 if len(hits) else len(row)
             result.append(row[:end].tolist())
-        return result, None
+        return result
 
     def _generate(self, prompts: list):
         # trl decodes with skip_special_tokens=True, which drops the GETok tokens (added as special tokens).
@@ -182,3 +191,79 @@ class LlavaGRPOTrainer(GRPOTrainer):
             if compute_entropy:
                 entropies.append(entropy_from_logits(aligned) * valid)
         return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+
+class PolicyFirstAnswers:
+    """Refine stage on the policy's own first answers (as at inference), not the ones stored in the data.
+
+    For each distinct row of a generation batch: greedy first answer to the first question (under the GETok
+    grammar restricted to the shape the task asks for), then the refine question re-rendered around it (the
+    data's first answer, which the question restates, is replaced by the model's). ``first_answer`` and
+    ``prompt`` of the rows are rewritten; the rewards then judge the refinement of the model's answer.
+    """
+
+    SHAPE = {"rec": "box", "res": "mask", "point": "point"}
+
+    def __init__(self, conv_mode: str, cfg, token_ids: dict[str, int], max_new_tokens: int):
+        from ..vocab import GETokConfig
+
+        self.conv_mode, self.token_ids, self.max_new_tokens = conv_mode, token_ids, max_new_tokens
+        self.grid_cfg = GETokConfig(cfg.grid, 0, cfg.offset_levels, cfg.schedule, "grid")
+        self.getok_ids = set(token_ids.values())
+
+    def __call__(self, trainer, rows):
+        import json
+
+        from transformers import GenerationConfig
+
+        from ..generation import GETokLogitsProcessor
+
+        tok = trainer.processing_class
+        first_of = {}  # prompt -> index of its first row (a group's G rows share a prompt)
+        for k, x in enumerate(rows):
+            first_of.setdefault(x["prompt"], k)
+        by_kind: dict[str | None, list[int]] = {}
+        for k in first_of.values():
+            task = json.loads(rows[k]["getok"])["task"]
+            by_kind.setdefault(self.SHAPE.get(task), []).append(k)
+        greedy = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=trainer.eos_token_ids)
+        answer = {}
+        for only, ks in by_kind.items():
+            turns = [json.loads(rows[k]["conversation"]) for k in ks]
+            prompts = [rl_inputs.render_prompt(t[: self._first_gpt(t, rows[k])], self.conv_mode)
+                       for t, k in zip(turns, ks)]
+            proc = GETokLogitsProcessor(self.token_ids, self.grid_cfg, tok.eos_token_id, len(tok),
+                                        never_ids=[tok.bos_token_id], only=only, max_new_tokens=self.max_new_tokens)
+            ids = trainer._llava_generate([rl_inputs.prompt_ids(p, tok) for p in prompts],
+                                          trainer._rollout_images[ks], greedy, [proc])
+            for k, t, a in zip(ks, turns, ids):
+                answer[rows[k]["prompt"]] = (t, self._text(tok, a, trainer.eos_token_ids))
+        out = []
+        for x in rows:
+            turns, first = answer[x["prompt"]]
+            out.append({**x, "prompt": self._refine_prompt(turns, x, first), "first_answer": first})
+        return out
+
+    def _text(self, tok, ids, eos) -> str:
+        ids = [i for i in ids if i not in eos]
+        if all(i in self.getok_ids for i in ids):  # the GETok tokens exactly, as the converter writes them
+            return "".join(tok.convert_ids_to_tokens(ids))
+        return tok.decode(ids, skip_special_tokens=False)
+
+    @staticmethod
+    def _first_gpt(turns, row) -> int:
+        k = next((i for i, t in enumerate(turns) if t["from"] == "gpt"), None)
+        if k is None:
+            raise ValueError(f"record {row.get('id')!r}: a refine conversation needs its first answer turn")
+        return k
+
+    def _refine_prompt(self, turns, row, first: str) -> str:
+        k = self._first_gpt(turns, row)
+        question = turns[-1]["value"]
+        if row["first_answer"] not in question:
+            raise ValueError(f"record {row.get('id')!r}: the refine question does not restate the first answer "
+                             f"{row['first_answer']!r}; cannot re-ask it about the model's own answer")
+        new = [*turns[:k], {"from": "gpt", "value": first}, *turns[k + 1 : -1],
+               {"from": "human", "value": question.replace(row["first_answer"], first)}]
+        return rl_inputs.render_prompt(new, self.conv_mode)
