@@ -9,6 +9,7 @@ Same tiny LLaVA, same `shapes` data, same steps and seeds; only the location rep
   bins-1d           Pix2Seq / PaliGemma style: 4 tokens from 2n bins per axis (the precision of GETok R1)
   getok-R1-boxloss  GETok inline with the box-token loss (grid 0.5, box 0.5; spec section 7)
   getok-R1-sincos2d GETok inline with sincos2d initialisation of the new rows (instead of mean)
+  getok-R1-trainer  both: the defaults of `python -m llava_getok.train` (box-token loss + sincos2d rows)
 
 For each: Acc@0.5, Acc@0.8, mean IoU, parse failures, tokens per answer, wall time per run, as mean ± spread
 (standard deviation) over the seeds; a learning curve (Acc@0.5 on held-out scenes against steps) as a PNG.
@@ -43,6 +44,7 @@ CONDITIONS = {
     "bins-1d": {"repr": "bins"},  # bins = 2 * grid, set below
     "getok-R1-boxloss": {"grid_weight": 0.5, "box_weight": 0.5},
     "getok-R1-sincos2d": {"init": "sincos2d"},
+    "getok-R1-trainer": {"grid_weight": 0.5, "box_weight": 0.5, "init": "sincos2d"},
 }
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
 
