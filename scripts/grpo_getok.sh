@@ -16,11 +16,13 @@
 #   OUT           output root: OUT/grid, OUT/refine              [checkpoints/grpo-getok]
 #   STAGES        which stages to run: "grid refine", "grid" or "refine"   [grid refine]
 #   GRID_ARGS / REFINE_ARGS   extra arguments for one stage only           [unset]
+#     e.g. REFINE_ARGS="--first-answer policy": refine the model's own first answers (as at inference)
+#     instead of the first answers stored in the data; GRID_ARGS="--constrained" samples under the grammar
 # Every option: python -m llava_getok.rl --help
 set -euo pipefail
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 

@@ -3,7 +3,7 @@
 trl 1.16 knows vision-language models through a ``ProcessorMixin`` (chat template + image processor that
 expand image placeholders in the text). LLaVA has neither: its model takes ``images=`` and splices the image
 features in at its single ``IMAGE_TOKEN_INDEX`` itself. So the trainer is given the tokenizer (trl's text
-path) and four seams are overridden, everything else (sampling, group advantages, zero-variance logging,
+path) and five seams are overridden, everything else (sampling, group advantages, zero-variance logging,
 clipped loss, KL, length-unbiased ``loss_type``, PEFT reference by disabled adapters, checkpoints) is trl's:
 
 - ``_tokenize_prompts``: LLaVA's ``tokenizer_image_token`` (one image id, no expansion here);
@@ -13,9 +13,14 @@ clipped loss, KL, length-unbiased ``loss_type``, PEFT reference by disabled adap
 - ``_generate_single_turn``: LLaVA's ``generate(inputs, images=...)`` with left padding (LLaVA re-pads the
   spliced sequence by ``config.tokenizer_padding_side``), optionally grammar-constrained; on transformers
   >= 4.38 it returns only the new tokens (trl's slicing by prompt length would cut them);
+- ``_generate``: trl's, with completions decoded keeping the GETok tokens (trl skips special tokens);
 - ``_get_per_token_logps_and_entropies``: LLaVA's ``prepare_inputs_labels_for_multimodal`` (the same splice
-  as in training) builds the embeddings, the model's ordinary forward scores them, and the completion
-  tokens' log-probabilities are put back in completion order.
+  as in training) builds the embeddings, the model's ordinary forward scores them (through the LM-head hooks
+  of the trainable GETok rows, which trl's fused head would bypass), and the completion tokens'
+  log-probabilities are put back in completion order.
+
+Full fine-tuning with a KL term gets a reference that is a copy of the policy (trl would reload it from the
+config's path and lose in-memory GETok rows); under LoRA the reference is the model with adapters disabled.
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ from ..llava import rl_inputs
 
 
 def llava_module(model):
-    """The LlavaLlamaForCausalLM inside accelerate/DeepSpeed/PEFT wrappers (same parameters, not a copy)."""
+    """The LlavaLlamaForCausalLM inside a PEFT wrapper (same parameters, not a copy); pass what
+    ``accelerator.unwrap_model`` returns."""
     m = model
     if hasattr(m, "get_base_model"):  # PEFT
         m = m.get_base_model()
