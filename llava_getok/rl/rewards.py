@@ -425,8 +425,9 @@ class GroundingReward:
             gcfg = target.config
             cfg = GETokConfig(grid=gcfg.grid, offset_levels=gcfg.offset_levels, schedule=gcfg.schedule,
                               mode="refine") if target.task == "refine" else gcfg
-            res, why = parse_completion(text, ids if ids is not None else [], self.id_to_token if ids is not None
-                                        else None, cfg, self.config.think)
+            # strict (by id) when trl passes the ids; by text only for offline scoring of plain strings
+            id_map = self.id_to_token if ids is not None else None
+            res, _ = parse_completion(text, ids or [], id_map, cfg, self.config.think)
             value = self.score(text, res, target, rec) if res is not None or self.scores_unparseable else None
             if res is None or value is None:  # unparseable for this reward: 0, counted
                 bad += 1
@@ -442,9 +443,6 @@ class GroundingReward:
 
     def score(self, text, result, target, record):  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def __getstate__(self):
-        return self.__dict__.copy()
 
 
 class FormatReward(GroundingReward):
