@@ -78,7 +78,13 @@ class LlavaGRPOTrainer(GRPOTrainer):
     def _tokenize_prompts(self, prompts: list):
         if not isinstance(prompts[0], str):
             raise TypeError("LlavaGRPOTrainer expects rendered text prompts (llava_getok.rl.data.build_rows)")
-        return [rl_inputs.prompt_ids(p, self.processing_class) for p in prompts], None, {}
+        ids = [rl_inputs.prompt_ids(p, self.processing_class) for p in prompts]
+        image = rl_inputs.image_token_index()
+        bad = [p for p, x in zip(prompts, ids) if x.count(image) != 1]
+        if bad:  # one image per row: LLaVA splices one feature block per <image>, and rows carry one image
+            raise ValueError(f"a GRPO prompt must hold exactly one <image>; this one has "
+                             f"{bad[0].count('<image>')}: {bad[0][:200]!r}")
+        return ids, None, {}
 
     def _images_for(self, inputs) -> torch.Tensor:
         """Pixel tensors of a batch's rows, each image processed once (a group's G rows share it)."""
