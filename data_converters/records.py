@@ -130,6 +130,12 @@ def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: 
             norm = points_to_frame(np.asarray(pts, dtype=np.float64), size, frame)
             turns = [human] + _answer("point", norm.reshape(-1, 1, 2), cfg, rng)
             shapes = [{"kind": "point", "points": [_r(p)]} for p in pts]
+        # the target region, so that pointing is scored as "inside the object" (mask, else box)
+        rle = sample.mask_rle()
+        if rle is not None:
+            getok_extra["mask"] = rle
+        if sample.boxes:
+            getok_extra["boxes"] = [_r(b) for b in sample.boxes]
     elif task == "res":
         turns, shapes, getok_extra = _res(sample, cfg, frame, rng, image_loader, generator, greedy)
     else:

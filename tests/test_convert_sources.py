@@ -139,3 +139,15 @@ def test_kosmos2_patch_pairs(tmp_path, images):
     x1, y1, x2, y2 = patch_index_to_coordinate(307, 470)
     assert np.allclose(recs[0]["getok"]["shapes"][0]["points"], [[x1 * 640, y1 * 427], [x2 * 640, y2 * 427]], atol=1e-3)
     assert_round_trip(recs)
+
+
+def test_point_records_carry_the_target_region(tmp_path, refer_folder, images):
+    """Pointing is scored as "inside the object": point records keep its mask and box beside the point."""
+    recs, _ = run(tmp_path, "refcoco", "--input", refer_folder, "--task", "point", "--image-root", images)
+    assert recs
+    for r in recs:
+        g = r["getok"]
+        assert g["mask"]["counts"] and len(g["boxes"]) == 1
+        (x, y), = g["shapes"][0]["points"]
+        x1, y1, x2, y2 = g["boxes"][0]
+        assert x1 <= x <= x2 and y1 <= y <= y2
