@@ -194,17 +194,13 @@ def batches(records: list[dict], size: int):
 
 
 def load_model(model_path: str, model_base: str | None = None, device: str = "cpu"):
-    """LLaVA's own builder, with the GETok hooks registered (tokens, sidecar, compat fixes)."""
-    import llava_getok
+    """Load a checkpoint the way LLaVA's builder does with the GETok hook (tokens and rows from the sidecar,
+    compat fixes registered); float32 on CPU, where LLaVA's own float16 default is slow or unsupported."""
+    from .llava import register
+    from .llava.builder import load_getok_checkpoint
 
-    llava_getok.register()
-    from llava.mm_utils import get_model_name_from_path  # noqa: the builder is LLaVA's public entry point
-    from llava.model.builder import load_pretrained_model
-
-    tokenizer, model, processor, _ = load_pretrained_model(
-        model_path, model_base, get_model_name_from_path(model_path), device_map=device, device=device)
-    if device == "cpu":
-        model = model.float()  # LLaVA's builder loads float16; CPU kernels want float32
+    register()
+    tokenizer, model, processor, _ = load_getok_checkpoint(model_path, model_base, device=device)
     model.eval()
     return tokenizer, model, processor
 
