@@ -16,6 +16,7 @@ then runs LLaVA's own loss path: plain LLaVA training, bit for bit).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from ..vocab import GETokConfig
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TokenTable:
     """Token ids of one GETok config in one tokenizer, as tensors the loss indexes with."""
 
@@ -45,6 +46,24 @@ class TokenTable:
             if len(t) > 1 and not bool((t[1:] > t[:-1]).all()):  # the loss maps ids to classes by searchsorted
                 raise ValueError(f"GETok {name} token ids must increase in cfg.tokens() order, got {t[:5].tolist()}...")
         return cls(cfg, grid, off, of["<box>"], of["</box>"])
+
+    @functools.cached_property
+    def cols(self) -> torch.Tensor:
+        """Grid then offset ids: the columns of the logits the loss reads."""
+        return torch.cat([self.grid_ids, self.offset_ids])
+
+    @functools.cached_property
+    def klass(self) -> torch.Tensor:
+        """id -> column index in :attr:`cols` (-1 for other ids), a lookup table."""
+        k = torch.full((int(self.cols.max()) + 1,), -1, dtype=torch.long)
+        k[self.cols] = torch.arange(len(self.cols))
+        return k
+
+    @functools.lru_cache(maxsize=8)
+    def target_table(self, kind: str, sigma: float) -> torch.Tensor:
+        """(K, K) soft targets of every class of ``kind`` ("grid" or "offset"), row c centred on class c."""
+        coords = self.cell_xy() if kind == "grid" else self.offset_xy()
+        return soft_targets(torch.arange(len(coords)), coords, sigma)
 
     def cell_xy(self) -> torch.Tensor:
         """(n*n, 2) cell indices (i, j) in grid_ids order."""
@@ -125,24 +144,30 @@ def box_token_loss(logits: torch.Tensor, labels: torch.Tensor, table: TokenTable
                    with_box: bool = True, offset_sigma: float = 0.0) -> dict[str, torch.Tensor]:
     """The two parts {"grid", "box"} (0-dim tensors, 0 when there is nothing to score) and the counts
     {"n_grid", "n_box"} for ``logits`` (B, T, V) and the model's unshifted ``labels`` (B, T)."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    grid_ids, off_ids = table.grid_ids.to(labels.device), table.offset_ids.to(labels.device)
+    # labels shifted onto the logits that predict them (no slice of the logits: its backward would allocate
+    # another full-size gradient)
+    labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], 1)
     zero = _up(logits.new_zeros(()))
     parts = {"grid": zero, "box": zero, "n_grid": 0, "n_box": 0}
-    where = torch.isin(labels, torch.cat([grid_ids, off_ids]))
+    klass = table.klass.to(labels.device)
+    safe = labels.clamp(0, len(klass) - 1)
+    cls_all = torch.where((labels >= 0) & (labels < len(klass)), klass[safe], -1)
+    where = cls_all >= 0
     if not bool(where.any()):
         return parts
-    # One gather of every scored position. Indexing the (B, T, V) logits once per position or box makes the
-    # backward scatter into a full-size zero tensor each time (it doubled a tiny model's step on CPU).
-    rows = logits[where]  # (P, V)
-    target = labels[where]  # (P,)
+    # One gather of the scored positions, then of the GETok columns: indexing the (B, T, V) logits once per
+    # position or box made the backward scatter into a full-size zero tensor each time.
+    sub = _up(logits[where][:, table.cols.to(logits.device)])  # (P, n*n + m*m)
+    cls = cls_all[where]
+    n2 = len(table.grid_ids)
+    is_grid = cls < n2
 
     losses = []
-    for ids, coords, width in ((grid_ids, table.cell_xy(), sigma), (off_ids, table.offset_xy(), offset_sigma)):
-        mine = torch.isin(target, ids)
-        if bool(mine.any()):
-            cls = torch.searchsorted(ids, target[mine])  # class index: ids are increasing (from_ids)
-            losses.append(_soft_ce(rows[mine][:, ids], cls, coords, width))
+    for mask, lo, hi, kind, width in ((is_grid, 0, n2, "grid", sigma), (~is_grid, n2, sub.shape[1], "offset", offset_sigma)):
+        if bool(mask.any()):
+            logp = F.log_softmax(sub[mask][:, lo:hi], dim=-1)
+            q = table.target_table(kind, float(width)).to(logp.device, logp.dtype)[cls[mask] - lo]
+            losses.append(-(q * logp).sum(-1))
     per_pos = torch.cat(losses)
     parts["grid"], parts["n_grid"] = per_pos.mean(), len(per_pos)
 
@@ -150,29 +175,29 @@ def box_token_loss(logits: torch.Tensor, labels: torch.Tensor, table: TokenTable
         boxes = find_boxes(labels, table)
         if boxes:
             row_of = {bt: k for k, bt in enumerate(map(tuple, where.nonzero().tolist()))}
-            parts["box"] = _box_part(rows, target, boxes, row_of, table)
+            parts["box"] = _box_part(sub, cls, boxes, row_of, table)
             parts["n_box"] = len(boxes)
     return parts
 
 
-def _box_part(rows, target, boxes, row_of, table: TokenTable) -> torch.Tensor:
+def _box_part(sub, cls, boxes, row_of, table: TokenTable) -> torch.Tensor:
     """Vectorised over corners: expected anchor under the grid distribution, plus the expected offset step
-    of each round, against the decoded target point."""
+    of each round, against the decoded target point. ``sub``: (P, n*n + m*m) GETok logits of the scored
+    positions, ``cls``: their target column."""
     cfg = table.cfg
-    grid_ids, off_ids = table.grid_ids.to(rows.device), table.offset_ids.to(rows.device)
-    dtype = _up(rows[:0]).dtype
-    anchors = (table.cell_xy().to(rows.device, dtype) + 0.5) / cfg.grid  # (n*n, 2)
-    offs = table.offset_xy().to(rows.device, dtype)  # (m*m, 2)
+    n2 = len(table.grid_ids)
+    anchors = (table.cell_xy().to(sub.device, sub.dtype) + 0.5) / cfg.grid  # (n*n, 2)
+    offs = table.offset_xy().to(sub.device, sub.dtype)  # (m*m, 2)
     corners = [[row_of[(b, t)] for t in positions] for b, pair in boxes for positions in pair]  # 2 per box
-    g = torch.tensor([c[0] for c in corners], device=rows.device)
-    point = F.softmax(_up(rows[g][:, grid_ids]), -1) @ anchors
-    true = anchors[torch.searchsorted(grid_ids, target[g])]
+    g = torch.tensor([c[0] for c in corners], device=sub.device)
+    point = F.softmax(sub[g][:, :n2], -1) @ anchors
+    true = anchors[cls[g]]
     for r in range(1, max(len(c) for c in corners)):
-        which = torch.tensor([k for k, c in enumerate(corners) if len(c) > r], device=rows.device)
-        o = torch.tensor([c[r] for c in corners if len(c) > r], device=rows.device)
+        which = torch.tensor([k for k, c in enumerate(corners) if len(c) > r], device=sub.device)
+        o = torch.tensor([c[r] for c in corners if len(c) > r], device=sub.device)
         step = cfg.step(r)
-        point = point.index_add(0, which, step * (F.softmax(_up(rows[o][:, off_ids]), -1) @ offs))
-        true = true.index_add(0, which, step * offs[torch.searchsorted(off_ids, target[o])])
+        point = point.index_add(0, which, step * (F.softmax(sub[o][:, n2:], -1) @ offs))
+        true = true.index_add(0, which, step * offs[cls[o] - n2])
     pred = point.reshape(-1, 4)
     true = true.clamp(0, 1).reshape(-1, 4)
     l1 = (pred - true).abs().mean(1)

@@ -42,7 +42,9 @@ class GETokRows(nn.Module):
     def head_hook(self, module, args, out):
         hidden = args[0]
         extra = hidden.to(self.output_delta.dtype) @ self.output_delta.t()  # (..., k) logits of the delta rows
-        return out.index_add(-1, self.ids.to(out.device), extra.to(out.dtype))
+        # in place: the head's backward needs its input and weight, not its output; a copy of the full
+        # (batch, length, vocabulary) logits would cost more than the rest of this hook
+        return out.index_add_(-1, self.ids.to(out.device), extra.to(out.dtype))
 
 
 def attach_trainable_rows(model, ids: list[int]) -> GETokRows:
