@@ -159,8 +159,8 @@ def test_trainable_rows_change_only_getok_rows_even_with_weight_decay(registered
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["getok_rows.input_delta",
-                                                                          "getok_rows.output_delta"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["getok_rows.input.delta",
+                                                                          "getok_rows.output.delta"]
     assert torch.equal(model.get_input_embeddings().weight, emb0) and torch.equal(model.get_output_embeddings().weight, head0)
     end = getok_rows_values(model, ids)
     assert not torch.equal(end["input_rows"][3], start["input_rows"][3])

@@ -272,6 +272,21 @@ def test_qlora_with_zero3_is_refused_with_a_reason(tiny_llava_dir, train_data, t
     check_launch(["--bits", "4", "--deepspeed", str(REPO / "scripts" / "zero2.json")])  # allowed
 
 
+def test_entry_refuses_flash_attention_without_the_package_and_unknown_templates(tiny_llava_dir, train_data, tmp_path):
+    import importlib.util
+
+    from llava_getok import train as entry
+
+    argv = train_argv(tiny_llava_dir, train_data, tmp_path / "x", steps=1)
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(SystemExit, match="flash-attn package is not installed"):
+            entry.main(argv + ["--attn_implementation", "flash_attention_2"])
+    bad = [a if a != "getok_v1" else "getok_v9" for a in argv]
+    with pytest.raises(SystemExit, match="not a LLaVA conversation template"):
+        entry.main(bad)
+    assert "flash_attn" not in sys.modules  # never imported unless asked
+
+
 def test_zero2_through_the_deepspeed_launcher(tiny_llava_dir, train_data, tmp_path):
     out = tmp_path / "zero2"
     deepspeed = Path(sys.executable).parent / "deepspeed"

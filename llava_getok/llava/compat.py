@@ -250,6 +250,28 @@ def _fix_checkpoint_metrics():
     _wrap(LLaVATrainer, "_save_checkpoint", make)
 
 
+# 9 -- empty optimiser groups under ZeRO-3 (ours: LoRA + --mm_projector_lr + ZeRO-3) -------------------------
+
+def _needs_empty_groups():
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def _fix_empty_groups():
+    from llava.train.llava_trainer import LLaVATrainer
+
+    def make(original):
+        def create_optimizer(self):
+            optimizer = original(self)
+            # LLaVA builds 4 groups with --mm_projector_lr, one empty under LoRA (no trainable non-projector
+            # bias); DeepSpeed's ZeRO-3 optimiser drops empty groups and the LR scheduler, built for 4,
+            # then fails with "zip() argument 2 is longer than argument 1".
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+            return optimizer
+        return create_optimizer
+
+    _wrap(LLaVATrainer, "create_optimizer", make)
+
+
 FIXES = (  # layernorm_name first: the later ones import llava.train
     Fix("layernorm_name", "cannot import name 'ALL_LAYERNORM_LAYERS' from 'transformers.trainer'",
         _needs_layernorm_name, _fix_layernorm_name),
@@ -269,6 +291,8 @@ FIXES = (  # layernorm_name first: the later ones import llava.train
         _needs_generate_input_ids, _fix_generate_input_ids),
     Fix("checkpoint_metrics", "_save_checkpoint() takes 3 positional arguments but 4 were given",
         _needs_checkpoint_metrics, _fix_checkpoint_metrics),
+    Fix("empty_param_groups", "ValueError: zip() argument 2 is longer than argument 1 (LR scheduler, ZeRO-3)",
+        _needs_empty_groups, _fix_empty_groups),
 )
 
 

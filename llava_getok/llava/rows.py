@@ -19,32 +19,57 @@ from torch import nn
 ROWS_ATTR = "getok_rows"
 
 
+class _RowDelta(nn.Module):
+    """A (k, dim) delta for one matrix. Its work runs in its own forward, so that ZeRO-3, which gathers a
+    module's parameters around that module's forward, hands it the full delta."""
+
+    def __init__(self, k: int, dim: int, dtype, device):
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(k, dim, dtype=dtype, device=device))
+
+
+class _InputDelta(_RowDelta):
+    def forward(self, ids, slot_of, out):
+        slot = slot_of[ids]
+        hit = (slot >= 0).unsqueeze(-1).to(self.delta.dtype)
+        return out + (self.delta[slot.clamp_min(0)] * hit).to(out.dtype)
+
+
+class _OutputDelta(_RowDelta):
+    def forward(self, hidden, ids, out):
+        extra = hidden.to(self.delta.dtype) @ self.delta.t()  # (..., k) logits of the delta rows
+        # in place: the head's backward needs its input and weight, not its output; a copy of the full
+        # (batch, length, vocabulary) logits would cost more than the rest of this hook
+        return out.index_add_(-1, ids, extra.to(out.dtype))
+
+
 class GETokRows(nn.Module):
     """Deltas for the GETok rows of the input embeddings and the LM head, applied by forward hooks."""
 
     def __init__(self, ids: list[int], vocab_size: int, dim: int, dtype=torch.float32, device=None):
         super().__init__()
         k = len(ids)
-        self.input_delta = nn.Parameter(torch.zeros(k, dim, dtype=dtype, device=device))
-        self.output_delta = nn.Parameter(torch.zeros(k, dim, dtype=dtype, device=device))
+        self.input = _InputDelta(k, dim, dtype, device)
+        self.output = _OutputDelta(k, dim, dtype, device)
         self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=device), persistent=False)
         lookup = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
         lookup[self.ids] = torch.arange(k, device=device)
         self.register_buffer("lookup", lookup, persistent=False)
         self._handles = []
 
+    @property
+    def input_delta(self) -> nn.Parameter:
+        return self.input.delta
+
+    @property
+    def output_delta(self) -> nn.Parameter:
+        return self.output.delta
+
     def embed_hook(self, module, args, out):
-        slot = self.lookup.to(args[0].device)[args[0]]
-        hit = slot >= 0
-        delta = self.input_delta[slot.clamp_min(0)] * hit.unsqueeze(-1).to(self.input_delta.dtype)
-        return out + delta.to(out.dtype)
+        return self.input(args[0], self.lookup.to(args[0].device), out)
 
     def head_hook(self, module, args, out):
-        hidden = args[0]
-        extra = hidden.to(self.output_delta.dtype) @ self.output_delta.t()  # (..., k) logits of the delta rows
-        # in place: the head's backward needs its input and weight, not its output; a copy of the full
-        # (batch, length, vocabulary) logits would cost more than the rest of this hook
-        return out.index_add_(-1, self.ids.to(out.device), extra.to(out.dtype))
+        return self.output(args[0], self.ids.to(out.device), out)
 
 
 def attach_trainable_rows(model, ids: list[int]) -> GETokRows:

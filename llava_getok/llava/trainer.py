@@ -258,7 +258,11 @@ class GETokTrainer(LLaVATrainer):
         if rows_module is not None and sidecar is not None:
             saved = read_rows(folder, sidecar)
             index = saved["token_ids"].to(rows_module.ids.device)
-            with torch.no_grad():  # delta = saved effective rows - the frozen matrix rows
+            from .tokens import _gathered
+
+            params = [base.get_input_embeddings().weight, base.get_output_embeddings().weight,
+                      rows_module.input_delta, rows_module.output_delta]
+            with _gathered(params), torch.no_grad():  # delta = saved effective rows - the frozen matrix rows
                 emb = base.get_input_embeddings().weight[index].float()
                 head = base.get_output_embeddings().weight[index].float()
                 rows_module.input_delta.copy_((saved["input_rows"].to(emb.device) - emb).to(rows_module.input_delta.dtype))
