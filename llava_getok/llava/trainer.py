@@ -178,7 +178,15 @@ class GETokTrainer(LLaVATrainer):
     getok_settings: GETokSettings = GETokSettings()
 
     def __init__(self, model=None, tokenizer=None, args=None, **kwargs):
+        if tokenizer is None:  # newer callers name it processing_class
+            tokenizer = kwargs.pop("processing_class", None)
         self.getok = prepare_for_getok(model, tokenizer, args, self.getok_settings, kwargs.get("train_dataset"))
+        if getattr(args, "local_rank", -1) in (-1, 0):
+            g = self.getok
+            print(f"GETok: grid {g.config.grid}, rounds {g.config.rounds}, mode {g.config.mode}: {len(g.ids)} tokens "
+                  f"(ids {min(g.ids)}-{max(g.ids)}, {g.new_rows} new rows, init {self.getok_settings.init}), "
+                  f"vocabulary {g.vocab_size}, trainable rows: {g.rows_mode}, loss weights grid "
+                  f"{self.getok_settings.grid_weight} box {self.getok_settings.box_weight}")
         self._getok_tokenizer = tokenizer
         self._getok_sums: dict[str, float] = {}
         self._getok_labels = None
