@@ -202,6 +202,11 @@ class GETokTrainer(LLaVATrainer):
                                         num_items_in_batch=num_items_in_batch)
         lm, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         labels, self._getok_labels = self._getok_labels, None
+        if labels is None:  # the forward did not go through LLaVA's multimodal preparation
+            labels = inputs.get("labels")
+        if labels is None or labels.shape[:2] != outputs.logits.shape[:2]:
+            raise ValueError("box-token loss: no labels aligned with the logits (LLaVA's "
+                             "prepare_inputs_labels_for_multimodal was not called in this forward)")
         parts = box_token_loss(outputs.logits, labels, self.getok.table, sigma=s.sigma, with_box=s.box_weight > 0,
                                offset_sigma=s.offset_sigma)
         total = lm
