@@ -8,6 +8,7 @@ DeepSpeed's CPU communication op in a fresh environment).
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -292,7 +293,10 @@ def test_entry_refuses_flash_attention_without_the_package_and_unknown_templates
 def test_zero2_through_the_deepspeed_launcher(tiny_llava_dir, train_data, tmp_path):
     out = tmp_path / "zero2"
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    run_cli([str(deepspeed), "--num_gpus", "1", "--master_port", "29517", "--module", "llava_getok.train",
+    with socket.socket() as sock:  # a free port: a fixed one collides with any other run on the machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_cli([str(deepspeed), "--num_gpus", "1", "--master_port", str(port), "--module", "llava_getok.train",
              *train_argv(tiny_llava_dir, train_data, out, "--deepspeed", str(REPO / "scripts" / "zero2.json"),
                          steps=4)], timeout=600)
     values, _ = losses(out)
