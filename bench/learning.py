@@ -74,7 +74,11 @@ def main(argv=None):
     ap.add_argument("--note", default="", help="written under the table header (e.g. 'reduced configuration')")
     ap.add_argument("--work", default=os.environ.get("GETOK_TRIALS_WORK", "/tmp/getok_trials"))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--merge", nargs="+", type=Path, help="no training: combine the runs of these learning.json "
+                    "files (e.g. seeds run in parallel) into one table, curve and json under --out")
     a = ap.parse_args(argv)
+    if a.merge:
+        return merge(a)
     a.objects = tuple(int(v) for v in a.objects.split("-"))
     a.eval_every = a.eval_every or max(1, a.steps // 6)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -95,6 +99,26 @@ def main(argv=None):
             print(f"{name} seed {seed}: Acc@0.5 {m['acc50']:.3f} Acc@0.8 {m['acc80']:.3f} mIoU {m['miou']:.3f} "
                   f"parse fail {m['parse_fail']:.3f} tokens {m['tokens']:.1f} train {m['train_s']:.0f} s", flush=True)
             write(a, names, seeds, runs)  # after every run, so an interrupted sweep keeps what it measured
+    print((a.out / "learning.md").read_text())
+
+
+def merge(a):
+    """Re-render the table from earlier runs; settings come from the first file (they must agree)."""
+    runs, names, seeds, settings = [], [], [], None
+    for path in a.merge:
+        d = json.loads(Path(path).read_text())
+        settings = settings or d["settings"]
+        runs += d["runs"]
+    for r in runs:
+        names += [r["condition"]] if r["condition"] not in names else []
+        seeds += [r["seed"]] if r["seed"] not in seeds else []
+    s = settings
+    a.steps, a.batch, a.lr, a.n_eval = int(s["steps"]), int(s["batch"]), float(s["lr"]), int(s["n_eval"])
+    a.image_size, a.patch, a.grid, a.threads = int(s["image_size"]), int(s["patch"]), int(s["grid"]), int(s["threads"])
+    a.objects = tuple(int(v) for v in s["objects"].strip("()").split(","))
+    a.note = a.note or s.get("note", "")
+    a.out.mkdir(parents=True, exist_ok=True)
+    write(a, names, sorted(seeds), runs)
     print((a.out / "learning.md").read_text())
 
 
