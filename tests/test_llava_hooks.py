@@ -214,11 +214,15 @@ def test_check_data_passes_good_data_and_fails_loudly_on_mismatch_and_split_toke
     records = json.loads(data.read_text())
     ok = check_records(records, tokenizer, version="getok_v1", source="good")
     assert ok.ok and ok.checked == 2 and ok.getok_tokens == 12
-    # a second turn: the tiny tokenizer tokenises "USER" after "</s>" differently from LLaVA's arithmetic
+    # a second turn passes (the tiny tokenizer splits "USER" after "</s>" as LLaMA's does) ...
     two_turns = copy.deepcopy(records[0])
     two_turns["conversations"] += [{"from": "human", "value": "And the other one?"},
                                    {"from": "gpt", "value": "<box><grid_1_1><off_0_0><grid_2_2><off_0_0></box>"}]
-    bad = check_records([two_turns], tokenizer, version="getok_v1", source="bad")
+    assert check_records([two_turns], tokenizer, version="getok_v1", source="two").ok
+    # ... but text that holds the template's own separator breaks LLaVA's round arithmetic (LLaVA#661)
+    quoting = copy.deepcopy(two_turns)
+    quoting["conversations"][2]["value"] = "The caption says ASSISTANT: hello. And the other one?"
+    bad = check_records([quoting], tokenizer, version="getok_v1", source="bad")
     assert not bad.ok and "tokenization mismatch" in bad.problems[0] and "record 0" in bad.problems[0]
     with pytest.raises(DataCheckError, match="1 of 1 records"):
         raise_on_problems(bad, "bad.json")
@@ -232,7 +236,7 @@ def test_check_data_passes_good_data_and_fails_loudly_on_mismatch_and_split_toke
     tokenizer.save_pretrained(ckpt)
     assert main([str(data), "--model-path", str(ckpt)]) == 0
     bad_file = tmp_path / "bad.json"
-    bad_file.write_text(json.dumps([two_turns]))
+    bad_file.write_text(json.dumps([quoting]))
     assert main([str(bad_file), "--model-path", str(ckpt)]) == 1
 
 

@@ -56,6 +56,9 @@ def train_tokenizer(out_dir, vocab_size: int = 1000, seed: int = 0) -> Path:
         character_coverage=1.0,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         split_digits=True,
+        # As in LLaMA's own vocabulary, "USER" right after "</s>" (a later round of LLaVA's v1 template) is one
+        # piece and " USER" two: LLaVA's preprocess_v1 subtracts exactly that one token per later round.
+        user_defined_symbols=["USER"],
         add_dummy_prefix=True,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
