@@ -81,7 +81,7 @@ def res_quality(records, image_root) -> float:
     from PIL import Image
     from pycocotools import mask as mask_utils
 
-    from data_converters.records import decode_record
+    from llava_getok.records import decode_record
     from llava_getok.geometry import mask_iou, points_to_frame
     from llava_getok.masks import SuperpixelGenerator, mask_from_anchors
 

@@ -23,7 +23,7 @@ from llava_getok.vocab import MODES, SCHEDULES, GETokConfig
 
 from . import registry
 from .base import ConvertError, Options, decode_line
-from .records import decode_record
+from llava_getok.records import decode_record
 
 
 def _parser():

@@ -1,5 +1,5 @@
-"""The one function that turns a validated Sample into a LLaVA record (docs/data-format.md), and its inverse
-for inspection (:func:`decode_record`).
+"""The one function that turns a validated Sample into a LLaVA record (docs/data-format.md); its inverse for
+inspection is :func:`llava_getok.records.decode_record`.
 
 Token strings come from :mod:`llava_getok.codec` only; frames from :mod:`llava_getok.geometry`.
 
@@ -29,8 +29,8 @@ import re
 import numpy as np
 
 from llava_getok.codec import Refinement, Shape, apply_refinement, encode_boxes, encode_mask_points, encode_point, encode_refinement, quantize, refinement_offsets
-from llava_getok.geometry import boxes_from_frame, boxes_to_frame, points_from_frame, points_to_frame
-from llava_getok.parse import parse
+from llava_getok.geometry import boxes_to_frame, points_from_frame, points_to_frame
+from llava_getok.records import REFINE_PROMPT
 from llava_getok.vocab import GETokConfig
 
 from .base import ConvertError, Filtered, Sample
@@ -44,7 +44,6 @@ PROMPTS = {
     "point": "Please point to the region this sentence describes: {expression}.",
     "res": "Please provide the segmentation mask of the region this sentence describes: {expression}.",
 }
-REFINE_PROMPT = "Your answer was {answer}. Refine it: one offset for each point, or delete the points that are wrong."
 NO_MATCH = "There is no such object in the image."
 WRONG_FRACTION = 0.25  # refine on masks: about this share of the first answer's anchors are wrong
 
@@ -281,43 +280,3 @@ def _rewrite_record(sample: Sample, cfg, frame, source, enc=encode_boxes) -> dic
         "config": _config_dict(cfg), "expression": None, "shapes": [_box_shape(b) for b in sample.boxes],
     }
     return record
-
-
-def decode_record(record: dict) -> dict:
-    """A converted record -> ``{"id", "text", "shapes", "errors"}`` with every shape in original pixels.
-
-    Shapes are read from every turn in order (the region of a REG question included); in refine mode the
-    human turn that restates the previous answer adds nothing; a refine answer replaces the shapes of the answer it refines. This is the ground truth as the tokens carry it: the
-    same keys as a prediction line, so a decoded file is also the quantisation ceiling's "prediction".
-    """
-    g = record.get("getok")
-    if not g:
-        return {"id": record.get("id"), "text": "", "shapes": [], "errors": ["no getok field: nothing was converted"]}
-    cfg = GETokConfig.from_dict(g["config"])
-    size, frame = g["size"], g["frame"]
-    shapes, errors, last, text = [], [], [], ""
-    for turn in record["conversations"]:
-        r = parse(turn["value"], cfg)
-        errors += [f"{turn['from']}: {e.message}" for e in r.errors]
-        if r.refinements:
-            try:
-                refined = apply_refinement(last, r.refinements, cfg)
-            except ValueError as e:
-                errors.append(str(e))
-                refined = last
-            shapes = shapes[: len(shapes) - len(last)] + refined
-            last = refined
-        elif r.shapes and not (cfg.mode == "refine" and turn["from"] == "human" and r.shapes == last):  # restated answer
-            shapes += r.shapes
-            last = r.shapes
-        if turn["from"] == "gpt":
-            text = turn["value"]
-    out = []
-    for s in shapes:
-        if s.kind == "box":
-            b = boxes_from_frame(np.asarray(s.box, dtype=np.float64), size, frame)
-            out.append({"kind": "box", "points": [_r(b[:2]), _r(b[2:])]})
-        else:
-            out.append({"kind": s.kind, "points": [_r(p) for p in points_from_frame(np.asarray(s.points), size, frame)]})
-    return {"id": record.get("id"), "text": text, "shapes": out, "errors": errors}
-

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .codec import Refinement, Shape, dequantize
-from .vocab import DELETE, TAGS, TOKEN_RE, GETokConfig
+from .vocab import TAGS, TOKEN_RE, GETokConfig
 
 _OPEN = {TAGS[k][0]: k for k in TAGS}
 _CLOSE = {TAGS[k][1]: k for k in TAGS}

@@ -140,7 +140,7 @@ class Predictor:
         answers = self.generate(first_turns, images, self._processors(self.first_cfg, only))
         out = []
         if self.cfg.mode == "refine":  # second turn: refine the model's own first answer
-            from data_converters.records import REFINE_PROMPT
+            from .records import REFINE_PROMPT
 
             from .parse import ParseError
 
@@ -255,7 +255,7 @@ def _parser():
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from .eval.cli import InputError, read_records
+    from .records import RecordsError as InputError, read_records
 
     try:
         records = read_records(args.data)

@@ -11,7 +11,6 @@ sample's full-size picture). Shapes are in pixels of the original image (docs/da
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -215,7 +214,8 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    from .eval.cli import InputError, read_predictions, read_records
+    from .eval.cli import InputError, read_predictions
+    from .records import read_records
 
     args = _parser().parse_args(argv)
     try:

@@ -10,7 +10,7 @@ import pytest
 
 from data_converters import pipeline, registry
 from data_converters.cli import build_job, main
-from data_converters.records import decode_record
+from llava_getok.records import decode_record
 from llava_getok.vocab import GETokConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "convert"

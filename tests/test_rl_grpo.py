@@ -166,10 +166,11 @@ def test_learning_one_image_one_box(getok_ckpt, data, tmp_path):
 def test_rows_from_converted_records(data):
     """Prompt rows: LLaVA's template up to the trained answer, the refine first answer, counted skips, and
     clear errors for a record made for another frame or grid, or whose image is missing."""
-    from llava_getok.rl.data import build_rows, load_records
+    from llava_getok.records import read_records
+    from llava_getok.rl.data import build_rows
     from llava_getok.vocab import GETokConfig
 
-    recs = load_records(data / "rec.json") + load_records(data / "refine.json")
+    recs = read_records(data / "rec.json") + read_records(data / "refine.json")
     rows, skipped = build_rows(recs, "grid", data, "llava_v1", "x.json", frame="pad", config=GETokConfig(**GRID))
     assert len(rows) == 1 and dict(skipped) == {"task refine (not a grid-stage task)": 1}
     assert rows[0]["prompt"].endswith("Answer with a box. ASSISTANT:") and rows[0]["prompt"].count("<image>") == 1

@@ -23,37 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import TASKS, THRESHOLDS, aggregate, score_all, scores_as_dicts
+from ..records import RecordsError, decode_record, read_records
 
 
 SHAPE_KINDS = ("point", "box", "polyline", "mask")
 
 
-class InputError(ValueError):
-    pass
-
-
-def read_records(path: Path) -> list[dict]:
-    """A converted file: a JSON list, or JSONL with one record a line."""
-    text = Path(path).read_text()
-    if not text.strip():
-        return []
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: not valid JSON ({e})") from None
-    else:
-        records = []
-        for k, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{k}: not valid JSON ({e})") from None
-    for k, r in enumerate(records):
-        if not isinstance(r, dict) or "id" not in r:
-            raise InputError(f"{path}: record {k} has no 'id' field")
-    return records
+InputError = RecordsError  # every input problem of eval / predict / show, named by file, line and field
 
 
 def read_predictions(path: Path) -> dict[str, dict]:
@@ -102,8 +78,6 @@ def image_loader_for(root: Path | None):
 
 def ceiling_predictions(records: list[dict]) -> dict[str, dict]:
     """The ground truth as its tokens carry it, decoded like a prediction (refinements applied)."""
-    from data_converters.records import decode_record
-
     return {str(r["id"]): decode_record(r) for r in records if (r.get("getok") or {}).get("task") in TASKS}
 
 

@@ -18,10 +18,8 @@ import argparse
 import contextlib
 import copy
 import io
-import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..vocab import TOKEN_RE, GETokConfig
 
@@ -134,25 +132,6 @@ def check_records(records, tokenizer, version: str | None = None, mm_use_im_star
     return report
 
 
-def load_records(path) -> list[dict]:
-    """A LLaVA-format JSON list or JSONL file."""
-    path = Path(path)
-    text = path.read_text()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    data.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataCheckError(f"{path}: line {n}: not JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise DataCheckError(f"{path}: expected a JSON list of records or JSONL, got {type(data).__name__}")
-    return data
-
-
 def raise_on_problems(report: CheckReport, source: str, show: int = 5) -> None:
     if report.problems:
         more = f"\n... and {len(report.problems) - show} more" if len(report.problems) > show else ""
@@ -196,7 +175,13 @@ def main(argv=None) -> int:
         print(f"{args.model_path}: no GETok tokens in the tokenizer and no --grid: GETok tokens would be split",
               file=sys.stderr)
         return 2
-    records = load_records(args.data)
+    from ..records import RecordsError, read_records
+
+    try:
+        records = read_records(args.data, require_id=False)
+    except RecordsError as e:
+        print(e, file=sys.stderr)
+        return 2
     report = check_records(records, tokenizer, version=args.version, mm_use_im_start_end=args.mm_use_im_start_end,
                            limit=args.limit, source=str(args.data))
     print(report.table())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path

@@ -15,27 +15,6 @@ from pathlib import Path
 STAGE_TASKS = {"grid": ("rec", "det", "res", "point"), "refine": ("refine",)}
 
 
-def load_records(path) -> list[dict]:
-    """A converted file: a JSON list, or JSONL with one record a line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file (a converted JSON / JSONL from convert-datasets)")
-    text = path.read_text()
-    try:
-        data = json.loads(text)
-        return data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
-        pass
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg}); expected a JSON list or JSONL") from None
-    return out
-
-
 def build_rows(records, stage: str, image_folder, conv_mode: str, source="<records>", frame=None, config=None):
     """Records -> (rows, skipped) for one stage; ``skipped`` counts records left out, by reason.
 

@@ -162,7 +162,8 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
 
     from ..generation import GETokLogitsProcessor
     from .checkpoint import GETokCheckpointCallback
-    from .data import build_rows, load_records
+    from ..records import read_records
+    from .data import build_rows
     from .trainer import LlavaGRPOTrainer, PolicyFirstAnswers
 
     from ..llava import register
@@ -174,7 +175,7 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
         raise ValueError(f"{args.model_path}: no getok_config.json; GRPO starts from a GETok checkpoint (SFT first)")
     cfg = sidecar.config
     # the data first: a bad record fails in seconds, not after loading a 7B model
-    rows, skipped = build_rows(load_records(args.data), args.stage, args.image_folder, args.conv_mode, args.data,
+    rows, skipped = build_rows(read_records(args.data, require_id=False), args.stage, args.image_folder, args.conv_mode, args.data,
                                frame=sidecar.frame, config=cfg)
     for reason, n in sorted(skipped.items()):
         print(f"[grpo] skipped {n} record(s): {reason}", file=sys.stderr)
