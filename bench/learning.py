@@ -154,7 +154,16 @@ def write(a, names, seeds, runs):
             hit = next((s for s, acc in curve if acc >= goal and goal > 0), None)
             notes.append(f"- {name}: first curve point with mean Acc@0.5 >= text-2dec's final {goal:.3f}: "
                          f"{'step ' + str(hit) if hit else 'not reached' if goal > 0 else 'n/a (text final is 0)'}")
+    curves = {n: dict(mean_curve([r for r in runs if r["condition"] == n])) for n in names}
+    steps = sorted({s for c in curves.values() for s in c})
+    curve_rows = ["| representation | " + " | ".join(f"step {s}" for s in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+    curve_rows += [f"| {n} | " + " | ".join(f"{curves[n][s]:.3f}" if s in curves[n] else "-" for s in steps) + " |"
+                   for n in names if curves[n]]
     md = header + "\n" + "\n".join(rows) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+    md += ("\nMean Acc@0.5 along training (intermediate points on the first 200 held-out scenes; wall times "
+           "above were measured on a machine shared with other jobs, so compare them only loosely):\n\n"
+           + "\n".join(curve_rows) + "\n")
     md += "\nLearning curves (mean Acc@0.5 over seeds): learning_curve.png\n"
     _atomic(a.out / "learning.md", md)
     _atomic(a.out / "learning.json", json.dumps({"settings": {k: str(v) for k, v in vars(a).items()}, "runs": runs}, indent=1))
