@@ -126,15 +126,17 @@ def load(path, base=None, **kw):
 @pytest.fixture(scope="module")
 def full_run(tiny_llava_dir, train_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "out"
+    # 32 steps at a constant lr: enough for the answer's GETok tokens to be what greedy decoding emits
     trainer = train_in_process(train_argv(tiny_llava_dir, train_data, out, "--unfreeze_mm_vision_tower",
-                                                   "--save_steps", "8", "--save_total_limit", "2", steps=10))
+                                          "--save_steps", "8", "--save_total_limit", "4",
+                                          "--lr_scheduler_type", "constant", steps=32))
     return trainer, out
 
 
 def test_full_training_loss_falls_and_rows_and_tower_train(full_run, tiny_llava_dir):
     trainer, out = full_run
     values, history = losses(out)
-    assert all(map(torch.isfinite, map(torch.tensor, values))) and len(values) == 10
+    assert all(map(torch.isfinite, map(torch.tensor, values))) and len(values) == 32
     assert values[-1] < values[0] * 0.8, values
     assert {"loss_lm", "loss_grid", "loss_box"} <= set(history[0])
     sidecar = json.loads((out / "getok_config.json").read_text())
