@@ -132,8 +132,7 @@ def main(argv=None):
     cpu = f"{os.cpu_count()} cores ({platform.processor() or platform.machine()})"
     lines = [
         "# convert-datasets throughput", "",
-        f"Machine: {cpu}, shared with other jobs while measured (numbers are lower bounds). "
-        f"Generating the input took {gen_s:.1f} s (not counted).", "",
+        f"Machine: {cpu}. Generating the input took {gen_s:.1f} s (not counted).", "",
         f"Load average when the run ended: {os.getloadavg()[0]:.1f} (wall time includes waiting for the CPU; "
         "CPU time is this job's own, workers included).", "",
         "| job | workers | wall time | CPU time | throughput (wall) | note |", "|---|---|---|---|---|---|",

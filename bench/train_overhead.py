@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             rows.append((name, plain * 1e3, getok * 1e3, getok / plain))
     table = ["| configuration | plain LLaVA CPU ms/step | GETok CPU ms/step | ratio |", "|---|---|---|---|"]
     table += [f"| {n} | {p:.1f} | {g:.1f} | {r:.3f} |" for n, p, g, r in rows]
-    info = (f"\nTiny LLaVA (LLaMA 64 x 2 layers, CLIP 32 px), GETok grid 32 (1035 tokens added), batch {a.batch}, "
+    info = (f"\nTiny LLaVA (LLaMA 64 x 2 layers, CLIP 32 px), GETok grid 32 (1042 tokens added), batch {a.batch}, "
             f"{a.steps} interleaved steps (median), forward + backward, {a.threads} threads, torch "
             f"{torch.__version__}, {platform.processor() or platform.machine()}. Target ratio <= 1.05.\n"
             f"Reproduce: `python bench/train_overhead.py --steps {a.steps} --batch {a.batch} --threads {a.threads}`\n")
