@@ -80,6 +80,18 @@ def _quantization(load_4bit, load_8bit, dtype):
     return None
 
 
+def copy_into_parameters(model, state: dict, source) -> None:
+    """Copy ``state`` into ``model``'s parameters of the same names (strict: a key that matches no parameter
+    is a KeyError naming ``source``; LLaVA's own ``load_state_dict(strict=False)`` drops it silently)."""
+    params = dict(model.named_parameters())
+    unknown = [k for k in state if k not in params]
+    if unknown:
+        raise KeyError(f"{source}: {len(unknown)} keys match no parameter of the model, e.g. {unknown[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v.to(params[k].dtype))
+
+
 def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bit=False, device="cpu",
                           torch_dtype=None, attn_implementation=None, sidecar=None):
     """Load a GETok (or plain LLaVA) checkpoint; returns LLaVA's tuple (tokenizer, model, processor, ctx)."""
@@ -128,13 +140,7 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
         extra = {k: v for k, v in extra.items() if not k.startswith(ROWS_ATTR + ".")}  # rows come from the rows file
         tower_state.update({k: v for k, v in extra.items() if k.startswith(TOWER_PREFIX)})
         extra = {k: v for k, v in extra.items() if not k.startswith(TOWER_PREFIX)}
-        params = dict(model.named_parameters())
-        unknown = [k for k in extra if k not in params]
-        if unknown:
-            raise KeyError(f"{extra_file}: {len(unknown)} keys match no parameter of the model, e.g. {unknown[:3]}")
-        with torch.no_grad():
-            for k, v in extra.items():
-                params[k].copy_(v.to(params[k].dtype))
+        copy_into_parameters(model, extra, extra_file)
         loaded_from_elsewhere = set(extra)
         unexpected = [k for k in info["unexpected_keys"] if not k.startswith(TOWER_PREFIX)]
 

@@ -19,6 +19,7 @@ apply_compat_fixes()  # fix 3 before llava.train is imported
 
 from llava.train.llava_trainer import LLaVATrainer  # noqa: E402
 
+from .builder import copy_into_parameters  # noqa: E402
 from .box_loss import TokenTable, box_token_loss  # noqa: E402
 from .rows import ROWS_ATTR, attach_trainable_rows, fold_rows_into_state, getok_rows_values  # noqa: E402
 from .sidecar import ROWS_FILE, TOWER_FILE, Sidecar, save_tensors_atomic, write_sidecar  # noqa: E402
@@ -283,13 +284,7 @@ class GETokTrainer(LLaVATrainer):
         non_lora = os.path.join(folder, "non_lora_trainables.bin")
         if os.path.exists(non_lora) and hasattr(self.model, "peft_config"):
             state = {k: v for k, v in torch.load(non_lora, map_location="cpu").items() if f"{ROWS_ATTR}." not in k}
-            params = dict(self.model.named_parameters())
-            unknown = [k for k in state if k not in params]
-            if unknown:
-                raise KeyError(f"{non_lora}: keys match no parameter: {unknown[:3]}")
-            with torch.no_grad():
-                for k, v in state.items():
-                    params[k].copy_(v.to(params[k].dtype))
+            copy_into_parameters(self.model, state, non_lora)
         tower_file = os.path.join(folder, TOWER_FILE)
         if os.path.exists(tower_file):
             base.get_vision_tower().vision_tower.load_state_dict(load_file(tower_file))
