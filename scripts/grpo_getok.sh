@@ -36,22 +36,21 @@ STAGES=${STAGES:-grid refine}
 BASE_ARGS=()
 [[ -n "${MODEL_BASE:-}" ]] && BASE_ARGS=(--model-base "$MODEL_BASE")
 
-if [[ " $STAGES " == *" grid "* ]]; then
-  echo "[grpo_getok] stage 1 (grid): $MODEL -> $OUT/grid"
+# one stage: NAME DATA EXTRA_ARGS, from $MODEL (+ $BASE_ARGS) to $OUT/NAME, with the paper's GRPO settings
+run_stage() {
+  echo "[grpo_getok] stage $1: $MODEL -> $OUT/$1"
   # shellcheck disable=SC2086
-  "$PYTHON" -m llava_getok.rl --stage grid --model-path "$MODEL" "${BASE_ARGS[@]}" \
-    --data "$GRID_DATA" --image-folder "$IMAGE_FOLDER" --output-dir "$OUT/grid" \
+  "$PYTHON" -m llava_getok.rl --stage "$1" --model-path "$MODEL" "${BASE_ARGS[@]}" \
+    --data "$2" --image-folder "$IMAGE_FOLDER" --output-dir "$OUT/$1" \
     --num-generations 8 --beta 0.04 --learning-rate 1e-5 --max-new-tokens 64 --loss-type dapo \
-    ${GRID_ARGS:-} "$@"
+    $3 "${@:4}"
+}
+
+if [[ " $STAGES " == *" grid "* ]]; then
+  run_stage grid "$GRID_DATA" "${GRID_ARGS:-}" "$@"
   MODEL="$OUT/grid"  # the final grid-stage save is a full (merged) GETok checkpoint
   BASE_ARGS=()
 fi
-
 if [[ " $STAGES " == *" refine "* ]]; then
-  echo "[grpo_getok] stage 2 (refine): $MODEL -> $OUT/refine"
-  # shellcheck disable=SC2086
-  "$PYTHON" -m llava_getok.rl --stage refine --model-path "$MODEL" "${BASE_ARGS[@]}" \
-    --data "$REFINE_DATA" --image-folder "$IMAGE_FOLDER" --output-dir "$OUT/refine" \
-    --num-generations 8 --beta 0.04 --learning-rate 1e-5 --max-new-tokens 64 --loss-type dapo \
-    ${REFINE_ARGS:-} "$@"
+  run_stage refine "$REFINE_DATA" "${REFINE_ARGS:-}" "$@"
 fi

@@ -5,8 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 GRID = {"grid": 4, "rounds": 0, "offset_levels": 3, "schedule": "halving", "mode": "grid"}
 REFINE = {"grid": 4, "rounds": 1, "offset_levels": 3, "schedule": "halving", "mode": "refine"}
