@@ -36,7 +36,6 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -301,6 +300,20 @@ def json_records(path: Path):
         raise ConvertError(str(path), "-", f"expected a JSON list of records, got {type(data).__name__}", "not a list")
     for n, rec in enumerate(data):
         yield f"{path.name}:{n}", rec
+
+
+def read_numbered_records(opts):
+    """The ``read`` of sources whose input is one JSON list / JSONL of records: (where, (index, raw)), the
+    index naming records that carry no id of their own."""
+    for n, (where, raw) in enumerate(json_records(opts.input)):
+        yield where, (n, raw)
+
+
+def optional_size(rec: dict):
+    """(width, height) when the record states both, else None (the size then comes from the image header)."""
+    if rec.get("width") is not None and rec.get("height") is not None:
+        return rec["width"], rec["height"]
+    return None
 
 
 def decode_line(raw, where: str):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .base import ConvertError, Sample, decode_line, get, json_records
+from .base import ConvertError, Sample, decode_line, get, read_numbered_records
 from .records import BOX_SLOT
 
 TASKS = ("rewrite",)
@@ -35,9 +35,7 @@ def patch_index_to_coordinate(ul_idx: int, lr_idx: int, n: int = PATCHES):
     return ux * cell + cell / 2, uy * cell + cell / 2, lx * cell + cell / 2, ly * cell + cell / 2
 
 
-def read(opts):
-    for n, (where, raw) in enumerate(json_records(opts.input)):
-        yield where, (n, raw)
+read = read_numbered_records
 
 
 def _rewrite(value, boxes, where, field):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .base import ConvertError, Filtered, Sample, decode_line, get, json_lines
+from .base import ConvertError, Filtered, Sample, decode_line, get, json_lines, optional_size
 
 TASKS = ("det", "rec", "reg", "point")
 FORMATS = "GroundingDINO ODVG JSONL: filename, height, width, detection.instances[] or grounding.regions[] (bbox px)"
@@ -45,7 +45,7 @@ def parse(raw, where, opts) -> Sample:
         raise raw
     rec = raw["rec"]
     image = str(get(rec, "filename", where))
-    size = (rec["width"], rec["height"]) if rec.get("width") is not None and rec.get("height") is not None else None
+    size = optional_size(rec)
     if "category" in raw:
         if not raw["category"]:
             raise ConvertError(where, "detection.instances[].category", "missing", "missing category")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .base import ConvertError, Sample, decode_line, get, json_records
+from .base import ConvertError, Sample, decode_line, get, read_numbered_records
 from .records import BOX_SLOT
 
 TASKS = ("rewrite",)
@@ -20,9 +20,7 @@ BOX_RE = re.compile(r"<box>\s*\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\
 ROLES = {"user": "human", "human": "human", "assistant": "gpt", "gpt": "gpt"}
 
 
-def read(opts):
-    for n, (where, raw) in enumerate(json_records(opts.input)):
-        yield where, (n, raw)
+read = read_numbered_records
 
 
 def parse(raw, where, opts) -> Sample:

@@ -5,20 +5,18 @@ One line per expression: ``img_path`` (relative to --image-root), ``expression``
 """
 from __future__ import annotations
 
-from .base import Sample, decode_line, get, json_records
+from .base import Sample, decode_line, get, optional_size, read_numbered_records
 
 TASKS = ("rec", "reg", "point")
 FORMATS = "Shikra REC JSONL: img_path, expression, bbox [x1,y1,x2,y2] px, height, width"
 
 
-def read(opts):
-    for n, (where, raw) in enumerate(json_records(opts.input)):
-        yield where, (n, raw)
+read = read_numbered_records
 
 
 def parse(raw, where, opts) -> Sample:
     n, rec = raw[0], decode_line(raw[1], where)
-    size = (rec["width"], rec["height"]) if rec.get("width") is not None and rec.get("height") is not None else None
+    size = optional_size(rec)
     return Sample(
         id=f"shikra-{rec.get('id', n)}", image=str(get(rec, "img_path", where)), size=size,
         expression=get(rec, "expression", where, str), boxes=(get(rec, "bbox", where),), where=where,

@@ -7,22 +7,20 @@ answer that says there is no such object. Tasks: rec, reg, point.
 """
 from __future__ import annotations
 
-from .base import ConvertError, Sample, decode_line, get, json_records
+from .base import ConvertError, Sample, decode_line, get, optional_size, read_numbered_records
 
 TASKS = ("rec", "reg", "point")
 FORMATS = "VLM-R1 REC JSON/JSONL: image, problem, solution [x1,y1,x2,y2] px or null, normalized_solution 0-1000, width, height"
 
 
-def read(opts):
-    for n, (where, raw) in enumerate(json_records(opts.input)):
-        yield where, (n, raw)
+read = read_numbered_records
 
 
 def parse(raw, where, opts) -> Sample:
     n, rec = raw[0], decode_line(raw[1], where)
     image = str(get(rec, "image", where))
     expression = get(rec, "problem", where, str)
-    size = (rec["width"], rec["height"]) if rec.get("width") is not None and rec.get("height") is not None else None
+    size = optional_size(rec)
     units, fields = "px", {"boxes": "solution"}
     if "solution" in rec:
         box = rec["solution"]
