@@ -161,13 +161,12 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
     from trl import GRPOConfig
 
     from ..generation import GETokLogitsProcessor
-    from .checkpoint import GETokCheckpointCallback
-    from ..records import read_records
-    from .data import build_rows
-    from .trainer import LlavaGRPOTrainer, PolicyFirstAnswers
-
     from ..llava import register
     from ..llava.sidecar import read_sidecar
+    from ..records import read_records
+    from .checkpoint import GETokCheckpointCallback
+    from .data import build_rows
+    from .trainer import LlavaGRPOTrainer, PolicyFirstAnswers
 
     register()  # LLaVA's templates and fixes, before the data is rendered
     sidecar = read_sidecar(args.model_path)
