@@ -204,6 +204,45 @@ def test_zero_weights_reproduce_plain_llava_loss_bit_for_bit(getok_setup):
     trainer._getok_sums = {}
 
 
+def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_setup):
+    """The trainer applies the LM head to the scored positions' hidden states only; value and gradients must
+    be those of the loss on the model's full logits."""
+    from llava_getok.llava.box_loss import box_token_loss
+
+    trainer, batch, _ = getok_setup
+    model, s = trainer.model, type(trainer).getok_settings
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    import llava_getok.llava.trainer as trainer_mod
+
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_mod, "box_token_loss", lambda scores, *a, **k: seen.append(callable(scores)) or box_token_loss(scores, *a, **k))
+        total = trainer.compute_loss(model, dict(batch))
+    assert seen == [True]  # the scored-rows path ran, not the fallback on full logits
+    logged, trainer._getok_sums = dict(trainer._getok_sums), {}
+    via_rows = grads(total)
+    captured = {}
+    original = model.prepare_inputs_labels_for_multimodal
+    try:  # a plain forward, keeping the labels LLaVA builds inside it
+        model.prepare_inputs_labels_for_multimodal = lambda *a, **k: captured.setdefault("out", original(*a, **k))
+        out = model(**dict(batch))
+    finally:
+        model.prepare_inputs_labels_for_multimodal = original
+    parts = box_token_loss(out.logits, captured["out"][-1], trainer.getok.table, sigma=s.sigma, offset_sigma=s.offset_sigma)
+    assert parts["n_box"] == 2 and float(parts["grid"]) == pytest.approx(logged["loss_grid"], rel=1e-5)
+    assert float(parts["box"]) == pytest.approx(logged["loss_box"], rel=1e-5)
+    via_logits = grads(out.loss + s.grid_weight * parts["grid"] + s.box_weight * parts["box"])
+    for a, b in zip(via_rows, via_logits):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+
+
 # -- check-data ---------------------------------------------------------------------------------------
 
 def test_check_data_passes_good_data_and_fails_loudly_on_mismatch_and_split_tokens(getok_setup, data, tmp_path):

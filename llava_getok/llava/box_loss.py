@@ -1,4 +1,4 @@
-"""Box-token loss (spec section 7): the 2D structure of grid tokens, added to the LM loss. Torch only.
+"""Box-token loss (spec section 7): the 2D structure of grid tokens, added to the LM loss.
 
 Computed at the label positions whose target is a GETok grid or offset token (after the causal shift:
 ``logits[:, t]`` predicts ``labels[:, t + 1]``):
@@ -13,12 +13,18 @@ Computed at the label positions whose target is a GETok grid or offset token (af
 
 total = L_lm + grid_weight * grid + box_weight * box; with both weights 0 nothing is added (the trainer
 then runs LLaVA's own loss path: plain LLaVA training, bit for bit).
+
+Cost: where the targets and boxes are is integer bookkeeping on the labels, done in numpy on a host copy of
+them (no gradient flows there); torch then runs a fixed, small number of operations on one gather of the
+scored logits, whatever the batch holds (bench/train_overhead.py measures it against plain LLaVA).
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +35,7 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True, eq=False)
 class TokenTable:
-    """Token ids of one GETok config in one tokenizer, as tensors the loss indexes with."""
+    """Token ids of one GETok config in one tokenizer, as arrays the loss indexes with."""
 
     cfg: GETokConfig
     grid_ids: torch.Tensor  # (n*n,), index j * n + i is cell (i, j)
@@ -42,9 +48,6 @@ class TokenTable:
         """``ids``: the tokenizer ids of ``cfg.tokens()``, in that order."""
         of = dict(zip(cfg.tokens(), ids))
         grid, off = torch.tensor([of[t] for t in cfg.grid_tokens]), torch.tensor([of[t] for t in cfg.offset_tokens])
-        for name, t in (("grid", grid), ("offset", off)):
-            if len(t) > 1 and not bool((t[1:] > t[:-1]).all()):  # the loss maps ids to classes by searchsorted
-                raise ValueError(f"GETok {name} token ids must increase in cfg.tokens() order, got {t[:5].tolist()}...")
         return cls(cfg, grid, off, of["<box>"], of["</box>"])
 
     @functools.cached_property
@@ -53,152 +56,181 @@ class TokenTable:
         return torch.cat([self.grid_ids, self.offset_ids])
 
     @functools.cached_property
-    def klass(self) -> torch.Tensor:
+    def klass(self) -> np.ndarray:
         """id -> column index in :attr:`cols` (-1 for other ids), a lookup table."""
-        k = torch.full((int(self.cols.max()) + 1,), -1, dtype=torch.long)
-        k[self.cols] = torch.arange(len(self.cols))
+        k = np.full(int(self.cols.max()) + 1, -1, dtype=np.int64)
+        k[self.cols.numpy()] = np.arange(len(self.cols))
         return k
 
-    @functools.lru_cache(maxsize=8)
-    def target_table(self, kind: str, sigma: float) -> torch.Tensor:
-        """(K, K) soft targets of every class of ``kind`` ("grid" or "offset"), row c centred on class c."""
-        coords = self.cell_xy() if kind == "grid" else self.offset_xy()
-        return soft_targets(torch.arange(len(coords)), coords, sigma)
-
-    def cell_xy(self) -> torch.Tensor:
-        """(n*n, 2) cell indices (i, j) in grid_ids order."""
+    @functools.cached_property
+    def anchors(self) -> np.ndarray:
+        """(n*n, 2) cell centres (x, y), normalised, in grid_ids order."""
         n = self.cfg.grid
-        k = torch.arange(n * n)
-        return torch.stack([k % n, k // n], 1)
+        k = np.arange(n * n)
+        return (np.stack([k % n, k // n], 1) + 0.5) / n
 
-    def offset_xy(self) -> torch.Tensor:
-        return torch.tensor(self.cfg.offset_values)
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        """(m*m, 2) (dx, dy) of every offset class."""
+        return np.asarray(self.cfg.offset_values, dtype=np.float64)
+
+    @functools.lru_cache(maxsize=16)
+    def on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cols, anchors, offsets) on ``device`` in ``dtype``, made once: a copy per step costs more than the loss."""
+        return (self.cols.to(device), torch.as_tensor(self.anchors).to(device, dtype),
+                torch.as_tensor(self.offsets).to(device, dtype))
 
 
-def soft_targets(target: torch.Tensor, coords: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(P, K) Gaussian targets over K classes at integer 2D ``coords`` (K, 2), centred on class ``target`` (P,).
+def soft_targets(target, side: int, sigma: float) -> np.ndarray:
+    """(P, side²) Gaussian targets over a side x side lattice in row-major order (y outer, as grid and offset
+    tokens are), centred on the classes ``target`` (P,), ``sigma`` in lattice steps; 0 gives one-hot. The
+    Gaussian is separable: the product of two normalised 1D Gaussians, so no (side², side²) table is needed.
 
-    >>> q = soft_targets(torch.tensor([4]), torch.tensor([[i, j] for j in range(3) for i in range(3)]), 1.0)
+    >>> q = soft_targets([4], 3, 1.0)
     >>> int(q.argmax()), round(float(q.sum()), 6)
     (4, 1.0)
     """
+    target = np.asarray(target, dtype=np.int64)
     if sigma <= 0:
-        return F.one_hot(target, len(coords)).double()
-    d2 = (coords[None, :, :] - coords[target][:, None, :]).double().pow(2).sum(-1)
-    q = torch.exp(-d2 / (2 * sigma**2))
-    return q / q.sum(-1, keepdim=True)
+        return np.eye(side * side)[target]
+    k = np.arange(side)
+    gx = np.exp(-((k[None] - (target % side)[:, None]) ** 2) / (2 * sigma**2))
+    gy = np.exp(-((k[None] - (target // side)[:, None]) ** 2) / (2 * sigma**2))
+    gx, gy = gx / gx.sum(1, keepdims=True), gy / gy.sum(1, keepdims=True)
+    return (gy[:, :, None] * gx[:, None, :]).reshape(len(target), side * side)
 
 
-def _up(x: torch.Tensor) -> torch.Tensor:
-    """At least float32 (half-precision logits are upcast, as transformers does for the LM loss)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+class BoxSlots(NamedTuple):
+    """Where the boxes of a label batch are, as indices into the flattened (B * T) labels (numpy arrays).
+
+    corners: (2K,) the grid position of each corner, box after box; offsets: (Q,) the offset positions
+    inside those boxes, with the corner (index into ``corners``) and the round (1-based) of each."""
+
+    corners: np.ndarray
+    offsets: np.ndarray
+    offset_corner: np.ndarray
+    offset_round: np.ndarray
 
 
-def _soft_ce(logits_sub: torch.Tensor, target: torch.Tensor, coords: torch.Tensor, sigma: float) -> torch.Tensor:
-    logp = F.log_softmax(_up(logits_sub), dim=-1)
-    q = soft_targets(target, coords.to(target.device), sigma).to(logp)
-    return -(q * logp).sum(-1)
+def find_boxes(labels, table: TokenTable) -> BoxSlots:
+    """The boxes in (shifted) ``labels`` (B, T): every ``<box>`` followed by exactly two grid targets, each
+    followed only by offset targets, then ``</box>``, within one row. Anything else between ``<box>`` and the
+    next ``</box>`` (text, a third corner, a second ``<box>``) drops that box."""
+    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    flat = labels.reshape(-1)
+    return _find_boxes(flat, _classes(flat, table), labels.shape[1], table)
 
 
-def _giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Generalised IoU of boxes (B, 4) x1 y1 x2 y2 (corners put in order first)."""
-    a = torch.cat([torch.minimum(a[:, :2], a[:, 2:]), torch.maximum(a[:, :2], a[:, 2:])], 1)
-    b = torch.cat([torch.minimum(b[:, :2], b[:, 2:]), torch.maximum(b[:, :2], b[:, 2:])], 1)
-    area = lambda x: (x[:, 2] - x[:, 0]).clamp_min(0) * (x[:, 3] - x[:, 1]).clamp_min(0)
-    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp_min(0).prod(1)
-    union = area(a) + area(b) - inter
-    hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).clamp_min(0).prod(1)
-    eps = 1e-9
-    iou = inter / (union + eps)
-    return iou - (hull - union) / (hull + eps)
+def _classes(flat: np.ndarray, table: TokenTable) -> np.ndarray:
+    """Column in ``table.cols`` of each label (-1 for labels that are no grid or offset token)."""
+    k = table.klass
+    inside = (flat >= 0) & (flat < len(k))
+    return np.where(inside, k[np.where(inside, flat, 0)], -1)
 
 
-def find_boxes(labels: torch.Tensor, table: TokenTable) -> list[tuple[int, list[list[int]]]]:
-    """Boxes in (shifted) labels: (row, [[grid position, offset positions...], [corner 2]]) for every
-    ``<box>`` ... ``</box>`` holding exactly two grid targets, each followed only by offset targets."""
-    grid, off = set(table.grid_ids.tolist()), set(table.offset_ids.tolist())
-    out = []
-    for b in torch.nonzero((labels == table.box_open).any(1)).flatten().tolist():
-        row = labels[b].tolist()
-        t = 0
-        while t < len(row):
-            if row[t] != table.box_open:
-                t += 1
-                continue
-            corners, ok, t = [], True, t + 1
-            while t < len(row) and row[t] != table.box_close:
-                if row[t] in grid:
-                    corners.append([t])
-                elif row[t] in off and corners:
-                    corners[-1].append(t)
-                else:
-                    ok = False
-                t += 1
-            if ok and t < len(row) and len(corners) == 2:
-                out.append((b, corners))
-    return out
+def _find_boxes(flat: np.ndarray, cls: np.ndarray, row_len: int, table: TokenTable) -> BoxSlots:
+    n2 = len(table.grid_ids)
+    none = BoxSlots(*(np.zeros(0, dtype=np.int64),) * 4)
+    opens, closes = np.flatnonzero(flat == table.box_open), np.flatnonzero(flat == table.box_close)
+    k = np.searchsorted(closes, opens)  # the first </box> after each <box>
+    opens, ends = opens[k < len(closes)], closes[k[k < len(closes)]]
+    if not len(opens):
+        return none
+    is_grid, is_off = (cls >= 0) & (cls < n2), cls >= n2
+    n_grid = np.cumsum(is_grid)  # grid targets at or before each position
+    n_other = np.cumsum(~(is_grid | is_off))
+    ok = ((ends // row_len == opens // row_len) & (n_other[ends - 1] == n_other[opens])
+          & (n_grid[ends - 1] - n_grid[opens] == 2) & is_grid[np.minimum(opens + 1, len(flat) - 1)])
+    opens, ends = opens[ok], ends[ok]
+    if not len(opens):
+        return none
+    grid_pos = np.flatnonzero(is_grid)
+    first = n_grid[opens]  # index in grid_pos of each kept box's first corner
+    corner_grid = np.stack([first, first + 1], 1).reshape(-1)
+    span = np.zeros(len(flat) + 1, dtype=np.int64)  # +1 from a box's first inner position to its </box>
+    np.add.at(span, opens + 1, 1)
+    np.add.at(span, ends, -1)
+    offsets = np.flatnonzero(is_off & (np.cumsum(span[:-1]) > 0))
+    owner = n_grid[offsets] - 1  # index in grid_pos of the grid target each offset refines
+    corner_of_grid = np.full(len(grid_pos), -1, dtype=np.int64)
+    corner_of_grid[corner_grid] = np.arange(len(corner_grid))
+    return BoxSlots(grid_pos[corner_grid], offsets, corner_of_grid[owner], offsets - grid_pos[owner])
 
 
-def box_token_loss(logits: torch.Tensor, labels: torch.Tensor, table: TokenTable, sigma: float = 1.0,
+def box_token_loss(logits, labels: torch.Tensor, table: TokenTable, sigma: float = 1.0,
                    with_box: bool = True, offset_sigma: float = 0.0) -> dict[str, torch.Tensor]:
     """The two parts {"grid", "box"} (0-dim tensors, 0 when there is nothing to score) and the counts
-    {"n_grid", "n_box"} for ``logits`` (B, T, V) and the model's unshifted ``labels`` (B, T)."""
-    # labels shifted onto the logits that predict them (no slice of the logits: its backward would allocate
-    # another full-size gradient)
-    labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], 1)
-    zero = _up(logits.new_zeros(()))
-    parts = {"grid": zero, "box": zero, "n_grid": 0, "n_box": 0}
-    klass = table.klass.to(labels.device)
-    safe = labels.clamp(0, len(klass) - 1)
-    cls_all = torch.where((labels >= 0) & (labels < len(klass)), klass[safe], -1)
-    where = cls_all >= 0
-    if not bool(where.any()):
-        return parts
-    # One gather of the scored positions, then of the GETok columns: indexing the (B, T, V) logits once per
-    # position or box made the backward scatter into a full-size zero tensor each time.
-    sub = _up(logits[where][:, table.cols.to(logits.device)])  # (P, n*n + m*m)
-    cls = cls_all[where]
+    {"n_grid", "n_box"} for the model's unshifted ``labels`` (B, T).
+
+    ``logits``: the (B, T, V) logits, or a function ``rows -> (len(rows), V)`` logits at flat positions
+    ``rows`` (indices into B * T). The trainer passes the second, the LM head applied to the hidden states of
+    the scored positions only: a loss on a few rows of the full logits would give them a second full-size
+    gradient in the backward (B x T x V floats, gigabytes for a 7B model's batch)."""
+    dtype = torch.float32
+    parts = {"grid": torch.zeros(()), "box": torch.zeros(()), "n_grid": 0, "n_box": 0}
+    B, T = labels.shape
+    lab = labels.detach().cpu().numpy()
+    flat = np.concatenate([lab[:, 1:], np.full((B, 1), IGNORE_INDEX, lab.dtype)], 1).reshape(-1)  # shifted
+    cls = _classes(flat, table)
     n2 = len(table.grid_ids)
-    is_grid = cls < n2
-
-    losses = []
-    for mask, lo, hi, kind, width in ((is_grid, 0, n2, "grid", sigma), (~is_grid, n2, sub.shape[1], "offset", offset_sigma)):
-        if bool(mask.any()):
-            logp = F.log_softmax(sub[mask][:, lo:hi], dim=-1)
-            q = table.target_table(kind, float(width)).to(logp.device, logp.dtype)[cls[mask] - lo]
-            losses.append(-(q * logp).sum(-1))
-    per_pos = torch.cat(losses)
-    parts["grid"], parts["n_grid"] = per_pos.mean(), len(per_pos)
-
+    grid_at, off_at = np.flatnonzero((cls >= 0) & (cls < n2)), np.flatnonzero(cls >= n2)
+    if not len(grid_at) and not len(off_at):
+        return parts
+    G = len(grid_at)
+    rows = torch.from_numpy(np.concatenate([grid_at, off_at]))  # grid targets first
+    if callable(logits):
+        sub = logits(rows)
+    else:
+        sub = logits.reshape(B * T, -1)[rows.to(logits.device)]
+    dev = sub.device
+    if sub.dtype == torch.float64:
+        dtype = torch.float64
+    cols, anchors, offsets = table.on(dev, dtype)
+    sub = sub[:, cols].to(dtype)  # (P, n*n + m*m); half precision is upcast, as transformers does for the LM loss
+    logp_grid = F.log_softmax(sub[:G, :n2], -1)  # row k: the k-th grid target in flat order
+    logp_off = F.log_softmax(sub[G:, n2:], -1)
+    total = torch.zeros((), device=dev, dtype=dtype)
+    for logp, target, side, width in ((logp_grid, cls[grid_at], table.cfg.grid, sigma),
+                                      (logp_off, cls[off_at] - n2, table.cfg.offset_levels, offset_sigma)):
+        if not len(target):
+            continue
+        if width > 0:
+            total = total + (torch.from_numpy(soft_targets(target, side, width)).to(dev, dtype) * logp).sum()
+        else:  # one-hot: the target's log-probability
+            total = total + logp.gather(1, torch.from_numpy(target).to(dev)[:, None]).sum()
+    parts["grid"], parts["n_grid"] = -total / (G + len(off_at)), G + len(off_at)
     if with_box:
-        boxes = find_boxes(labels, table)
-        if boxes:
-            row_of = {bt: k for k, bt in enumerate(map(tuple, where.nonzero().tolist()))}
-            parts["box"] = _box_part(sub, cls, boxes, row_of, table)
-            parts["n_box"] = len(boxes)
+        slots = _find_boxes(flat, cls, T, table)
+        if len(slots.corners):
+            parts["box"] = _box_part(logp_grid, logp_off, cls, grid_at, off_at, slots, table, anchors, offsets)
+            parts["n_box"] = len(slots.corners) // 2
     return parts
 
 
-def _box_part(sub, cls, boxes, row_of, table: TokenTable) -> torch.Tensor:
-    """Vectorised over corners: expected anchor under the grid distribution, plus the expected offset step
-    of each round, against the decoded target point. ``sub``: (P, n*n + m*m) GETok logits of the scored
-    positions, ``cls``: their target column."""
-    cfg = table.cfg
+def _box_part(logp_grid, logp_off, cls, grid_at, off_at, slots: BoxSlots, table: TokenTable, anchors, offsets):
+    """Expected anchor under the grid distribution plus the expected offset step of each round, against the
+    decoded target corner; L1 + (1 - GIoU) per box, mean over boxes."""
+    dev, dtype, cfg = logp_grid.device, logp_grid.dtype, table.cfg
     n2 = len(table.grid_ids)
-    anchors = (table.cell_xy().to(sub.device, sub.dtype) + 0.5) / cfg.grid  # (n*n, 2)
-    offs = table.offset_xy().to(sub.device, sub.dtype)  # (m*m, 2)
-    corners = [[row_of[(b, t)] for t in positions] for b, pair in boxes for positions in pair]  # 2 per box
-    g = torch.tensor([c[0] for c in corners], device=sub.device)
-    point = F.softmax(sub[g][:, :n2], -1) @ anchors
-    true = anchors[cls[g]]
-    for r in range(1, max(len(c) for c in corners)):
-        which = torch.tensor([k for k, c in enumerate(corners) if len(c) > r], device=sub.device)
-        o = torch.tensor([c[r] for c in corners if len(c) > r], device=sub.device)
-        step = cfg.step(r)
-        point = point.index_add(0, which, step * (F.softmax(sub[o][:, n2:], -1) @ offs))
-        true = true.index_add(0, which, step * offs[cls[o] - n2])
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+    point = logp_grid[as_t(np.searchsorted(grid_at, slots.corners))].exp() @ anchors  # (2K, 2)
+    true = table.anchors[cls[slots.corners]]
+    if len(slots.offsets):
+        steps = np.array([cfg.step(r) for r in range(1, int(slots.offset_round.max()) + 1)])[slots.offset_round - 1]
+        probs = logp_off[as_t(np.searchsorted(off_at, slots.offsets))].exp()
+        point = point.index_add(0, as_t(slots.offset_corner), as_t(steps[:, None]).to(dtype) * (probs @ offsets))
+        np.add.at(true, slots.offset_corner, steps[:, None] * table.offsets[cls[slots.offsets] - n2])
     pred = point.reshape(-1, 4)
-    true = true.clamp(0, 1).reshape(-1, 4)
+    true = np.clip(true, 0, 1).reshape(-1, 4)
+    t_lo, t_hi = np.minimum(true[:, :2], true[:, 2:]), np.maximum(true[:, :2], true[:, 2:])
+    t_area = (t_hi - t_lo).prod(1)
+    true, t_lo, t_hi, t_area = (as_t(a).to(dtype) for a in (true, t_lo, t_hi, t_area))
     l1 = (pred - true).abs().mean(1)
-    return (l1 + 1 - _giou(pred, true)).mean()
+    # generalised IoU, the predicted corners put in order first
+    lo, hi = torch.minimum(pred[:, :2], pred[:, 2:]), torch.maximum(pred[:, :2], pred[:, 2:])
+    inter = (torch.minimum(hi, t_hi) - torch.maximum(lo, t_lo)).clamp_min(0).prod(1)
+    union = (hi - lo).prod(1) + t_area - inter
+    hull = (torch.maximum(hi, t_hi) - torch.minimum(lo, t_lo)).prod(1)
+    eps = 1e-9
+    giou = inter / (union + eps) - (hull - union) / (hull + eps)
+    return (l1 + 1 - giou).mean()

@@ -190,9 +190,10 @@ class GETokTrainer(LLaVATrainer):
                   f"{self.getok_settings.grid_weight} box {self.getok_settings.box_weight}")
         self._getok_tokenizer = tokenizer
         self._getok_sums: dict[str, float] = {}
-        self._getok_labels = None
+        self._getok_labels = self._getok_hidden = None
+        self._getok_capturing = False
         if self.getok_settings.loss_on:
-            _capture_expanded_labels(unwrap_llava(model), self)
+            _capture_loss_inputs(unwrap_llava(model), self)
         super().__init__(model=model, tokenizer=tokenizer, args=args, **kwargs)
 
     # -- loss ------------------------------------------------------------------------------------------
@@ -201,14 +202,26 @@ class GETokTrainer(LLaVATrainer):
         if not s.loss_on:  # LLaVA's own loss path, untouched: plain LLaVA training bit for bit
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        lm, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        labels, self._getok_labels = self._getok_labels, None
+        self._getok_capturing = True
+        try:
+            lm, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        finally:
+            self._getok_capturing = False
+        labels, hidden = self._getok_labels, self._getok_hidden
+        self._getok_labels = self._getok_hidden = None
         if labels is None:  # the forward did not go through LLaVA's multimodal preparation
             labels = inputs.get("labels")
         if labels is None or labels.shape[:2] != outputs.logits.shape[:2]:
             raise ValueError("box-token loss: no labels aligned with the logits (LLaVA's "
                              "prepare_inputs_labels_for_multimodal was not called in this forward)")
-        parts = box_token_loss(outputs.logits, labels, self.getok.table, sigma=s.sigma, with_box=s.box_weight > 0,
+        scores = outputs.logits
+        if hidden is not None and hidden.shape[:2] == labels.shape[:2]:
+            # the LM head again, on the scored positions only (its hooks, e.g. the GETok row deltas, included):
+            # the loss then adds no second full-size gradient to the logits
+            head = unwrap_llava(model).get_output_embeddings()
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            scores = lambda rows: head(flat[rows.to(flat.device)])  # noqa: E731
+        parts = box_token_loss(scores, labels, self.getok.table, sigma=s.sigma, with_box=s.box_weight > 0,
                                offset_sigma=s.offset_sigma)
         total = lm
         if s.grid_weight > 0:
@@ -341,10 +354,11 @@ class GETokTrainer(LLaVATrainer):
             vision_tower_trained=s.train_vision_tower))
 
 
-def _capture_expanded_labels(model, trainer) -> None:
-    """Record the labels LLaVA builds inside forward (image positions inserted, re-padded), which the
-    box-token loss needs to line up with the logits. Wraps the instance's method; LLaVA's forward itself
-    runs unchanged, so the LM loss is the plain one bit for bit."""
+def _capture_loss_inputs(model, trainer) -> None:
+    """Record, during the trainer's forward, what the box-token loss needs: the labels LLaVA builds inside
+    forward (image positions inserted, re-padded), which line up with the logits, and the hidden states the
+    LM head receives. Wraps the instance's preparation method and adds a forward hook on the head; LLaVA's
+    forward itself runs unchanged, so the LM loss is the plain one bit for bit."""
     original = model.prepare_inputs_labels_for_multimodal
     if getattr(original, "__getok_capture__", False):
         original.__getok_trainer__[0] = trainer
@@ -353,13 +367,18 @@ def _capture_expanded_labels(model, trainer) -> None:
 
     def prepare_inputs_labels_for_multimodal(*args, **kwargs):
         out = original(*args, **kwargs)
-        if out[-1] is not None:
+        if out[-1] is not None and owner[0]._getok_capturing:
             owner[0]._getok_labels = out[-1]
         return out
+
+    def keep_head_input(module, args):
+        if owner[0]._getok_capturing:
+            owner[0]._getok_hidden = args[0]
 
     prepare_inputs_labels_for_multimodal.__getok_capture__ = True
     prepare_inputs_labels_for_multimodal.__getok_trainer__ = owner
     model.prepare_inputs_labels_for_multimodal = prepare_inputs_labels_for_multimodal
+    model.get_output_embeddings().register_forward_pre_hook(keep_head_input)
 
 
 def install_trainer_hook(settings: GETokSettings | None = None, **kwargs) -> bool:
