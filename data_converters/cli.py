@@ -53,6 +53,9 @@ def _parser():
     p.add_argument("--superpixels", type=int, default=512, help="RES without SAM: SLIC superpixels per image (fewer: fewer anchors, coarser masks)")
     p.add_argument("--tau", type=float, default=0.8, help="RES: the greedy stops at this IoU (spec section 6)")
     p.add_argument("--max-points", type=int, default=64, help="RES: at most this many anchors per mask")
+    p.add_argument("--group-turns", type=int, default=1, metavar="K",
+                   help="up to K consecutive records of one image become one multi-turn conversation, as in LLaVA-1.5's "
+                        "own REC/REG data (training data; evaluate on a split converted with the default 1)")
     p.add_argument("--no-resume", action="store_true", help="start over even if an interrupted run of the same job left OUTPUT.partial")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: when stderr is a terminal)")
     return p
@@ -109,18 +112,22 @@ def build_job(argv):
         p.error(f"--output must end in .json or .jsonl, got {a.output}")
     if a.workers < 1:
         p.error("--workers must be >= 1")
+    if a.group_turns < 1:
+        p.error("--group-turns must be >= 1")
     opts = Options(input=a.input, image_root=a.image_root, task=task, split=a.split, dataset=a.dataset, split_by=a.split_by, input_frame=a.input_frame)
     label = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("workers", "progress", "no_resume", "list")}
     return Job(
         source=a.source, opts=opts, output=a.output, cfg=cfg, frame=a.frame, seed=a.seed, workers=a.workers,
         limit=a.limit, on_error=a.on_error, sam_checkpoint=a.sam_checkpoint, sam_model_type=a.sam_model_type,
         superpixels=a.superpixels, tau=a.tau, max_points=a.max_points,
-        resume=not a.no_resume, progress=a.progress, label=label,
+        resume=not a.no_resume, group_turns=a.group_turns, progress=a.progress, label=label,
     )
 
 
 def format_summary(s: dict) -> str:
     lines = [f"{s['source']} -> {s['output']} ({s['task']}): read {s['read']}, written {s['written']}, skipped {s['skipped']}"]
+    if s.get("output_records", s["written"]) != s["written"]:
+        lines[0] += f", as {s['output_records']} records (--group-turns)"
     lines += [f"  skipped {n}: {reason}" for reason, n in s["skipped_by_reason"].items()]
     if s["skipped"]:
         lines.append(f"  reasons per record: {Path(s['output']).with_suffix('')}.rejects.jsonl")

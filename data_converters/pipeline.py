@@ -28,7 +28,7 @@ from llava_getok.vocab import GETokConfig
 
 from . import registry
 from .base import ConvertError, Filtered, Options, image_exists, image_size
-from .records import BatchEncoder, build_record
+from .records import BatchEncoder, build_record, group_turns
 
 BATCH = 512
 PASS_THROUGH = object()  # convert()'s answer for a record that is written as it was read
@@ -51,6 +51,7 @@ class Job:
     tau: float = 0.8
     max_points: int = 64
     resume: bool = True
+    group_turns: int = 1  # up to this many consecutive records of one image become one conversation
     progress: bool | None = None  # None: a bar when stderr is a terminal
     label: dict = field(default_factory=dict)  # what identifies the run for resuming (the CLI's arguments)
 
@@ -254,27 +255,43 @@ def _finish(job, paths, output) -> dict:
     """Split the partial stream into OUTPUT and the rejects file, write the summary, replace atomically."""
     tmp_out = output.with_name(output.name + ".tmp")
     tmp_rej = paths["rejects"].with_name(paths["rejects"].name + ".tmp")
-    reasons, written, as_list = Counter(), 0, output.suffix == ".json"
+    reasons, written, records, as_list = Counter(), 0, 0, output.suffix == ".json"
     with open(paths["partial"], encoding="utf-8") as src, open(tmp_out, "w", encoding="utf-8") as out, open(tmp_rej, "w", encoding="utf-8") as rej:
         if as_list:
             out.write("[")
+
+        def emit(text):
+            nonlocal records
+            if as_list:
+                out.write(",\n" if records else "\n")
+            out.write(text if as_list else text + "\n")
+            records += 1
+
+        group: list[dict] = []
         for line in src:
-            if line[0] == "W":
-                if as_list:
-                    out.write(",\n" if written else "\n")
-                    out.write(line[1:-1])
-                else:
-                    out.write(line[1:])
-                written += 1
-            else:
+            if line[0] != "W":
                 rej.write(line[1:])
                 reasons[json.loads(line[1:])["reason"]] += 1
+                continue
+            written += 1
+            if job.group_turns <= 1:
+                emit(line[1:-1])
+                continue
+            rec = json.loads(line[1:])
+            if group and (rec.get("image") != group[0].get("image") or len(group) == job.group_turns
+                          or "getok" not in rec or "getok" not in group[0]):
+                emit(json.dumps(group_turns(group), ensure_ascii=False))
+                group = []
+            group.append(rec)
+        if group:
+            emit(json.dumps(group_turns(group), ensure_ascii=False))
         if as_list:
             out.write("\n]\n")
     skipped = sum(reasons.values())
     summary = {
         "source": job.source, "task": job.opts.task, "output": str(output), "read": written + skipped,
         "written": written, "skipped": skipped, "skipped_by_reason": dict(sorted(reasons.items())),
+        "output_records": records,
     }
     tmp_sum = paths["summary"].with_name(paths["summary"].name + ".tmp")
     tmp_sum.write_text(json.dumps(summary, indent=1) + "\n")

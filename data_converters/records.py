@@ -152,6 +152,28 @@ def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: 
     }
 
 
+def group_turns(records: list[dict]) -> dict:
+    """Records of one image -> one multi-turn conversation, as LLaVA-1.5's own REC / REG data are written
+    (llava_v1_5_mix665k holds several questions about an image in one record): the image is encoded once for
+    all of them, and each answer is supervised. The record takes the first one's id + "+N" (N more turns);
+    ``getok`` keeps what the records share and lists what differs per record in ``getok.turns``."""
+    if len(records) == 1:
+        return records[0]
+    conversations = list(records[0]["conversations"])
+    for r in records[1:]:
+        later = [dict(t) for t in r["conversations"]]
+        later[0]["value"] = later[0]["value"].replace("<image>", "").strip()  # one image per conversation
+        conversations += later
+    metas = [dict(r["getok"], id=r["id"]) for r in records]
+    shared = {k: v for k, v in metas[0].items() if k != "id" and all(m.get(k, _MISSING) == v for m in metas)}
+    turns = [{k: v for k, v in m.items() if k not in shared} for m in metas]
+    return {"id": f"{records[0]['id']}+{len(records) - 1}", "image": records[0]["image"],
+            "conversations": conversations, "getok": {**shared, "turns": turns}}
+
+
+_MISSING = object()
+
+
 def _r(p):
     return [round(float(v), 3) for v in p]
 

@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     from .records import RecordsError as InputError, read_records
 
     try:
-        records = read_records(args.data)
+        records = read_records(args.data, one_question=True)
     except (InputError, OSError) as e:
         print(f"llava-getok predict: {e}", file=sys.stderr)
         return 1

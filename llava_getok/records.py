@@ -23,11 +23,12 @@ class RecordsError(ValueError):
     """A records file that cannot be read; the message names the file and the line or record."""
 
 
-def read_records(path, require_id: bool = True) -> list[dict]:
+def read_records(path, require_id: bool = True, one_question: bool = False) -> list[dict]:
     """A LLaVA-format JSON list or JSONL file -> list of record dicts.
 
     Raises :class:`RecordsError` naming the file and line (JSONL) for anything that is not a list of
-    objects, and, with ``require_id``, the index of a record without an ``id``.
+    objects, with ``require_id`` the index of a record without an ``id``, and with ``one_question`` a
+    record that groups several questions (``convert-datasets --group-turns``: training data only).
     """
     path = Path(path)
     if not path.is_file():
@@ -51,6 +52,10 @@ def read_records(path, require_id: bool = True) -> list[dict]:
             raise RecordsError(f"{path}: record {k} is a {type(r).__name__}, not an object")
         if require_id and "id" not in r:
             raise RecordsError(f"{path}: record {k} has no 'id' field")
+        if one_question and "turns" in (r.get("getok") or {}):
+            raise RecordsError(f"{path}: record {r.get('id', k)} groups {len(r['getok']['turns'])} questions about one "
+                               f"image (convert-datasets --group-turns): that is training data; predict, evaluate "
+                               f"and reward on a split converted with --group-turns 1")
     return records
 
 

@@ -124,3 +124,51 @@ def test_bad_record_names_file_line_and_field(tmp_path):
     (where, raw), = list(shapes.read(Options(input=tmp_path)))
     with pytest.raises(ConvertError, match=r"annotations.jsonl:1.*'box'.*4 numbers"):
         shapes.parse(raw, where, Options(input=tmp_path))
+
+
+def test_group_turns_makes_one_conversation_per_image_that_llava_preprocesses(tmp_path, tiny_tokenizer_dir):
+    """--group-turns K: the expressions of one image as one multi-turn conversation (LLaVA-1.5's own REC
+    layout); every answer survives LLaVA's preprocessing unmasked; eval refuses grouped records."""
+    from data_converters.cli import main as convert
+    from llava_getok.records import RecordsError, decode_record, read_records
+
+    shapes.generate(tmp_path / "shp", {"train": 5}, seed=2, image_size=40, n_objects=(3, 3), refs_per_image=3)
+    args = ["shapes", "--input", str(tmp_path / "shp"), "--image-root", str(tmp_path / "shp"), "--grid", "8"]
+    assert convert(args + ["--output", str(tmp_path / "one.json")]) == 0
+    assert convert(args + ["--output", str(tmp_path / "grouped.json"), "--group-turns", "3"]) == 0
+    single, grouped = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "grouped.json").read_text())
+    n_turns = [len(r["getok"]["turns"]) if "turns" in r["getok"] else 1 for r in grouped]
+    assert len(grouped) == 5 and len(single) == sum(n_turns) > 10 and max(n_turns) == 3
+    summary = json.loads((tmp_path / "grouped.summary.json").read_text())
+    assert summary["written"] == len(single) and summary["output_records"] == len(grouped)
+    at = 0
+    for r, n in zip(grouped, n_turns):
+        parts = single[at:at + n]
+        at += n
+        if n == 1:  # an image with one expression keeps the plain record
+            assert r == parts[0]
+            continue
+        turns = r["getok"]["turns"]
+        assert {p["image"] for p in parts} == {r["image"]} and r["id"] == f"{parts[0]['id']}+{len(parts) - 1}"
+        assert [t["id"] for t in turns] == [p["id"] for p in parts]
+        assert [t["expression"] for t in turns] == [p["getok"]["expression"] for p in parts]
+        assert sum("<image>" in t["value"] for t in r["conversations"]) == 1
+        assert [t["value"] for t in r["conversations"][1::2]] == [p["conversations"][1]["value"] for p in parts]
+        assert decode_record(r)["shapes"] == [s for p in parts for s in decode_record(p)["shapes"]]
+
+    import llava_getok as gt
+    from transformers import AutoTokenizer
+
+    from llava_getok.llava.check import check_records
+    from llava_getok.llava.tokens import add_getok_tokens
+    from llava_getok.vocab import GETokConfig
+
+    gt.register()
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir, use_fast=False)
+    add_getok_tokens(tok, GETokConfig(grid=8))
+    for version in ("getok_v1", "getok_mistral_instruct"):
+        report = check_records(grouped, tok, version=version, limit=-1, source="grouped")
+        assert report.problems == [] and report.checked == len(grouped), (version, report.problems[:2])
+        assert report.getok_tokens == 6 * len(single)
+    with pytest.raises(RecordsError, match=r"groups \d questions.*--group-turns 1"):
+        read_records(tmp_path / "grouped.json", one_question=True)

@@ -130,7 +130,7 @@ def write_atomic(path: Path, text: str):
 def evaluate(predictions: Path, annotations: Path, image_root: Path | None = None, output_dir: Path | None = None,
              only_predicted: bool = False, ceiling: bool = True, generator=None) -> dict:
     """Score, write the three outputs, return ``{"metrics", "ceiling", "counts", "files"}``."""
-    records = read_records(annotations)
+    records = read_records(annotations, one_question=True)
     preds = read_predictions(predictions)
     ids = {str(r["id"]) for r in records}
     unknown = sorted(set(preds) - ids)

@@ -174,7 +174,7 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
         raise ValueError(f"{args.model_path}: no getok_config.json; GRPO starts from a GETok checkpoint (SFT first)")
     cfg = sidecar.config
     # the data first: a bad record fails in seconds, not after loading a 7B model
-    rows, skipped = build_rows(read_records(args.data, require_id=False), args.stage, args.image_folder, args.conv_mode, args.data,
+    rows, skipped = build_rows(read_records(args.data, require_id=False, one_question=True), args.stage, args.image_folder, args.conv_mode, args.data,
                                frame=sidecar.frame, config=cfg)
     for reason, n in sorted(skipped.items()):
         print(f"[grpo] skipped {n} record(s): {reason}", file=sys.stderr)
