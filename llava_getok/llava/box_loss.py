@@ -81,7 +81,7 @@ class TokenTable:
                 torch.as_tensor(self.offsets).to(device, dtype))
 
 
-def soft_targets(target, side: int, sigma: float) -> np.ndarray:
+def soft_targets(target, side: int, sigma: float, dtype=np.float64) -> np.ndarray:
     """(P, side²) Gaussian targets over a side x side lattice in row-major order (y outer, as grid and offset
     tokens are), centred on the classes ``target`` (P,), ``sigma`` in lattice steps; 0 gives one-hot. The
     Gaussian is separable: the product of two normalised 1D Gaussians, so no (side², side²) table is needed.
@@ -92,12 +92,19 @@ def soft_targets(target, side: int, sigma: float) -> np.ndarray:
     """
     target = np.asarray(target, dtype=np.int64)
     if sigma <= 0:
-        return np.eye(side * side)[target]
+        q = np.zeros((len(target), side * side), dtype)
+        q[np.arange(len(target)), target] = 1
+        return q
+    g = _gaussian_rows(side, float(sigma)).astype(dtype, copy=False)
+    return (g[target // side][:, :, None] * g[target % side][:, None, :]).reshape(len(target), side * side)
+
+
+@functools.lru_cache(maxsize=16)
+def _gaussian_rows(side: int, sigma: float) -> np.ndarray:
+    """(side, side): row c is the normalised 1D Gaussian over 0..side-1 centred on c."""
     k = np.arange(side)
-    gx = np.exp(-((k[None] - (target % side)[:, None]) ** 2) / (2 * sigma**2))
-    gy = np.exp(-((k[None] - (target // side)[:, None]) ** 2) / (2 * sigma**2))
-    gx, gy = gx / gx.sum(1, keepdims=True), gy / gy.sum(1, keepdims=True)
-    return (gy[:, :, None] * gx[:, None, :]).reshape(len(target), side * side)
+    g = np.exp(-((k[None] - k[:, None]) ** 2) / (2 * sigma**2))
+    return g / g.sum(1, keepdims=True)
 
 
 class BoxSlots(NamedTuple):
@@ -166,7 +173,6 @@ def box_token_loss(logits, labels: torch.Tensor, table: TokenTable, sigma: float
     ``rows`` (indices into B * T). The trainer passes the second, the LM head applied to the hidden states of
     the scored positions only: a loss on a few rows of the full logits would give them a second full-size
     gradient in the backward (B x T x V floats, gigabytes for a 7B model's batch)."""
-    dtype = torch.float32
     parts = {"grid": torch.zeros(()), "box": torch.zeros(()), "n_grid": 0, "n_box": 0}
     B, T = labels.shape
     lab = labels.detach().cpu().numpy()
@@ -176,61 +182,122 @@ def box_token_loss(logits, labels: torch.Tensor, table: TokenTable, sigma: float
     grid_at, off_at = np.flatnonzero((cls >= 0) & (cls < n2)), np.flatnonzero(cls >= n2)
     if not len(grid_at) and not len(off_at):
         return parts
-    G = len(grid_at)
     rows = torch.from_numpy(np.concatenate([grid_at, off_at]))  # grid targets first
-    if callable(logits):
-        sub = logits(rows)
-    else:
-        sub = logits.reshape(B * T, -1)[rows.to(logits.device)]
-    dev = sub.device
-    if sub.dtype == torch.float64:
-        dtype = torch.float64
-    cols, anchors, offsets = table.on(dev, dtype)
-    sub = sub[:, cols].to(dtype)  # (P, n*n + m*m); half precision is upcast, as transformers does for the LM loss
-    logp_grid = F.log_softmax(sub[:G, :n2], -1)  # row k: the k-th grid target in flat order
-    logp_off = F.log_softmax(sub[G:, n2:], -1)
-    total = torch.zeros((), device=dev, dtype=dtype)
-    for logp, target, side, width in ((logp_grid, cls[grid_at], table.cfg.grid, sigma),
-                                      (logp_off, cls[off_at] - n2, table.cfg.offset_levels, offset_sigma)):
-        if not len(target):
-            continue
-        if width > 0:
-            total = total + (torch.from_numpy(soft_targets(target, side, width)).to(dev, dtype) * logp).sum()
-        else:  # one-hot: the target's log-probability
-            total = total + logp.gather(1, torch.from_numpy(target).to(dev)[:, None]).sum()
-    parts["grid"], parts["n_grid"] = -total / (G + len(off_at)), G + len(off_at)
-    if with_box:
-        slots = _find_boxes(flat, cls, T, table)
-        if len(slots.corners):
-            parts["box"] = _box_part(logp_grid, logp_off, cls, grid_at, off_at, slots, table, anchors, offsets)
-            parts["n_box"] = len(slots.corners) // 2
+    sub = logits(rows) if callable(logits) else logits.reshape(B * T, -1)[rows.to(logits.device)]
+    dtype = torch.float64 if sub.dtype == torch.float64 else torch.float32  # half is upcast, as transformers does
+    cols, anchors, offsets = table.on(sub.device, dtype)
+    slots = _find_boxes(flat, cls, T, table) if with_box else None
+    plan = _plan(table, cls, grid_at, off_at, slots, sigma, offset_sigma, sub.device, dtype, anchors, offsets)
+    both = _BoxTokenLoss.apply(sub[:, cols].to(dtype), plan)
+    parts["grid"], parts["n_grid"] = both[0], len(rows)
+    if plan.corners is not None:
+        parts["box"], parts["n_box"] = both[1], len(slots.corners) // 2
     return parts
 
 
-def _box_part(logp_grid, logp_off, cls, grid_at, off_at, slots: BoxSlots, table: TokenTable, anchors, offsets):
-    """Expected anchor under the grid distribution plus the expected offset step of each round, against the
-    decoded target corner; L1 + (1 - GIoU) per box, mean over boxes."""
-    dev, dtype, cfg = logp_grid.device, logp_grid.dtype, table.cfg
-    n2 = len(table.grid_ids)
+class _Plan(NamedTuple):
+    """Everything but the logits that the loss needs (targets as tensors on the logits' device)."""
+
+    n_grid_rows: int  # rows of ``sub`` that are grid targets (the rest are offset targets)
+    n2: int
+    q_grid: torch.Tensor  # (G, n*n) soft targets
+    q_off: torch.Tensor  # (P - G, m*m)
+    corners: torch.Tensor | None  # (2K,) grid row of each box corner; None: no box part
+    true: np.ndarray | None  # (K, 4) decoded target corners
+    offset_rows: torch.Tensor | None  # (Q,) offset row of each offset inside a box, its corner and its step
+    offset_corner: torch.Tensor | None
+    offset_step: torch.Tensor | None
+    anchors: torch.Tensor
+    offsets: torch.Tensor
+
+
+def _plan(table, cls, grid_at, off_at, slots, sigma, offset_sigma, dev, dtype, anchors, offsets) -> _Plan:
+    n2, cfg = len(table.grid_ids), table.cfg
     as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
-    point = logp_grid[as_t(np.searchsorted(grid_at, slots.corners))].exp() @ anchors  # (2K, 2)
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    q_grid = as_t(soft_targets(cls[grid_at], cfg.grid, sigma, np_dtype))
+    q_off = as_t(soft_targets(cls[off_at] - n2, cfg.offset_levels, offset_sigma, np_dtype))
+    if slots is None or not len(slots.corners):
+        return _Plan(len(grid_at), n2, q_grid, q_off, None, None, None, None, None, anchors, offsets)
     true = table.anchors[cls[slots.corners]]
-    if len(slots.offsets):
-        steps = np.array([cfg.step(r) for r in range(1, int(slots.offset_round.max()) + 1)])[slots.offset_round - 1]
-        probs = logp_off[as_t(np.searchsorted(off_at, slots.offsets))].exp()
-        point = point.index_add(0, as_t(slots.offset_corner), as_t(steps[:, None]).to(dtype) * (probs @ offsets))
-        np.add.at(true, slots.offset_corner, steps[:, None] * table.offsets[cls[slots.offsets] - n2])
-    pred = point.reshape(-1, 4)
-    true = np.clip(true, 0, 1).reshape(-1, 4)
-    t_lo, t_hi = np.minimum(true[:, :2], true[:, 2:]), np.maximum(true[:, :2], true[:, 2:])
-    t_area = (t_hi - t_lo).prod(1)
-    true, t_lo, t_hi, t_area = (as_t(a).to(dtype) for a in (true, t_lo, t_hi, t_area))
-    l1 = (pred - true).abs().mean(1)
-    # generalised IoU, the predicted corners put in order first
-    lo, hi = torch.minimum(pred[:, :2], pred[:, 2:]), torch.maximum(pred[:, :2], pred[:, 2:])
-    inter = (torch.minimum(hi, t_hi) - torch.maximum(lo, t_lo)).clamp_min(0).prod(1)
-    union = (hi - lo).prod(1) + t_area - inter
-    hull = (torch.maximum(hi, t_hi) - torch.minimum(lo, t_lo)).prod(1)
+    steps = np.array([cfg.step(r) for r in range(1, int(slots.offset_round.max(initial=0)) + 1)])[slots.offset_round - 1]
+    np.add.at(true, slots.offset_corner, steps[:, None] * table.offsets[cls[slots.offsets] - n2])
+    return _Plan(len(grid_at), n2, q_grid, q_off, as_t(np.searchsorted(grid_at, slots.corners)),
+                 np.clip(true, 0, 1).reshape(-1, 4), as_t(np.searchsorted(off_at, slots.offsets)),
+                 as_t(slots.offset_corner), as_t(steps[:, None]).to(dtype), anchors, offsets)
+
+
+class _BoxTokenLoss(torch.autograd.Function):
+    """(grid, box) of the scored rows' GETok logits ``sub`` (P, n*n + m*m), with the gradient written by hand.
+
+    The loss is a few dozen operations on small tensors; as a chain of autograd nodes its backward cost more
+    than the loss itself (bench/train_overhead.py). Here the forward computes the value and the gradient of
+    both parts at once, the per-box arithmetic (K x 4 numbers) on the host in numpy, and the backward only
+    scales them. tests/test_llava_box_loss.py checks value and gradient against a hand computation,
+    numerical derivatives and torch.autograd.gradcheck."""
+
+    @staticmethod
+    def forward(ctx, sub, plan: _Plan):
+        G, n2, P = plan.n_grid_rows, plan.n2, len(sub)
+        logp_grid, logp_off = F.log_softmax(sub[:G, :n2], -1), F.log_softmax(sub[G:, n2:], -1)
+        p_grid, p_off = logp_grid.exp(), logp_off.exp()
+        grid = -((plan.q_grid * logp_grid).sum() + (plan.q_off * logp_off).sum()) / P
+        g_box = torch.zeros_like(sub)
+        box = 0.0
+        if plan.corners is not None:
+            pc = p_grid[plan.corners]
+            point = pc @ plan.anchors  # expected anchor of each corner (2K, 2) ...
+            if len(plan.offset_rows):  # ... plus the expected step of each offset round
+                po = p_off[plan.offset_rows]
+                point = point.index_add(0, plan.offset_corner, plan.offset_step * (po @ plan.offsets))
+            box, g_x = box_value_and_grad(point.detach().cpu().double().numpy().reshape(-1, 4), plan.true)
+            g_point = torch.from_numpy(g_x.reshape(-1, 2)).to(sub.device, sub.dtype)
+            # through the soft-argmax: d(sum_k p_k a_k)/d z_k = p_k (a_k - sum_j p_j a_j)
+            proj = g_point @ plan.anchors.t()  # (2K, n*n)
+            g_box[:G, :n2].index_add_(0, plan.corners, pc * (proj - (pc * proj).sum(1, keepdim=True)))
+            if len(plan.offset_rows):
+                proj = g_point[plan.offset_corner] @ plan.offsets.t()  # (Q, m*m)
+                g_box[G:, n2:].index_add_(0, plan.offset_rows, plan.offset_step * po * (proj - (po * proj).sum(1, keepdim=True)))
+        ctx.save_for_backward(p_grid, p_off, g_box)
+        ctx.plan = plan
+        return torch.stack([grid, grid.new_tensor(box)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        p_grid, p_off, g_box = ctx.saved_tensors
+        plan, G, n2 = ctx.plan, ctx.plan.n_grid_rows, ctx.plan.n2
+        out = grad[1] * g_box
+        # d(soft cross-entropy)/d(logit) = p - q, averaged over the P positions
+        scale = grad[0] / len(out)
+        out[:G, :n2] += scale * (p_grid - plan.q_grid)
+        out[G:, n2:] += scale * (p_off - plan.q_off)
+        return out, None
+
+
+def box_value_and_grad(x: np.ndarray, t: np.ndarray) -> tuple[float, np.ndarray]:
+    """Box part for predicted corners ``x`` (K, 4) against targets ``t`` (K, 4), both x1 y1 x2 y2 in any
+    corner order: mean over boxes of L1 (mean of 4 coordinates) + 1 - generalised IoU, and its gradient
+    with respect to ``x``. Plain numpy: K is the number of boxes in a batch."""
+    K = len(x)
+    first_lo = x[:, :2] <= x[:, 2:]  # corners put in order for the IoU: lo = min, hi = max per axis
+    lo, hi = np.minimum(x[:, :2], x[:, 2:]), np.maximum(x[:, :2], x[:, 2:])
+    t_lo, t_hi = np.minimum(t[:, :2], t[:, 2:]), np.maximum(t[:, :2], t[:, 2:])
+    side = hi - lo
+    overlap = np.minimum(hi, t_hi) - np.maximum(lo, t_lo)
+    o = np.maximum(overlap, 0)
+    hull = np.maximum(hi, t_hi) - np.minimum(lo, t_lo)
+    inter, c = o.prod(1), hull.prod(1)
     eps = 1e-9
-    giou = inter / (union + eps) - (hull - union) / (hull + eps)
-    return (l1 + 1 - giou).mean()
+    union = side.prod(1) + (t_hi - t_lo).prod(1) - inter
+    giou = inter / (union + eps) - (c - union) / (c + eps)
+    value = float(np.mean(np.abs(x - t).mean(1) + 1 - giou))
+    # d giou / d (inter, area, hull), with union = area + target area - inter
+    d_inter = (1 / (union + eps) + inter / (union + eps) ** 2 - 1 / (c + eps))[:, None]
+    d_area = (-inter / (union + eps) ** 2 + 1 / (c + eps))[:, None]
+    d_hull = (-(union + eps) / (c + eps) ** 2)[:, None]
+    o_other, side_other, hull_other = o[:, ::-1], side[:, ::-1], hull[:, ::-1]  # the other axis' factor
+    live = overlap > 0
+    d_hi = d_inter * o_other * (live & (hi < t_hi)) + d_area * side_other + d_hull * hull_other * (hi > t_hi)
+    d_lo = -(d_inter * o_other * (live & (lo > t_lo)) + d_area * side_other + d_hull * hull_other * (lo < t_lo))
+    d_giou = np.concatenate([np.where(first_lo, d_lo, d_hi), np.where(first_lo, d_hi, d_lo)], 1)
+    return value, (np.sign(x - t) / 4 - d_giou) / K
