@@ -21,7 +21,10 @@ from PIL import Image, ImageDraw
 
 KINDS = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
-SIZES = {"small": (0.14, 0.2), "large": (0.28, 0.38)}  # side as a fraction of the image side
+# Side as a fraction of the image side. At the demo's 64 px with 8 px patches a small shape spans 2-3 patches
+# and a large one 3-4: with smaller shapes (9-13 px) a tiny random tower could place a box on the right
+# shape but rarely within IoU 0.5 of it (bench/results/learning_trials.md).
+SIZES = {"small": (0.2, 0.28), "large": (0.36, 0.48)}
 BACKGROUND = (235, 235, 235)
 RELATIONS = {  # name -> test on (target centre, anchor centre), both (x, y) in pixels
     "left of": lambda t, a: t[0] < a[0],
@@ -205,7 +208,8 @@ def scene_records(seed: int, split: str, index: int, image_size: int = 64, n_obj
 def generate(out_dir, splits: dict[str, int], seed: int = 0, image_size: int = 64, n_objects=(2, 4),
              p_relation: float = 0.3, refs_per_image: int = 1, progress: bool = False) -> Path:
     """Write the dataset (``splits`` = {"train": 2000, "val": 200}) to ``out_dir``; returns the annotation
-    file. ``n_objects``: (min, max) shapes per image, or {split: (min, max)}. Every file is written to a
+    file. ``n_objects``: (min, max) shapes per image, or {split: (min, max)}; ``refs_per_image``: an int, or
+    {split: int} (expressions of distinct targets per image). Every file is written to a
     temporary name and renamed, so an interrupted run leaves no half file."""
     import json
     import os
@@ -219,7 +223,8 @@ def generate(out_dir, splits: dict[str, int], seed: int = 0, image_size: int = 6
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         for k in range(n):
             n_obj = n_objects[split] if isinstance(n_objects, dict) else n_objects
-            img, recs = scene_records(seed, split, k, image_size, n_obj, p_relation, refs_per_image)
+            refs = refs_per_image[split] if isinstance(refs_per_image, dict) else refs_per_image
+            img, recs = scene_records(seed, split, k, image_size, n_obj, p_relation, refs)
             path = out / recs[0]["image"]
             tmp = path.with_suffix(".tmp.png")
             Image.fromarray(img).save(tmp)
@@ -229,7 +234,7 @@ def generate(out_dir, splits: dict[str, int], seed: int = 0, image_size: int = 6
     bar.close()
     n_json = {k: list(v) for k, v in n_objects.items()} if isinstance(n_objects, dict) else list(n_objects)
     settings = {"seed": seed, "splits": splits, "image_size": image_size, "n_objects": n_json,
-                "p_relation": p_relation, "refs_per_image": refs_per_image}
+                "p_relation": p_relation, "refs_per_image": refs_per_image, "sizes": SIZES}
     for name, text in ((ANNOTATIONS, "\n".join(lines) + "\n"), ("shapes.json", json.dumps(settings, indent=1))):
         tmp = out / (name + ".tmp")
         tmp.write_text(text)

@@ -41,9 +41,11 @@ def _parser():
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder (created; reused data is redrawn)")
     p.add_argument("--train-images", type=int, default=8000)
     p.add_argument("--val-images", type=int, default=200)
-    p.add_argument("--objects", default="1-3", help="shapes per training image, MIN-MAX (one-shape images teach "
-                   "localisation first; see bench/results/learning_trials.md)")
+    p.add_argument("--objects", default="2-3", help="shapes per training image, MIN-MAX")
     p.add_argument("--val-objects", default="2-3", help="shapes per val image, MIN-MAX")
+    p.add_argument("--turns", type=int, default=3, help="expressions per training image, one conversation "
+                   "(convert-datasets --group-turns, LLaVA-1.5's own REC layout); val images get one each")
+    p.add_argument("--layers", type=int, default=3, help="LLaMA layers of the tiny model")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch", type=int, default=8, help="vision tower patch size: (image/patch)^2 image tokens")
     p.add_argument("--grid", type=int, default=8)
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
     data = out / "data"
     n_objects = {"train": shapes.parse_range(a.objects), "val": shapes.parse_range(a.val_objects)}
     shapes.generate(data, {"train": a.train_images, "val": a.val_images}, seed=a.seed, image_size=a.image_size,
-                    n_objects=n_objects, progress=True)
+                    n_objects=n_objects, refs_per_image={"train": a.turns, "val": 1}, progress=True)
 
     st.start("convert-datasets shapes -> GETok conversations")
     from data_converters.cli import main as convert
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
         conv[split] = out / f"{split}.json"
         rc = convert(["shapes", "--input", str(data), "--image-root", str(data), "--output", str(conv[split]),
                       "--split", split, "--grid", str(a.grid), "--rounds", str(a.rounds), "--seed", str(a.seed),
-                      "--no-resume"])
+                      "--group-turns", str(a.turns if split == "train" else 1), "--no-resume"])
         if rc:
             print(f"demo: convert-datasets failed for {split} (exit {rc})", file=sys.stderr)
             return rc
@@ -182,7 +184,8 @@ def build_model(out: Path, a) -> Path:
 
     torch.set_num_threads(a.threads)
     tok = train_tokenizer(out / "tokenizer", seed=a.seed)
-    cfg = TinyLlavaConfig(image_size=a.image_size, patch_size=a.patch, mm_vision_select_layer=-1, seed=a.seed)
+    cfg = TinyLlavaConfig(image_size=a.image_size, patch_size=a.patch, num_layers=a.layers, mm_vision_select_layer=-1,
+                          seed=a.seed)
     model_dir = build_tiny_llava(out / "tiny-llava", tok, cfg)
     tower_dir = model_dir / "vision_tower"
     tower = CLIPVisionModel.from_pretrained(tower_dir)
@@ -224,7 +227,9 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
         "--learning_rate", str(a.lr), "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "50",
         "--max_grad_norm", "0", "--weight_decay", "0",
         "--save_strategy", "no", "--logging_steps", str(max(1, min(50, a.steps // 10))), "--report_to", "none",
-        "--model_max_length", "256", "--dataloader_num_workers", "0", "--seed", str(a.seed),
+        # one worker prepares batches (LLaVA's image processing and tokenisation, ~12 % of a step) on the
+        # second core while the main process trains on one thread
+        "--model_max_length", "256", "--dataloader_num_workers", "1" if a.threads == 1 else "0", "--seed", str(a.seed),
         "--use_cpu", "True", "--group_by_modality_length", "False",
     ]
 
