@@ -26,7 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 
-def build(tmp: Path, batch: int, lora: bool):
+MODELS = {  # name -> TinyLlavaConfig fields
+    "tiny": {},  # LLaMA 64 x 2 layers, CLIP 32 px / 8 px patches (16 image tokens): the tests' model
+    "demo": {"image_size": 64, "num_layers": 3},  # the embedded demo's model: 64 image tokens, 3 layers
+}
+
+
+def build(tmp: Path, batch: int, lora: bool, size: str = "tiny"):
     """Tiny LLaVA + GETok tokens (as LLaVA's train() hands them to the trainer), one batch."""
     import llava_getok as gt
 
@@ -36,15 +42,18 @@ def build(tmp: Path, batch: int, lora: bool):
     from llava.train.train import DataArguments, TrainingArguments, make_supervised_data_module
     from transformers import AutoTokenizer
 
-    from llava_getok.llava.tiny import build_tiny_llava, make_grounding_data, train_tokenizer
+    from llava_getok.llava.tiny import TinyLlavaConfig, build_tiny_llava, make_grounding_data, train_tokenizer
 
     cfg = gt.GETokConfig(grid=32)
-    model_dir = tmp / "tiny-llava"
+    model_dir = tmp / f"tiny-llava-{size}"
     if not model_dir.exists():
-        build_tiny_llava(model_dir, train_tokenizer(tmp / "tok"))
-        make_grounding_data(tmp / "data", Path(os.environ.get("GETOK_SHARED_DATA", SHARED)) / "coco_mini", cfg,
+        if not (tmp / "tok").exists():
+            train_tokenizer(tmp / "tok")
+        build_tiny_llava(model_dir, tmp / "tok", TinyLlavaConfig(**MODELS[size]))
+    data = tmp / f"data-{batch}" / "data.json"
+    if not data.exists():
+        make_grounding_data(data.parent, Path(os.environ.get("GETOK_SHARED_DATA", SHARED)) / "coco_mini", cfg,
                             n_records=batch)
-    data = tmp / "data" / "data.json"
     tok = AutoTokenizer.from_pretrained(model_dir, use_fast=False, model_max_length=512, padding_side="right")
     tok.pad_token = tok.unk_token
     model = LlavaLlamaForCausalLM.from_pretrained(model_dir)
@@ -57,7 +66,7 @@ def build(tmp: Path, batch: int, lora: bool):
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=find_all_linear_names(model),
                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
-    data_args = DataArguments(data_path=str(data), image_folder=str(tmp / "data" / "images"), is_multimodal=True,
+    data_args = DataArguments(data_path=str(data), image_folder=str(data.parent / "images"), is_multimodal=True,
                               image_aspect_ratio="pad")
     data_args.image_processor = model.get_vision_tower().image_processor
     data_args.mm_use_im_start_end = False
@@ -75,7 +84,7 @@ def timed(fn) -> float:
     return time.process_time() - t
 
 
-def measure(tmp: Path, steps: int, batch: int, lora: bool, weights: tuple[float, float]):
+def measure(tmp: Path, steps: int, batch: int, lora: bool, weights: tuple[float, float], size: str = "tiny"):
     import llava_getok as gt
 
     gt.register()  # before llava.train is imported (compat fix for transformers >= 4.53)
@@ -83,7 +92,7 @@ def measure(tmp: Path, steps: int, batch: int, lora: bool, weights: tuple[float,
 
     from llava_getok.llava.trainer import GETokSettings, GETokTrainer
 
-    model, tok, module, args, cfg = build(tmp, batch, lora)
+    model, tok, module, args, cfg = build(tmp, batch, lora, size)
     GETokTrainer.getok_settings = GETokSettings(grid=cfg.grid, grid_weight=weights[0], box_weight=weights[1])
     getok = GETokTrainer(model=model, tokenizer=tok, args=args, **module)
     plain = LLaVATrainer(model=model, tokenizer=tok, args=args, **module)  # same model, GETok rows included
@@ -117,15 +126,18 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for name, lora, weights in (("full, loss on (0.5, 0.5)", False, (0.5, 0.5)),
-                                    ("full, loss off (0, 0)", False, (0.0, 0.0)),
-                                    ("LoRA + GETok rows, loss on", True, (0.5, 0.5))):
-            plain, getok = measure(tmp, a.steps, a.batch, lora, weights)
-            rows.append((name, plain * 1e3, getok * 1e3, getok / plain))
-    table = ["| configuration | plain LLaVA CPU ms/step | GETok CPU ms/step | ratio |", "|---|---|---|---|"]
-    table += [f"| {n} | {p:.1f} | {g:.1f} | {r:.3f} |" for n, p, g, r in rows]
-    info = (f"\nTiny LLaVA (LLaMA 64 x 2 layers, CLIP 32 px), GETok grid 32 (1042 tokens added), batch {a.batch}, "
-            f"{a.steps} interleaved steps (median), forward + backward, {a.threads} threads, torch "
+        for name, lora, weights, size, batch in (
+                ("tiny, full, loss on (0.5, 0.5)", False, (0.5, 0.5), "tiny", a.batch),
+                ("tiny, full, loss off (0, 0)", False, (0.0, 0.0), "tiny", a.batch),
+                ("tiny, LoRA + GETok rows, loss on", True, (0.5, 0.5), "tiny", a.batch),
+                ("demo model, full, loss on", False, (0.5, 0.5), "demo", 16)):
+            plain, getok = measure(tmp, a.steps, batch, lora, weights, size)
+            rows.append((name, batch, plain * 1e3, getok * 1e3, getok / plain))
+    table = ["| configuration | batch | plain LLaVA CPU ms/step | GETok CPU ms/step | ratio |", "|---|---|---|---|---|"]
+    table += [f"| {n} | {b} | {p:.1f} | {g:.1f} | {r:.3f} |" for n, b, p, g, r in rows]
+    info = (f"\ntiny: LLaMA 64 x 2 layers, CLIP 32 px (16 image tokens); demo model: LLaMA 64 x 3 layers, CLIP 64 px "
+            f"(64 image tokens), as `llava-getok demo` trains it. GETok grid 32 (1042 tokens added), getok_v1 template, "
+            f"COCO boxes, {a.steps} interleaved steps (median), forward + backward, {a.threads} threads, torch "
             f"{torch.__version__}, {platform.processor() or platform.machine()}. Target ratio <= 1.05.\n"
             f"Reproduce: `python bench/train_overhead.py --steps {a.steps} --batch {a.batch} --threads {a.threads}`\n")
     text = "\n".join(table) + "\n" + info
