@@ -24,6 +24,8 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     assert len(preds) == 4 and all(len(p["shapes"]) == 1 and p["shapes"][0]["kind"] == "box" for p in preds)
     # chance levels: a random shape of a 2-3 shape image is right about 1/3 to 1/2 of the time
     assert 0.2 <= summary["chance"]["random_shape"] <= 0.7
+    assert 1 / 3 <= summary["chance"]["random_shape_pick"] <= 1 / 2 and 0.0 <= summary["selection"] <= 1.0
+    assert "on the named shape" in printed
     assert f"Acc@0.5 {summary['acc@0.5']:.3f}" in printed and "chance:" in printed
     # the trained tower was saved with the checkpoint (LLaVA would otherwise reload the random one)
     assert (out / "llava-getok-demo" / "getok_config.json").is_file()
