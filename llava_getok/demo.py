@@ -157,8 +157,9 @@ def main(argv=None) -> int:
             result = evaluate(preds, conv["val"], data, out, False, True, None)
             print(result["markdown"], end="")
             metrics = result["metrics"]["rec"]
-    chance = chance_levels(data)
-    selection = selection_rate(preds, data) if preds.is_file() else None
+    records = shapes_records(data)
+    chance = chance_levels(records)
+    selection = selection_rate(preds, records["val"]) if preds.is_file() else None
 
     st.start("drawing the contact sheet")
     sheet = out / "contact_sheet.png"
@@ -235,45 +236,42 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
     ]
 
 
-def chance_levels(data: Path) -> dict:
+def shapes_records(data: Path) -> dict[str, list[dict]]:
+    """The shapes dataset's annotation lines, by split."""
+    from data_converters.shapes import ANNOTATIONS
+
+    by_split: dict[str, list[dict]] = {}
+    with open(data / ANNOTATIONS) as f:
+        for line in f:
+            r = json.loads(line)
+            by_split.setdefault(r["split"], []).append(r)
+    return by_split
+
+
+def chance_levels(records: dict[str, list[dict]]) -> dict:
     """Acc@0.5 of two answers that ignore the expression, on the val split: the box of a random shape of the
     image (expected value) and the mean box of the training targets; and how often a random shape is the
     named one (``random_shape_pick``, the chance level of :func:`selection_rate`)."""
     from .geometry import box_iou
 
-    train, val = [], []
-    with open(data / shapes_annotations()) as f:
-        for line in f:
-            r = json.loads(line)
-            (train if r["split"] == "train" else val).append(r)
-    mean_box = np.mean([np.asarray(r["box"], float) / r["width"] for r in train], 0)
+    mean_box = np.mean([np.asarray(r["box"], float) / r["width"] for r in records["train"]], 0)
     rand, mean = [], []
-    for r in val:
+    for r in records["val"]:
         gt = np.asarray(r["box"], float)
         scene = np.asarray(r["scene_boxes"], float)
         rand.append(np.mean(np.asarray(box_iou(scene, gt[None])).reshape(-1) >= 0.5))
         mean.append(float(np.asarray(box_iou(mean_box[None] * r["width"], gt[None])).reshape(-1)[0] >= 0.5))
     return {"random_shape": float(np.mean(rand)), "mean_box": float(np.mean(mean)),
-            "random_shape_pick": float(np.mean([1 / len(r["scene_boxes"]) for r in val]))}
+            "random_shape_pick": float(np.mean([1 / len(r["scene_boxes"]) for r in records["val"]]))}
 
 
-def shapes_annotations() -> str:
-    from data_converters.shapes import ANNOTATIONS
-
-    return ANNOTATIONS
-
-
-def selection_rate(predictions: Path, data: Path) -> float:
+def selection_rate(predictions: Path, val: list[dict]) -> float:
     """Share of val expressions whose predicted box overlaps the named shape more than any other shape of the
     image: whether the model picks the right shape, apart from how precisely it boxes it."""
     from .geometry import box_iou
 
-    scenes = {}
-    with open(data / shapes_annotations()) as f:
-        for line in f:
-            r = json.loads(line)
-            if r["split"] == "val":
-                scenes[r["id"]] = (np.asarray(r["scene_boxes"], float), [list(b) for b in r["scene_boxes"]].index(r["box"]))
+    scenes = {r["id"]: (np.asarray(r["scene_boxes"], float), [list(b) for b in r["scene_boxes"]].index(r["box"]))
+              for r in val}
     hits = []
     with open(predictions) as f:
         for line in f:

@@ -357,7 +357,7 @@ class GETokTrainer(LLaVATrainer):
 def _capture_loss_inputs(model, trainer) -> None:
     """Record, during the trainer's forward, what the box-token loss needs: the labels LLaVA builds inside
     forward (image positions inserted, re-padded), which line up with the logits, and the hidden states the
-    LM head receives. Wraps the instance's preparation method and adds a forward hook on the head; LLaVA's
+    LM head receives. Wraps the instance's preparation method and adds a forward pre-hook on the head; LLaVA's
     forward itself runs unchanged, so the LM loss is the plain one bit for bit."""
     original = model.prepare_inputs_labels_for_multimodal
     if getattr(original, "__getok_capture__", False):
