@@ -56,9 +56,21 @@ class TokenTable:
         return torch.cat([self.grid_ids, self.offset_ids])
 
     @functools.cached_property
+    def _col_slice(self) -> slice | None:
+        c = self.cols.numpy()
+        return slice(int(c[0]), int(c[-1]) + 1) if (np.diff(c) == 1).all() else None
+
+    def columns(self, logits: torch.Tensor) -> torch.Tensor:
+        """(P, V) logits -> (P, n*n + m*m), the :attr:`cols` columns: a view when the ids are one run (as
+        ``register`` adds them), which spares a copy forward and a scatter backward."""
+        s = self._col_slice
+        return logits[:, s] if s is not None else logits[:, self.on(logits.device, logits.dtype)[0]]
+
+    @functools.cached_property
     def klass(self) -> np.ndarray:
-        """id -> column index in :attr:`cols` (-1 for other ids), a lookup table."""
-        k = np.full(int(self.cols.max()) + 1, -1, dtype=np.int64)
+        """id -> column index in :attr:`cols` (-1 for other ids), a lookup table; its last entry, -1, stands
+        for every id past the table and every negative label."""
+        k = np.full(int(self.cols.max()) + 2, -1, dtype=np.int64)
         k[self.cols.numpy()] = np.arange(len(self.cols))
         return k
 
@@ -131,8 +143,7 @@ def find_boxes(labels, table: TokenTable) -> BoxSlots:
 def _classes(flat: np.ndarray, table: TokenTable) -> np.ndarray:
     """Column in ``table.cols`` of each label (-1 for labels that are no grid or offset token)."""
     k = table.klass
-    inside = (flat >= 0) & (flat < len(k))
-    return np.where(inside, k[np.where(inside, flat, 0)], -1)
+    return k[np.minimum(flat.astype(np.uint64), len(k) - 1)]  # negative labels wrap to huge values
 
 
 def _find_boxes(flat: np.ndarray, cls: np.ndarray, row_len: int, table: TokenTable) -> BoxSlots:
@@ -155,8 +166,8 @@ def _find_boxes(flat: np.ndarray, cls: np.ndarray, row_len: int, table: TokenTab
     first = n_grid[opens]  # index in grid_pos of each kept box's first corner
     corner_grid = np.stack([first, first + 1], 1).reshape(-1)
     span = np.zeros(len(flat) + 1, dtype=np.int64)  # +1 from a box's first inner position to its </box>
-    np.add.at(span, opens + 1, 1)
-    np.add.at(span, ends, -1)
+    span[opens + 1] += 1  # kept boxes do not nest, so neither index repeats
+    span[ends] -= 1
     offsets = np.flatnonzero(is_off & (np.cumsum(span[:-1]) > 0))
     owner = n_grid[offsets] - 1  # index in grid_pos of the grid target each offset refines
     corner_of_grid = np.full(len(grid_pos), -1, dtype=np.int64)
@@ -182,49 +193,57 @@ def box_token_loss(logits, labels: torch.Tensor, table: TokenTable, sigma: float
     grid_at, off_at = np.flatnonzero((cls >= 0) & (cls < n2)), np.flatnonzero(cls >= n2)
     if not len(grid_at) and not len(off_at):
         return parts
-    rows = torch.from_numpy(np.concatenate([grid_at, off_at]))  # grid targets first
-    sub = logits(rows) if callable(logits) else logits.reshape(B * T, -1)[rows.to(logits.device)]
+    rows = np.concatenate([grid_at, off_at])  # grid targets first
+    at = torch.from_numpy(rows)
+    sub = logits(at) if callable(logits) else logits.reshape(B * T, -1)[at.to(logits.device)]
     dtype = torch.float64 if sub.dtype == torch.float64 else torch.float32  # half is upcast, as transformers does
-    cols, anchors, offsets = table.on(sub.device, dtype)
     slots = _find_boxes(flat, cls, T, table) if with_box else None
-    plan = _plan(table, cls, grid_at, off_at, slots, sigma, offset_sigma, sub.device, dtype, anchors, offsets)
-    both = _BoxTokenLoss.apply(sub[:, cols].to(dtype), plan)
+    plan = _plan(table, cls, grid_at, off_at, slots, sigma, offset_sigma, sub.device, dtype)
+    both = _BoxTokenLoss.apply(table.columns(sub).to(dtype), plan)
     parts["grid"], parts["n_grid"] = both[0], len(rows)
-    if plan.corners is not None:
-        parts["box"], parts["n_box"] = both[1], len(slots.corners) // 2
+    if plan.true is not None:
+        parts["box"], parts["n_box"] = both[1], len(plan.true)
     return parts
 
 
 class _Plan(NamedTuple):
-    """Everything but the logits that the loss needs (targets as tensors on the logits' device)."""
+    """Everything but the logits that the loss needs, made on the host and moved in two copies."""
 
-    n_grid_rows: int  # rows of ``sub`` that are grid targets (the rest are offset targets)
     n2: int
-    q_grid: torch.Tensor  # (G, n*n) soft targets
-    q_off: torch.Tensor  # (P - G, m*m)
-    corners: torch.Tensor | None  # (2K,) grid row of each box corner; None: no box part
-    true: np.ndarray | None  # (K, 4) decoded target corners
+    q_grid: torch.Tensor  # (G, n*n) soft targets of the grid rows (the first G rows) ...
+    q_off: torch.Tensor  # (P - G, m*m) ... and of the offset rows
+    true: np.ndarray | None  # (K, 4) decoded target corners; None: no box part
+    corners: torch.Tensor | None  # (2K,) grid row of each box corner
     offset_rows: torch.Tensor | None  # (Q,) offset row of each offset inside a box, its corner and its step
     offset_corner: torch.Tensor | None
-    offset_step: torch.Tensor | None
+    offset_step: torch.Tensor | None  # (Q, 1)
     anchors: torch.Tensor
     offsets: torch.Tensor
 
 
-def _plan(table, cls, grid_at, off_at, slots, sigma, offset_sigma, dev, dtype, anchors, offsets) -> _Plan:
-    n2, cfg = len(table.grid_ids), table.cfg
-    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+def _plan(table, cls, grid_at, off_at, slots, sigma, offset_sigma, dev, dtype) -> _Plan:
+    cfg, n2 = table.cfg, len(table.grid_ids)
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    q_grid = as_t(soft_targets(cls[grid_at], cfg.grid, sigma, np_dtype))
-    q_off = as_t(soft_targets(cls[off_at] - n2, cfg.offset_levels, offset_sigma, np_dtype))
-    if slots is None or not len(slots.corners):
-        return _Plan(len(grid_at), n2, q_grid, q_off, None, None, None, None, None, anchors, offsets)
-    true = table.anchors[cls[slots.corners]]
-    steps = np.array([cfg.step(r) for r in range(1, int(slots.offset_round.max(initial=0)) + 1)])[slots.offset_round - 1]
-    np.add.at(true, slots.offset_corner, steps[:, None] * table.offsets[cls[slots.offsets] - n2])
-    return _Plan(len(grid_at), n2, q_grid, q_off, as_t(np.searchsorted(grid_at, slots.corners)),
-                 np.clip(true, 0, 1).reshape(-1, 4), as_t(np.searchsorted(off_at, slots.offsets)),
-                 as_t(slots.offset_corner), as_t(steps[:, None]).to(dtype), anchors, offsets)
+    q = [soft_targets(cls[grid_at], cfg.grid, sigma, np_dtype), soft_targets(cls[off_at] - n2, cfg.offset_levels,
+                                                                             offset_sigma, np_dtype)]
+    _, anchors, offsets = table.on(dev, dtype)
+    has_box = slots is not None and len(slots.corners)
+    if has_box:
+        steps = np.array([cfg.step(r) for r in range(1, int(slots.offset_round.max(initial=0)) + 1)])
+        steps = steps[slots.offset_round - 1]
+        true = table.anchors[cls[slots.corners]]
+        np.add.at(true, slots.offset_corner, steps[:, None] * table.offsets[cls[slots.offsets] - n2])
+        q.append(steps.astype(np_dtype))
+    floats = torch.from_numpy(np.concatenate([a.reshape(-1) for a in q])).to(dev)
+    ends = np.cumsum([a.size for a in q])
+    q_grid, q_off = floats[:ends[0]].view(q[0].shape), floats[ends[0]:ends[1]].view(q[1].shape)
+    if not has_box:
+        return _Plan(n2, q_grid, q_off, None, None, None, None, None, anchors, offsets)
+    K2, Q = len(slots.corners), len(slots.offsets)
+    ints = torch.from_numpy(np.concatenate([np.searchsorted(grid_at, slots.corners), np.searchsorted(off_at, slots.offsets),
+                                            slots.offset_corner])).to(dev)
+    return _Plan(n2, q_grid, q_off, np.clip(true, 0, 1).reshape(-1, 4), ints[:K2], ints[K2:K2 + Q], ints[K2 + Q:],
+                 floats[ends[1]:, None], anchors, offsets)
 
 
 class _BoxTokenLoss(torch.autograd.Function):
@@ -238,13 +257,13 @@ class _BoxTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sub, plan: _Plan):
-        G, n2, P = plan.n_grid_rows, plan.n2, len(sub)
+        G, n2 = len(plan.q_grid), plan.n2
         logp_grid, logp_off = F.log_softmax(sub[:G, :n2], -1), F.log_softmax(sub[G:, n2:], -1)
         p_grid, p_off = logp_grid.exp(), logp_off.exp()
-        grid = -((plan.q_grid * logp_grid).sum() + (plan.q_off * logp_off).sum()) / P
-        g_box = torch.zeros_like(sub)
+        grid = -((plan.q_grid * logp_grid).sum() + (plan.q_off * logp_off).sum()) / len(sub)
+        g_box = None
         box = 0.0
-        if plan.corners is not None:
+        if plan.true is not None:
             pc = p_grid[plan.corners]
             point = pc @ plan.anchors  # expected anchor of each corner (2K, 2) ...
             if len(plan.offset_rows):  # ... plus the expected step of each offset round
@@ -253,6 +272,7 @@ class _BoxTokenLoss(torch.autograd.Function):
             box, g_x = box_value_and_grad(point.detach().cpu().double().numpy().reshape(-1, 4), plan.true)
             g_point = torch.from_numpy(g_x.reshape(-1, 2)).to(sub.device, sub.dtype)
             # through the soft-argmax: d(sum_k p_k a_k)/d z_k = p_k (a_k - sum_j p_j a_j)
+            g_box = torch.zeros_like(sub)
             proj = g_point @ plan.anchors.t()  # (2K, n*n)
             g_box[:G, :n2].index_add_(0, plan.corners, pc * (proj - (pc * proj).sum(1, keepdim=True)))
             if len(plan.offset_rows):
@@ -265,10 +285,10 @@ class _BoxTokenLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         p_grid, p_off, g_box = ctx.saved_tensors
-        plan, G, n2 = ctx.plan, ctx.plan.n_grid_rows, ctx.plan.n2
-        out = grad[1] * g_box
-        # d(soft cross-entropy)/d(logit) = p - q, averaged over the P positions
-        scale = grad[0] / len(out)
+        plan, G, n2 = ctx.plan, len(p_grid), ctx.plan.n2
+        # d(soft cross-entropy)/d(logit) = p - q, averaged over the P rows
+        scale = grad[0] / (len(p_grid) + len(p_off))
+        out = grad[1] * g_box if g_box is not None else p_grid.new_zeros(len(p_grid) + len(p_off), n2 + p_off.shape[1])
         out[:G, :n2] += scale * (p_grid - plan.q_grid)
         out[G:, n2:] += scale * (p_off - plan.q_off)
         return out, None
