@@ -232,3 +232,28 @@ def test_hand_written_gradient_passes_gradcheck_with_several_boxes_and_rounds():
         return torch.stack([p["grid"], p["box"]])
 
     assert torch.autograd.gradcheck(both, (logits,), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_ids_out_of_order_give_the_same_loss_as_one_run_of_ids():
+    """The loss reads the GETok columns as a slice when their ids are one run (as register() adds them) and
+    gathers them otherwise (a tokenizer that already held some of the tokens): both give one result."""
+    n = len(CFG.tokens())
+    perm = np.random.default_rng(0).permutation(n)
+    shuffled = TokenTable.from_ids(CFG, [BASE + int(k) for k in perm])
+    assert shuffled._col_slice is None and TABLE._col_slice is not None
+    to_shuffled = np.arange(V)
+    to_shuffled[BASE:] = BASE + perm  # token k of CFG.tokens(): id BASE + k in TABLE, BASE + perm[k] in shuffled
+    labels = one_box_labels()
+    labels2 = torch.where(labels >= 0, torch.from_numpy(to_shuffled)[labels.clamp(min=0)], labels)
+    torch.manual_seed(1)
+    logits = torch.randn(1, labels.shape[1], V, dtype=torch.float64, requires_grad=True)
+    logits2 = torch.zeros_like(logits.detach())
+    logits2[..., torch.from_numpy(to_shuffled)] = logits.detach()
+    logits2.requires_grad_()
+    a, b = box_token_loss(logits, labels, TABLE), box_token_loss(logits2, labels2, shuffled)
+    assert a["n_box"] == b["n_box"] == 1
+    for k in ("grid", "box"):
+        assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-12)
+    (a["grid"] + a["box"]).backward()
+    (b["grid"] + b["box"]).backward()
+    assert torch.allclose(logits.grad, logits2.grad[..., torch.from_numpy(to_shuffled)], rtol=1e-10, atol=1e-14)
