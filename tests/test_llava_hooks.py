@@ -300,3 +300,18 @@ def test_builder_loads_by_sidecar_not_folder_name_and_refuses_disagreeing_ids(ge
     (tampered / "getok_config.json").write_text(json.dumps(sidecar))
     with pytest.raises(ValueError, match="refusing to load"):
         load_pretrained_model(str(tampered), None, "tampered", device="cpu")
+
+
+def test_a_projector_type_the_model_does_not_have_is_refused_before_training(registered, tiny_llava_dir):
+    """LLaVA keeps an existing projector whatever --mm_projector_type says and saves the new type in the config;
+    the checkpoint then fails to load after training. The trainer refuses it at the start instead."""
+    from llava.model import LlavaLlamaForCausalLM
+
+    from llava_getok.llava.trainer import check_projector
+
+    model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava_dir)
+    assert model.config.mm_projector_type == "mlp2x_gelu"
+    check_projector(model)  # its own type: fine
+    model.config.mm_projector_type = "linear"  # what initialize_vision_modules writes for --mm_projector_type linear
+    with pytest.raises(ValueError, match=r"--mm_projector_type linear.*looks like 'mlp2x_gelu'.*--mm_projector_type mlp2x_gelu"):
+        check_projector(model)

@@ -127,10 +127,35 @@ def enable_vision_tower_training(model, dtype) -> None:
     tower.forward = types.MethodType(plain, tower)
 
 
+def check_projector(model) -> None:
+    """Refuse a ``--mm_projector_type`` that the model's existing projector does not have.
+
+    LLaVA's ``initialize_vision_modules`` builds a projector only when the model has none, but writes the
+    requested type into the config anyway: the old projector trains, and the checkpoint names a projector its
+    weights do not fit, so it does not load after training."""
+    from llava.model.multimodal_projector.builder import build_vision_projector
+
+    have = getattr(model.get_model(), "mm_projector", None)
+    if have is None or not getattr(model.config, "mm_hidden_size", None):
+        return
+    shapes = lambda m: {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in m.named_parameters()}  # noqa: E731
+    with torch.device("meta"):
+        want = build_vision_projector(model.config)
+    if shapes(have) != shapes(want):
+        linears = sum(1 for k in shapes(have) if k.endswith("weight"))
+        guess = "linear" if "weight" in shapes(have) else f"mlp{linears}x_gelu"
+        raise ValueError(
+            f"--mm_projector_type {model.config.mm_projector_type}: the model "
+            f"({getattr(model.config, '_name_or_path', '') or 'given'}) already has a projector of another shape "
+            f"(looks like {guess!r}: {shapes(have)}). LLaVA would keep training that one and save a config that "
+            f"does not load; pass --mm_projector_type {guess}, or start from a model without a projector")
+
+
 def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dataset=None) -> GETokState:
     """Add the GETok tokens, resize and initialise the rows, choose what trains, check the data."""
     cfg = settings.config()
     base = unwrap_llava(model)
+    check_projector(base)
     embeddings_frozen = not base.get_input_embeddings().weight.requires_grad
     ids = add_getok_tokens(tokenizer, cfg)
     check_token_ids(tokenizer, cfg)
