@@ -12,6 +12,8 @@ Every argument of LLaVA's ``llava/train/train.py`` passes through unchanged (``-
                                                  box-token loss; both weights 0 = plain LLaVA loss, exactly
   --getok_rows auto|full|delta (auto)            auto: only GETok rows train under LoRA/QLoRA/frozen backbone
   --getok_check_data N (-1 = all, 0 = off)       LLaVA's preprocessing check over the data before training
+  --getok_data_order shuffle|file (shuffle)      file: train on the records in file order (a curriculum
+                                                 written into the data file), not shuffled
   --unfreeze_mm_vision_tower                     also train the CLIP tower; saved in every checkpoint
                                                  (getok_vision_tower.safetensors) and loaded by the builder
   --attn_implementation sdpa|eager|flash_attention_2 (sdpa); flash-attn is imported only when asked
@@ -33,7 +35,7 @@ import importlib.util
 import json
 import sys
 
-from .llava.trainer import GETokSettings
+from .llava.trainer import DATA_ORDERS, GETokSettings
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
@@ -54,6 +56,7 @@ def getok_parser() -> argparse.ArgumentParser:
     p.add_argument("--getok_offset_sigma", type=float, default=d.offset_sigma)
     p.add_argument("--getok_rows", default=d.rows, choices=("auto", "full", "delta"))
     p.add_argument("--getok_check_data", type=int, default=d.check_data)
+    p.add_argument("--getok_data_order", default=d.data_order, choices=DATA_ORDERS)
     p.add_argument("--unfreeze_mm_vision_tower", type=_bool, nargs="?", const=True, default=False)
     p.add_argument("--attn_implementation", default="sdpa", choices=ATTENTION)
     return p
@@ -102,7 +105,7 @@ def main(argv=None) -> None:
         schedule=ours.getok_schedule, mode=ours.getok_mode, init=ours.getok_init,
         grid_weight=ours.getok_grid_weight, box_weight=ours.getok_box_weight, sigma=ours.getok_sigma,
         offset_sigma=ours.getok_offset_sigma, rows=ours.getok_rows, train_vision_tower=ours.unfreeze_mm_vision_tower,
-        check_data=ours.getok_check_data)
+        check_data=ours.getok_check_data, data_order=ours.getok_data_order)
 
     from .llava import register
     from .llava.templates import resolve_template

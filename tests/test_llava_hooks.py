@@ -315,3 +315,27 @@ def test_a_projector_type_the_model_does_not_have_is_refused_before_training(reg
     model.config.mm_projector_type = "linear"  # what initialize_vision_modules writes for --mm_projector_type linear
     with pytest.raises(ValueError, match=r"--mm_projector_type linear.*looks like 'mlp2x_gelu'.*--mm_projector_type mlp2x_gelu"):
         check_projector(model)
+
+
+def test_data_order_file_trains_on_records_in_file_order(getok_setup):
+    """--getok_data_order file: a curriculum written into the data file reaches the model in that order."""
+    import dataclasses
+
+    trainer, _, module = getok_setup
+    ds = module["train_dataset"]
+    shuffled = trainer._get_train_sampler()
+    assert not isinstance(shuffled, torch.utils.data.SequentialSampler)  # the Trainer's own random order
+    trainer.getok_settings = dataclasses.replace(type(trainer).getok_settings, data_order="file")
+    try:
+        assert list(trainer._get_train_sampler()) == list(range(len(ds)))
+        first = next(iter(trainer.get_train_dataloader()))
+        expected = module["data_collator"]([ds[i] for i in range(min(len(ds), trainer.args.train_batch_size))])
+        assert torch.equal(first["input_ids"], expected["input_ids"])
+        trainer.args.group_by_modality_length = True
+        with pytest.raises(ValueError, match="group_by_modality_length"):
+            trainer._get_train_sampler()
+    finally:
+        trainer.args.group_by_modality_length = False
+        del trainer.getok_settings
+    with pytest.raises(ValueError, match="--getok_data_order must be one of"):
+        dataclasses.replace(type(trainer).getok_settings, data_order="sorted")

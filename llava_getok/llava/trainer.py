@@ -26,6 +26,7 @@ from .sidecar import ROWS_FILE, TOWER_FILE, Sidecar, save_tensors_atomic, write_
 from .tokens import INITS, add_getok_tokens, check_token_ids, init_getok_rows, resize_embeddings  # noqa: E402
 
 ROW_MODES = ("auto", "full", "delta")
+DATA_ORDERS = ("shuffle", "file")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class GETokSettings:
         tuning and everything under full fine-tuning; "full" or "delta" force one.
     train_vision_tower: also train the CLIP tower (LLaVA freezes it and runs it under no_grad).
     check_data: records to run through LLaVA's preprocessing check before training (-1: all, 0: none).
+    data_order: "shuffle" (the Trainer's random order) or "file": the records in the data file's order, for a
+        curriculum written into the file (each process of a multi-GPU run takes its share of every batch).
     """
 
     grid: int = 32
@@ -55,10 +58,13 @@ class GETokSettings:
     rows: str = "auto"
     train_vision_tower: bool = False
     check_data: int = -1
+    data_order: str = "shuffle"
 
     def __post_init__(self):
         if self.init not in INITS:
             raise ValueError(f"--getok_init must be one of {INITS}, got {self.init!r}")
+        if self.data_order not in DATA_ORDERS:
+            raise ValueError(f"--getok_data_order must be one of {DATA_ORDERS}, got {self.data_order!r}")
         if self.rows not in ROW_MODES:
             raise ValueError(f"--getok_rows must be one of {ROW_MODES}, got {self.rows!r}")
         for name in ("grid_weight", "box_weight", "sigma", "offset_sigma"):
@@ -220,6 +226,14 @@ class GETokTrainer(LLaVATrainer):
         if self.getok_settings.loss_on:
             _capture_loss_inputs(unwrap_llava(model), self)
         super().__init__(model=model, tokenizer=tokenizer, args=args, **kwargs)
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if self.getok_settings.data_order == "file" and self.train_dataset is not None:
+            if getattr(self.args, "group_by_modality_length", False):
+                raise ValueError("--getok_data_order file and --group_by_modality_length True both set the "
+                                 "order of the records; pass one")
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+        return super()._get_train_sampler(*args, **kwargs)
 
     # -- loss ------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
