@@ -118,15 +118,19 @@ def _matches(o: Obj, ref: Obj, attrs) -> bool:
     return all(getattr(o, a) == getattr(ref, a) for a in attrs)
 
 
-def describe(objs: list[Obj], target: int, rng: np.random.Generator, p_relation: float = 0.3) -> str | None:
+def describe(objs: list[Obj], target: int, rng: np.random.Generator, p_relation: float = 0.3,
+             attributes: tuple[str, ...] | None = None) -> str | None:
     """An expression that picks out ``objs[target]`` alone, or None if the scene allows none.
 
     Attribute expressions use the shortest attribute set that is unique (a random one among equally short);
     with probability ``p_relation``, or when no attribute set is unique, a relation to an anchor shape that
     has a unique attribute expression: the target's attributes need only be unique among the shapes that
-    stand in that relation to the anchor.
+    stand in that relation to the anchor. ``attributes`` (e.g. ("color",)): name the target by exactly
+    these attributes ("the red shape"), no relation; None if they do not single it out.
     """
     t = objs[target]
+    if attributes is not None:
+        return _phrase(t, attributes) if sum(_matches(o, t, attributes) for o in objs) == 1 else None
     unique = [a for a in _ATTRS if sum(_matches(o, t, a) for o in objs) == 1]
     relational = []
     for ai, anchor in enumerate(objs):
@@ -172,9 +176,10 @@ FORMATS = (f"a folder written by `python -m data_converters.shapes` (--input DIR
 
 
 def scene_records(seed: int, split: str, index: int, image_size: int = 64, n_objects=(2, 4),
-                  p_relation: float = 0.3, refs_per_image: int = 1):
+                  p_relation: float = 0.3, refs_per_image: int = 1, attributes: tuple[str, ...] | None = None):
     """Scene ``index`` of ``split`` -> (image array, [annotation dict]) with up to ``refs_per_image``
-    distinct targets; a scene whose shapes admit no expression is redrawn (same generator, so deterministic)."""
+    distinct targets; a scene whose shapes admit no expression is redrawn (same generator, so deterministic).
+    ``attributes``: as in :func:`describe`."""
     from pycocotools import mask as mask_utils
 
     rng = scene_rng(seed, split, index)
@@ -182,7 +187,7 @@ def scene_records(seed: int, split: str, index: int, image_size: int = 64, n_obj
         img, objs = make_scene(rng, image_size, n_objects)
         refs = []
         for t in rng.permutation(len(objs)).tolist():
-            expr = describe(objs, t, rng, p_relation)
+            expr = describe(objs, t, rng, p_relation, attributes)
             if expr is not None:
                 refs.append((t, expr))
             if len(refs) == refs_per_image:
@@ -206,11 +211,14 @@ def scene_records(seed: int, split: str, index: int, image_size: int = 64, n_obj
 
 
 def generate(out_dir, splits: dict[str, int], seed: int = 0, image_size: int = 64, n_objects=(2, 4),
-             p_relation: float = 0.3, refs_per_image: int = 1, progress: bool = False) -> Path:
+             p_relation: float = 0.3, refs_per_image: int = 1, progress: bool = False,
+             attributes: dict[str, tuple[str, ...]] | None = None) -> Path:
     """Write the dataset (``splits`` = {"train": 2000, "val": 200}) to ``out_dir``; returns the annotation
     file. ``n_objects``: (min, max) shapes per image, or {split: (min, max)}; ``refs_per_image``: an int, or
-    {split: int} (expressions of distinct targets per image). Every file is written to a
-    temporary name and renamed, so an interrupted run leaves no half file."""
+    {split: int} (expressions of distinct targets per image); ``attributes``: {split: attribute names} for
+    splits whose expressions name the target by those attributes alone (:func:`describe`), e.g. the
+    demo's colour-only first stage. Every file is written to a temporary name and renamed, so an
+    interrupted run leaves no half file."""
     import json
     import os
 
@@ -224,7 +232,7 @@ def generate(out_dir, splits: dict[str, int], seed: int = 0, image_size: int = 6
         for k in range(n):
             n_obj = n_objects[split] if isinstance(n_objects, dict) else n_objects
             refs = refs_per_image[split] if isinstance(refs_per_image, dict) else refs_per_image
-            img, recs = scene_records(seed, split, k, image_size, n_obj, p_relation, refs)
+            img, recs = scene_records(seed, split, k, image_size, n_obj, p_relation, refs, (attributes or {}).get(split))
             path = out / recs[0]["image"]
             tmp = path.with_suffix(".tmp.png")
             Image.fromarray(img).save(tmp)
@@ -234,7 +242,8 @@ def generate(out_dir, splits: dict[str, int], seed: int = 0, image_size: int = 6
     bar.close()
     n_json = {k: list(v) for k, v in n_objects.items()} if isinstance(n_objects, dict) else list(n_objects)
     settings = {"seed": seed, "splits": splits, "image_size": image_size, "n_objects": n_json,
-                "p_relation": p_relation, "refs_per_image": refs_per_image, "sizes": SIZES}
+                "p_relation": p_relation, "refs_per_image": refs_per_image, "sizes": SIZES,
+                "attributes": {k: list(v) for k, v in (attributes or {}).items()}}
     for name, text in ((ANNOTATIONS, "\n".join(lines) + "\n"), ("shapes.json", json.dumps(settings, indent=1))):
         tmp = out / (name + ".tmp")
         tmp.write_text(text)

@@ -51,6 +51,10 @@ def _parser():
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--colour-steps", type=int, default=800,
+                   help="first steps on images of their own whose expressions name the shape by colour alone "
+                        "(\"the red shape\"), then the full mix: a curriculum written into the training file and "
+                        "trained in file order (--getok_data_order file); 0: the full mix throughout")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--template", default="getok_mistral_instruct", help="conversation template (training and prediction)")
@@ -86,6 +90,10 @@ def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     if a.quick:
         a.train_images, a.val_images, a.steps, a.sheet = 32, 4, 2, 4
+        a.colour_steps = min(a.colour_steps, 1)
+    if not 0 <= a.colour_steps < a.steps:
+        print(f"demo: --colour-steps must be in [0, --steps), got {a.colour_steps}", file=sys.stderr)
+        return 2
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
@@ -102,21 +110,30 @@ def main(argv=None) -> int:
 
     data = out / "data"
     n_objects = {"train": shapes.parse_range(a.objects), "val": shapes.parse_range(a.val_objects)}
-    shapes.generate(data, {"train": a.train_images, "val": a.val_images}, seed=a.seed, image_size=a.image_size,
-                    n_objects=n_objects, refs_per_image={"train": a.turns, "val": 1}, progress=True)
+    splits, refs = {"train": a.train_images, "val": a.val_images}, {"train": a.turns, "val": 1}
+    if a.colour_steps:  # one image per record of the first stage, so no image is seen twice in it
+        splits["colour"], refs["colour"], n_objects["colour"] = a.colour_steps * a.batch, a.turns, n_objects["train"]
+    shapes.generate(data, splits, seed=a.seed, image_size=a.image_size, n_objects=n_objects, refs_per_image=refs,
+                    progress=True, attributes={"colour": ("color",)})
 
     st.start("convert-datasets shapes -> GETok conversations")
     from data_converters.cli import main as convert
 
     conv = {}
-    for split in ("train", "val"):
+    for split in splits:
         conv[split] = out / f"{split}.json"
         rc = convert(["shapes", "--input", str(data), "--image-root", str(data), "--output", str(conv[split]),
                       "--split", split, "--grid", str(a.grid), "--rounds", str(a.rounds), "--seed", str(a.seed),
-                      "--group-turns", str(a.turns if split == "train" else 1), "--no-resume"])
+                      "--group-turns", str(a.turns if split != "val" else 1), "--no-resume"])
         if rc:
             print(f"demo: convert-datasets failed for {split} (exit {rc})", file=sys.stderr)
             return rc
+    train_file = conv["train"]
+    if a.colour_steps:
+        train_file = curriculum_file(out / "train_curriculum.json", conv["colour"], conv["train"],
+                                     a.colour_steps * a.batch, (a.steps - a.colour_steps) * a.batch, a.seed)
+        print(f"curriculum: {a.colour_steps} steps of colour-only expressions, then {a.steps - a.colour_steps} "
+              f"of the full mix -> {train_file.name}")
     print(f"example answer: {json.loads(conv['val'].read_text())[0]['conversations'][1]['value']}")
 
     st.start("building a tiny random LLaVA (no weights downloaded)")
@@ -124,7 +141,7 @@ def main(argv=None) -> int:
 
     st.start(f"fine-tuning with python -m llava_getok.train: {a.steps} steps x batch {a.batch}, {a.threads} thread(s)")
     ckpt = out / "llava-getok-demo"
-    cmd = [sys.executable, "-m", "llava_getok.train", *train_args(model_dir, conv["train"], data, ckpt, a)]
+    cmd = [sys.executable, "-m", "llava_getok.train", *train_args(model_dir, train_file, data, ckpt, a)]
     print("$ " + " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
     if rc:
@@ -233,7 +250,25 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
         # second core while the main process trains on one thread
         "--model_max_length", "256", "--dataloader_num_workers", "1" if a.threads == 1 else "0", "--seed", str(a.seed),
         "--use_cpu", "True", "--group_by_modality_length", "False",
+        *(["--getok_data_order", "file"] if a.colour_steps else []),
     ]
+
+
+def curriculum_file(out: Path, first: Path, rest: Path, n_first: int, n_rest: int, seed: int) -> Path:
+    """One training file in the order it is trained (``--getok_data_order file``): ``n_first`` records of
+    ``first``, then ``n_rest`` of ``rest`` in shuffled passes, each pass a new shuffle (a file read in order
+    needs its epochs written out). Deterministic in ``seed``; written atomically."""
+    rng = np.random.default_rng(seed)
+    a, b = json.loads(first.read_text()), json.loads(rest.read_text())
+    if len(a) < n_first or not b:
+        raise ValueError(f"curriculum: {first} has {len(a)} records (needs {n_first}), {rest} has {len(b)}")
+    order = [a[i] for i in rng.permutation(len(a))[:n_first]]
+    while len(order) < n_first + n_rest:
+        order += [b[i] for i in rng.permutation(len(b))]
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(order[:n_first + n_rest]))
+    os.replace(tmp, out)
+    return out
 
 
 def shapes_records(data: Path) -> dict[str, list[dict]]:

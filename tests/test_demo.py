@@ -27,7 +27,30 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     assert 1 / 3 <= summary["chance"]["random_shape_pick"] <= 1 / 2 and 0.0 <= summary["selection"] <= 1.0
     assert "on the named shape" in printed
     assert f"Acc@0.5 {summary['acc@0.5']:.3f}" in printed and "chance:" in printed
+    # the colour-first curriculum: its records first, in file order, then the full mix
+    order = json.loads((out / "train_curriculum.json").read_text())
+    assert len(order) == 2 * 16 and all(r["image"].startswith("images/colour/") for r in order[:16])
+    assert all(r["image"].startswith("images/train/") for r in order[16:])
+    assert "curriculum: 1 steps of colour-only expressions" in printed
     # the trained tower was saved with the checkpoint (LLaVA would otherwise reload the random one)
     assert (out / "llava-getok-demo" / "getok_config.json").is_file()
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.size[0] > 100 and np.asarray(sheet).std() > 0
+
+
+def test_curriculum_file_writes_each_stage_in_order_and_every_record_once_a_pass(tmp_path):
+    from llava_getok.demo import curriculum_file
+
+    first, rest = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps([{"id": f"a{k}"} for k in range(10)]))
+    rest.write_text(json.dumps([{"id": f"b{k}"} for k in range(4)]))
+    out = curriculum_file(tmp_path / "c.json", first, rest, 6, 9, seed=0)
+    ids = [r["id"] for r in json.loads(out.read_text())]
+    assert len(ids) == 15 and len(set(ids[:6])) == 6 and all(i.startswith("a") for i in ids[:6])
+    passes = [ids[6:10], ids[10:14]]
+    assert all(sorted(p) == ["b0", "b1", "b2", "b3"] for p in passes)  # every record once per pass
+    assert ids == [r["id"] for r in json.loads(curriculum_file(tmp_path / "d.json", first, rest, 6, 9, 0).read_text())]
+    import pytest
+
+    with pytest.raises(ValueError, match="a.json has 10 records .needs 11."):
+        curriculum_file(tmp_path / "e.json", first, rest, 11, 1, 0)

@@ -172,3 +172,26 @@ def test_group_turns_makes_one_conversation_per_image_that_llava_preprocesses(tm
         assert report.getok_tokens == 6 * len(single)
     with pytest.raises(RecordsError, match=r"groups \d questions.*--group-turns 1"):
         read_records(tmp_path / "grouped.json", one_question=True)
+
+
+def test_attribute_only_split_names_targets_by_those_attributes_alone(tmp_path):
+    """generate(attributes={split: ("color",)}): that split's expressions are "the <colour> shape", each
+    resolving to its target alone; the other splits keep the full mix (the demo's colour-first stage)."""
+    ann = shapes.generate(tmp_path / "shp", {"colour": 40, "train": 40}, seed=3, image_size=48, refs_per_image=3,
+                          attributes={"colour": ("color",)})
+    lines = [json.loads(x) for x in ann.read_text().splitlines()]
+    colour = [r for r in lines if r["split"] == "colour"]
+    assert {r["image"] for r in colour} >= {f"images/colour/colour-{k:06d}.png" for k in range(40)}
+    for r in colour:
+        assert r["expression"] == f"the {r['target']['color']} shape"
+    rest = {r["expression"] for r in lines if r["split"] == "train"}
+    assert any(" of " in e or "above" in e or "below" in e for e in rest)  # relations still there
+    assert any(e.split()[-1] in shapes.KINDS for e in rest)
+    assert json.loads((tmp_path / "shp" / "shapes.json").read_text())["attributes"] == {"colour": ["color"]}
+    for k in range(60):  # and in memory: never an expression when the colour is shared
+        rng = scene_rng(4, "x", k)
+        _, objs = make_scene(rng, n_objects=(2, 4))
+        for t in range(len(objs)):
+            expr = describe(objs, t, rng, attributes=("color",))
+            shared = sum(o.color == objs[t].color for o in objs) > 1
+            assert (expr is None) == shared and (expr is None or _resolve(expr, objs) == [t])
