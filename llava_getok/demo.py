@@ -20,8 +20,8 @@ patches, 2-3 shapes per training image with all their expressions in one convers
 colour-first curriculum: the first ``--colour-steps`` steps on other images asked about by colour alone,
 written in order into the training file and trained in file order (``--getok_data_order file``). Measured with
 the defaults (bench/results/learning_demo.md): Acc@0.5 0.44 on 500 expressions (chance 0.41 / 0.02); the named
-shape is picked 56 % of the time (random: 41 %); the issue's target of 0.5 is not reached yet. 13.5 min on the
-slower of our 2-core machines (7.5 min for the same steps on the faster one).
+shape is picked 56 % of the time (random: 41 %); the issue's target of 0.5 is not reached yet. 10.6-13.5 min on
+our 2-core machine in that session (0.20-0.25 s a step; 3000 steps took 7.5 min at 0.146 s a step before).
 """
 from __future__ import annotations
 
