@@ -136,8 +136,12 @@ def main(argv=None) -> int:
             return rc
     train_file = conv["train"]
     if a.colour_steps:
-        train_file = curriculum_file(out / "train_curriculum.json", conv["colour"], conv["train"],
-                                     a.colour_steps * a.batch, (a.steps - a.colour_steps) * a.batch, a.seed)
+        try:
+            train_file = curriculum_file(out / "train_curriculum.json", conv["colour"], conv["train"],
+                                         a.colour_steps * a.batch, (a.steps - a.colour_steps) * a.batch, a.seed)
+        except ValueError as e:  # the converter rejected records (its rejects file says which and why)
+            print(f"demo: {e}", file=sys.stderr)
+            return 1
         print(f"curriculum: {a.colour_steps} steps of colour-only expressions, then {a.steps - a.colour_steps} "
               f"of the full mix -> {train_file.name}")
     print(f"example answer: {json.loads(conv['val'].read_text())[0]['conversations'][1]['value']}")
