@@ -230,9 +230,8 @@ def generate(out_dir, splits: dict[str, int], seed: int = 0, image_size: int = 6
     for split, n in splits.items():
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         for k in range(n):
-            n_obj = n_objects[split] if isinstance(n_objects, dict) else n_objects
-            refs = refs_per_image[split] if isinstance(refs_per_image, dict) else refs_per_image
-            img, recs = scene_records(seed, split, k, image_size, n_obj, p_relation, refs, (attributes or {}).get(split))
+            img, recs = scene_records(seed, split, k, image_size, _of_split(n_objects, split), p_relation,
+                                      _of_split(refs_per_image, split), (attributes or {}).get(split))
             path = out / recs[0]["image"]
             tmp = path.with_suffix(".tmp.png")
             Image.fromarray(img).save(tmp)
@@ -249,6 +248,11 @@ def generate(out_dir, splits: dict[str, int], seed: int = 0, image_size: int = 6
         tmp.write_text(text)
         os.replace(tmp, out / name)
     return out / ANNOTATIONS
+
+
+def _of_split(value, split: str):
+    """A generator setting given for every split, or as {split: value}."""
+    return value[split] if isinstance(value, dict) else value
 
 
 # -- the convert-datasets source (data_converters/base.py) ------------------------------------------------

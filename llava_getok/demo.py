@@ -275,9 +275,9 @@ def curriculum_file(out: Path, first: Path, rest: Path, n_first: int, n_rest: in
     order = [a[i] for i in rng.permutation(len(a))[:n_first]]
     while len(order) < n_first + n_rest:
         order += [b[i] for i in rng.permutation(len(b))]
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(order[:n_first + n_rest]))
-    os.replace(tmp, out)
+    from .eval.cli import write_atomic
+
+    write_atomic(out, json.dumps(order[:n_first + n_rest]))
     return out
 
 

@@ -35,7 +35,7 @@ import importlib.util
 import json
 import sys
 
-from .llava.trainer import DATA_ORDERS, GETokSettings
+from .llava.trainer import DATA_ORDERS, ROW_MODES, GETokSettings
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
@@ -54,7 +54,7 @@ def getok_parser() -> argparse.ArgumentParser:
     p.add_argument("--getok_box_weight", type=float, default=d.box_weight)
     p.add_argument("--getok_sigma", type=float, default=d.sigma)
     p.add_argument("--getok_offset_sigma", type=float, default=d.offset_sigma)
-    p.add_argument("--getok_rows", default=d.rows, choices=("auto", "full", "delta"))
+    p.add_argument("--getok_rows", default=d.rows, choices=ROW_MODES)
     p.add_argument("--getok_check_data", type=int, default=d.check_data)
     p.add_argument("--getok_data_order", default=d.data_order, choices=DATA_ORDERS)
     p.add_argument("--unfreeze_mm_vision_tower", type=_bool, nargs="?", const=True, default=False)

@@ -147,13 +147,14 @@ def check_projector(model) -> None:
     shapes = lambda m: {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in m.named_parameters()}  # noqa: E731
     with torch.device("meta"):
         want = build_vision_projector(model.config)
-    if shapes(have) != shapes(want):
-        linears = sum(1 for k in shapes(have) if k.endswith("weight"))
-        guess = "linear" if "weight" in shapes(have) else f"mlp{linears}x_gelu"
+    have = shapes(have)
+    if have != shapes(want):
+        linears = sum(1 for k in have if k.endswith("weight"))
+        guess = "linear" if "weight" in have else f"mlp{linears}x_gelu"
         raise ValueError(
             f"--mm_projector_type {model.config.mm_projector_type}: the model "
             f"({getattr(model.config, '_name_or_path', '') or 'given'}) already has a projector of another shape "
-            f"(looks like {guess!r}: {shapes(have)}). LLaVA would keep training that one and save a config that "
+            f"(looks like {guess!r}: {have}). LLaVA would keep training that one and save a config that "
             f"does not load; pass --mm_projector_type {guess}, or start from a model without a projector")
 
 
