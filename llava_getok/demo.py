@@ -200,7 +200,9 @@ def main(argv=None) -> int:
     st.end()
 
     summary = report(metrics, chance, st, skipped, a, sheet if sheet.is_file() else None, selection)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    from .eval.cli import write_atomic
+
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return 0
 
 
