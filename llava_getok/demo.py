@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .eval.cli import write_atomic
+
 TARGET_ACC, TARGET_FACTOR = 0.5, 5.0  # what "it grounds" means here (issue 7)
 
 
@@ -200,8 +202,6 @@ def main(argv=None) -> int:
     st.end()
 
     summary = report(metrics, chance, st, skipped, a, sheet if sheet.is_file() else None, selection)
-    from .eval.cli import write_atomic
-
     write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return 0
 
@@ -277,8 +277,6 @@ def curriculum_file(out: Path, first: Path, rest: Path, n_first: int, n_rest: in
     order = [a[i] for i in rng.permutation(len(a))[:n_first]]
     while len(order) < n_first + n_rest:
         order += [b[i] for i in rng.permutation(len(b))]
-    from .eval.cli import write_atomic
-
     write_atomic(out, json.dumps(order[:n_first + n_rest]))
     return out
 
