@@ -61,6 +61,9 @@ def _parser():
                    help="first steps on images of their own whose expressions name the shape by colour alone "
                         "(\"the red shape\"), then the full mix: a curriculum written into the training file and "
                         "trained in file order (--getok_data_order file); 0: the full mix throughout")
+    p.add_argument("--colour-share", type=float, default=0.0,
+                   help="share of the mixed stage's records that are colour-only ones again (0-1), so the "
+                        "first stage's skill keeps its training signal")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--schedule", default="cosine", help="learning-rate schedule after 50 warm-up steps "
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
     if a.colour_steps:
         try:
             train_file = curriculum_file(out / "train_curriculum.json", conv["colour"], conv["train"],
-                                         a.colour_steps * a.batch, (a.steps - a.colour_steps) * a.batch, a.seed)
+                                         a.colour_steps * a.batch, (a.steps - a.colour_steps) * a.batch, a.seed,
+                                         a.colour_share)
         except ValueError as e:  # the converter rejected records (its rejects file says which and why)
             print(f"demo: {e}", file=sys.stderr)
             return 1
@@ -266,19 +270,33 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
     ]
 
 
-def curriculum_file(out: Path, first: Path, rest: Path, n_first: int, n_rest: int, seed: int) -> Path:
+def curriculum_file(out: Path, first: Path, rest: Path, n_first: int, n_rest: int, seed: int,
+                    first_share: float = 0.0) -> Path:
     """One training file in the order it is trained (``--getok_data_order file``): ``n_first`` records of
-    ``first``, then ``n_rest`` of ``rest`` in shuffled passes, each pass a new shuffle (a file read in order
-    needs its epochs written out). Deterministic in ``seed``; written atomically."""
+    ``first``, then ``n_rest`` records, a ``first_share`` of them from ``first`` again and the rest from
+    ``rest``, shuffled together. Each source is read in shuffled passes, each pass a new shuffle, so every
+    record comes once a pass (a file read in order needs its epochs written out). Deterministic in ``seed``;
+    written atomically."""
     rng = np.random.default_rng(seed)
     a, b = json.loads(first.read_text()), json.loads(rest.read_text())
     if len(a) < n_first or not b:
         raise ValueError(f"curriculum: {first} has {len(a)} records (needs {n_first}), {rest} has {len(b)}")
-    order = [a[i] for i in rng.permutation(len(a))[:n_first]]
-    while len(order) < n_first + n_rest:
-        order += [b[i] for i in rng.permutation(len(b))]
-    write_atomic(out, json.dumps(order[:n_first + n_rest]))
+    if not 0 <= first_share <= 1:
+        raise ValueError(f"curriculum: the share of {first} in the second stage must be in [0, 1], got {first_share}")
+    n_again = int(round(n_rest * first_share))
+    passes_a = _passes(a, n_first + n_again, rng)
+    mixed = passes_a[n_first:] + _passes(b, n_rest - n_again, rng)
+    order = passes_a[:n_first] + [mixed[i] for i in (rng.permutation(len(mixed)) if n_again else range(len(mixed)))]
+    write_atomic(out, json.dumps(order))
     return out
+
+
+def _passes(records: list, n: int, rng: np.random.Generator) -> list:
+    """``n`` records from shuffled passes over ``records``."""
+    out: list = []
+    while len(out) < n:
+        out += [records[i] for i in rng.permutation(len(records))]
+    return out[:n]
 
 
 def shapes_records(data: Path) -> dict[str, list[dict]]:

@@ -54,3 +54,23 @@ def test_curriculum_file_writes_each_stage_in_order_and_every_record_once_a_pass
 
     with pytest.raises(ValueError, match="a.json has 10 records .needs 11."):
         curriculum_file(tmp_path / "e.json", first, rest, 11, 1, 0)
+
+
+def test_curriculum_file_mixes_a_share_of_the_first_stage_into_the_second(tmp_path):
+    from llava_getok.demo import curriculum_file
+
+    first, rest = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps([{"id": f"a{k}"} for k in range(10)]))
+    rest.write_text(json.dumps([{"id": f"b{k}"} for k in range(4)]))
+    ids = [r["id"] for r in json.loads(curriculum_file(tmp_path / "c.json", first, rest, 6, 10, 0, 0.3).read_text())]
+    assert len(ids) == 16 and all(i.startswith("a") for i in ids[:6])
+    second = ids[6:]
+    assert sum(i.startswith("a") for i in second) == 3
+    # the first stage's pass goes on into the second stage before any first-stage record repeats
+    assert len(set(ids[:6]) | {i for i in second if i.startswith("a")}) == 9
+    b = [i for i in second if i.startswith("b")]
+    assert len(b) == 7 and {b.count(f"b{k}") for k in range(4)} == {1, 2}  # one pass and 3 of the next
+    import pytest
+
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        curriculum_file(tmp_path / "e.json", first, rest, 6, 10, 0, 1.5)
