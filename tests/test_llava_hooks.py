@@ -196,7 +196,7 @@ def test_zero_weights_reproduce_plain_llava_loss_bit_for_bit(getok_setup):
     finally:
         type(trainer).getok_settings = GETokSettings(grid=8, grid_weight=0.5, box_weight=0.5)
     total = trainer.compute_loss(trainer.model, dict(batch))
-    logged = trainer._getok_sums
+    logged = {k: float(v) for k, v in trainer._getok_sums.items()}  # sums since the last log, as tensors
     assert logged["loss_lm"] == float(reference)  # the LM part is LLaVA's loss, bit for bit
     assert logged["loss_grid"] > 0 and logged["loss_box"] > 0
     assert float(total) == pytest.approx(float(reference) + 0.5 * logged["loss_grid"] + 0.5 * logged["loss_box"],
@@ -225,7 +225,7 @@ def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_se
         mp.setattr(trainer_mod, "box_token_loss", lambda scores, *a, **k: seen.append(callable(scores)) or box_token_loss(scores, *a, **k))
         total = trainer.compute_loss(model, dict(batch))
     assert seen == [True]  # the scored-rows path ran, not the fallback on full logits
-    logged, trainer._getok_sums = dict(trainer._getok_sums), {}
+    logged, trainer._getok_sums = {k: float(v) for k, v in trainer._getok_sums.items()}, {}
     via_rows = grads(total)
     captured = {}
     original = model.prepare_inputs_labels_for_multimodal

@@ -272,14 +272,16 @@ class GETokTrainer(LLaVATrainer):
         return (total, outputs) if return_outputs else total
 
     def _accumulate(self, values):
+        # summed as tensors and read once per log: a float() per step would wait for the GPU every step
         for k, v in values.items():
-            self._getok_sums[k] = self._getok_sums.get(k, 0.0) + float(v.detach())
+            v = v.detach()
+            self._getok_sums[k] = self._getok_sums[k] + v if k in self._getok_sums else v
         self._getok_sums["_n"] = self._getok_sums.get("_n", 0) + 1
 
     def log(self, logs, *args, **kwargs):
         n = self._getok_sums.pop("_n", 0)
         if n and "loss" in logs:
-            logs.update({k: round(v / n, 6) for k, v in self._getok_sums.items()})
+            logs.update({k: round(float(v) / n, 6) for k, v in self._getok_sums.items()})
             self._getok_sums = {}
         return super().log(logs, *args, **kwargs)
 
