@@ -62,8 +62,11 @@ def _parser():
                         "(\"the red shape\"), then the full mix: a curriculum written into the training file and "
                         "trained in file order (--getok_data_order file); 0: the full mix throughout")
     p.add_argument("--colour-share", type=float, default=0.0,
-                   help="share of the mixed stage's records that are colour-only ones again (0-1), so the "
-                        "first stage's skill keeps its training signal")
+                   help="share of the mixed stage's records that are colour-only ones again (0-1), so the first "
+                        "stage's skill keeps its training signal")
+    p.add_argument("--kind-share", type=float, default=0.0,
+                   help="share of the mixed stage's records from images of their own asked about by kind alone "
+                        "(\"the circle\")")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--schedule", default="cosine", help="learning-rate schedule after 50 warm-up steps "
@@ -105,6 +108,10 @@ def main(argv=None) -> int:
     if not 0 <= a.colour_steps < a.steps:
         print(f"demo: --colour-steps must be in [0, --steps), got {a.colour_steps}", file=sys.stderr)
         return 2
+    if min(a.colour_share, a.kind_share) < 0 or a.colour_share + a.kind_share > 1:
+        print(f"demo: --colour-share and --kind-share must be >= 0 and sum to at most 1, got {a.colour_share} and "
+              f"{a.kind_share}", file=sys.stderr)
+        return 2
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
@@ -122,10 +129,13 @@ def main(argv=None) -> int:
     data = out / "data"
     n_objects = {"train": shapes.parse_range(a.objects), "val": shapes.parse_range(a.val_objects)}
     splits, refs = {"train": a.train_images, "val": a.val_images}, {"train": a.turns, "val": 1}
-    if a.colour_steps:  # one image per record of the first stage, so no image is seen twice in it
-        splits["colour"], refs["colour"], n_objects["colour"] = a.colour_steps * a.batch, a.turns, n_objects["train"]
+    n_mixed = (a.steps - a.colour_steps) * a.batch
+    extra = {"colour": a.colour_steps * a.batch or round(a.colour_share * n_mixed), "kind": round(a.kind_share * n_mixed)}
+    for split, n in extra.items():  # one image per record of a stage, so no image is seen twice in it
+        if n:
+            splits[split], refs[split], n_objects[split] = n, a.turns, n_objects["train"]
     shapes.generate(data, splits, seed=a.seed, image_size=a.image_size, n_objects=n_objects, refs_per_image=refs,
-                    progress=True, attributes={"colour": ("color",)})
+                    progress=True, attributes={"colour": ("color",), "kind": ("kind",)})
 
     st.start("convert-datasets shapes -> GETok conversations")
     from data_converters.cli import main as convert
@@ -140,16 +150,17 @@ def main(argv=None) -> int:
             print(f"demo: convert-datasets failed for {split} (exit {rc})", file=sys.stderr)
             return rc
     train_file = conv["train"]
-    if a.colour_steps:
+    if len(splits) > 2:
+        mixed = {"colour": a.colour_share, "kind": a.kind_share}
+        mixed = {conv[k]: v for k, v in mixed.items() if v} | {conv["train"]: 1 - sum(mixed.values())}
+        stages = [(a.colour_steps * a.batch, {conv["colour"]: 1.0})] if a.colour_steps else []
         try:
-            train_file = curriculum_file(out / "train_curriculum.json", conv["colour"], conv["train"],
-                                         a.colour_steps * a.batch, (a.steps - a.colour_steps) * a.batch, a.seed,
-                                         a.colour_share)
+            train_file = curriculum_file(out / "train_curriculum.json", [*stages, (n_mixed, mixed)], a.seed)
         except ValueError as e:  # the converter rejected records (its rejects file says which and why)
             print(f"demo: {e}", file=sys.stderr)
             return 1
-        print(f"curriculum: {a.colour_steps} steps of colour-only expressions, then {a.steps - a.colour_steps} "
-              f"of the full mix -> {train_file.name}")
+        print(f"curriculum: {a.colour_steps} steps of colour-only expressions, then {a.steps - a.colour_steps} of "
+              f"the full mix ({a.colour_share:.0%} colour-only, {a.kind_share:.0%} kind-only) -> {train_file.name}")
     print(f"example answer: {json.loads(conv['val'].read_text())[0]['conversations'][1]['value']}")
 
     st.start("building a tiny random LLaVA (no weights downloaded)")
@@ -266,37 +277,39 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
         # second core while the main process trains on one thread
         "--model_max_length", "256", "--dataloader_num_workers", "1" if a.threads == 1 else "0", "--seed", str(a.seed),
         "--use_cpu", "True", "--group_by_modality_length", "False",
-        *(["--getok_data_order", "file"] if a.colour_steps else []),
+        *(["--getok_data_order", "file"] if a.colour_steps or a.colour_share or a.kind_share else []),
     ]
 
 
-def curriculum_file(out: Path, first: Path, rest: Path, n_first: int, n_rest: int, seed: int,
-                    first_share: float = 0.0) -> Path:
-    """One training file in the order it is trained (``--getok_data_order file``): ``n_first`` records of
-    ``first``, then ``n_rest`` records, a ``first_share`` of them from ``first`` again and the rest from
-    ``rest``, shuffled together. Each source is read in shuffled passes, each pass a new shuffle, so every
-    record comes once a pass (a file read in order needs its epochs written out). Deterministic in ``seed``;
-    written atomically."""
+def curriculum_file(out: Path, stages: list[tuple[int, dict[Path, float]]], seed: int) -> Path:
+    """One training file in the order it is trained (``--getok_data_order file``): for each stage
+    ``(n, {source: share})``, ``n`` records drawn from its sources by share, shuffled together. Each source is
+    read in shuffled passes that go on from stage to stage, so every record comes once a pass (a file read in
+    order needs its epochs written out); a first stage must not need a record twice. Deterministic in
+    ``seed``; written atomically."""
     rng = np.random.default_rng(seed)
-    a, b = json.loads(first.read_text()), json.loads(rest.read_text())
-    if len(a) < n_first or not b:
-        raise ValueError(f"curriculum: {first} has {len(a)} records (needs {n_first}), {rest} has {len(b)}")
-    if not 0 <= first_share <= 1:
-        raise ValueError(f"curriculum: the share of {first} in the second stage must be in [0, 1], got {first_share}")
-    n_again = int(round(n_rest * first_share))
-    passes_a = _passes(a, n_first + n_again, rng)
-    mixed = passes_a[n_first:] + _passes(b, n_rest - n_again, rng)
-    order = passes_a[:n_first] + [mixed[i] for i in (rng.permutation(len(mixed)) if n_again else range(len(mixed)))]
+    records = {path: json.loads(Path(path).read_text()) for _, shares in stages for path in shares}
+    queues: dict[Path, list] = {path: [] for path in records}
+    order: list = []
+    for k, (n, shares) in enumerate(stages):
+        if min(shares.values()) < 0 or not np.isclose(sum(shares.values()), 1):
+            raise ValueError(f"curriculum: the shares of stage {k + 1} must be >= 0 and sum to 1, got "
+                             + ", ".join(f"{Path(p).name} {v}" for p, v in shares.items()))
+        counts = [round(n * v) for v in shares.values()]
+        counts[-1] = n - sum(counts[:-1])
+        stage: list = []
+        for path, c in zip(shares, counts):
+            have = len(records[path])
+            if not have or (k == 0 and c > have):
+                raise ValueError(f"curriculum: {path} has {have} records (needs {c})")
+            q = queues[path]
+            while len(q) < c:
+                q += [records[path][i] for i in rng.permutation(have)]
+            stage += q[:c]
+            del q[:c]
+        order += stage if len(shares) == 1 else [stage[i] for i in rng.permutation(len(stage))]
     write_atomic(out, json.dumps(order))
     return out
-
-
-def _passes(records: list, n: int, rng: np.random.Generator) -> list:
-    """``n`` records from shuffled passes over ``records``."""
-    out: list = []
-    while len(out) < n:
-        out += [records[i] for i in rng.permutation(len(records))]
-    return out[:n]
 
 
 def shapes_records(data: Path) -> dict[str, list[dict]]:

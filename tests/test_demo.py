@@ -44,33 +44,37 @@ def test_curriculum_file_writes_each_stage_in_order_and_every_record_once_a_pass
     first, rest = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps([{"id": f"a{k}"} for k in range(10)]))
     rest.write_text(json.dumps([{"id": f"b{k}"} for k in range(4)]))
-    out = curriculum_file(tmp_path / "c.json", first, rest, 6, 9, seed=0)
+    out = curriculum_file(tmp_path / "c.json", [(6, {first: 1.0}), (9, {rest: 1.0})], seed=0)
     ids = [r["id"] for r in json.loads(out.read_text())]
     assert len(ids) == 15 and len(set(ids[:6])) == 6 and all(i.startswith("a") for i in ids[:6])
     passes = [ids[6:10], ids[10:14]]
     assert all(sorted(p) == ["b0", "b1", "b2", "b3"] for p in passes)  # every record once per pass
-    assert ids == [r["id"] for r in json.loads(curriculum_file(tmp_path / "d.json", first, rest, 6, 9, 0).read_text())]
+    again = curriculum_file(tmp_path / "d.json", [(6, {first: 1.0}), (9, {rest: 1.0})], 0)
+    assert ids == [r["id"] for r in json.loads(again.read_text())]
     import pytest
 
-    with pytest.raises(ValueError, match="a.json has 10 records .needs 11."):
-        curriculum_file(tmp_path / "e.json", first, rest, 11, 1, 0)
+    with pytest.raises(ValueError, match="a.json has 10 records .needs 11."):  # a first stage never repeats
+        curriculum_file(tmp_path / "e.json", [(11, {first: 1.0}), (1, {rest: 1.0})], 0)
 
 
-def test_curriculum_file_mixes_a_share_of_the_first_stage_into_the_second(tmp_path):
+def test_curriculum_file_mixes_sources_by_share_and_goes_on_with_each_pass(tmp_path):
     from llava_getok.demo import curriculum_file
 
-    first, rest = tmp_path / "a.json", tmp_path / "b.json"
+    first, rest, third = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "k.json"
     first.write_text(json.dumps([{"id": f"a{k}"} for k in range(10)]))
     rest.write_text(json.dumps([{"id": f"b{k}"} for k in range(4)]))
-    ids = [r["id"] for r in json.loads(curriculum_file(tmp_path / "c.json", first, rest, 6, 10, 0, 0.3).read_text())]
+    third.write_text(json.dumps([{"id": f"k{k}"} for k in range(5)]))
+    stages = [(6, {first: 1.0}), (10, {first: 0.3, third: 0.2, rest: 0.5})]
+    ids = [r["id"] for r in json.loads(curriculum_file(tmp_path / "c.json", stages, 0).read_text())]
     assert len(ids) == 16 and all(i.startswith("a") for i in ids[:6])
     second = ids[6:]
-    assert sum(i.startswith("a") for i in second) == 3
-    # the first stage's pass goes on into the second stage before any first-stage record repeats
+    assert [sum(i.startswith(c) for i in second) for c in "akb"] == [3, 2, 5]
+    assert second != sorted(second, key=lambda i: "akb".index(i[0]))  # the sources are shuffled together
+    # the first stage's pass goes on into the second stage before any of its records repeats
     assert len(set(ids[:6]) | {i for i in second if i.startswith("a")}) == 9
     b = [i for i in second if i.startswith("b")]
-    assert len(b) == 7 and {b.count(f"b{k}") for k in range(4)} == {1, 2}  # one pass and 3 of the next
+    assert {b.count(f"b{k}") for k in range(4)} == {1, 2}  # one pass and one of the next
     import pytest
 
-    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
-        curriculum_file(tmp_path / "e.json", first, rest, 6, 10, 0, 1.5)
+    with pytest.raises(ValueError, match="stage 2 must be >= 0 and sum to 1"):
+        curriculum_file(tmp_path / "e.json", [(6, {first: 1.0}), (10, {first: 0.6, rest: 0.6})], 0)
