@@ -12,6 +12,7 @@ Every argument of LLaVA's ``llava/train/train.py`` passes through unchanged (``-
                                                  box-token loss; both weights 0 = plain LLaVA loss, exactly
   --getok_rows auto|full|delta (auto)            auto: only GETok rows train under LoRA/QLoRA/frozen backbone
   --getok_check_data N (-1 = all, 0 = off)       LLaVA's preprocessing check over the data before training
+                                                 (N: that many distinct records, spread over the file)
   --getok_data_order shuffle|file (shuffle)      file: train on the records in file order (a curriculum
                                                  written into the data file), not shuffled
   --unfreeze_mm_vision_tower                     also train the CLIP tower; saved in every checkpoint

@@ -265,6 +265,13 @@ def test_check_data_passes_good_data_and_fails_loudly_on_mismatch_and_split_toke
     assert not bad.ok and "tokenization mismatch" in bad.problems[0] and "record 0" in bad.problems[0]
     with pytest.raises(DataCheckError, match="1 of 1 records"):
         raise_on_problems(bad, "bad.json")
+    # a repeated record is checked once; a limit spreads over the file (the first two would miss the bad one)
+    mixed = [records[0], records[1], copy.deepcopy(records[0]), quoting]
+    full = check_records(mixed, tokenizer, version="getok_v1", source="mixed")
+    assert (full.records, full.repeats, full.checked) == (4, 1, 3) and "record 3" in full.problems[0]
+    spread = check_records(mixed, tokenizer, version="getok_v1", limit=2, source="mixed")
+    assert spread.checked == 2 and "record 3" in spread.problems[0]
+    assert check_records(mixed, tokenizer, version="getok_v1", limit=0, source="mixed").checked == 0
     # tokens of another grid are not GETok tokens of this tokenizer: they split
     wrong_grid = copy.deepcopy(records[0])
     wrong_grid["conversations"][1]["value"] = "<box><grid_20_3><off_0_0><grid_21_9><off_0_0></box>"

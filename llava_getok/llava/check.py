@@ -7,8 +7,9 @@ This check runs exactly that code (``llava.train.train.preprocess``) on every re
 - LLaVA reports a tokenization mismatch, or a record ends up with no supervised token at all;
 - a GETok token of an answer does not arrive as one supervised label id (split, merged or masked).
 
-Answers cut by ``model_max_length`` are counted and reported, not failed. ``python -m llava_getok.train``
-runs the same check on its training data before it trains.
+Answers cut by ``model_max_length`` are counted and reported, not failed. A record that repeats an earlier one
+(same image and conversations: upsampled data, a curriculum's later passes) is counted and checked once.
+``python -m llava_getok.train`` runs the same check on its training data before it trains.
 
 Usage: ``llava-getok check-data DATA.json --model-path CKPT_OR_TOKENIZER [--version getok_v1] [--grid 32 ...]``
 """
@@ -18,8 +19,11 @@ import argparse
 import contextlib
 import copy
 import io
+import json
 import sys
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ..vocab import TOKEN_RE, GETokConfig
 
@@ -33,6 +37,7 @@ class DataCheckError(ValueError):
 @dataclass
 class CheckReport:
     records: int = 0
+    repeats: int = 0
     checked: int = 0
     supervised_tokens: int = 0
     getok_tokens: int = 0
@@ -44,7 +49,7 @@ class CheckReport:
         return not self.problems
 
     def table(self) -> str:
-        rows = [("records", self.records), ("checked", self.checked), ("supervised tokens", self.supervised_tokens),
+        rows = [("records", self.records), ("repeats (checked once)", self.repeats), ("checked", self.checked), ("supervised tokens", self.supervised_tokens),
                 ("GETok tokens in answers", self.getok_tokens), ("truncated (max length)", self.truncated),
                 ("problems", len(self.problems))]
         return "| quantity | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -82,15 +87,25 @@ def _template(version: str | None):
 def check_records(records, tokenizer, version: str | None = None, mm_use_im_start_end: bool = False,
                   limit: int | None = None, source: str = "data") -> CheckReport:
     """Run LLaVA's preprocessing over ``records`` (LLaVA-format dicts); return a report (``report.ok``).
-    ``version``: the conversation template (None: the one LLaVA's train() has set)."""
+    ``version``: the conversation template (None: the one LLaVA's train() has set). ``limit`` N >= 0: only N
+    distinct records, spread evenly over the list (the first N of a curriculum would be its first stage alone)."""
     from llava.constants import IGNORE_INDEX
     from llava.train import train as llava_train
 
     getok_ids = _getok_ids(tokenizer)
     data_args = _DataArgs(mm_use_im_start_end=mm_use_im_start_end)
     report = CheckReport(records=len(records))
+    seen: dict[str, int] = {}  # record content -> its first index
+    for index, record in enumerate(records):
+        key = json.dumps([record.get("image"), record.get("conversations")], sort_keys=True, default=str)
+        seen.setdefault(key, index)
+    report.repeats = len(records) - len(seen)
+    todo = sorted(seen.values())
+    if limit is not None and 0 <= limit < len(todo):
+        todo = [todo[int(k)] for k in np.linspace(0, len(todo) - 1, limit)] if limit else []
     with _template(version):
-        for index, record in enumerate(records[: limit if limit is not None and limit >= 0 else None]):
+        for index in todo:
+            record = records[index]
             where = f"{source}: record {index} (id {record.get('id', '?')!r})"
             convs = record.get("conversations")
             if not isinstance(convs, list) or not convs:
@@ -150,7 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="inline")
     p.add_argument("--model-max-length", type=int, default=2048)
     p.add_argument("--mm-use-im-start-end", action="store_true")
-    p.add_argument("--limit", type=int, default=-1, help="check only the first N records (-1: all)")
+    p.add_argument("--limit", type=int, default=-1, help="check only N distinct records, spread evenly over the file (-1: all)")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer

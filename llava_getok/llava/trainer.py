@@ -40,7 +40,8 @@ class GETokSettings:
     rows: "auto" trains only the GETok rows (delta) under LoRA / QLoRA / frozen backbone / projector-only
         tuning and everything under full fine-tuning; "full" or "delta" force one.
     train_vision_tower: also train the CLIP tower (LLaVA freezes it and runs it under no_grad).
-    check_data: records to run through LLaVA's preprocessing check before training (-1: all, 0: none).
+    check_data: distinct records to run through LLaVA's preprocessing check before training, spread over the
+        file (-1: all, 0: none); repeated records are checked once.
     data_order: "shuffle" (the Trainer's random order) or "file": the records in the data file's order, for a
         curriculum written into the file (each process of a multi-GPU run takes its share of every batch).
     """
