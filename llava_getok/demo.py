@@ -54,6 +54,8 @@ def _parser():
     p.add_argument("--layers", type=int, default=3, help="LLaMA layers of the tiny model")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch", type=int, default=8, help="vision tower patch size: (image/patch)^2 image tokens")
+    p.add_argument("--position-dims", type=int, default=16, help="dimensions of the vision tower's 32 that "
+                   "hold its 2D sine-cosine patch positions (the rest: patch content alone); 0: all")
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--steps", type=int, default=3000)
@@ -235,22 +237,25 @@ def build_model(out: Path, a) -> Path:
     model_dir = build_tiny_llava(out / "tiny-llava", tok, cfg)
     tower_dir = model_dir / "vision_tower"
     tower = CLIPVisionModel.from_pretrained(tower_dir)
-    set_sincos_positions(tower)
+    set_sincos_positions(tower, dims=a.position_dims or None)
     tower.save_pretrained(tower_dir, safe_serialization=True)
     return model_dir
 
 
-def set_sincos_positions(clip_vision_model, scale: float = 1.0) -> None:
-    """Overwrite a CLIP tower's patch position embeddings with 2D sine-cosine codes (CLS position: zeros).
+def set_sincos_positions(clip_vision_model, scale: float = 1.0, dims: int | None = None) -> None:
+    """Overwrite a CLIP tower's patch position embeddings with 2D sine-cosine codes in their first ``dims``
+    dimensions (None: all; the rest zero) and zeros at the CLS position.
 
     Random CLIP position embeddings (std 0.02) are ~14x weaker than the patch content and a random tower
-    does not learn to use them within minutes (bench/results/learning_trials.md)."""
+    does not learn to use them within minutes. A code in every dimension, though, is what the tower's
+    features then hold most of: leaving half the dimensions to the patch content alone keeps colour and kind
+    readable and more expressions get the right shape (bench/results/learning_trials.md)."""
     import torch
 
     pe = clip_vision_model.vision_model.embeddings.position_embedding.weight
     side = int(round((pe.shape[0] - 1) ** 0.5))
     dim = pe.shape[1]
-    q = dim // 4
+    q = (dim if dims is None else dims) // 4
     freq = 1.0 / (100.0 ** (np.arange(q) / q))
     j, i = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
     i, j = i.reshape(-1, 1) * freq, j.reshape(-1, 1) * freq

@@ -78,3 +78,19 @@ def test_curriculum_file_mixes_sources_by_share_and_goes_on_with_each_pass(tmp_p
 
     with pytest.raises(ValueError, match="stage 2 must be >= 0 and sum to 1"):
         curriculum_file(tmp_path / "e.json", [(6, {first: 1.0}), (10, {first: 0.6, rest: 0.6})], 0)
+
+
+def test_sincos_positions_fill_the_given_dimensions_and_leave_the_rest_to_content():
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from llava_getok.demo import set_sincos_positions
+
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=8))
+    set_sincos_positions(tower, dims=16)
+    pe = tower.vision_model.embeddings.position_embedding.weight.detach()
+    assert torch.all(pe[:, 16:] == 0) and torch.all(pe[0] == 0)
+    assert len({tuple(r.tolist()) for r in pe[1:, :16].round(decimals=4)}) == 16  # every patch its own code
+    set_sincos_positions(tower)
+    assert (tower.vision_model.embeddings.position_embedding.weight[1:, 16:].abs().sum(1) > 0).all()
