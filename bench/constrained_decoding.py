@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from llava_getok.atomic import write_text_atomic  # noqa: E402
 from llava_getok.generation import GETokLogitsProcessor  # noqa: E402
 from llava_getok.vocab import GETokConfig  # noqa: E402
 
@@ -153,11 +154,7 @@ def main(argv=None):
             f"scores (median of 300 calls).")
     md = "# Constrained decoding: cost per token\n\n" + head + "\n\n" + "\n".join(lines) + "\n"
     print(md)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.output.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(md)
-    os.replace(tmp, args.output)
+    write_text_atomic(args.output, md)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from llava_getok.atomic import atomic_path
 from llava_getok.geometry import FRAMES
 from llava_getok.vocab import MODES, SCHEDULES, GETokConfig
 
@@ -148,11 +148,9 @@ def decode_main(argv):
             except BrokenPipeError:  # `decode FILE | head`: the reader left; not an error
                 sys.stdout = open(os.devnull, "w")
             return 0
-        fd, tmp = tempfile.mkstemp(dir=a.output.parent or ".", prefix=a.output.name, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_path(a.output) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for line in lines:
                 f.write(line + "\n")
-        os.replace(tmp, a.output)
     except ConvertError as e:
         print(f"convert-datasets decode: error: {e}", file=sys.stderr)
         return 1

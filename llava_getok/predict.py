@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .geometry import boxes_from_frame, points_from_frame
 from .parse import ParseResult
 from .vocab import GETokConfig
@@ -216,21 +215,14 @@ def predict_file(predictor: Predictor, records: list[dict], image_root, output: 
     """Write one prediction line per record to ``output`` atomically; return the number of lines."""
     from tqdm import tqdm
 
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     n = 0
-    try:
-        with os.fdopen(fd, "w") as f, tqdm(total=len(records), desc="predict", unit="rec", disable=progress is False) as bar:
-            for batch in batches(records, batch_size):
-                for line in predictor.predict(batch, image_root):
-                    f.write(json.dumps(line) + "\n")
-                    n += 1
-                bar.update(len(batch))
-        os.replace(tmp, output)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(output) as tmp, open(tmp, "w") as f, \
+            tqdm(total=len(records), desc="predict", unit="rec", disable=progress is False) as bar:
+        for batch in batches(records, batch_size):
+            for line in predictor.predict(batch, image_root):
+                f.write(json.dumps(line) + "\n")
+                n += 1
+            bar.update(len(batch))
     return n
 
 

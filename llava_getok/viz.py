@@ -11,14 +11,13 @@ sample's full-size picture). Shapes are in pixels of the original image (docs/da
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic import atomic_path
 from .geometry import points_from_frame, points_to_frame
 from .vocab import GETokConfig
 
@@ -152,16 +151,8 @@ def contact_sheet(pictures: list[Image.Image], columns: int = 4, thumb: int = 32
 
 def save_png(picture: Image.Image, path: Path):
     """Write atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         picture.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def sample_picture(record: dict, prediction: dict | None, image_root, grid: bool = False, masks: bool = True,

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_text_atomic
 from .metrics import TASKS, THRESHOLDS, aggregate, score_all, scores_as_dicts
 from ..records import RecordsError, decode_record, read_records
 
@@ -115,16 +114,7 @@ def markdown(metrics: dict, ceiling: dict | None) -> str:
     return "\n\n".join(parts) + "\n" if parts else "No record of a scored task (rec, res, point).\n"
 
 
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+write_atomic = write_text_atomic  # the old name; llava_getok.demo imports it from here
 
 
 def evaluate(predictions: Path, annotations: Path, image_root: Path | None = None, output_dir: Path | None = None,

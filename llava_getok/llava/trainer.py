@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..atomic import atomic_path
 from ..vocab import GETokConfig
 from .compat import apply_compat_fixes
 
@@ -383,9 +384,8 @@ class GETokTrainer(LLaVATrainer):
         self._getok_tokenizer.save_pretrained(folder)
         if non_lora is not None:
             base.config.save_pretrained(folder)
-            tmp = os.path.join(folder, "non_lora_trainables.bin.tmp")
-            torch.save(non_lora, tmp)
-            os.replace(tmp, os.path.join(folder, "non_lora_trainables.bin"))
+            with atomic_path(os.path.join(folder, "non_lora_trainables.bin")) as tmp:
+                torch.save(non_lora, tmp)
         s = self.getok_settings
         aspect = getattr(base.config, "image_aspect_ratio", "square")
         write_sidecar(folder, Sidecar(
