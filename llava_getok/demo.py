@@ -63,10 +63,10 @@ def _parser():
                    help="first steps on images of their own whose expressions name the shape by colour alone "
                         "(\"the red shape\"), then the full mix: a curriculum written into the training file and "
                         "trained in file order (--getok_data_order file); 0: the full mix throughout")
-    p.add_argument("--colour-share", type=float, default=0.0,
+    p.add_argument("--colour-share", type=float, default=0.3,
                    help="share of the mixed stage's records that are colour-only ones again (0-1), so the first "
                         "stage's skill keeps its training signal")
-    p.add_argument("--kind-share", type=float, default=0.0,
+    p.add_argument("--kind-share", type=float, default=0.2,
                    help="share of the mixed stage's records from images of their own asked about by kind alone "
                         "(\"the circle\")")
     p.add_argument("--batch", type=int, default=16)
