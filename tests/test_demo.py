@@ -30,7 +30,10 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     # the colour-first curriculum: its records first, in file order, then the full mix
     order = json.loads((out / "train_curriculum.json").read_text())
     assert len(order) == 2 * 16 and all(r["image"].startswith("images/colour/") for r in order[:16])
-    assert all(r["image"].startswith("images/train/") for r in order[16:])
+    # ... then the mix with its default shares of colour-only (0.3) and kind-only (0.2) images again
+    folders = [r["image"].split("/")[1] for r in order[16:]]
+    assert [folders.count(f) for f in ("colour", "kind", "train")] == [5, 3, 8]
+    assert all("shape." in r["conversations"][0]["value"] for r in order if "/colour/" in r["image"])
     assert "curriculum: 1 steps of colour-only expressions" in printed
     # the trained tower was saved with the checkpoint (LLaVA would otherwise reload the random one)
     assert (out / "llava-getok-demo" / "getok_config.json").is_file()
