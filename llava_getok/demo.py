@@ -21,9 +21,9 @@ expressions in one conversation, 3 LM layers, and a curriculum written in order 
 trained in file order (``--getok_data_order file``): the first ``--colour-steps`` steps on other images asked
 about by colour alone, then the full mix with 30 % colour-only and 20 % kind-only records, so that neither skill
 is lost again. Measured with the defaults (bench/results/learning_demo.md): Acc@0.5 0.54 on 500 expressions
-(chance 0.41 / 0.02); the named shape is picked 72 % of the time (random: 41 %); ``--seed 1`` gives 0.39, so it
-is not robust yet. The recipe needs its 3000
-steps (2400 steps or batch 12: Acc@0.5 0.35-0.38): about 12.5 min on our 2-core machine at 0.21 s a step, over
+(chance 0.41 / 0.02); the named shape is picked 72 % of the time (random: 41 %); ``--seed 1`` / ``2`` give 0.39 / 0.42,
+so it is not robust yet. The recipe needs its 3000
+steps (2400 steps or batch 12: Acc@0.5 0.35-0.38): 12.0 min on our 2-core machine at 0.21 s a step, over
 the issue's 10 (3000 steps took 7.5 min at 0.146 s a step in an earlier session).
 """
 from __future__ import annotations
