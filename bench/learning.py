@@ -36,6 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learning_trials import Trial, run  # noqa: E402
 
+from llava_getok.atomic import atomic_path, write_text_atomic  # noqa: E402
+
 CONDITIONS = {
     "getok-inline-R1": {},
     "getok-grid-R0": {"rounds": 0},
@@ -165,8 +167,8 @@ def write(a, names, seeds, runs):
            "above were measured on a machine shared with other jobs, so compare them only loosely):\n\n"
            + "\n".join(curve_rows) + "\n")
     md += "\nLearning curves (mean Acc@0.5 over seeds): learning_curve.png\n"
-    _atomic(a.out / "learning.md", md)
-    _atomic(a.out / "learning.json", json.dumps({"settings": {k: str(v) for k, v in vars(a).items()}, "runs": runs}, indent=1))
+    write_text_atomic(a.out / "learning.md", md)
+    write_text_atomic(a.out / "learning.json", json.dumps({"settings": {k: str(v) for k, v in vars(a).items()}, "runs": runs}, indent=1))
     plot({n: mean_curve([r for r in runs if r["condition"] == n]) for n in names}, a.out / "learning_curve.png")
 
 
@@ -211,15 +213,8 @@ def plot(curves: dict, path: Path, w=720, h=440):
             d.line(pts, fill=col, width=2)
         d.line([right + 12, top + 10 + 18 * k, right + 32, top + 10 + 18 * k], fill=col, width=3)
         d.text((right + 38, top + 4 + 18 * k), name, fill="black")
-    tmp = path.with_suffix(".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
-
-
-def _atomic(path: Path, text: str):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 if __name__ == "__main__":

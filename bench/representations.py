@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import llava_getok as gt
+from llava_getok.atomic import write_text_atomic
 from llava_getok.geometry import box_iou, boxes_to_frame, xywh_to_xyxy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,11 +153,7 @@ def main(argv=None):
         f"| {n} | {t:.1f} | {m:.4f} | {a:.3f} | {b:.3f} | {c:.3f} | {s:,.0f} |\n" for n, t, m, a, b, c, s in rows
     )
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(table)
-    os.replace(tmp, out)
+    write_text_atomic(Path(args.out), table)
 
 
 if __name__ == "__main__":

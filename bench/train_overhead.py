@@ -142,11 +142,10 @@ def main(argv=None) -> int:
             f"Reproduce: `python bench/train_overhead.py --steps {a.steps} --batch {a.batch} --threads {a.threads}`\n")
     text = "\n".join(table) + "\n" + info
     print(text)
-    out = REPO / "bench" / "results" / "train_overhead.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".md.tmp")
-    tmp_out.write_text("# Training step overhead of the GETok hooks\n\n" + text)
-    os.replace(tmp_out, out)
+    from llava_getok.atomic import write_text_atomic
+
+    write_text_atomic(REPO / "bench" / "results" / "train_overhead.md",
+                      "# Training step overhead of the GETok hooks\n\n" + text)
     return 0
 
 

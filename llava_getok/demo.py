@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .eval.cli import write_atomic
+from .atomic import write_text_atomic
 
 TARGET_ACC, TARGET_FACTOR = 0.5, 5.0  # what "it grounds" means here (issue 7)
 
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
             print(f"demo: convert-datasets failed for {split} (exit {rc})", file=sys.stderr)
             return rc
     train_file = conv["train"]
-    if len(splits) > 2:
+    if any(extra.values()):
         mixed = {"colour": a.colour_share, "kind": a.kind_share}
         mixed = {conv[k]: v for k, v in mixed.items() if v} | {conv["train"]: 1 - sum(mixed.values())}
         stages = [(a.colour_steps * a.batch, {conv["colour"]: 1.0})] if a.colour_steps else []
@@ -173,7 +173,8 @@ def main(argv=None) -> int:
 
     st.start(f"fine-tuning with python -m llava_getok.train: {a.steps} steps x batch {a.batch}, {a.threads} thread(s)")
     ckpt = out / "llava-getok-demo"
-    cmd = [sys.executable, "-m", "llava_getok.train", *train_args(model_dir, train_file, data, ckpt, a)]
+    cmd = [sys.executable, "-m", "llava_getok.train",
+           *train_args(model_dir, train_file, data, ckpt, a, file_order=train_file != conv["train"])]
     print("$ " + " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
     if rc:
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
     st.end()
 
     summary = report(metrics, chance, st, skipped, a, sheet if sheet.is_file() else None, selection)
-    write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return 0
 
 
@@ -269,7 +270,9 @@ def set_sincos_positions(clip_vision_model, scale: float = 1.0, dims: int | None
         pe[0] = 0
 
 
-def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a) -> list[str]:
+def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a,
+               file_order: bool = False) -> list[str]:
+    """``python -m llava_getok.train`` arguments; ``file_order``: ``data_json`` is a curriculum, trained in order."""
     return [
         "--model_name_or_path", str(model_dir), "--version", a.template,
         "--data_path", str(data_json), "--image_folder", str(image_root),
@@ -288,7 +291,7 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
         # LLaVA's preprocessing check on 1000 records spread over the file (all 28,000 distinct ones: ~2.5 min
         # of the slow tokenizer, for records that one converter wrote alike)
         "--getok_check_data", "1000",
-        *(["--getok_data_order", "file"] if a.colour_steps or a.colour_share or a.kind_share else []),
+        *(["--getok_data_order", "file"] if file_order else []),
     ]
 
 
@@ -319,7 +322,7 @@ def curriculum_file(out: Path, stages: list[tuple[int, dict[Path, float]]], seed
             stage += q[:c]
             del q[:c]
         order += stage if len(shares) == 1 else [stage[i] for i in rng.permutation(len(stage))]
-    write_atomic(out, json.dumps(order))
+    write_text_atomic(out, json.dumps(order))
     return out
 
 

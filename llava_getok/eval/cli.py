@@ -114,9 +114,6 @@ def markdown(metrics: dict, ceiling: dict | None) -> str:
     return "\n\n".join(parts) + "\n" if parts else "No record of a scored task (rec, res, point).\n"
 
 
-write_atomic = write_text_atomic  # the old name; llava_getok.demo imports it from here
-
-
 def evaluate(predictions: Path, annotations: Path, image_root: Path | None = None, output_dir: Path | None = None,
              only_predicted: bool = False, ceiling: bool = True, generator=None) -> dict:
     """Score, write the three outputs, return ``{"metrics", "ceiling", "counts", "files"}``."""
@@ -157,9 +154,9 @@ def evaluate(predictions: Path, annotations: Path, image_root: Path | None = Non
         notes.append(f"{result['counts']['no_getok']} record(s) without a getok field, skipped.")
     if notes:
         md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    write_atomic(files["metrics.json"], json.dumps(result, indent=1) + "\n")
-    write_atomic(files["metrics.md"], md)
-    write_atomic(files["scores.jsonl"], "".join(json.dumps(s) + "\n" for s in scores_as_dicts(scores)))
+    write_text_atomic(files["metrics.json"], json.dumps(result, indent=1) + "\n")
+    write_text_atomic(files["metrics.md"], md)
+    write_text_atomic(files["scores.jsonl"], "".join(json.dumps(s) + "\n" for s in scores_as_dicts(scores)))
     result["files"] = {k: str(v) for k, v in files.items()}
     result["markdown"] = md
     return result

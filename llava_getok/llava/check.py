@@ -49,8 +49,8 @@ class CheckReport:
         return not self.problems
 
     def table(self) -> str:
-        rows = [("records", self.records), ("repeats (checked once)", self.repeats), ("checked", self.checked), ("supervised tokens", self.supervised_tokens),
-                ("GETok tokens in answers", self.getok_tokens), ("truncated (max length)", self.truncated),
+        rows = [("records", self.records), ("repeats (checked once)", self.repeats), ("checked", self.checked),
+                ("supervised tokens", self.supervised_tokens), ("GETok tokens in answers", self.getok_tokens), ("truncated (max length)", self.truncated),
                 ("problems", len(self.problems))]
         return "| quantity | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
