@@ -204,13 +204,15 @@ def test_zero_weights_reproduce_plain_llava_loss_bit_for_bit(getok_setup):
     trainer._getok_sums = {}
 
 
-def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_setup):
-    """The trainer applies the LM head to the scored positions' hidden states only; value and gradients must
-    be those of the loss on the model's full logits."""
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_setup, training):
+    """The trainer applies the LM head to the scored positions' hidden states only (in training also for the
+    LM loss, on the labelled positions); value and gradients must be those of the loss on the full logits."""
     from llava_getok.llava.box_loss import box_token_loss
 
     trainer, batch, _ = getok_setup
     model, s = trainer.model, type(trainer).getok_settings
+    model.train(training)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def grads(loss):
@@ -226,6 +228,7 @@ def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_se
         total = trainer.compute_loss(model, dict(batch))
     assert seen == [True]  # the scored-rows path ran, not the fallback on full logits
     logged, trainer._getok_sums = {k: float(v) for k, v in trainer._getok_sums.items()}, {}
+    lm = total - s.grid_weight * logged["loss_grid"] - s.box_weight * logged["loss_box"]
     via_rows = grads(total)
     captured = {}
     original = model.prepare_inputs_labels_for_multimodal
@@ -237,10 +240,43 @@ def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_se
     parts = box_token_loss(out.logits, captured["out"][-1], trainer.getok.table, sigma=s.sigma, offset_sigma=s.offset_sigma)
     assert parts["n_box"] == 2 and float(parts["grid"]) == pytest.approx(logged["loss_grid"], rel=1e-5)
     assert float(parts["box"]) == pytest.approx(logged["loss_box"], rel=1e-5)
+    assert float(lm) == pytest.approx(float(out.loss), rel=1e-6)
     via_logits = grads(out.loss + s.grid_weight * parts["grid"] + s.box_weight * parts["box"])
     for a, b in zip(via_rows, via_logits):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def test_training_runs_the_lm_head_on_labelled_positions_only(getok_setup):
+    """In training LLaMA's forward computes no full-length logits: the head sees each sequence's last position,
+    then the positions that have a target; the LM loss is LLaVA's own up to float rounding."""
+    from llava.train.llava_trainer import LLaVATrainer
+
+    trainer, batch, _ = getok_setup
+    model = trainer.model
+    reference = LLaVATrainer(model=model, tokenizer=trainer._getok_tokenizer, args=trainer.args).compute_loss(
+        model, dict(batch), return_outputs=True)
+    rows = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(tuple(out.shape[:-1])))
+    model.train()
+    try:
+        trainer.compute_loss(model, dict(batch))
+    finally:
+        model.eval()
+        handle.remove()
+    logged, trainer._getok_sums = {k: float(v) for k, v in trainer._getok_sums.items()}, {}
+    B, T = reference[1].logits.shape[:2]
+    labelled = sum(int((row[1:] != -100).sum()) for row in trainer_labels(model, batch))
+    assert rows == [(B, 1), (labelled,)] and labelled < B * T / 2
+    assert logged["loss_lm"] == pytest.approx(float(reference[0]), rel=1e-6)
+
+
+def trainer_labels(model, batch):
+    """The labels LLaVA builds inside its forward (image positions inserted, re-padded)."""
+    out = model.prepare_inputs_labels_for_multimodal(batch["input_ids"], None, batch["attention_mask"], None,
+                                                     batch["labels"], batch["images"])
+    return out[-1]
 
 
 # -- check-data ---------------------------------------------------------------------------------------

@@ -175,10 +175,10 @@ def _find_boxes(flat: np.ndarray, cls: np.ndarray, row_len: int, table: TokenTab
     return BoxSlots(grid_pos[corner_grid], offsets, corner_of_grid[owner], offsets - grid_pos[owner])
 
 
-def box_token_loss(logits, labels: torch.Tensor, table: TokenTable, sigma: float = 1.0,
+def box_token_loss(logits, labels, table: TokenTable, sigma: float = 1.0,
                    with_box: bool = True, offset_sigma: float = 0.0) -> dict[str, torch.Tensor]:
     """The two parts {"grid", "box"} (0-dim tensors, 0 when there is nothing to score) and the counts
-    {"n_grid", "n_box"} for the model's unshifted ``labels`` (B, T).
+    {"n_grid", "n_box"} for the model's unshifted ``labels`` (B, T), a tensor or its host copy (numpy).
 
     ``logits``: the (B, T, V) logits, or a function ``rows -> (len(rows), V)`` logits at flat positions
     ``rows`` (indices into B * T). The trainer passes the second, the LM head applied to the hidden states of
@@ -186,7 +186,7 @@ def box_token_loss(logits, labels: torch.Tensor, table: TokenTable, sigma: float
     gradient in the backward (B x T x V floats, gigabytes for a 7B model's batch)."""
     parts = {"grid": torch.zeros(()), "box": torch.zeros(()), "n_grid": 0, "n_box": 0}
     B, T = labels.shape
-    lab = labels.detach().cpu().numpy()
+    lab = labels if isinstance(labels, np.ndarray) else labels.detach().cpu().numpy()
     flat = np.concatenate([lab[:, 1:], np.full((B, 1), IGNORE_INDEX, lab.dtype)], 1).reshape(-1)  # shifted
     cls = _classes(flat, table)
     n2 = len(table.grid_ids)

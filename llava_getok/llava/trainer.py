@@ -10,7 +10,9 @@ import os
 import types
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..atomic import atomic_path
 from ..vocab import GETokConfig
@@ -21,12 +23,13 @@ apply_compat_fixes()  # fix 3 before llava.train is imported
 from llava.train.llava_trainer import LLaVATrainer  # noqa: E402
 
 from .builder import copy_into_parameters  # noqa: E402
-from .box_loss import TokenTable, box_token_loss  # noqa: E402
+from .box_loss import IGNORE_INDEX, TokenTable, box_token_loss  # noqa: E402
 from .rows import ROWS_ATTR, attach_trainable_rows, fold_rows_into_state, getok_rows_values  # noqa: E402
 from .sidecar import ROWS_FILE, TOWER_FILE, Sidecar, save_tensors_atomic, write_sidecar  # noqa: E402
 from .tokens import INITS, add_getok_tokens, check_token_ids, init_getok_rows, resize_embeddings  # noqa: E402
 
 ROW_MODES = ("auto", "full", "delta")
+LEAN = "lean"  # the trainer's capture mode in which LLaMA's forward skips its full-length logits and loss
 DATA_ORDERS = ("shuffle", "file")
 
 
@@ -244,26 +247,39 @@ class GETokTrainer(LLaVATrainer):
         if not s.loss_on:  # LLaVA's own loss path, untouched: plain LLaVA training bit for bit
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        self._getok_capturing = True
+        # In training nobody reads the full logits: LLaMA's forward then computes neither them nor its loss, and
+        # both losses are scored here on the positions that have a target (spec section 7, "cost").
+        lean = (model.training and not return_outputs and self.label_smoother is None
+                and self.compute_loss_func is None and not self.model_accepts_loss_kwargs)
+        self._getok_capturing = LEAN if lean else True
         try:
-            lm, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            if lean:
+                outputs = model(**inputs)
+                lm = outputs.loss  # None unless LLaVA's multimodal preparation did not run
+            else:
+                lm, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                   num_items_in_batch=num_items_in_batch)
         finally:
             self._getok_capturing = False
         labels, hidden = self._getok_labels, self._getok_hidden
         self._getok_labels = self._getok_hidden = None
         if labels is None:  # the forward did not go through LLaVA's multimodal preparation
             labels = inputs.get("labels")
-        if labels is None or labels.shape[:2] != outputs.logits.shape[:2]:
+        if labels is None or labels.shape[:2] != (hidden if hidden is not None else outputs.logits).shape[:2]:
             raise ValueError("box-token loss: no labels aligned with the logits (LLaVA's "
                              "prepare_inputs_labels_for_multimodal was not called in this forward)")
-        scores = outputs.logits
-        if hidden is not None and hidden.shape[:2] == labels.shape[:2]:
+        host = labels.detach().cpu().numpy()
+        head = unwrap_llava(model).get_output_embeddings()
+        if lm is None:
+            lm, scores = labelled_lm_loss(head, hidden, host)
+        elif hidden is not None:
             # the LM head again, on the scored positions only (its hooks, e.g. the GETok row deltas, included):
             # the loss then adds no second full-size gradient to the logits
-            head = unwrap_llava(model).get_output_embeddings()
             flat = hidden.reshape(-1, hidden.shape[-1])
             scores = lambda rows: head(flat[rows.to(flat.device)])  # noqa: E731
-        parts = box_token_loss(scores, labels, self.getok.table, sigma=s.sigma, with_box=s.box_weight > 0,
+        else:
+            scores = outputs.logits
+        parts = box_token_loss(scores, host, self.getok.table, sigma=s.sigma, with_box=s.box_weight > 0,
                                offset_sigma=s.offset_sigma)
         total = lm
         if s.grid_weight > 0:
@@ -400,8 +416,10 @@ class GETokTrainer(LLaVATrainer):
 def _capture_loss_inputs(model, trainer) -> None:
     """Record, during the trainer's forward, what the box-token loss needs: the labels LLaVA builds inside
     forward (image positions inserted, re-padded), which line up with the logits, and the hidden states the
-    LM head receives. Wraps the instance's preparation method and adds a forward pre-hook on the head; LLaVA's
-    forward itself runs unchanged, so the LM loss is the plain one bit for bit."""
+    LM head receives. Wraps the instance's preparation method and adds a forward pre-hook on the head. Outside
+    the ``LEAN`` mode LLaVA's forward runs unchanged, so its LM loss is the plain one bit for bit; in it, the
+    forward gets no labels and its head sees the last position only, and the trainer scores the labelled
+    positions itself (:func:`labelled_lm_loss`)."""
     original = model.prepare_inputs_labels_for_multimodal
     if getattr(original, "__getok_capture__", False):
         original.__getok_trainer__[0] = trainer
@@ -412,16 +430,38 @@ def _capture_loss_inputs(model, trainer) -> None:
         out = original(*args, **kwargs)
         if out[-1] is not None and owner[0]._getok_capturing:
             owner[0]._getok_labels = out[-1]
+            if owner[0]._getok_capturing == LEAN:  # no loss in LLaMA's forward: the trainer computes it
+                out = (*out[:-1], None)
         return out
 
     def keep_head_input(module, args):
-        if owner[0]._getok_capturing:
-            owner[0]._getok_hidden = args[0]
+        t = owner[0]
+        if t._getok_capturing:
+            t._getok_hidden = args[0]
+            if t._getok_capturing == LEAN and t._getok_labels is not None:
+                return (args[0][:, -1:],)  # the logits of the last position only; the trainer scores the rest
 
     prepare_inputs_labels_for_multimodal.__getok_capture__ = True
     prepare_inputs_labels_for_multimodal.__getok_trainer__ = owner
     model.prepare_inputs_labels_for_multimodal = prepare_inputs_labels_for_multimodal
     model.get_output_embeddings().register_forward_pre_hook(keep_head_input)
+
+
+def labelled_lm_loss(head, hidden: torch.Tensor, labels):
+    """LLaVA's LM loss (transformers' ``ForCausalLMLoss``: ``hidden[:, t]`` predicts ``labels[:, t + 1]``, mean
+    cross-entropy over the targets that are not -100) with the LM ``head`` applied to the positions that have a
+    target only, and a function ``rows -> logits`` over those positions for :func:`box_token_loss`.
+
+    Most positions of a LLaVA sequence (image, prompt, padding) have no target: the full (B, T, V) logits, their
+    log-softmax and their gradient were most of the head's cost (on the demo's model about a fifth of a step)
+    and, for a 7B vocabulary, gigabytes of memory. Same value up to float rounding (summation order)."""
+    B, T = labels.shape
+    shifted = np.concatenate([labels[:, 1:], np.full((B, 1), IGNORE_INDEX, labels.dtype)], 1).reshape(-1)
+    rows = np.flatnonzero(shifted != IGNORE_INDEX)
+    flat = hidden.reshape(B * T, -1)
+    logits = head(flat[torch.from_numpy(rows).to(flat.device)])
+    lm = F.cross_entropy(logits.float(), torch.from_numpy(shifted[rows]).to(logits.device))
+    return lm, lambda at: logits[torch.from_numpy(np.searchsorted(rows, at.numpy())).to(logits.device)]
 
 
 def install_trainer_hook(settings: GETokSettings | None = None, **kwargs) -> bool:
