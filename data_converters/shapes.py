@@ -212,33 +212,33 @@ def scene_records(seed: int, split: str, index: int, image_size: int = 64, n_obj
 
 def generate(out_dir, splits: dict[str, int], seed: int = 0, image_size: int = 64, n_objects=(2, 4),
              p_relation: float = 0.3, refs_per_image: int = 1, progress: bool = False,
-             attributes: dict[str, tuple[str, ...]] | None = None) -> Path:
+             attributes: dict[str, tuple[str, ...]] | None = None, workers: int = 1) -> Path:
     """Write the dataset (``splits`` = {"train": 2000, "val": 200}) to ``out_dir``; returns the annotation
     file. ``n_objects``: (min, max) shapes per image, or {split: (min, max)}; ``refs_per_image``: an int, or
     {split: int} (expressions of distinct targets per image); ``attributes``: {split: attribute names} for
     splits whose expressions name the target by those attributes alone (:func:`describe`), e.g. the
-    demo's colour-only first stage. Every file is written to a temporary name and renamed, so an
-    interrupted run leaves no half file."""
+    demo's colour-only first stage; ``workers``: processes that draw (the files are the same for any
+    number: a scene depends on its seed, split and index alone). Every file is written to a temporary name
+    and renamed, so an interrupted run leaves no half file."""
     import json
+    import multiprocessing
     import os
+    from contextlib import nullcontext
 
     from tqdm import tqdm
 
     out = Path(out_dir)
-    lines = []
-    bar = tqdm(total=sum(splits.values()), desc="shapes: drawing", unit="img", disable=not progress)
-    for split, n in splits.items():
+    for split in splits:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        for k in range(n):
-            img, recs = scene_records(seed, split, k, image_size, _of_split(n_objects, split), p_relation,
-                                      _of_split(refs_per_image, split), (attributes or {}).get(split))
-            path = out / recs[0]["image"]
-            tmp = path.with_suffix(".tmp.png")
-            Image.fromarray(img).save(tmp)
-            os.replace(tmp, path)
+    jobs = ((out, seed, split, k, image_size, _of_split(n_objects, split), p_relation,
+             _of_split(refs_per_image, split), (attributes or {}).get(split))
+            for split, n in splits.items() for k in range(n))
+    lines = []
+    with tqdm(total=sum(splits.values()), desc="shapes: drawing", unit="img", disable=not progress) as bar, \
+            (multiprocessing.Pool(workers) if workers > 1 else nullcontext()) as pool:
+        for recs in (pool.imap(_write_scene, jobs, chunksize=256) if pool else map(_write_scene, jobs)):
             lines.extend(json.dumps(r, sort_keys=True) for r in recs)
             bar.update()
-    bar.close()
     n_json = {k: list(v) for k, v in n_objects.items()} if isinstance(n_objects, dict) else list(n_objects)
     settings = {"seed": seed, "splits": splits, "image_size": image_size, "n_objects": n_json,
                 "p_relation": p_relation, "refs_per_image": refs_per_image, "sizes": SIZES,
@@ -248,6 +248,19 @@ def generate(out_dir, splits: dict[str, int], seed: int = 0, image_size: int = 6
         tmp.write_text(text)
         os.replace(tmp, out / name)
     return out / ANNOTATIONS
+
+
+def _write_scene(job) -> list[dict]:
+    """Draw one scene of :func:`generate` and write its image; its annotation records."""
+    import os
+
+    out, seed, split, k, *settings = job
+    img, recs = scene_records(seed, split, k, *settings)
+    path = out / recs[0]["image"]
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(img).save(tmp)
+    os.replace(tmp, path)
+    return recs
 
 
 def _of_split(value, split: str):

@@ -57,7 +57,8 @@ def _parser():
     p.add_argument("--layers", type=int, default=3, help="LLaMA layers of the tiny model")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch", type=int, default=8, help="vision tower patch size: (image/patch)^2 image tokens")
-    p.add_argument("--position-dims", type=int, default=16, help="dimensions of the vision tower's 32 that "
+    p.add_argument("--vision-width", type=int, default=32, help="width of the random CLIP tower (head size 16)")
+    p.add_argument("--position-dims", type=int, default=16, help="dimensions of the vision tower's width that "
                    "hold its 2D sine-cosine patch positions (the rest: patch content alone); 0: all")
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--rounds", type=int, default=1)
@@ -76,6 +77,7 @@ def _parser():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--schedule", default="cosine", help="learning-rate schedule after 50 warm-up steps "
                    "(transformers' lr_scheduler_type: cosine, constant_with_warmup, linear, ...)")
+    p.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: none)")
     p.add_argument("--template", default="getok_mistral_instruct", help="conversation template (training and prediction)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 is fastest for this tiny model, and 2 threads on a busy 2-core machine "
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
         if n:
             splits[split], refs[split], n_objects[split] = n, a.turns, n_objects["train"]
     shapes.generate(data, splits, seed=a.seed, image_size=a.image_size, n_objects=n_objects, refs_per_image=refs,
-                    progress=True, attributes={"colour": ("color",), "kind": ("kind",)})
+                    progress=True, attributes={"colour": ("color",), "kind": ("kind",)}, workers=os.cpu_count() or 1)
 
     st.start("convert-datasets shapes -> GETok conversations")
     from data_converters.cli import main as convert
@@ -150,7 +152,8 @@ def main(argv=None) -> int:
         conv[split] = out / f"{split}.json"
         rc = convert(["shapes", "--input", str(data), "--image-root", str(data), "--output", str(conv[split]),
                       "--split", split, "--grid", str(a.grid), "--rounds", str(a.rounds), "--seed", str(a.seed),
-                      "--group-turns", str(a.turns if split != "val" else 1), "--no-resume"])
+                      "--group-turns", str(a.turns if split != "val" else 1), "--no-resume",
+                      "--workers", str(os.cpu_count() or 1)])
         if rc:
             print(f"demo: convert-datasets failed for {split} (exit {rc})", file=sys.stderr)
             return rc
@@ -237,7 +240,7 @@ def build_model(out: Path, a) -> Path:
     torch.set_num_threads(a.threads)
     tok = train_tokenizer(out / "tokenizer", seed=a.seed)
     cfg = TinyLlavaConfig(image_size=a.image_size, patch_size=a.patch, num_layers=a.layers, mm_vision_select_layer=-1,
-                          seed=a.seed)
+                          vision_hidden_size=a.vision_width, vision_heads=max(1, a.vision_width // 16), seed=a.seed)
     model_dir = build_tiny_llava(out / "tiny-llava", tok, cfg)
     tower_dir = model_dir / "vision_tower"
     tower = CLIPVisionModel.from_pretrained(tower_dir)
@@ -282,7 +285,7 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
         "--getok_grid", str(a.grid), "--getok_rounds", str(a.rounds),
         "--output_dir", str(ckpt), "--max_steps", str(a.steps), "--per_device_train_batch_size", str(a.batch),
         "--learning_rate", str(a.lr), "--lr_scheduler_type", a.schedule, "--warmup_steps", "50",
-        "--max_grad_norm", "0", "--weight_decay", "0",
+        "--max_grad_norm", str(a.max_grad_norm), "--weight_decay", "0",
         "--save_strategy", "no", "--logging_steps", str(max(1, min(50, a.steps // 10))), "--report_to", "none",
         # one worker prepares batches (LLaVA's image processing and tokenisation, ~12 % of a step) on the
         # second core while the main process trains on one thread

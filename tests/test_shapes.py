@@ -97,9 +97,11 @@ def test_written_dataset_converts_like_any_source(tmp_path):
     m = mask_utils.decode({"size": first["mask"]["size"], "counts": first["mask"]["counts"].encode()})
     ys, xs = np.nonzero(m)
     assert first["box"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
-    # the same seed writes the same bytes
-    again = shapes.generate(tmp_path / "again", {"train": 6, "val": 3}, seed=5, image_size=40)
+    # the same seed writes the same bytes, drawn by one process or several
+    again = shapes.generate(tmp_path / "again", {"train": 6, "val": 3}, seed=5, image_size=40, workers=2)
     assert again.read_text() == ann.read_text()
+    for r in lines:
+        assert (tmp_path / "again" / r["image"]).read_bytes() == (tmp_path / "shp" / r["image"]).read_bytes()
 
     out = tmp_path / "rec.json"
     rc = convert(["shapes", "--input", str(tmp_path / "shp"), "--image-root", str(tmp_path / "shp"),

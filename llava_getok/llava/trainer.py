@@ -248,7 +248,7 @@ class GETokTrainer(LLaVATrainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         # In training nobody reads the full logits: LLaMA's forward then computes neither them nor its loss, and
-        # both losses are scored here on the positions that have a target (spec section 7, "cost").
+        # both losses are scored here on the positions that have a target (labelled_lm_loss).
         lean = (model.training and not return_outputs and self.label_smoother is None
                 and self.compute_loss_func is None and not self.model_accepts_loss_kwargs)
         self._getok_capturing = LEAN if lean else True
