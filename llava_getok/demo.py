@@ -67,6 +67,9 @@ def _parser():
                    help="first steps on images of their own whose expressions name the shape by colour alone "
                         "(\"the red shape\"), then the full mix: a curriculum written into the training file and "
                         "trained in file order (--getok_data_order file); 0: the full mix throughout")
+    p.add_argument("--kind-steps", type=int, default=0,
+                   help="steps after the colour-only ones on images asked about by kind alone (\"the circle\"), "
+                        "before the full mix")
     p.add_argument("--colour-share", type=float, default=0.3,
                    help="share of the mixed stage's records that are colour-only ones again (0-1), so the first "
                         "stage's skill keeps its training signal")
@@ -110,10 +113,11 @@ class Stages:
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     if a.quick:
-        a.train_images, a.val_images, a.steps, a.sheet = 32, 4, 2, 4
-        a.colour_steps = min(a.colour_steps, 1)
-    if not 0 <= a.colour_steps < a.steps:
-        print(f"demo: --colour-steps must be in [0, --steps), got {a.colour_steps}", file=sys.stderr)
+        a.colour_steps, a.kind_steps = min(a.colour_steps, 1), min(a.kind_steps, 1)
+        a.train_images, a.val_images, a.steps, a.sheet = 32, 4, 1 + a.colour_steps + a.kind_steps, 4
+    if min(a.colour_steps, a.kind_steps) < 0 or a.colour_steps + a.kind_steps >= a.steps:
+        print(f"demo: --colour-steps and --kind-steps must be >= 0 and leave steps of the full mix (--steps "
+              f"{a.steps}), got {a.colour_steps} and {a.kind_steps}", file=sys.stderr)
         return 2
     if min(a.colour_share, a.kind_share) < 0 or a.colour_share + a.kind_share > 1:
         print(f"demo: --colour-share and --kind-share must be >= 0 and sum to at most 1, got {a.colour_share} and "
@@ -136,8 +140,9 @@ def main(argv=None) -> int:
     data = out / "data"
     n_objects = {"train": shapes.parse_range(a.objects), "val": shapes.parse_range(a.val_objects)}
     splits, refs = {"train": a.train_images, "val": a.val_images}, {"train": a.turns, "val": 1}
-    n_mixed = (a.steps - a.colour_steps) * a.batch
-    extra = {"colour": a.colour_steps * a.batch or round(a.colour_share * n_mixed), "kind": round(a.kind_share * n_mixed)}
+    n_mixed = (a.steps - a.colour_steps - a.kind_steps) * a.batch
+    extra = {"colour": a.colour_steps * a.batch or round(a.colour_share * n_mixed),
+             "kind": a.kind_steps * a.batch or round(a.kind_share * n_mixed)}
     for split, n in extra.items():  # one image per record of a stage, so no image is seen twice in it
         if n:
             splits[split], refs[split], n_objects[split] = n, a.turns, n_objects["train"]
@@ -161,14 +166,15 @@ def main(argv=None) -> int:
     if any(extra.values()):
         mixed = {"colour": a.colour_share, "kind": a.kind_share}
         mixed = {conv[k]: v for k, v in mixed.items() if v} | {conv["train"]: 1 - sum(mixed.values())}
-        stages = [(a.colour_steps * a.batch, {conv["colour"]: 1.0})] if a.colour_steps else []
+        stages = [(n * a.batch, {conv[split]: 1.0}) for split, n in (("colour", a.colour_steps), ("kind", a.kind_steps)) if n]
         try:
             train_file = curriculum_file(out / "train_curriculum.json", [*stages, (n_mixed, mixed)], a.seed)
         except ValueError as e:  # the converter rejected records (its rejects file says which and why)
             print(f"demo: {e}", file=sys.stderr)
             return 1
-        print(f"curriculum: {a.colour_steps} steps of colour-only expressions, then {a.steps - a.colour_steps} of "
-              f"the full mix ({a.colour_share:.0%} colour-only, {a.kind_share:.0%} kind-only) -> {train_file.name}")
+        print(f"curriculum: {a.colour_steps} steps of colour-only expressions, {a.kind_steps} of kind-only ones, then "
+              f"{n_mixed // a.batch} of the full mix ({a.colour_share:.0%} colour-only, {a.kind_share:.0%} kind-only) "
+              f"-> {train_file.name}")
     print(f"example answer: {json.loads(conv['val'].read_text())[0]['conversations'][1]['value']}")
 
     st.start("building a tiny random LLaVA (no weights downloaded)")
