@@ -186,8 +186,7 @@ def box_token_loss(logits, labels, table: TokenTable, sigma: float = 1.0,
     gradient in the backward (B x T x V floats, gigabytes for a 7B model's batch)."""
     parts = {"grid": torch.zeros(()), "box": torch.zeros(()), "n_grid": 0, "n_box": 0}
     B, T = labels.shape
-    lab = labels if isinstance(labels, np.ndarray) else labels.detach().cpu().numpy()
-    flat = np.concatenate([lab[:, 1:], np.full((B, 1), IGNORE_INDEX, lab.dtype)], 1).reshape(-1)  # shifted
+    flat = shifted_targets(labels if isinstance(labels, np.ndarray) else labels.detach().cpu().numpy())
     cls = _classes(flat, table)
     n2 = len(table.grid_ids)
     grid_at, off_at = np.flatnonzero((cls >= 0) & (cls < n2)), np.flatnonzero(cls >= n2)
@@ -204,6 +203,13 @@ def box_token_loss(logits, labels, table: TokenTable, sigma: float = 1.0,
     if plan.true is not None:
         parts["box"], parts["n_box"] = both[1], len(plan.true)
     return parts
+
+
+def shifted_targets(labels: np.ndarray) -> np.ndarray:
+    """(B * T,) the target of each position of (B, T) ``labels``: ``labels[:, t + 1]``, and IGNORE_INDEX at the
+    last position of each row (the causal shift of transformers' ``ForCausalLMLoss``)."""
+    B = len(labels)
+    return np.concatenate([labels[:, 1:], np.full((B, 1), IGNORE_INDEX, labels.dtype)], 1).reshape(-1)
 
 
 class _Plan(NamedTuple):

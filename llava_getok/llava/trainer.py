@@ -23,7 +23,7 @@ apply_compat_fixes()  # fix 3 before llava.train is imported
 from llava.train.llava_trainer import LLaVATrainer  # noqa: E402
 
 from .builder import copy_into_parameters  # noqa: E402
-from .box_loss import IGNORE_INDEX, TokenTable, box_token_loss  # noqa: E402
+from .box_loss import IGNORE_INDEX, TokenTable, box_token_loss, shifted_targets  # noqa: E402
 from .rows import ROWS_ATTR, attach_trainable_rows, fold_rows_into_state, getok_rows_values  # noqa: E402
 from .sidecar import ROWS_FILE, TOWER_FILE, Sidecar, save_tensors_atomic, write_sidecar  # noqa: E402
 from .tokens import INITS, add_getok_tokens, check_token_ids, init_getok_rows, resize_embeddings  # noqa: E402
@@ -455,10 +455,9 @@ def labelled_lm_loss(head, hidden: torch.Tensor, labels):
     Most positions of a LLaVA sequence (image, prompt, padding) have no target: the full (B, T, V) logits, their
     log-softmax and their gradient were most of the head's cost (on the demo's model about a fifth of a step)
     and, for a 7B vocabulary, gigabytes of memory. Same value up to float rounding (summation order)."""
-    B, T = labels.shape
-    shifted = np.concatenate([labels[:, 1:], np.full((B, 1), IGNORE_INDEX, labels.dtype)], 1).reshape(-1)
+    shifted = shifted_targets(labels)
     rows = np.flatnonzero(shifted != IGNORE_INDEX)
-    flat = hidden.reshape(B * T, -1)
+    flat = hidden.reshape(len(shifted), -1)
     logits = head(flat[torch.from_numpy(rows).to(flat.device)])
     lm = F.cross_entropy(logits.float(), torch.from_numpy(shifted[rows]).to(logits.device))
     return lm, lambda at: logits[torch.from_numpy(np.searchsorted(rows, at.numpy())).to(logits.device)]
