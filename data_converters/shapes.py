@@ -158,6 +158,19 @@ def describe(objs: list[Obj], target: int, rng: np.random.Generator, p_relation:
     return _phrase(t, shortest[int(rng.integers(len(shortest)))])
 
 
+def expression_type(expression: str) -> str:
+    """What an expression of :func:`describe` names its target by: "relation", or its attributes joined by "+"
+    in the order it says them ("color", "kind", "color+kind", "size+kind", ...).
+
+    >>> expression_type("the red shape"), expression_type("the small circle"), expression_type("the square left of the red shape")
+    ('color', 'size+kind', 'relation')
+    """
+    if any(f" {rel} " in expression for rel in RELATIONS):
+        return "relation"
+    words = expression.split()
+    return "+".join(a for a, names in (("size", SIZES), ("color", COLORS), ("kind", KINDS)) if any(w in names for w in words))
+
+
 # -- the on-disk dataset: PNG images + one JSONL annotation file -----------------------------------------
 #
 #   DIR/images/{split}/{split}-{k:06d}.png

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -25,6 +26,14 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     # chance levels: a random shape of a 2-3 shape image is right about 1/3 to 1/2 of the time
     assert 0.2 <= summary["chance"]["random_shape"] <= 0.7
     assert 1 / 3 <= summary["chance"]["random_shape_pick"] <= 1 / 2 and 0.0 <= summary["selection"] <= 1.0
+    # ... and by what each expression names, over the same 4 expressions
+    from data_converters.shapes import expression_type
+    from llava_getok.demo import shapes_records
+
+    types = [expression_type(r["expression"]) for r in shapes_records(out / "data")["val"]]
+    by_type = summary["selection_by_type"]
+    assert set(by_type) == {"all", *types} and by_type["all"] == summary["selection"]
+    assert sum(by_type[t] * types.count(t) for t in set(types)) == pytest.approx(4 * summary["selection"])
     assert "on the named shape" in printed
     assert f"Acc@0.5 {summary['acc@0.5']:.3f}" in printed and "chance:" in printed
     # the colour-first curriculum: its records first, in file order, then the full mix
@@ -68,7 +77,6 @@ def test_curriculum_file_writes_each_stage_in_order_and_every_record_once_a_pass
     assert all(sorted(p) == ["b0", "b1", "b2", "b3"] for p in passes)  # every record once per pass
     again = curriculum_file(tmp_path / "d.json", [(6, {first: 1.0}), (9, {rest: 1.0})], 0)
     assert ids == [r["id"] for r in json.loads(again.read_text())]
-    import pytest
 
     with pytest.raises(ValueError, match="a.json has 10 records .needs 11."):  # a first stage never repeats
         curriculum_file(tmp_path / "e.json", [(11, {first: 1.0}), (1, {rest: 1.0})], 0)
@@ -91,7 +99,6 @@ def test_curriculum_file_mixes_sources_by_share_and_goes_on_with_each_pass(tmp_p
     assert len(set(ids[:6]) | {i for i in second if i.startswith("a")}) == 9
     b = [i for i in second if i.startswith("b")]
     assert {b.count(f"b{k}") for k in range(4)} == {1, 2}  # one pass and one of the next
-    import pytest
 
     with pytest.raises(ValueError, match="stage 2 must be >= 0 and sum to 1"):
         curriculum_file(tmp_path / "e.json", [(6, {first: 1.0}), (10, {first: 0.6, rest: 0.6})], 0)
