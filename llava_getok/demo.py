@@ -1,6 +1,6 @@
 """``llava-getok demo``: the whole job on a laptop CPU, no GPU, no downloaded weights.
 
-    llava-getok demo [--out runs/demo] [--steps 3000] [--quick]
+    llava-getok demo [--out runs/demo] [--steps 4000] [--quick]
 
 1. draw the procedural ``shapes`` dataset (PNG images + annotations.jsonl),
 2. ``convert-datasets shapes`` -> GETok conversations (train: every shape of an image asked about in one
