@@ -263,6 +263,13 @@ class _BoxTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sub, plan: _Plan):
+        # in float32 (or float64) whatever autocast is on: under bf16 autocast the matmuls below would return
+        # bf16 and mix with the float32 plan (index_add_ refuses that), and a bf16 soft-argmax loses the corners
+        with torch.autocast(sub.device.type, enabled=False):
+            return _BoxTokenLoss._forward(ctx, sub, plan)
+
+    @staticmethod
+    def _forward(ctx, sub, plan: _Plan):
         G, n2 = len(plan.q_grid), plan.n2
         logp_grid, logp_off = F.log_softmax(sub[:G, :n2], -1), F.log_softmax(sub[G:, n2:], -1)
         p_grid, p_off = logp_grid.exp(), logp_off.exp()
