@@ -92,6 +92,17 @@ def check_launch(argv) -> None:
                              f"or train without --bits.")
 
 
+def with_default_checkpointing(argv: list[str]) -> list[str]:
+    """``argv`` with non-reentrant gradient checkpointing unless the user chose ``--gradient_checkpointing_kwargs``.
+
+    transformers' default, the reentrant checkpoint, fails under DDP with LoRA ("Expected to mark a variable ready
+    only once": the adapters' gradients arrive twice); the non-reentrant one is what transformers and torch
+    recommend, and is the same computation."""
+    if any(a == "--gradient_checkpointing_kwargs" or a.startswith("--gradient_checkpointing_kwargs=") for a in argv):
+        return argv
+    return argv + ["--gradient_checkpointing_kwargs", json.dumps({"use_reentrant": False})]
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, rest = getok_parser().parse_known_args(argv)
@@ -120,7 +131,7 @@ def main(argv=None) -> None:
 
     import llava.train.train as llava_train
 
-    sys.argv = [sys.argv[0]] + rest  # LLaVA's HfArgumentParser reads sys.argv
+    sys.argv = [sys.argv[0]] + with_default_checkpointing(rest)  # LLaVA's HfArgumentParser reads sys.argv
     llava_train.train(attn_implementation=ours.attn_implementation)
 
 

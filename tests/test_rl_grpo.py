@@ -103,6 +103,43 @@ def test_logps_follow_llava_image_path(getok_ckpt, data, tmp_path):
             assert logps[i, len(c):].abs().sum() == 0 and ent[i, len(c):].abs().sum() == 0
 
 
+def test_lora_reference_is_the_starting_model_after_rows_and_adapters_moved(getok_ckpt, data, tmp_path):
+    """Under LoRA trl scores the KL reference inside ``disable_adapter()``: it must be the starting model, with
+    the trained GETok-row deltas off as well, or the KL never holds the GETok rows to where they started."""
+    from trl.trainer.utils import use_adapter
+
+    from llava_getok.rl.run import build_trainer
+    from llava_getok.rl.trainer import llava_module
+
+    trainer = build_trainer(_args(getok_ckpt, data, tmp_path, beta=0.04))
+    assert trainer.ref_model is None  # trl's PEFT reference: the same model, adapters disabled
+    row = trainer.train_dataset[0]
+    prompt = trainer._tokenize_prompts([row["prompt"]])[0][0]
+    tok = trainer.processing_class
+    completion = tok.convert_tokens_to_ids(["<box>", "<grid_0_0>", "<grid_2_2>", "</box>"])
+    ids, mask = torch.tensor([prompt + completion]), torch.ones(1, len(prompt) + len(completion), dtype=torch.long)
+    images = trainer._images_for([row])
+    score = lambda: trainer._get_per_token_logps_and_entropies(  # noqa: E731
+        trainer.model, ids, mask, len(completion), pixel_values=images)[0]
+    trainer.model.eval()
+    with torch.no_grad():
+        start = score()
+        rows = llava_module(trainer.model).getok_rows
+        rows.input_delta.normal_(0, 0.5)
+        rows.output_delta.normal_(0, 0.5)
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        moved = score()
+        with use_adapter(trainer.model, adapter_name=None):  # exactly how trl 1.16 scores the reference
+            reference = score()
+        after = score()
+    assert (moved - start).abs().max() > 1e-2  # the policy did move
+    torch.testing.assert_close(reference, start, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(after, moved)  # the deltas are back on after the reference
+    assert rows.enabled
+
+
 def test_two_grpo_steps_then_refine_stage(getok_ckpt, data, tmp_path):
     """Two steps with images (LoRA + GETok rows, KL against the adapter-free model), a loadable checkpoint
     at every save, only adapters and rows changed; then the refine stage starts from the grid-stage output."""

@@ -13,6 +13,8 @@ checkpoint is an ordinary LLaVA checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -44,11 +46,15 @@ class _OutputDelta(_RowDelta):
 
 
 class GETokRows(nn.Module):
-    """Deltas for the GETok rows of the input embeddings and the LM head, applied by forward hooks."""
+    """Deltas for the GETok rows of the input embeddings and the LM head, applied by forward hooks.
+
+    ``enabled`` False (or inside :meth:`disabled`) leaves both matrices' outputs as they are: the model as it
+    was before these rows trained (GRPO's reference under LoRA turns the adapters and the deltas off)."""
 
     def __init__(self, ids: list[int], vocab_size: int, dim: int, dtype=torch.float32, device=None):
         super().__init__()
         k = len(ids)
+        self.enabled = True
         self.input = _InputDelta(k, dim, dtype, device)
         self.output = _OutputDelta(k, dim, dtype, device)
         self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=device), persistent=False)
@@ -65,11 +71,22 @@ class GETokRows(nn.Module):
     def output_delta(self) -> nn.Parameter:
         return self.output.delta
 
+    @contextlib.contextmanager
+    def disabled(self):
+        """Within this context the matrices act without the deltas."""
+        before, self.enabled = self.enabled, False
+        try:
+            yield self
+        finally:
+            self.enabled = before
+
     def embed_hook(self, module, args, out):
-        return self.input(args[0], self.lookup.to(args[0].device), out)
+        if self.enabled:
+            return self.input(args[0], self.lookup.to(args[0].device), out)
 
     def head_hook(self, module, args, out):
-        return self.output(args[0], self.ids.to(out.device), out)
+        if self.enabled:
+            return self.output(args[0], self.ids.to(out.device), out)
 
 
 def attach_trainable_rows(model, ids: list[int]) -> GETokRows:
@@ -81,7 +98,9 @@ def attach_trainable_rows(model, ids: list[int]) -> GETokRows:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     emb.weight.requires_grad_(False)
     head.weight.requires_grad_(False)
-    dtype = emb.weight.dtype if emb.weight.is_floating_point() and emb.weight.dtype != torch.float16 else torch.float32
+    # float32 like peft's adapters (autocast_adapter_dtype) whatever the matrices are: an update of a bf16 delta
+    # rounds away once the delta is ~300x the step; the hooks cast the delta's contribution to the output's dtype
+    dtype = torch.float64 if emb.weight.dtype == torch.float64 else torch.float32
     rows = GETokRows(ids, emb.weight.shape[0], emb.weight.shape[1], dtype=dtype, device=emb.weight.device)
     model.add_module(ROWS_ATTR, rows)
     rows._handles = [emb.register_forward_hook(rows.embed_hook), head.register_forward_hook(rows.head_hook)]

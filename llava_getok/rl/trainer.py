@@ -20,10 +20,12 @@ clipped loss, KL, length-unbiased ``loss_type``, PEFT reference by disabled adap
   log-probabilities are put back in completion order.
 
 Full fine-tuning with a KL term gets a reference that is a copy of the policy (trl would reload it from the
-config's path and lose in-memory GETok rows); under LoRA the reference is the model with adapters disabled.
+config's path and lose in-memory GETok rows); under LoRA the reference is the model with its adapters and its
+GETok-row deltas disabled: the starting model.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -32,6 +34,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import entropy_from_logits, pad, selective_log_softmax
 
 from ..llava import rl_inputs
+from ..llava.rows import ROWS_ATTR
 
 
 def llava_module(model):
@@ -43,6 +46,24 @@ def llava_module(model):
     if not hasattr(m, "prepare_inputs_labels_for_multimodal"):
         raise TypeError(f"{type(m).__name__} is not a LLaVA model (no prepare_inputs_labels_for_multimodal)")
     return m
+
+
+def _reference_without_getok_rows(peft_model) -> None:
+    """Make the PEFT reference (trl scores it inside ``peft_model.disable_adapter()``) the starting model: with
+    the adapters off, the trained GETok-row deltas would still be on, and the KL term would never hold the GETok
+    rows to where they started. Wraps this instance's ``disable_adapter`` to turn the deltas off as well."""
+    rows = getattr(llava_module(peft_model), ROWS_ATTR, None)
+    if rows is None or getattr(peft_model.disable_adapter, "__getok_rows__", False):
+        return
+    adapters_off = peft_model.disable_adapter
+
+    @contextlib.contextmanager
+    def disable_adapter():
+        with adapters_off(), rows.disabled():
+            yield
+
+    disable_adapter.__getok_rows__ = True
+    peft_model.disable_adapter = disable_adapter
 
 
 class LlavaGRPOTrainer(GRPOTrainer):
@@ -73,6 +94,8 @@ class LlavaGRPOTrainer(GRPOTrainer):
         if own_ref:
             args.beta = self.beta = beta
             self.ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True)
+        if self.ref_model is None and beta != 0.0:
+            _reference_without_getok_rows(self.accelerator.unwrap_model(self.model))
 
     # -- prompts and images ----------------------------------------------------------------------------------
     def _tokenize_prompts(self, prompts: list):
