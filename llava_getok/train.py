@@ -23,9 +23,11 @@ Templates: ``--version getok_v1`` (or ``getok_<any LLaVA template>``); an unknow
 would silently use vicuna_v1). QLoRA (``--bits 4/8``) with a ZeRO-3 config is refused: bitsandbytes/peft do
 not support it (LLaVA#1692); use one GPU or ZeRO-2.
 
-CPU runs work (tests, the demo): float32 (no ``--bf16``/``--fp16``/``--tf32``), ``--report_to none``, small
-data, e.g. ``--per_device_train_batch_size 2 --max_steps 3 --save_strategy no --model_max_length 256
---dataloader_num_workers 0 --use_cpu True``. Every checkpoint folder holds ``getok_config.json``,
+On a CPU (tests, the demo, the recipes' ``DEVICE=cpu`` smoke test) add ``--use_cpu True`` and drop ``--tf32``:
+``--bf16 True`` / ``--fp16 True`` then train under CPU autocast; ``torchrun --nproc_per_node N ... --ddp_backend
+gloo`` runs data parallel, and ``deepspeed --num_gpus N --module llava_getok.train ... --deepspeed zero3.json
+--use_cpu True`` runs ZeRO with N ranks (llava_getok.cpu_ranks). Gradient checkpointing is non-reentrant
+unless ``--gradient_checkpointing_kwargs`` says otherwise. Every checkpoint folder holds ``getok_config.json``,
 ``getok_rows.safetensors`` and the tokenizer; ``llava.model.builder.load_pretrained_model`` loads it back
 after ``llava_getok.register()``.
 """
@@ -103,6 +105,28 @@ def with_default_checkpointing(argv: list[str]) -> list[str]:
     return argv + ["--gradient_checkpointing_kwargs", json.dumps({"use_reentrant": False})]
 
 
+def cpu_ranks(argv: list[str]) -> list[str]:
+    """With ``--use_cpu True``: training ranks on the CPU (llava_getok.cpu_ranks), DeepSpeed's included; returns
+    ``argv``, without ``--use_cpu`` under ``--deepspeed`` (it would make accelerate drop DeepSpeed silently)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--use_cpu", type=_bool, nargs="?", const=True, default=False)
+    ns, others = p.parse_known_args(argv)
+    if not ns.use_cpu:
+        return argv
+    import torch
+
+    deepspeed = bool(_peek(argv, "deepspeed"))
+    if torch.cuda.is_available():
+        if deepspeed:
+            raise SystemExit("--use_cpu True with --deepspeed: DeepSpeed on CPU ranks is the smoke test for machines "
+                             "without a GPU; on this one drop --use_cpu (or --deepspeed)")
+        return argv
+    from .cpu_ranks import enable
+
+    enable(deepspeed=deepspeed)
+    return others if deepspeed else argv
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, rest = getok_parser().parse_known_args(argv)
@@ -131,7 +155,7 @@ def main(argv=None) -> None:
 
     import llava.train.train as llava_train
 
-    sys.argv = [sys.argv[0]] + with_default_checkpointing(rest)  # LLaVA's HfArgumentParser reads sys.argv
+    sys.argv = [sys.argv[0]] + with_default_checkpointing(cpu_ranks(rest))  # LLaVA's HfArgumentParser reads sys.argv
     llava_train.train(attn_implementation=ours.attn_implementation)
 
 

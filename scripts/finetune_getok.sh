@@ -11,12 +11,16 @@
 #   DATA_PATH      converted GETok data (convert-datasets) [./playground/data/getok_train.json]
 #   IMAGE_FOLDER   image root of DATA_PATH                 [./playground/data]
 #   OUTPUT_DIR     checkpoints                             [./checkpoints/llava-v1.5-7b-getok]
-#   NUM_GPUS       GPUs on this node                       [all]
+#   DEVICE         gpu | cpu: the smoke test before booking GPUs, same launcher, ZeRO config and flags, with only
+#                  what a CPU needs changed (--use_cpu True, no tf32, DeepSpeed's bf16 on CPU ranks, sdpa) [gpu]
+#   NUM_GPUS       GPUs on this node; processes with DEVICE=cpu [all GPUs; 1 with DEVICE=cpu]
 #   BATCH          per-device batch size                   [16]    (x GPUs x GRAD_ACCUM = 128 in LLaVA-1.5)
 #   GRAD_ACCUM     gradient accumulation steps             [1]
 #   EPOCHS [1]  LR [2e-5]  MAX_LEN [2048]  WORKERS [4]  REPORT_TO [none]  ZERO [scripts/zero3.json]
 #   GRID [32]  ROUNDS [1]  MODE [inline]  INIT [sincos2d]  GRID_WEIGHT [0.5]  BOX_WEIGHT [0.5]
 #   VERSION        conversation template                   [getok_v1]
+#   MASTER_PORT    rendezvous port of the ranks (another one for a second run on the node) [DeepSpeed's 29500]
+#   PYTHON         the Python that has llava-getok and DeepSpeed                           [python]
 #   ATTN           sdpa | eager | flash_attention_2        [flash_attention_2 if flash-attn is installed, else sdpa]
 # Every other option of LLaVA's train.py can be appended (e.g. --unfreeze_mm_vision_tower, --save_steps 1000).
 # Check the data first: llava-getok check-data "$DATA_PATH" --model-path "$MODEL_BASE" --grid "$GRID"
@@ -33,13 +37,21 @@ BATCH=${BATCH:-16}; GRAD_ACCUM=${GRAD_ACCUM:-1}; EPOCHS=${EPOCHS:-1}; LR=${LR:-2
 WORKERS=${WORKERS:-4}; REPORT_TO=${REPORT_TO:-none}; ZERO=${ZERO:-scripts/zero3.json}
 GRID=${GRID:-32}; ROUNDS=${ROUNDS:-1}; MODE=${MODE:-inline}; INIT=${INIT:-sincos2d}
 GRID_WEIGHT=${GRID_WEIGHT:-0.5}; BOX_WEIGHT=${BOX_WEIGHT:-0.5}; VERSION=${VERSION:-getok_v1}
+DEVICE=${DEVICE:-gpu}; PYTHON=${PYTHON:-python}
+DEVICE_ARGS=(--tf32 True)
+case "$DEVICE" in
+  gpu) ;;
+  cpu) DEVICE_ARGS=(--tf32 False --use_cpu True); NUM_GPUS=${NUM_GPUS:-1}; ATTN=${ATTN:-sdpa} ;;
+  *) echo "DEVICE must be gpu or cpu, got '$DEVICE'" >&2; exit 2 ;;
+esac
 if [[ -z "${ATTN:-}" ]]; then
-  if python -c "import flash_attn" 2>/dev/null; then ATTN=flash_attention_2; else ATTN=sdpa; fi
+  if "$PYTHON" -c "import flash_attn" 2>/dev/null; then ATTN=flash_attention_2; else ATTN=sdpa; fi
 fi
 GPU_ARGS=(); [[ -n "${NUM_GPUS:-}" ]] && GPU_ARGS=(--num_gpus "$NUM_GPUS")
+PORT_ARGS=(); [[ -n "${MASTER_PORT:-}" ]] && PORT_ARGS=(--master_port "$MASTER_PORT")
 PROJ_ARGS=(); [[ -n "$PROJECTOR" ]] && PROJ_ARGS=(--pretrain_mm_mlp_adapter "$PROJECTOR")
 
-deepspeed "${GPU_ARGS[@]}" --module llava_getok.train \
+"$PYTHON" -m deepspeed.launcher.runner "${GPU_ARGS[@]}" "${PORT_ARGS[@]}" --module llava_getok.train \
     --deepspeed "$ZERO" \
     --model_name_or_path "$MODEL_BASE" \
     --version "$VERSION" \
@@ -68,7 +80,7 @@ deepspeed "${GPU_ARGS[@]}" --module llava_getok.train \
     --warmup_ratio 0.03 \
     --lr_scheduler_type cosine \
     --logging_steps 1 \
-    --tf32 True \
+    "${DEVICE_ARGS[@]}" \
     --model_max_length "$MAX_LEN" \
     --gradient_checkpointing True \
     --dataloader_num_workers "$WORKERS" \

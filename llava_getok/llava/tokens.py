@@ -28,7 +28,8 @@ def add_getok_tokens(tokenizer, cfg: GETokConfig) -> list[int]:
     from transformers import AddedToken
 
     tokens = cfg.tokens()
-    new = [t for t in tokens if t not in tokenizer.get_vocab()]
+    vocab = tokenizer.get_vocab()  # once: the slow tokenizer builds the whole dict on every call
+    new = [t for t in tokens if t not in vocab]
     if new:
         tokenizer.add_special_tokens(
             {"additional_special_tokens": [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False)

@@ -163,6 +163,21 @@ def check_projector(model) -> None:
             f"does not load; pass --mm_projector_type {guess}, or start from a model without a projector")
 
 
+def match_deepspeed_dtype(model, args) -> None:
+    """Give every trainable parameter DeepSpeed's dtype (bf16 / fp16 with ``--bf16`` / ``--fp16``).
+
+    DeepSpeed keeps float32 master copies of what trains and wants the model's copies in one dtype; ZeRO-3 casts
+    only the parameters that existed under ``zero.Init``. peft makes LoRA adapters float32 (its
+    ``autocast_adapter_dtype``) and the GETok row deltas are float32, so LLaVA's LoRA recipe under ZeRO-3 stopped
+    in DeepSpeed's ``defragment`` (``assert len(set(t.dtype for t in tensors)) == 1``)."""
+    dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+    if dtype is None:
+        return
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != dtype and not hasattr(p, "ds_id"):
+            p.data = p.data.to(dtype)
+
+
 def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dataset=None) -> GETokState:
     """Add the GETok tokens, resize and initialise the rows, choose what trains, check the data."""
     cfg = settings.config()
@@ -198,6 +213,8 @@ def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dat
         reload_tower_float32(tower)
     if settings.train_vision_tower:
         enable_vision_tower_training(base, compute)
+    if getattr(args, "deepspeed", None):
+        match_deepspeed_dtype(model, args)
     if train_dataset is not None and settings.check_data != 0 and hasattr(train_dataset, "list_data_dict"):
         from .check import check_records, raise_on_problems
 
@@ -298,8 +315,13 @@ class GETokTrainer(LLaVATrainer):
 
     def log(self, logs, *args, **kwargs):
         n = self._getok_sums.pop("_n", 0)
-        if n and "loss" in logs:
-            logs.update({k: round(float(v) / n, 6) for k, v in self._getok_sums.items()})
+        if n and "loss" in logs:  # the Trainer's periodic log: every rank comes here, as for its own "loss"
+            names = sorted(self._getok_sums)
+            device = self.args.device
+            means = torch.stack([self._getok_sums[k].to(device, torch.float32) for k in names]) / n
+            # the mean over ranks, as the Trainer logs "loss" (each rank saw its own share of the batch)
+            means = self._nested_gather(means).view(-1, len(names)).mean(0)
+            logs.update({k: round(float(v), 6) for k, v in zip(names, means)})
             self._getok_sums = {}
         return super().log(logs, *args, **kwargs)
 
@@ -364,7 +386,10 @@ class GETokTrainer(LLaVATrainer):
 
     def train(self, *args, **kwargs):
         out = super().train(*args, **kwargs)
-        self.write_getok_files(self.args.output_dir)
+        ranks = self.write_getok_files(self.args.output_dir)
+        if self.args.should_save:
+            same = f", identical on all {ranks} ranks" if ranks > 1 else ""
+            print(f"GETok: rows of {len(self.getok.ids)} tokens saved in {self.args.output_dir}/{ROWS_FILE}{same}")
         return out
 
     def checkpoint_kind(self) -> str:
@@ -372,11 +397,13 @@ class GETokTrainer(LLaVATrainer):
             return "projector"
         return "lora" if getattr(self.args, "lora_enable", False) else "full"
 
-    def write_getok_files(self, folder) -> None:
+    def write_getok_files(self, folder) -> int:
         """Sidecar, GETok rows, tokenizer (and, for LoRA, config + non-LoRA weights) into ``folder``: every
-        checkpoint, intermediate ones included, can be loaded back on its own (pitfalls.md)."""
+        checkpoint, intermediate ones included, can be loaded back on its own (pitfalls.md). Every rank calls it;
+        the rows are compared across ranks first. Returns the number of ranks."""
         base = unwrap_llava(self.model)
         rows = getok_rows_values(base, self.getok.ids)  # collective under ZeRO-3: every rank calls it
+        ranks = check_same_on_all_ranks(rows, folder)
         kind = self.checkpoint_kind()
         non_lora = None
         if kind == "lora":
@@ -392,7 +419,7 @@ class GETokTrainer(LLaVATrainer):
                 tower = {k: v.detach().float().cpu().clone()
                          for k, v in base.get_vision_tower().vision_tower.state_dict().items()}
         if not self.args.should_save:
-            return
+            return ranks
         os.makedirs(folder, exist_ok=True)
         save_tensors_atomic(os.path.join(folder, ROWS_FILE), rows)
         if tower is not None:
@@ -411,6 +438,31 @@ class GETokTrainer(LLaVATrainer):
             base_model=getattr(base.config, "_name_or_path", None) or None, init=s.init,
             loss={k: v for k, v in asdict(s).items() if k in ("grid_weight", "box_weight", "sigma", "offset_sigma")},
             vision_tower_trained=s.train_vision_tower))
+        return ranks
+
+
+def check_same_on_all_ranks(rows: dict[str, torch.Tensor], folder) -> int:
+    """Raise unless every process holds the same GETok rows (bit for bit); return the number of processes.
+
+    Data parallel and ZeRO keep one model: ranks that disagree trained or initialised the rows apart (the
+    pitfall of resizing or initialising outside ZeRO-3's gathered parameters), and the checkpoint would hold
+    rank 0's rows only."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 1
+    digest = hashlib.sha256()
+    for key in sorted(rows):
+        digest.update(rows[key].contiguous().numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise RuntimeError(f"GETok rows differ between ranks when saving {folder}: ranks {differ} disagree with "
+                           f"rank 0; the processes trained or initialised the rows apart")
+    return len(digests)
 
 
 def _capture_loss_inputs(model, trainer) -> None:
