@@ -15,6 +15,11 @@
 #   IMAGE_FOLDER  folder the records' image paths are under      [data/coco]
 #   OUT           output root: OUT/grid, OUT/refine              [checkpoints/grpo-getok]
 #   STAGES        which stages to run: "grid refine", "grid" or "refine"   [grid refine]
+#   NUM_GPUS      processes (one a GPU), launched with accelerate as trl documents for GRPOTrainer   [1]
+#   ZERO          a DeepSpeed config for accelerate's DeepSpeed plugin, e.g. scripts/zero2.json   [unset: DDP]
+#   DEVICE        gpu | cpu: the smoke test before booking GPUs (CPU processes, float32)        [gpu]
+#   MASTER_PORT   rendezvous port of the processes (another one for a second run on the node)   [29500]
+#   PYTHON        the Python that has llava-getok, trl and accelerate                            [python]
 #   GRID_ARGS / REFINE_ARGS   extra arguments for one stage only           [unset]
 #     e.g. REFINE_ARGS="--first-answer policy": refine the model's own first answers (as at inference)
 #     instead of the first answers stored in the data; GRID_ARGS="--constrained" samples under the grammar
@@ -22,7 +27,7 @@
 set -euo pipefail
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
@@ -35,12 +40,27 @@ OUT=${OUT:-checkpoints/grpo-getok}
 STAGES=${STAGES:-grid refine}
 BASE_ARGS=()
 [[ -n "${MODEL_BASE:-}" ]] && BASE_ARGS=(--model-base "$MODEL_BASE")
+NUM_GPUS=${NUM_GPUS:-1}; DEVICE=${DEVICE:-gpu}
+DEVICE_ARGS=(); LAUNCH=("$PYTHON")
+case "$DEVICE" in
+  gpu) ;;
+  cpu) DEVICE_ARGS=(--device cpu) ;;
+  *) echo "DEVICE must be gpu or cpu, got '$DEVICE'" >&2; exit 2 ;;
+esac
+if [[ "$NUM_GPUS" -gt 1 || -n "${ZERO:-}" ]]; then
+  LAUNCH=("$PYTHON" -m accelerate.commands.launch --num_processes "$NUM_GPUS" --num_machines 1
+          --mixed_precision no --dynamo_backend no --main_process_port "${MASTER_PORT:-29500}")
+  # --multi_gpu is accelerate's torchrun launcher; CPU processes take it too (its --cpu launches one process
+  # without MPI), and the trainer's --device cpu keeps them on the CPU
+  [[ "$NUM_GPUS" -gt 1 ]] && LAUNCH+=(--multi_gpu)
+  [[ -n "${ZERO:-}" ]] && LAUNCH+=(--use_deepspeed --deepspeed_config_file "$ZERO")
+fi
 
 # one stage: NAME DATA EXTRA_ARGS, from $MODEL (+ $BASE_ARGS) to $OUT/NAME, with the paper's GRPO settings
 run_stage() {
   echo "[grpo_getok] stage $1: $MODEL -> $OUT/$1"
   # shellcheck disable=SC2086
-  "$PYTHON" -m llava_getok.rl --stage "$1" --model-path "$MODEL" "${BASE_ARGS[@]}" \
+  "${LAUNCH[@]}" -m llava_getok.rl --stage "$1" --model-path "$MODEL" "${BASE_ARGS[@]}" "${DEVICE_ARGS[@]}" \
     --data "$2" --image-folder "$IMAGE_FOLDER" --output-dir "$OUT/$1" \
     --num-generations 8 --beta 0.04 --learning-rate 1e-5 --max-new-tokens 64 --loss-type dapo \
     $3 "${@:4}"

@@ -272,6 +272,43 @@ def test_training_runs_the_lm_head_on_labelled_positions_only(getok_setup):
     assert logged["loss_lm"] == pytest.approx(float(reference[0]), rel=1e-6)
 
 
+def test_bf16_loss_matches_float32_under_autocast_and_with_bf16_weights(getok_setup):
+    """What GPU users run: bf16 autocast (--bf16 True) and bf16 weights without autocast (DeepSpeed's bf16). The
+    training loss on a fixed batch stays within 2 % of the float32 loss in both, its parts are float32, and the
+    gradients arrive in the weights' dtype, finite."""
+    trainer, batch, _ = getok_setup
+    model = trainer.model
+    keep = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss_and_parts(images_dtype=torch.float32):
+        trainer._getok_sums = {}  # under DeepSpeed the Trainer casts float inputs to its dtype
+        total = trainer.compute_loss(model, {**batch, "images": batch["images"].to(images_dtype)})
+        parts, trainer._getok_sums = {k: v for k, v in trainer._getok_sums.items() if k != "_n"}, {}
+        return total, parts
+
+    model.train()
+    try:
+        ref, ref_parts = loss_and_parts()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed, mixed_parts = loss_and_parts()
+        model.to(torch.bfloat16)
+        half, half_parts = loss_and_parts(torch.bfloat16)
+        model.zero_grad(set_to_none=True)
+        half.backward()
+        grads = [(p.grad.dtype, bool(torch.isfinite(p.grad).all())) for p in model.parameters() if p.grad is not None]
+    finally:
+        model.to(torch.float32)
+        model.load_state_dict(keep)
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    for total, parts in ((mixed, mixed_parts), (half, half_parts)):
+        assert total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in parts.values())
+        assert float(total) == pytest.approx(float(ref), rel=2e-2)
+        for k in ("loss_lm", "loss_grid", "loss_box"):
+            assert float(parts[k]) == pytest.approx(float(ref_parts[k]), rel=2e-2, abs=1e-2), k
+    assert grads and set(grads) == {(torch.bfloat16, True)}
+
+
 def trainer_labels(model, batch):
     """The labels LLaVA builds inside its forward (image positions inserted, re-padded)."""
     out = model.prepare_inputs_labels_for_multimodal(batch["input_ids"], None, batch["attention_mask"], None,

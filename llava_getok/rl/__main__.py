@@ -43,10 +43,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     history = [h for h in trainer.state.log_history if "reward" in h]
-    if history:
+    if history and trainer.accelerator.is_main_process:
         last = history[-1]
-        print(f"[grpo] {len(history)} logged steps; last reward {last['reward']:.4f}, "
-              f"zero-variance groups {last.get('frac_reward_zero_std', float('nan')):.2f}; saved {args.output_dir}")
+        print(f"[grpo] {len(history)} logged steps on {trainer.accelerator.num_processes} process(es); last reward "
+              f"{last['reward']:.4f}, zero-variance groups {last.get('frac_reward_zero_std', float('nan')):.2f}; "
+              f"saved {args.output_dir}")
     return 0
 
 

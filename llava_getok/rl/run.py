@@ -56,7 +56,8 @@ class RLArgs:
     seed: int = field(default=42, metadata={"help": "random seed"})
     bf16: bool | None = field(default=None, metadata={"help": "bfloat16 autocast (default: on when CUDA has it)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for memory"})
-    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available; under a "
+                                                                "multi-process launcher each rank its local GPU)"})
     first_answer: str = field(default="data", metadata={"help": "refine stage: refine the first answer stored "
                                                                   "in the data, or 'policy': the model's own greedy "
                                                                   "first answer, re-asked each batch (as at inference)"})
@@ -125,7 +126,7 @@ def load_policy(args: RLArgs):
     sidecar = read_sidecar(args.model_path)
     if sidecar is None:
         raise ValueError(f"{args.model_path}: no getok_config.json; GRPO starts from a GETok checkpoint (SFT first)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = process_device(args.device)
     dtype = torch.bfloat16 if _bf16(args, device) else torch.float32
     tokenizer, model, image_processor, _ = load_getok_checkpoint(
         args.model_path, args.model_base, load_4bit=args.bits == 4, load_8bit=args.bits == 8, device=device,
@@ -144,6 +145,26 @@ def load_policy(args: RLArgs):
         model = get_peft_model(model, config)
         attach_trainable_rows(model.get_base_model(), ids)  # after LoRA: peft would freeze it otherwise
     return tokenizer, model, image_processor, sidecar, ids
+
+
+def process_device(device: str | None) -> str:
+    """This process's device: under a multi-process launcher (accelerate launch, torchrun) each rank takes the
+    GPU of its local rank, not cuda:0; CPU ranks get what a CPU needs (llava_getok.cpu_ranks)."""
+    import os
+
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank = os.environ.get("LOCAL_RANK")
+    if rank is None:
+        return device
+    if device == "cuda":
+        return f"cuda:{int(rank)}"
+    if device == "cpu":
+        from ..cpu_ranks import enable
+
+        enable()
+    return device
 
 
 def _bf16(args: RLArgs, device: str) -> bool:
@@ -228,6 +249,8 @@ def run(args: RLArgs, policy=None):
         set_rows(llava_module(trainer.accelerator.unwrap_model(trainer.model)), read_rows(folder, sidecar))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     cb = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "GETokCheckpointCallback")
-    save_getok_checkpoint(trainer.model, cb.tokenizer, Path(args.output_dir), cb.sidecar, cb.base_model,
-                          cb.quantized, final=True)
+    if trainer.accelerator.is_main_process:  # one writer: the ranks hold the same model
+        save_getok_checkpoint(trainer.accelerator.unwrap_model(trainer.model), cb.tokenizer, Path(args.output_dir),
+                              cb.sidecar, cb.base_model, cb.quantized, final=True)
+    trainer.accelerator.wait_for_everyone()
     return trainer
