@@ -82,6 +82,7 @@ class TinyLlavaConfig:
     vision_hidden_size: int = 32
     vision_layers: int = 2
     vision_heads: int = 2
+    vision_intermediate_size: int | None = None  # None: twice vision_hidden_size
     image_size: int = 32
     patch_size: int = 8
     max_position_embeddings: int = 512
@@ -99,7 +100,7 @@ def build_vision_tower(out_dir, cfg: TinyLlavaConfig = TinyLlavaConfig()) -> Pat
     out = Path(out_dir)
     torch.manual_seed(cfg.seed)
     vcfg = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden_size, intermediate_size=2 * cfg.vision_hidden_size,
+        hidden_size=cfg.vision_hidden_size, intermediate_size=cfg.vision_intermediate_size or 2 * cfg.vision_hidden_size,
         num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
         image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden_size,
     )
