@@ -31,7 +31,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import entropy_from_logits, pad, selective_log_softmax
 
-from ..llava import rl_inputs
+from ..llava import inputs as rl_inputs
 
 
 def llava_module(model):
@@ -217,10 +217,8 @@ class PolicyFirstAnswers:
     SHAPE = {"rec": "box", "res": "mask", "point": "point"}
 
     def __init__(self, conv_mode: str, cfg, token_ids: dict[str, int], max_new_tokens: int):
-        from ..vocab import GETokConfig
-
         self.conv_mode, self.token_ids, self.max_new_tokens = conv_mode, token_ids, max_new_tokens
-        self.grid_cfg = GETokConfig(cfg.grid, 0, cfg.offset_levels, cfg.schedule, "grid")
+        self.grid_cfg = cfg.with_mode("grid")
         self.getok_ids = set(token_ids.values())
 
     def __call__(self, trainer, rows):
