@@ -33,7 +33,7 @@ from llava_getok.vocab import GETokConfig  # noqa: E402
 
 def tiny_getok_llava(tmp: Path, cfg: GETokConfig):
     import llava_getok
-    from llava_getok.llava import rl_inputs
+    from llava_getok.llava import inputs as llava_inputs
     from llava_getok.llava.tiny import build_tiny_llava, train_tokenizer
     from llava_getok.llava.tokens import add_getok_tokens, resize_embeddings
 
@@ -44,18 +44,18 @@ def tiny_getok_llava(tmp: Path, cfg: GETokConfig):
     tokenizer, model, processor, _ = load_pretrained_model(str(path), None, "tiny-llava", device="cpu")
     add_getok_tokens(tokenizer, cfg)
     resize_embeddings(model, len(tokenizer))
-    return tokenizer, model.float().eval(), processor, rl_inputs
+    return tokenizer, model.float().eval(), processor, llava_inputs
 
 
-def inputs(tokenizer, model, processor, rl_inputs, batch: int):
+def inputs(tokenizer, model, processor, llava_inputs, batch: int):
     from PIL import Image
 
-    prompt = rl_inputs.render_prompt([{"from": "human", "value": "<image>\nWhere is the red circle? Answer with a box."}], "llava_v1")
-    ids = torch.tensor([rl_inputs.prompt_ids(prompt, tokenizer)] * batch)
+    prompt = llava_inputs.render_prompt([{"from": "human", "value": "<image>\nWhere is the red circle? Answer with a box."}], "llava_v1")
+    ids = torch.tensor([llava_inputs.prompt_ids(prompt, tokenizer)] * batch)
     image = Image.new("RGB", (64, 48), "red")
     with tempfile.NamedTemporaryFile(suffix=".png") as f:
         image.save(f.name)
-        pixels = rl_inputs.image_tensor(f.name, processor, model.config)
+        pixels = llava_inputs.image_tensor(f.name, processor, model.config)
     return ids, torch.stack([pixels] * batch)
 
 
@@ -109,11 +109,11 @@ def main(argv=None):
     cfg = GETokConfig()  # n = 32, m = 3, R = 1, inline: 1024 + 9 + 1 + 8 tokens
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer, model, processor, rl_inputs = tiny_getok_llava(Path(tmp), cfg)
+        tokenizer, model, processor, llava_inputs = tiny_getok_llava(Path(tmp), cfg)
         vocab = model.get_output_embeddings().weight.shape[0]
         pad = tokenizer.pad_token_id
         for batch in map(int, args.batches.split(",")):
-            ids, images = inputs(tokenizer, model, processor, rl_inputs, batch)
+            ids, images = inputs(tokenizer, model, processor, llava_inputs, batch)
             time_generate(model, ids, images, 4, [], pad)  # warm-up
             # one processor, reused across calls as the predictor does; its one-time setup (tables on the
             # device, every budget level) is the first call's extra time, reported apart

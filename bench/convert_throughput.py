@@ -77,18 +77,17 @@ def res_quality(records, image_root) -> float:
     """Mean IoU between each record's ground-truth mask and the union of proposals at its decoded anchors."""
     import numpy as np
     from PIL import Image
-    from pycocotools import mask as mask_utils
 
-    from llava_getok.records import decode_record
-    from llava_getok.geometry import mask_iou, points_to_frame
+    from llava_getok.geometry import mask_iou
     from llava_getok.masks import SuperpixelGenerator, mask_from_anchors
+    from llava_getok.records import decode_record, record_mask, shapes_from_pixels
 
     gen, ious = SuperpixelGenerator(), []
     for r in records:
         g = r["getok"]
         image = np.asarray(Image.open(image_root / r["image"]).convert("RGB"))
-        pts = points_to_frame(decode_record(r)["shapes"][0]["points"], g["size"], g["frame"])
-        ious.append(mask_iou(mask_from_anchors(pts, image, g["frame"], gen), mask_utils.decode(g["mask"]).astype(bool)))
+        pts = shapes_from_pixels(decode_record(r)["shapes"][:1], g["size"], g["frame"])[0].points
+        ious.append(mask_iou(mask_from_anchors(pts, image, g["frame"], gen), record_mask(g)))
     return float(np.mean(ious)) if ious else float("nan")
 
 

@@ -298,7 +298,7 @@ def plan(tok, cfg, trial: Trial):
     if trial.repr == "getok":
         grid = ids(list(cfg.grid_tokens))
         off = ids(list(cfg.offset_tokens))
-        point = [grid] + [off] * (cfg.rounds if cfg.mode == "inline" else 0)
+        point = [grid] + [off] * cfg.inline_rounds
         return [[ids("<box>")]] + point + point + [[ids("</box>")]]
     if trial.repr == "bins":
         return [ids([f"<loc{v:03d}>" for v in range(trial.bins)])] * 4

@@ -4,8 +4,9 @@ Layout (one idea per file):
 - ``base.py``: the source interface (``read`` / ``parse`` / ``TASKS``), the validated :class:`Sample`
   (original pixels), :class:`ConvertError` (file, record, field) and :class:`Filtered` (counted skips).
 - ``registry.py``: source name -> module, imported lazily; ``--list`` shows missing ones as "not installed".
-- ``records.py``: the one function from a Sample to a LLaVA record (``build_record``); token strings come
-  from ``llava_getok.codec`` only. The way back is ``llava_getok.records.decode_record``.
+- ``conversations.py``: the one function from a Sample to a LLaVA record (``build_record``); token strings
+  come from ``llava_getok.codec`` only, what a record holds (prompts, pixel shapes, mask RLE) from
+  ``llava_getok.records``. The way back is ``llava_getok.records.decode_record``.
 - ``pipeline.py``: streaming, worker processes, counts, rejects file, atomic output, resume.
 - ``cli.py``: ``convert-datasets``; one module per source format beside these.
 

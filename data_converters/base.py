@@ -4,7 +4,7 @@ The source interface (follow it to add a source, e.g. ``data_converters/shapes.p
 ------------------------------------------------------------------------------------
 A source is a module listed in :data:`data_converters.registry.SOURCES`. It defines::
 
-    TASKS = ("rec", "reg", ...)       # tasks it can feed (see records.TASKS); the first is the default
+    TASKS = ("rec", "reg", ...)       # tasks it can feed (see conversations.TASKS); the first is the default
     FORMATS = "one line describing the input files"
 
     def read(opts: Options) -> Iterator[tuple[str, Any]]:
@@ -23,7 +23,7 @@ for a source that makes its images; without it they are read from ``--image-root
 A source that needs no image files gives ``Sample.size`` itself (else sizes come from image headers).
 
 One raw record gives one Sample gives one output record, so ``read = written + skipped`` always holds.
-Sources never build token strings: :func:`data_converters.records.build_record` turns a Sample into a
+Sources never build token strings: :func:`data_converters.conversations.build_record` turns a Sample into a
 LLaVA record with :mod:`llava_getok.codec`. Sources never check boxes against the image either:
 :meth:`Sample.validated` does that once, for every source, after the image size is known.
 """
@@ -178,20 +178,14 @@ class Sample:
                 [[ax * p[0] + bx, ay * p[1] + by] for p in points])
 
     def mask_rle(self) -> dict | None:
-        """The object's mask as compressed COCO RLE (counts a str), from polygons or RLE; None if neither."""
+        """The object's mask as ``getok.mask`` stores it (compressed COCO RLE, counts a str), from polygons or
+        RLE; None if neither."""
         if self.polygons is None and self.rle is None:
             return None
-        from pycocotools import mask as mask_utils
+        from llava_getok.records import segmentation_to_rle
 
         w, h = (int(round(v)) for v in self.size)
-        if self.polygons is not None:
-            rle = mask_utils.merge(mask_utils.frPyObjects([list(map(float, p)) for p in self.polygons], h, w))
-        elif isinstance(self.rle["counts"], list):
-            rle = mask_utils.frPyObjects(self.rle, h, w)
-        else:
-            rle = dict(self.rle)
-        counts = rle["counts"]
-        return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+        return segmentation_to_rle(self.polygons if self.polygons is not None else self.rle, h, w)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from llava_getok.atomic import atomic_path
 from llava_getok.geometry import FRAMES
+from llava_getok.records import decode_record
 from llava_getok.vocab import MODES, SCHEDULES, GETokConfig
 
 from . import registry
 from .base import ConvertError, Options, decode_line
-from llava_getok.records import decode_record
 
 
 def _parser():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from .base import ConvertError, Sample, decode_line, get, read_numbered_records
-from .records import BOX_SLOT
+from .conversations import BOX_SLOT
 
 TASKS = ("rewrite",)
 FORMATS = "Kosmos-2/GRIT markup (JSON/JSONL: image + text or conversations): <phrase>..</phrase><object><patch_index_XXXX>x2</object>"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from .base import ConvertError, Sample, decode_line, get, json_records
-from .records import BOX_SLOT
+from .conversations import BOX_SLOT
 
 TASKS = ("rewrite",)
 PASS_THROUGH_RAW = True  # a JSONL line without boxes is written back byte for byte

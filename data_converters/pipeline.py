@@ -28,7 +28,7 @@ from llava_getok.vocab import GETokConfig
 
 from . import registry
 from .base import ConvertError, Filtered, Options, image_exists, image_size
-from .records import BatchEncoder, build_record, group_turns
+from .conversations import BatchEncoder, build_record, group_turns
 
 BATCH = 512
 PASS_THROUGH = object()  # convert()'s answer for a record that is written as it was read

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from .base import ConvertError, Sample, decode_line, get, read_numbered_records
-from .records import BOX_SLOT
+from .conversations import BOX_SLOT
 
 TASKS = ("rewrite",)
 FORMATS = "Qwen-VL conversations (JSON/JSONL): <img>path</img>, <ref>phrase</ref><box>(x1,y1),(x2,y2)</box> in 0-999"

@@ -2,7 +2,7 @@
 
 Convention: points are (x, y) and boxes (x1, y1, x2, y2) normalised to [0, 1] in the model's frame
 (see :mod:`llava_getok.geometry`). Cell (i, j) has column i (x) and row j (y); its anchor is
-((i + 0.5) / n, (j + 0.5) / n). Offsets (dx, dy) move by dx * s_r, dy * s_r; dy > 0 moves down.
+``cfg.anchors``, offsets (dx, dy) of round r move by dx * s_r, dy * s_r (``cfg.step``); dy > 0 moves down.
 """
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .vocab import DELETE, TAGS, GETokConfig
+from .vocab import DELETE, KIND_TAGS, TAGS, GETokConfig
 
 # Values this far outside [0, 1] are clipped silently; further out they are an error (a wrong frame or
 # a pixel box passed as normalised is the usual cause).
 CLIP_TOLERANCE = 0.01
-KINDS = {"box": "box", "polyline": "pl", "mask": "seg"}  # shape kind -> tag name; "point" has no tag
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One grounded object: kind in {"point", "box", "polyline", "mask"}, normalised points in order.
+    """One grounded object: kind in ``vocab.SHAPE_KINDS``, its points in order, normalised in the model's
+    frame (or in pixels where :mod:`llava_getok.records` reads a record's pixel shapes).
 
     A box has two points, (x1, y1) and (x2, y2) with x1 <= x2 and y1 <= y2. ``span`` is where the shape
     stood in parsed text (start, end) and takes no part in equality.
@@ -81,8 +81,8 @@ def check_boxes(boxes, what="box") -> np.ndarray:
 def quantize(points, cfg: GETokConfig, rounds: int | None = None):
     """Normalised points (N, 2) in [0, 1] -> (cells (N, 2) int, offsets (N, R, 2) int).
 
-    i = min(floor(x n), n - 1); each round picks the d in {-h..h} that brings the running estimate
-    closest to the target, ties to the smaller |d|.
+    cells: ``cfg.cells``, i = min(floor(x n), n - 1); each round picks the d in {-h..h} that brings the
+    running estimate (from the anchor, ``cfg.anchors``) closest to the target, ties to the smaller |d|.
 
     >>> cells, offs = quantize([[0.3, 0.99]], GETokConfig(grid=4, rounds=1))
     >>> cells.tolist(), offs.tolist()
@@ -90,9 +90,9 @@ def quantize(points, cfg: GETokConfig, rounds: int | None = None):
     """
     rounds = cfg.rounds if rounds is None else rounds
     p = np.clip(np.asarray(points, dtype=np.float64).reshape(-1, 2), 0.0, 1.0)
-    n, h = cfg.grid, cfg.half
-    cells = np.minimum(np.floor(p * n), n - 1).astype(np.int64)
-    est = (cells + 0.5) / n
+    h = cfg.half
+    cells = cfg.cells(p)
+    est = cfg.anchors(cells)
     offsets = np.zeros((len(p), rounds, 2), dtype=np.int64)
     cand = np.arange(-h, h + 1)[np.argsort(np.abs(np.arange(-h, h + 1)), kind="stable")]  # 0, -1, 1, -2, 2...
     for r in range(rounds):
@@ -114,8 +114,7 @@ def dequantize(cells, offsets, cfg: GETokConfig) -> np.ndarray:
     """
     cells = np.asarray(cells, dtype=np.float64).reshape(-1, 2)
     offsets = np.asarray(offsets, dtype=np.float64).reshape(len(cells), -1, 2)
-    steps = np.array([cfg.step(r + 1) for r in range(offsets.shape[1])])
-    p = (cells + 0.5) / cfg.grid + (offsets * steps[None, :, None]).sum(1)
+    p = cfg.anchors(cells) + (offsets * cfg.steps(offsets.shape[1])[None, :, None]).sum(1)
     return np.clip(p, 0.0, 1.0)
 
 
@@ -123,7 +122,7 @@ def dequantize(cells, offsets, cfg: GETokConfig) -> np.ndarray:
 
 def _points_tokens(points, cfg: GETokConfig) -> list[str]:
     """Token string of each point: its grid token, plus its offsets in inline mode."""
-    rounds = cfg.rounds if cfg.mode == "inline" else 0
+    rounds = cfg.inline_rounds
     cells, offsets = quantize(points, cfg, rounds)
     n, h, m = cfg.grid, cfg.half, cfg.offset_levels
     grid, off = cfg.grid_tokens, cfg.offset_tokens
@@ -137,7 +136,7 @@ def _points_tokens(points, cfg: GETokConfig) -> list[str]:
 def _wrap(kind: str, body: str) -> str:
     if kind == "point":
         return body
-    open_, close = TAGS[KINDS[kind]]
+    open_, close = TAGS[KIND_TAGS[kind]]
     return open_ + body + close
 
 
@@ -169,14 +168,13 @@ def encode_boxes(boxes, cfg: GETokConfig) -> list[str]:
 
 def _lattice(points, cfg: GETokConfig) -> np.ndarray:
     """Where each point decodes to (its quantised position on the token lattice of cfg's mode)."""
-    rounds = cfg.rounds if cfg.mode == "inline" else 0
-    return dequantize(*quantize(points, cfg, rounds), cfg)
+    return dequantize(*quantize(points, cfg, cfg.inline_rounds), cfg)
 
 
 def decode_boxes(texts, cfg: GETokConfig) -> np.ndarray:
     """Batch inverse of :func:`encode_boxes` (vectorised): each text must be exactly one box as written by
     ``encode_boxes`` with the same config; otherwise ValueError naming the first bad text's index."""
-    rounds = cfg.rounds if cfg.mode == "inline" else 0
+    rounds = cfg.inline_rounds
     point = r"<grid_(\d+)_(\d+)>" + r"<off_(-?\d+)_(-?\d+)>" * rounds
     texts = list(texts)
     nums = re.findall(TAGS["box"][0] + point + point + TAGS["box"][1], "\n".join(texts))
@@ -208,7 +206,7 @@ def encode_mask_points(points, cfg: GETokConfig) -> str:
     re-encoding decoded points reproduces the same sequence."""
     p = check_points(points, "mask anchors")
     q = _lattice(p, cfg)
-    cell = np.minimum(np.floor(q * cfg.grid), cfg.grid - 1)
+    cell = cfg.cells(q)
     order = np.lexsort((q[:, 0], q[:, 1], cell[:, 0], cell[:, 1]))
     q_sorted = q[order]
     keep = np.ones(len(order), dtype=bool)

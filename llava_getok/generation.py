@@ -1,7 +1,7 @@
 """Grammar-constrained decoding: a transformers ``LogitsProcessor`` that only lets the model write GETok
 that :func:`llava_getok.parse.parse_ids` accepts (spec sections 4, 5 and 8).
 
-The grammar (the one :mod:`llava_getok.parse` reads), with R = cfg.rounds in inline mode, else 0:
+The grammar (the one :mod:`llava_getok.parse` reads), with R = cfg.inline_rounds:
 
     answer  := (TEXT | group | refine)* EOS
     point   := GRID OFF{R}
@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from transformers import LogitsProcessor
 
-from .vocab import DELETE, TAGS, GETokConfig
+from .vocab import DELETE, KIND_TAGS, TAG_KINDS, TAGS, GETokConfig
 
 # Token classes. NEVER: ids the model may never write (BOS, ids beyond the tokenizer in a padded head).
 CLASSES = (
@@ -40,7 +40,6 @@ CLASSES = (
     "<box>", "</box>", "<seg>", "</seg>", "<pl>", "</pl>", "<offset>", "</offset>", "never",
 )
 _C = {c: k for k, c in enumerate(CLASSES)}
-_GROUPS = ("box", "seg", "pl")  # tag names of the shape groups
 ONLY = {  # answer restrictions -> the ways an answer may start
     None: None,
     "box": ("<box>",),
@@ -89,7 +88,7 @@ class GETokGrammar:
         if only == "refinement" and cfg.mode != "refine":
             raise ValueError(f"only='refinement' needs a config in refine mode, got mode {cfg.mode!r}")
         self.cfg, self.only = cfg, only
-        self.rounds = cfg.rounds if cfg.mode == "inline" else 0
+        self.rounds = cfg.inline_rounds
         self.start = State("start") if only else State("text")
         # enumerate the reachable states breadth-first, then tabulate
         self.states: list[State] = [self.start, State("done")]
@@ -146,7 +145,7 @@ class GETokGrammar:
             if cls == "<offset>" and self.cfg.mode == "refine":
                 return State("off")
             return None
-        if s.ctx in _GROUPS:
+        if s.ctx in TAG_KINDS:  # inside a shape group
             if cls == "grid" and (s.ctx != "box" or s.points < 2):
                 return State(s.ctx, s.points, R) if R else self._after_point(s)
             if cls == TAGS[s.ctx][1] and s.points >= (2 if s.ctx == "box" else 1):
@@ -334,9 +333,6 @@ class GETokLogitsProcessor(LogitsProcessor):
         return scores + self._level_bias(level, scores.dtype).index_select(0, self._state)
 
 
-_KIND_TAG = {"box": "box", "mask": "seg", "polyline": "pl"}
-
-
 def refinement_classes(shapes) -> list[tuple[str, ...]]:
     """The token classes, position by position, of the one refinement that fits ``shapes`` (the first
     answer, spec section 5): ``<offset>``, per shape its tag and one offset or ``<delete>`` per point,
@@ -348,10 +344,10 @@ def refinement_classes(shapes) -> list[tuple[str, ...]]:
     """
     out = [("<offset>",)]
     for s in shapes:
-        tag = _KIND_TAG.get(s.kind)
-        out += [(f"<{tag}>",)] if tag else []
+        open_, close = TAGS[KIND_TAGS[s.kind]] if s.kind in KIND_TAGS else (None, None)
+        out += [(open_,)] if open_ else []
         out += [("off", "delete")] * len(s.points)
-        out += [(f"</{tag}>",)] if tag else []
+        out += [(close,)] if close else []
     return out + [("</offset>",), ("eos",)]
 
 

@@ -143,20 +143,9 @@ def _pixel_index(points_px, shape) -> np.ndarray:
     return np.clip(p, 0, [w - 1, h - 1])
 
 
-def grid_anchors(cfg: GETokConfig) -> np.ndarray:
-    """Every cell anchor ((i + 0.5) / n, (j + 0.5) / n), row-major (j, then i): shape (n * n, 2).
-
-    >>> grid_anchors(GETokConfig(grid=2)).tolist()
-    [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]
-    """
-    n = cfg.grid
-    j, i = np.divmod(np.arange(n * n), n)
-    return np.stack([(i + 0.5) / n, (j + 0.5) / n], 1)
-
-
 def _anchors_on_image(cfg, size, frame):
     """Anchors whose pixel falls inside the image (pad-frame anchors in the padding are useless)."""
-    a = grid_anchors(cfg)
+    a = cfg.grid_anchors
     px = points_from_frame(a, size, frame, clamp=False)
     inside = (px >= 0).all(1) & (px[:, 0] < size[0]) & (px[:, 1] < size[1])
     return a[inside], px[inside]
@@ -308,7 +297,7 @@ def mask_cells_near(gt_mask, cfg: GETokConfig, frame: str, ring: int = 1) -> np.
     lo = points_to_frame([[xs.min(), ys.min()]], (w, h), frame)[0]
     hi = points_to_frame([[xs.max() + 1, ys.max() + 1]], (w, h), frame)[0]
     n = cfg.grid
-    i0, j0 = np.clip(np.floor(lo * n).astype(int) - ring, 0, n - 1)
-    i1, j1 = np.clip(np.floor(hi * n).astype(int) + ring, 0, n - 1)
+    i0, j0 = np.clip(cfg.cells(lo) - ring, 0, n - 1)
+    i1, j1 = np.clip(cfg.cells(hi) + ring, 0, n - 1)
     jj, ii = np.meshgrid(np.arange(j0, j1 + 1), np.arange(i0, i1 + 1), indexing="ij")
-    return np.stack([(ii.ravel() + 0.5) / n, (jj.ravel() + 0.5) / n], 1)
+    return cfg.anchors(np.stack([ii.ravel(), jj.ravel()], 1))

@@ -3,7 +3,7 @@
 Never raises on malformed model output: each problem becomes a :class:`ParseError` with its character
 position, and the offending group is dropped. The grammar is the one :mod:`llava_getok.codec` writes:
 
-    point   := GRID OFF{R}                      (R = cfg.rounds in inline mode, else 0)
+    point   := GRID OFF{R}                      (R = cfg.inline_rounds)
     group   := <box> point point </box> | <pl> point+ </pl> | <seg> point+ </seg> | point
     refine  := <offset> (rgroup)* </offset>,  rgroup := the same with OFF|<delete> in place of each point
 """
@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .codec import Refinement, Shape, dequantize
-from .vocab import TAGS, TOKEN_RE, GETokConfig
+from .vocab import TAG_KINDS, TAGS, TOKEN_RE, GETokConfig
 
 _OPEN = {TAGS[k][0]: k for k in TAGS}
 _CLOSE = {TAGS[k][1]: k for k in TAGS}
-_KIND = {"box": "box", "pl": "polyline", "seg": "mask"}
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def parse_ids(ids, id_to_token: dict[int, str], cfg: GETokConfig) -> ParseResult
 
 
 def parse_tokens(tokens, cfg: GETokConfig) -> ParseResult:
-    rounds = cfg.rounds if cfg.mode == "inline" else 0
+    rounds = cfg.inline_rounds
     n, h = cfg.grid, cfg.half
     res = ParseResult()
     group = None  # (tag name, start position, items) while inside a group
@@ -191,7 +190,7 @@ def parse_tokens(tokens, cfg: GETokConfig) -> ParseResult:
                 if p is not None:
                     group[2].append(p)
             if not broken:
-                emit(_KIND[name], group[2], group[1], end)
+                emit(TAG_KINDS[name], group[2], group[1], end)
             group, point, broken = None, None, False
     close_bare_point(end)
     if group is not None:

@@ -18,33 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from .atomic import atomic_path
-from .geometry import boxes_from_frame, points_from_frame
 from .parse import ParseResult
+from .records import REFINE_PROMPT, RecordsError, check_getok, prediction_line, read_records
 from .vocab import GETokConfig
 
 SHAPE_ONLY = {"rec": "box", "res": "mask", "point": "point"}  # --shape-only: the answer each task asks for
-
-
-def to_prediction(rid, text: str, result: ParseResult, size, frame: str, decimals: int = 2) -> dict:
-    """A parse result (normalised shapes in ``frame``) -> a prediction line with points in original pixels.
-
-    >>> from llava_getok.parse import parse
-    >>> cfg = GETokConfig(grid=4, mode="grid")
-    >>> to_prediction("a", "x", parse("<box><grid_0_0><grid_3_3></box>", cfg), (480, 640), "pad")["shapes"]
-    [{'kind': 'box', 'points': [[0.0, 80.0], [480.0, 560.0]]}]
-    """
-    shapes = []
-    for s in result.shapes:
-        if s.kind == "box":
-            b = boxes_from_frame(np.asarray(s.box, dtype=np.float64), size, frame)
-            pts = b.reshape(2, 2)
-        else:
-            pts = points_from_frame(np.asarray(s.points, dtype=np.float64), size, frame)
-        shapes.append({"kind": s.kind, "points": np.round(pts, decimals).tolist()})
-    return {"id": rid, "text": text, "shapes": shapes, "errors": [e.message for e in result.errors]}
 
 
 def question_turns(record: dict) -> list[dict]:
@@ -73,7 +52,7 @@ class Predictor:
         self.constrained, self.shape_only, self.max_new_tokens = constrained, shape_only, max_new_tokens
         self.token_ids = getok_token_ids(tokenizer, cfg)
         self.id_to_token = {v: k for k, v in self.token_ids.items()}
-        self.first_cfg = GETokConfig(cfg.grid, 0, cfg.offset_levels, cfg.schedule, "grid") if cfg.mode == "refine" else cfg
+        self.first_cfg = cfg.with_mode("grid") if cfg.mode == "refine" else cfg
         self._cache = {}
 
     def _processors(self, cfg, only=None, first_shapes=None):
@@ -96,10 +75,10 @@ class Predictor:
         import torch
         from transformers import LogitsProcessorList
 
-        from .llava import rl_inputs
+        from .llava import inputs
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.unk_token_id
-        ids = [rl_inputs.prompt_ids(rl_inputs.render_prompt(c, self.conv_mode), self.tokenizer) for c in conversations]
+        ids = [inputs.prompt_ids(inputs.render_prompt(c, self.conv_mode), self.tokenizer) for c in conversations]
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
@@ -108,7 +87,7 @@ class Predictor:
         kwargs = {}
         if images[0] is not None:
             kwargs["images"] = torch.stack(images).to(device=device, dtype=dtype)
-        with torch.inference_mode(), rl_inputs.padding_side(self.model, "left"):
+        with torch.inference_mode(), inputs.padding_side(self.model, "left"):
             out = self.model.generate(
                 input_ids.to(device), attention_mask=attention.to(device), do_sample=False, num_beams=1,
                 max_new_tokens=max_new_tokens or self.max_new_tokens, logits_processor=LogitsProcessorList(processors),
@@ -130,17 +109,13 @@ class Predictor:
         from .codec import apply_refinement
         from .parse import parse_ids
 
-        from .llava import rl_inputs
-
         tasks = {(r.get("getok") or {}).get("task") for r in records}
         only = SHAPE_ONLY.get(tasks.pop()) if self.shape_only and len(tasks) == 1 else None
-        images = [self._image(r, image_root, rl_inputs) for r in records]
+        images = [self._image(r, image_root) for r in records]
         first_turns = [question_turns(r) for r in records]
         answers = self.generate(first_turns, images, self._processors(self.first_cfg, only))
         out = []
         if self.cfg.mode == "refine":  # second turn: refine the model's own first answer
-            from .records import REFINE_PROMPT
-
             from .parse import ParseError
 
             texts = [self.decode(a) for a in answers]
@@ -164,18 +139,18 @@ class Predictor:
         return out
 
     def _line(self, record, text, result):
-        g = record.get("getok") or {}
-        if not g.get("size") or not g.get("frame"):
-            raise ValueError(f"record {record.get('id')}: field 'getok.size'/'getok.frame' is needed to map shapes to pixels")
-        return to_prediction(record["id"], text, result, tuple(g["size"]), g["frame"])
+        g = check_getok(record.get("getok") or {}, f"record {record.get('id')}: getok", needs=("frame", "size"))
+        return prediction_line(record["id"], text, result.shapes, [e.message for e in result.errors], g["size"], g["frame"])
 
-    def _image(self, record, image_root, rl_inputs):
+    def _image(self, record, image_root):
+        from .llava import inputs
+
         if not record.get("image"):
             return None
         path = Path(image_root or ".") / record["image"]
         if not path.is_file():
             raise FileNotFoundError(f"record {record.get('id')}: field 'image': {path} not found (--image-root {image_root})")
-        return rl_inputs.image_tensor(path, self.image_processor, self.model.config)
+        return inputs.image_tensor(path, self.image_processor, self.model.config)
 
 
 def batches(records: list[dict], size: int):
@@ -206,8 +181,10 @@ def load_model(model_path: str, model_base: str | None = None, device: str = "cp
 
 def model_getok_config(model_path: str) -> GETokConfig | None:
     """The GETok config recorded in the checkpoint's sidecar, if any."""
-    path = Path(model_path) / "getok_config.json"
-    return GETokConfig.from_dict(json.loads(path.read_text())["getok"]) if path.is_file() else None
+    from .llava.sidecar import read_sidecar
+
+    sidecar = read_sidecar(model_path)
+    return sidecar.config if sidecar is not None else None
 
 
 def predict_file(predictor: Predictor, records: list[dict], image_root, output: Path, batch_size: int = 8,
@@ -247,11 +224,9 @@ def _parser():
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from .records import RecordsError as InputError, read_records
-
     try:
         records = read_records(args.data, one_question=True)
-    except (InputError, OSError) as e:
+    except (RecordsError, OSError) as e:
         print(f"llava-getok predict: {e}", file=sys.stderr)
         return 1
     records = records[: args.limit] if args.limit is not None else records
@@ -262,8 +237,7 @@ def main(argv=None) -> int:
         return 1
     cfg = GETokConfig.from_dict(json.loads(configs.pop()))
     model_cfg = model_getok_config(args.model_path)
-    lattice = lambda c: (c.grid, c.offset_levels, c.schedule)  # noqa: E731  (mode and rounds: the data's)
-    if model_cfg is not None and lattice(model_cfg) != lattice(cfg):
+    if model_cfg is not None and model_cfg.with_mode("grid") != cfg.with_mode("grid"):  # mode and rounds: the data's
         print(f"llava-getok predict: the model's tokens are {model_cfg}, the data's {cfg}: grid, offset levels "
               "and schedule must agree", file=sys.stderr)
         return 1

@@ -19,23 +19,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import atomic_path
 from .geometry import points_from_frame, points_to_frame
+from .records import RecordsError, read_predictions, read_records, record_mask, shapes_from_pixels
 from .vocab import GETokConfig
 
 GT, PRED, LATTICE = (40, 200, 60), (235, 40, 40), (255, 255, 255)
 MIN_CAPTION_WIDTH = 160  # pixels; smaller pictures get their caption on the contact sheet only
 CAPTION_STRIP = 14
-
-
-def rle_to_mask(rle: dict) -> np.ndarray:
-    """COCO RLE (compressed, ``counts`` str or bytes, or uncompressed, ``counts`` a list) -> (H, W) bool."""
-    from pycocotools import mask as mask_utils
-
-    rle = dict(rle)
-    if isinstance(rle.get("counts"), list):
-        rle = mask_utils.frPyObjects(rle, *rle["size"])
-    elif isinstance(rle.get("counts"), str):
-        rle["counts"] = rle["counts"].encode()
-    return mask_utils.decode(rle).astype(bool)
 
 
 def _width(image: Image.Image) -> int:
@@ -85,8 +74,7 @@ def anchor_cells(shapes, cfg: GETokConfig, size, frame: str):
     pts = [p for s in shapes for p in s.get("points", [])]
     if not pts:
         return []
-    norm = np.clip(points_to_frame(np.asarray(pts, dtype=np.float64), size, frame), 0, 1)
-    cells = np.unique(np.minimum(np.floor(norm * cfg.grid), cfg.grid - 1).astype(int), axis=0)
+    cells = np.unique(cfg.cells(points_to_frame(np.asarray(pts, dtype=np.float64), size, frame)), axis=0)
     lo = points_from_frame(cells / cfg.grid, size, frame)
     hi = points_from_frame((cells + 1) / cfg.grid, size, frame)
     return [(*a, *b) for a, b in zip(lo.tolist(), hi.tolist())]
@@ -168,13 +156,13 @@ def sample_picture(record: dict, prediction: dict | None, image_root, grid: bool
     frame = g.get("frame", "pad")
     pred_shapes = (prediction or {}).get("shapes") or []
     pred_mask = None
-    anchors = [p for s in pred_shapes if s.get("kind") == "mask" for p in s["points"]]
-    if masks and anchors:
+    mask_shapes = [s for s in pred_shapes if s.get("kind") == "mask"]
+    if masks and mask_shapes:
         from .masks import mask_from_anchors
 
-        norm = points_to_frame(np.asarray(anchors, dtype=np.float64), image.size, frame)
-        pred_mask = mask_from_anchors(norm, np.asarray(image), frame, generator)
-    return render(image, g.get("shapes") or [], pred_shapes, rle_to_mask(g["mask"]) if masks and g.get("mask") else None, pred_mask,
+        anchors = [p for s in shapes_from_pixels(mask_shapes, image.size, frame) for p in s.points]
+        pred_mask = mask_from_anchors(anchors, np.asarray(image), frame, generator)
+    return render(image, g.get("shapes") or [], pred_shapes, record_mask(g) if masks else None, pred_mask,
                   cfg, frame, grid, sample_caption(record, prediction))
 
 
@@ -205,14 +193,11 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    from .eval.cli import InputError, read_predictions
-    from .records import read_records
-
     args = _parser().parse_args(argv)
     try:
         records = read_records(args.annotations)
         preds = read_predictions(args.predictions) if args.predictions else {}
-    except (InputError, OSError) as e:
+    except (RecordsError, OSError) as e:
         print(f"llava-getok show: {e}", file=sys.stderr)
         return 1
     if args.ids:

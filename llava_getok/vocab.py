@@ -1,19 +1,27 @@
-"""GETok vocabulary: the config object and the token tables (spec sections 2 and 5).
+"""GETok vocabulary: the config object, the token tables and the lattice's numbers (spec sections 2-5).
 
-Every other module takes a :class:`GETokConfig` and asks it for token names, so the writer (codec) and
-the readers (parse, loss, constrained decoding) cannot disagree about the grid size or the names.
+Every other module takes a :class:`GETokConfig` and asks it for token names, cell anchors, offset steps,
+how many offsets follow a grid token and the grid-only variant of a config; shape kinds map to their tags
+through :data:`KIND_TAGS`. So the writer (codec) and the readers (parse, loss, constrained decoding,
+converters) cannot disagree about the convention: nothing else recomputes it.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import asdict, dataclass
 from functools import cached_property
+
+import numpy as np
 
 GRID_FORMAT = "<grid_{i}_{j}>"
 OFFSET_FORMAT = "<off_{dx}_{dy}>"
 DELETE = "<delete>"
 TAGS = {"box": ("<box>", "</box>"), "seg": ("<seg>", "</seg>"), "pl": ("<pl>", "</pl>"), "offset": ("<offset>", "</offset>")}
 TAG_TOKENS = tuple(t for pair in TAGS.values() for t in pair)
+SHAPE_KINDS = ("point", "box", "polyline", "mask")
+KIND_TAGS = {"box": "box", "polyline": "pl", "mask": "seg"}  # shape kind -> its tag in TAGS; a point has none
+TAG_KINDS = {tag: kind for kind, tag in KIND_TAGS.items()}
 # One regex, built from the same formats that write the tokens, recognises every GETok token in text.
 TOKEN_RE = re.compile(
     r"<grid_(?P<i>\d+)_(?P<j>\d+)>|<off_(?P<dx>-?\d+)_(?P<dy>-?\d+)>|(?P<delete><delete>)|(?P<tag></?(?:box|seg|pl|offset)>)"
@@ -70,11 +78,64 @@ class GETokConfig:
         """h = (m - 1) / 2, the largest offset magnitude."""
         return (self.offset_levels - 1) // 2
 
+    @property
+    def inline_rounds(self) -> int:
+        """Offset tokens that follow each grid token in an answer: R in inline mode; 0 in grid mode and in
+        refine mode, whose answers write grid tokens alone (its offsets stand in a second answer)."""
+        return self.rounds if self.mode == "inline" else 0
+
+    def with_mode(self, mode: str) -> "GETokConfig":
+        """The same lattice (grid, offset levels, schedule) in ``mode``, with that mode's rounds (grid: 0,
+        refine: 1); ``with_mode("grid")`` is the config of refine mode's first answer.
+
+        >>> GETokConfig(grid=4, mode="refine").with_mode("grid")
+        GETokConfig(grid=4, rounds=0, offset_levels=3, schedule='halving', mode='grid')
+        """
+        return dataclasses.replace(self, mode=mode, rounds=None)
+
+    def cells(self, points) -> np.ndarray:
+        """Normalised points (..., 2), or one axis's coordinates (...) -> the cell holding each: i =
+        min(floor(x n), n - 1) after clipping x to [0, 1], likewise j. The inverse of :meth:`anchors`.
+
+        >>> GETokConfig(grid=4).cells([[0.3, 0.99], [1.0, 0.0]]).tolist()
+        [[1, 3], [3, 0]]
+        """
+        p = np.clip(np.asarray(points, dtype=np.float64), 0.0, 1.0)
+        return np.minimum(np.floor(p * self.grid), self.grid - 1).astype(np.int64)
+
+    def anchors(self, cells) -> np.ndarray:
+        """Cell indices (..., 2) as (i, j), or one axis's indices (...) -> anchors (cells + 0.5) / n,
+        normalised: the centre of each cell. The inverse of :meth:`cells`.
+
+        >>> GETokConfig(grid=4).anchors([[0, 3], [1, 2]]).tolist()
+        [[0.125, 0.875], [0.375, 0.625]]
+        """
+        return (np.asarray(cells, dtype=np.float64) + 0.5) / self.grid
+
+    @property
+    def grid_anchors(self) -> np.ndarray:
+        """(n * n, 2) anchors of every cell in the order of :attr:`grid_tokens` (row-major: j, then i); a new
+        array on every access.
+
+        >>> GETokConfig(grid=2).grid_anchors.tolist()
+        [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]
+        """
+        j, i = np.divmod(np.arange(self.grid * self.grid), self.grid)
+        return self.anchors(np.stack([i, j], 1))
+
     def step(self, r: int) -> float:
         """Offset step of round r (1-based) in normalised units."""
         if self.schedule == "halving":
             return 1.0 / (self.grid * (self.offset_levels - 1) ** r)
         return 1.0 / (self.grid * (self.offset_levels - 1))
+
+    def steps(self, rounds: int) -> np.ndarray:
+        """(rounds,) the steps s_1 .. s_rounds of :meth:`step`: what offset d of round r moves, d * s_r.
+
+        >>> GETokConfig(grid=4, rounds=2).steps(2).tolist()
+        [0.125, 0.0625]
+        """
+        return np.array([self.step(r) for r in range(1, rounds + 1)], dtype=np.float64)
 
     @property
     def max_error(self) -> float:

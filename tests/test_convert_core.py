@@ -282,7 +282,7 @@ def test_round_trip_property_over_sizes_frames_and_boxes():
     from hypothesis import strategies as st
 
     from data_converters.base import Sample
-    from data_converters.records import build_record
+    from data_converters.conversations import build_record
 
     @settings(max_examples=60, deadline=None)
     @given(w=st.integers(1, 4000), h=st.integers(1, 4000), frame=st.sampled_from(["pad", "orig"]),

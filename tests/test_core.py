@@ -58,6 +58,30 @@ def test_config_defaults_rounds_by_mode_and_round_trips_through_dict():
     assert gt.GETokConfig.from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.parametrize("n", [1, 3, 32, 50])
+def test_cells_and_anchors_are_inverse_and_follow_the_spec(n):
+    """Spec section 3: anchor ((i + 0.5)/n, (j + 0.5)/n); i = min(floor(x n), n - 1) after clipping to [0, 1]."""
+    cfg = gt.GETokConfig(grid=n)
+    a = cfg.grid_anchors
+    assert a.shape == (n * n, 2) and a[0].tolist() == [0.5 / n] * 2 and a[-1].tolist() == [(n - 0.5) / n] * 2
+    cells = cfg.cells(a)
+    assert (cells[:, 1] * n + cells[:, 0] == np.arange(n * n)).all()  # row-major, the order of grid_tokens
+    assert (cfg.anchors(cells) == a).all()
+    x = np.array([-0.005, 0.0, 1 / n - 1e-12, 1 / n, 0.999999, 1.0, 1.004])
+    assert cfg.cells(x).tolist() == [0, 0, 0, min(1, n - 1), n - 1, n - 1, n - 1]
+    assert (np.abs(cfg.anchors(cfg.cells(np.clip(x, 0, 1))) - np.clip(x, 0, 1)) <= 0.5 / n + 1e-12).all()
+
+
+def test_rounds_steps_and_mode_variants_asked_of_the_config():
+    inline, grid, refine = gt.GETokConfig(grid=8, rounds=2), gt.GETokConfig(grid=8, mode="grid"), gt.GETokConfig(grid=8, mode="refine")
+    assert (inline.inline_rounds, grid.inline_rounds, refine.inline_rounds) == (2, 0, 0)
+    assert inline.steps(2).tolist() == [1 / 16, 1 / 32] and inline.steps(0).shape == (0,)
+    assert gt.GETokConfig(grid=8, rounds=2, schedule="fixed").steps(2).tolist() == [1 / 16, 1 / 16]
+    assert refine.with_mode("grid") == grid and inline.with_mode("refine") == refine
+    lattice = gt.GETokConfig(grid=8, offset_levels=5, schedule="fixed", mode="refine").with_mode("grid")
+    assert (lattice.grid, lattice.offset_levels, lattice.schedule, lattice.rounds) == (8, 5, "fixed", 0)
+
+
 def test_error_bounds_match_spec():
     assert gt.GETokConfig(grid=32, rounds=0, mode="grid").max_error == 1 / 64
     assert gt.GETokConfig(grid=32, rounds=1).max_error == 1 / 128

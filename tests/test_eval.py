@@ -8,7 +8,7 @@ from PIL import Image
 from llava_getok.eval import cli as eval_cli
 from llava_getok.eval.metrics import SampleScore, aggregate, score_record
 from llava_getok.parse import parse
-from llava_getok.predict import to_prediction
+from llava_getok.records import prediction_line
 from llava_getok.vocab import GETokConfig
 
 GRID4 = GETokConfig(grid=4, mode="grid")
@@ -30,8 +30,8 @@ def rec_record(rid, image, size, gt_box, answer, cfg=GRID4, split="val"):
 
 
 def predicted(record, text, cfg=GRID4):
-    g = record["getok"]
-    return to_prediction(record["id"], text, parse(text, cfg), tuple(g["size"]), g["frame"])
+    g, result = record["getok"], parse(text, cfg)
+    return prediction_line(record["id"], text, result.shapes, [e.message for e in result.errors], g["size"], g["frame"])
 
 
 def test_rec_iou_undoes_the_pad_frame_on_a_portrait_image(shared_data):

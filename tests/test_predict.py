@@ -162,14 +162,14 @@ def to_px(shape, record):
 def test_sampled_generation_on_the_tiny_model_always_parses(tiny_getok, records_and_root):
     """LLaVA's generate with sampling at a high temperature, 8 rows: every answer parses by ids."""
     from llava_getok.generation import GETokLogitsProcessor, getok_token_ids
-    from llava_getok.llava import rl_inputs
+    from llava_getok.llava import inputs
     from llava_getok.parse import parse_ids
 
     tokenizer, model, processor = tiny_getok
     records, root, _ = records_and_root
-    prompt = rl_inputs.render_prompt(records[0]["conversations"][:1], "llava_v1")
-    ids = torch.tensor([rl_inputs.prompt_ids(prompt, tokenizer)] * 8)
-    images = torch.stack([rl_inputs.image_tensor(root / PORTRAIT, processor, model.config)] * 8)
+    prompt = inputs.render_prompt(records[0]["conversations"][:1], "llava_v1")
+    ids = torch.tensor([inputs.prompt_ids(prompt, tokenizer)] * 8)
+    images = torch.stack([inputs.image_tensor(root / PORTRAIT, processor, model.config)] * 8)
     proc = GETokLogitsProcessor.from_tokenizer(tokenizer, CFG, max_new_tokens=20)
     torch.manual_seed(0)
     with torch.inference_mode():  # two calls with one processor, no reset: it restarts by itself (GRPO does so)

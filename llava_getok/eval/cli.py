@@ -21,42 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_text_atomic
+from ..records import RecordsError, decode_record, read_predictions, read_records
 from .metrics import TASKS, THRESHOLDS, aggregate, score_all, scores_as_dicts
-from ..records import RecordsError, decode_record, read_records
-
-
-SHAPE_KINDS = ("point", "box", "polyline", "mask")
-
-
-InputError = RecordsError  # every input problem of eval / predict / show, named by file, line and field
-
-
-def read_predictions(path: Path) -> dict[str, dict]:
-    """Predictions JSONL -> {id: prediction}; a repeated id or a line without id is an error."""
-    out: dict[str, dict] = {}
-    for k, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            p = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{k}: not valid JSON ({e})") from None
-        if not isinstance(p, dict) or "id" not in p:
-            raise InputError(f"{path}:{k}: a prediction needs an 'id' field")
-        if not isinstance(p.get("shapes", []), list) or not isinstance(p.get("errors", []), list):
-            raise InputError(f"{path}:{k} (id {p['id']}): 'shapes' and 'errors' must be lists")
-        for k_shape, shape in enumerate(p.get("shapes", [])):
-            where = f"{path}:{k} (id {p['id']}): shapes[{k_shape}]"
-            if not isinstance(shape, dict) or shape.get("kind") not in SHAPE_KINDS:
-                raise InputError(f"{where}: 'kind' must be one of {', '.join(SHAPE_KINDS)}")
-            pts = np.asarray(shape.get("points", []), dtype=object)
-            if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0 or not all(
-                    isinstance(v, (int, float)) and np.isfinite(v) for v in pts.ravel()):
-                raise InputError(f"{where}: 'points' must be a non-empty list of [x, y] numbers (pixels)")
-        if str(p["id"]) in out:
-            raise InputError(f"{path}:{k}: id {p['id']!r} appears twice")
-        out[str(p["id"])] = p
-    return out
 
 
 def image_loader_for(root: Path | None):
@@ -68,7 +34,7 @@ def image_loader_for(root: Path | None):
     def load(record):
         path = Path(root) / str(record.get("image"))
         if not record.get("image") or not path.is_file():
-            raise InputError(f"record {record.get('id')}: field 'image': {path} not found (under --image-root {root})")
+            raise RecordsError(f"record {record.get('id')}: field 'image': {path} not found (under --image-root {root})")
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
 
@@ -125,7 +91,7 @@ def evaluate(predictions: Path, annotations: Path, image_root: Path | None = Non
         records = [r for r in records if str(r["id"]) in preds]
     loader = image_loader_for(image_root)
     if loader is None and any((r.get("getok") or {}).get("task") == "res" for r in records):
-        raise InputError(f"{annotations}: RES records need the images (pass --image-root)")
+        raise RecordsError(f"{annotations}: RES records need the images (pass --image-root)")
     if generator is None and loader is not None:
         from ..masks import SuperpixelGenerator
 
@@ -192,7 +158,7 @@ def main(argv=None) -> int:
     try:
         result = evaluate(args.predictions, args.annotations, args.image_root, args.output_dir,
                           args.only_predicted, not args.no_ceiling, generator)
-    except ValueError as e:  # InputError, or a record the metrics cannot score (named in the message)
+    except ValueError as e:  # RecordsError, or a record the metrics cannot score (named in the message)
         print(f"llava-getok eval: {e}", file=sys.stderr)
         return 1
     print(result["markdown"], end="")

@@ -11,7 +11,8 @@ the task asks for (``no_shape``). Both are counted separately, so a format probl
 localisation problem. A record whose ground truth cannot be scored (no target) is skipped and counted.
 
 The inputs are the converted records (docs/data-format.md) and prediction dicts
-``{"id", "text", "shapes": [{"kind", "points"}], "errors"}`` with points in original pixels.
+``{"id", "text", "shapes": [{"kind", "points"}], "errors"}`` with points in original pixels, both read
+through :mod:`llava_getok.records`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..geometry import box_iou, points_to_frame
-from ..viz import rle_to_mask
+from ..records import read_shapes, record_mask, shapes_from_pixels
 
 TASKS = ("rec", "res", "point")
 THRESHOLDS = (0.5, 0.8)
@@ -56,15 +57,9 @@ def _shapes(pred: dict, kind: str) -> list[dict]:
     return [s for s in pred.get("shapes") or [] if s.get("kind") == kind]
 
 
-def _box(shape: dict) -> np.ndarray:
-    p = np.asarray(shape["points"], dtype=np.float64).reshape(-1, 2)
-    return np.concatenate([p.min(0), p.max(0)])
-
-
-def gt_mask(record: dict) -> np.ndarray | None:
-    """The ground-truth mask (H, W) bool from ``getok.mask`` (COCO RLE), or None."""
-    rle = (record.get("getok") or {}).get("mask")
-    return rle_to_mask(rle) if rle else None
+def _boxes(shapes: list[dict]) -> list[tuple]:
+    """The boxes (x1, y1, x2, y2) of the box shapes among JSON ``shapes``, in pixels."""
+    return [s.box for s in read_shapes(shapes) if s.kind == "box"]
 
 
 def score_record(record: dict, pred: dict | None, image_loader=None, generator=None) -> SampleScore:
@@ -84,20 +79,20 @@ def score_record(record: dict, pred: dict | None, image_loader=None, generator=N
     if pred.get("errors"):
         return _miss(task, base, "unparseable", record, "; ".join(map(str, pred["errors"]))[:200])
     if task == "rec":
-        gt = [_box(s) for s in g.get("shapes") or [] if s.get("kind") == "box"]
+        gt = _boxes(g.get("shapes") or [])
         if not gt:
             return SampleScore(**base, status="skipped", reason="no ground-truth box (nothing matches)")
-        boxes = _shapes(pred, "box")
+        boxes = _boxes(pred.get("shapes") or [])
         if not boxes:
             return _miss(task, base, "no_shape", record, "no box in the answer")
-        iou = float(max(box_iou(_box(boxes[0]), b) for b in gt))
+        iou = float(max(box_iou(boxes[0], b) for b in gt))
         return SampleScore(**base, status="ok", iou=iou, hit=iou >= 0.5)
     if task == "res":
-        target = gt_mask(record)
+        target = record_mask(g)
         if target is None:
             return SampleScore(**base, status="skipped", reason="no getok.mask (RES needs the ground-truth mask)")
-        anchors = [p for s in _shapes(pred, "mask") for p in s["points"]]
-        if not anchors:
+        masks = _shapes(pred, "mask")
+        if not masks:
             return _miss(task, base, "no_shape", record, "no mask in the answer")
         if image_loader is None:
             raise ValueError(f"record {rid}: RES needs the image to turn anchors into a mask (pass --image-root)")
@@ -108,16 +103,15 @@ def score_record(record: dict, pred: dict | None, image_loader=None, generator=N
             raise ValueError(f"record {rid}: image is {image.shape[1]}x{image.shape[0]}, getok.mask is "
                              f"{target.shape[1]}x{target.shape[0]}")
         h, w = target.shape
-        norm = points_to_frame(np.asarray(anchors, dtype=np.float64), (w, h), g["frame"])
+        norm = [p for s in shapes_from_pixels(masks, (w, h), g["frame"]) for p in s.points]
         mask = mask_from_anchors(norm, image, g["frame"], generator)
         inter, union = int((mask & target).sum()), int((mask | target).sum())
         iou = inter / union if union else 0.0
         return SampleScore(**base, status="ok", iou=iou, inter=inter, union=union, hit=iou >= 0.5)
     # pointing
     points = _shapes(pred, "point")
-    target = gt_mask(record)
-    boxes = [_box(s) for s in g.get("shapes") or [] if s.get("kind") == "box"] + [
-        np.asarray(b, dtype=np.float64) for b in g.get("boxes") or []]
+    target = record_mask(g)
+    boxes = _boxes(g.get("shapes") or []) + [tuple(b) for b in g.get("boxes") or []]
     gt_points = [p for s in g.get("shapes") or [] if s.get("kind") == "point" for p in s["points"]]
     if target is None and not boxes and not gt_points:
         return SampleScore(**base, status="skipped", reason="no target (getok.mask, a box or a point) to point at")
@@ -140,7 +134,7 @@ def score_record(record: dict, pred: dict | None, image_loader=None, generator=N
 def _miss(task, base, status, record, reason=""):
     union = 0
     if task == "res":  # a missed mask still adds the target's area to the cumulative union
-        m = gt_mask(record)
+        m = record_mask(record.get("getok") or {})
         union = int(m.sum()) if m is not None else 0
     return SampleScore(**base, status=status, union=union, reason=reason)
 

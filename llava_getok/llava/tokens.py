@@ -130,7 +130,7 @@ def getok_row_targets(cfg: GETokConfig, init: str, mean: torch.Tensor, spread: f
     rows = mean.reshape(1, dim).repeat(len(cfg.tokens()), 1).float()
     if init == "sincos2d":
         n, h = cfg.grid, max(cfg.half, 1)
-        cells = torch.tensor([[(i + 0.5) / n, (j + 0.5) / n] for j in range(n) for i in range(n)])
+        cells = torch.from_numpy(cfg.grid_anchors).float()
         dirs = torch.tensor([[dx / h, dy / h] for dx, dy in cfg.offset_values], dtype=torch.float32)
         rows[: n * n] += spread * sincos2d_code(cells, dim)
         rows[n * n : n * n + len(dirs)] += spread * sincos2d_code(dirs, dim)

@@ -21,7 +21,7 @@ def build_rows(records, stage: str, image_folder, conv_mode: str, source="<recor
     frame / config: the model's frame and GETok config (its sidecar). A record made for another frame or
     grid is an error: its ground truth would be compared with coordinates the model does not mean.
     """
-    from ..llava.rl_inputs import render_prompt
+    from ..llava.inputs import render_prompt
     from .rewards import record_task
 
     if stage not in STAGE_TASKS:

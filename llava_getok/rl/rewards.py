@@ -25,8 +25,9 @@ from functools import lru_cache
 import numpy as np
 
 from ..codec import Shape, apply_refinement
-from ..geometry import box_area, box_iou, boxes_to_frame, mask_iou, points_from_frame, points_to_frame
+from ..geometry import box_area, box_iou, boxes_to_frame, mask_iou, points_from_frame
 from ..parse import ParseResult, parse, parse_ids
+from ..records import check_getok, record_mask, shapes_from_pixels
 from ..vocab import TOKEN_RE, GETokConfig
 
 GRID_TASKS = ("rec", "det", "res", "point")  # tasks judged by the grid stage
@@ -103,37 +104,16 @@ class Target:
 
 def target_from_getok(getok) -> Target:
     """The ``getok`` field of a converted record (dict or its JSON text) -> :class:`Target`."""
-    g = json.loads(getok) if isinstance(getok, str) else getok
-    for key in ("task", "frame", "size", "shapes"):
-        if key not in g:
-            raise ValueError(f"getok field lacks {key!r} (docs/data-format.md); keys: {sorted(g)}")
+    g = check_getok(json.loads(getok) if isinstance(getok, str) else getok)
     size = (int(g["size"][0]), int(g["size"][1]))
-    boxes, points = [], []
-    for k, s in enumerate(g["shapes"]):
-        pts = np.asarray(s["points"], dtype=np.float64).reshape(-1, 2)
-        if s["kind"] == "box":
-            boxes.append(boxes_to_frame(pts.reshape(4), size, g["frame"]))
-        elif s["kind"] == "point":
-            points.append(points_to_frame(pts[0], size, g["frame"]))
-        elif s["kind"] not in ("mask", "polyline"):
-            raise ValueError(f"getok.shapes[{k}].kind is {s['kind']!r}; expected box, point, mask or polyline")
-    mask = None
-    if g.get("mask"):
-        from pycocotools import mask as mask_utils
-
-        rle = dict(g["mask"])
-        if isinstance(rle["counts"], str):
-            rle["counts"] = rle["counts"].encode()
-        mask = mask_utils.decode(rle).astype(bool)
-        if mask.shape != (size[1], size[0]):
-            raise ValueError(f"getok.mask is {mask.shape[::-1]} (W, H) but getok.size is {size}")
+    shapes = shapes_from_pixels(g["shapes"], size, g["frame"])
     return Target(
         task=record_task(g),
-        boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
-        points=np.asarray(points, dtype=np.float64).reshape(-1, 2),
+        boxes=np.asarray([s.box for s in shapes if s.kind == "box"], dtype=np.float64).reshape(-1, 4),
+        points=np.asarray([s.points[0] for s in shapes if s.kind == "point"], dtype=np.float64).reshape(-1, 2),
         size=size,
         frame=g["frame"],
-        mask=mask,
+        mask=record_mask(g),
         config=GETokConfig.from_dict(g.get("config", {})),
         proposals=g.get("proposals"),
     )
@@ -422,9 +402,7 @@ class GroundingReward:
                 self.counts["abstained"] += 1
                 continue
             judged += 1
-            gcfg = target.config
-            cfg = GETokConfig(grid=gcfg.grid, offset_levels=gcfg.offset_levels, schedule=gcfg.schedule,
-                              mode="refine") if target.task == "refine" else gcfg
+            cfg = target.config.with_mode("refine") if target.task == "refine" else target.config
             # strict (by id) when trl passes the ids; by text only for offline scoring of plain strings
             id_map = self.id_to_token if ids is not None else None
             res, _ = parse_completion(text, ids or [], id_map, cfg, self.config.think)
@@ -563,9 +541,7 @@ class RefineReward(GroundingReward):
 def _first_answer(record, target: Target) -> list[Shape]:
     if "first_answer" not in record:
         raise ValueError("refine rewards need the 'first_answer' column (text of the first assistant turn)")
-    g = target.config
-    grid_cfg = GETokConfig(grid=g.grid, offset_levels=g.offset_levels, schedule=g.schedule, mode="grid")
-    res = parse(record["first_answer"], grid_cfg)
+    res = parse(record["first_answer"], target.config.with_mode("grid"))
     if res.errors:
         raise ValueError(f"first_answer {record['first_answer']!r} does not parse: {res.errors[0].message}")
     return res.shapes

@@ -216,7 +216,7 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
     if args.constrained:
         gen_cfg = cfg
         if args.stage == "grid" and cfg.mode == "refine":  # the first answer of refine data is grid-only
-            gen_cfg = type(cfg)(cfg.grid, 0, cfg.offset_levels, cfg.schedule, "grid")
+            gen_cfg = cfg.with_mode("grid")
         token_ids = dict(zip(sidecar.tokens, ids))
         processors = [GETokLogitsProcessor(token_ids, gen_cfg, tokenizer.eos_token_id, len(tokenizer),
                                            never_ids=[tokenizer.bos_token_id], only=args.constrain_only,

@@ -1,12 +1,11 @@
-"""The one function that turns a validated Sample into a LLaVA record (docs/data-format.md); its inverse for
-inspection is :func:`llava_getok.records.decode_record`.
+"""The one function that turns a validated Sample into a LLaVA conversation record (docs/data-format.md);
+its inverse for inspection is :func:`llava_getok.records.decode_record`.
 
-Token strings come from :mod:`llava_getok.codec` only; frames from :mod:`llava_getok.geometry`.
+Token strings come from :mod:`llava_getok.codec` only; frames from :mod:`llava_getok.geometry`; what a record
+holds (prompts, pixel shapes and their rounding, the mask's RLE) from :mod:`llava_getok.records`.
 
 Decisions where the issue and spec are silent (a LLaVA user's expectations):
-- Prompts: LLaVA-1.5's own REC / REG wording ("Please provide the bounding box coordinate of the region
-  this sentence describes: ..."), so converted data mixes with llava_v1_5_mix665k; one fixed prompt per
-  task, so the output depends on the data and the seed only.
+- Prompts: ``records.PROMPTS``, LLaVA-1.5's own REC / REG wording, one fixed prompt per task.
 - ids: ``{sample.id}-{task}`` (``llava`` keeps the source's ids unchanged).
 - ``getok.task`` is the base task (rec, det, point, res, reg); a two-turn record has ``config.mode`` =
   "refine". ``--task refine`` is shorthand for ``--task rec --mode refine``.
@@ -28,23 +27,15 @@ import re
 
 import numpy as np
 
-from llava_getok.codec import Refinement, Shape, apply_refinement, encode_boxes, encode_mask_points, encode_point, encode_refinement, quantize, refinement_offsets
-from llava_getok.geometry import boxes_to_frame, points_from_frame, points_to_frame
-from llava_getok.records import REFINE_PROMPT
+from llava_getok.codec import Refinement, Shape, apply_refinement, encode_boxes, encode_mask_points, encode_point, encode_refinement, refinement_offsets
+from llava_getok.geometry import boxes_to_frame, points_to_frame
+from llava_getok.records import NO_MATCH, PROMPTS, REFINE_PROMPT, json_shape, rle_to_mask, round_pixels, shapes_to_pixels
 from llava_getok.vocab import GETokConfig
 
 from .base import ConvertError, Filtered, Sample
 
 TASKS = ("rec", "reg", "point", "res", "det", "refine", "rewrite")
 BOX_SLOT = "\x00box\x00"  # placeholder a source's own conversation holds where a box goes (``llava``)
-PROMPTS = {
-    "rec": "Please provide the bounding box coordinate of the region this sentence describes: {expression}.",
-    "det": "Please provide the bounding box coordinates of every {expression} in the image.",
-    "reg": "Please provide a short description for this region: {region}.",
-    "point": "Please point to the region this sentence describes: {expression}.",
-    "res": "Please provide the segmentation mask of the region this sentence describes: {expression}.",
-}
-NO_MATCH = "There is no such object in the image."
 WRONG_FRACTION = 0.25  # refine on masks: about this share of the first answer's anchors are wrong
 
 
@@ -101,7 +92,7 @@ def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: 
     if sample.turns is not None:
         return _rewrite_record(sample, cfg, frame, source, enc)
     if task == "refine":
-        task, cfg = "rec", GETokConfig(cfg.grid, 1, cfg.offset_levels, cfg.schedule, "refine")
+        task, cfg = "rec", cfg.with_mode("refine")
     rng = record_rng(seed, sample.id)
     size = sample.size
     getok_extra = {}
@@ -128,13 +119,13 @@ def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: 
         else:
             norm = points_to_frame(np.asarray(pts, dtype=np.float64), size, frame)
             turns = [human] + _answer("point", norm.reshape(-1, 1, 2), cfg, rng)
-            shapes = [{"kind": "point", "points": [_r(p)]} for p in pts]
+            shapes = [json_shape("point", [p]) for p in pts]
         # the target region, so that pointing is scored as "inside the object" (mask, else box)
         rle = sample.mask_rle()
         if rle is not None:
             getok_extra["mask"] = rle
         if sample.boxes:
-            getok_extra["boxes"] = [_r(b) for b in sample.boxes]
+            getok_extra["boxes"] = [round_pixels(b) for b in sample.boxes]
     elif task == "res":
         turns, shapes, getok_extra = _res(sample, cfg, frame, rng, image_loader, generator, greedy)
     else:
@@ -174,16 +165,12 @@ def group_turns(records: list[dict]) -> dict:
 _MISSING = object()
 
 
-def _r(p):
-    return [round(float(v), 3) for v in p]
-
-
 def _r1(v):
     return int(v) if float(v).is_integer() else float(v)
 
 
 def _box_shape(b):
-    return {"kind": "box", "points": [_r(b[:2]), _r(b[2:])]}
+    return json_shape("box", [b[:2], b[2:]])
 
 
 def _answer(kind, groups, cfg, rng) -> list[str]:
@@ -194,7 +181,7 @@ def _answer(kind, groups, cfg, rng) -> list[str]:
     if kind == "box":  # corners may cross after the draw: keep x1 <= x2, y1 <= y2 (each corner its own target)
         first = np.stack([np.minimum(first[:, 0], first[:, 1]), np.maximum(first[:, 0], first[:, 1])], 1)
     text = _render(kind, first, cfg)
-    anchors = [_anchor(g, cfg) for g in first]
+    anchors = [cfg.anchors(cfg.cells(g)) for g in first]
     refs = [Refinement(kind, tuple(refinement_offsets(a, t, cfg))) for a, t in zip(anchors, groups)]
     return [text, REFINE_PROMPT.format(answer=text), encode_refinement(refs, cfg)]
 
@@ -205,20 +192,14 @@ def _render(kind, groups, cfg):
     return " ".join(encode_point(p, cfg) for g in groups for p in g)
 
 
-def _anchor(points, cfg):
-    cells, _ = quantize(points, cfg, 0)
-    return (cells + 0.5) / cfg.grid
-
-
 def _reachable_first(points, cfg, rng):
     """A first-answer point per target point: an anchor from which one offset lands within the error bound."""
     n, s, h = cfg.grid, cfg.step(1), cfg.half
     out = np.empty_like(points)
     for k, p in enumerate(np.clip(points, 0, 1)):
-        for ax in range(2):
-            cell = min(int(np.floor(p[ax] * n)), n - 1)
-            cells = [c for c in (cell - 1, cell, cell + 1) if 0 <= c < n and abs((c + 0.5) / n - p[ax]) <= h * s + s / 2 + 1e-12]
-            out[k, ax] = (cells[int(rng.integers(len(cells)))] + 0.5) / n
+        for ax, cell in enumerate(cfg.cells(p).tolist()):
+            cells = [c for c in (cell - 1, cell, cell + 1) if 0 <= c < n and abs(cfg.anchors(c) - p[ax]) <= h * s + s / 2 + 1e-12]
+            out[k, ax] = cfg.anchors(cells[int(rng.integers(len(cells)))])
     return out
 
 
@@ -231,7 +212,7 @@ def _point_targets(sample):
         from scipy.ndimage import distance_transform_edt
 
         x0, y0, bw, bh = (int(v) for v in mask_utils.toBbox(rle))
-        m = mask_utils.decode(rle)[y0 : y0 + bh + 1, x0 : x0 + bw + 1].astype(bool)  # crop: EDT cost ~ area
+        m = rle_to_mask(rle)[y0 : y0 + bh + 1, x0 : x0 + bw + 1]  # crop: EDT cost ~ area
         if m.any():
             d = distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
             y, x = np.unravel_index(int(np.argmax(d)), d.shape)  # first maximum in row-major order
@@ -240,8 +221,6 @@ def _point_targets(sample):
 
 
 def _res(sample, cfg, frame, rng, image_loader, generator, greedy=(0.8, 64)):
-    from pycocotools import mask as mask_utils
-
     from llava_getok.masks import SuperpixelGenerator, greedy_mask_anchors, mask_cells_near, mask_refinement_offsets
 
     generator = generator or SuperpixelGenerator()
@@ -250,7 +229,7 @@ def _res(sample, cfg, frame, rng, image_loader, generator, greedy=(0.8, 64)):
     rle = sample.mask_rle()
     if rle is None:
         raise ConvertError(sample.where, "segmentation", "RES needs a mask (polygons or RLE)", "no mask for RES")
-    gt = mask_utils.decode(rle).astype(bool)
+    gt = rle_to_mask(rle)
     if image_loader is None:
         raise ConvertError(sample.where, "image", "RES needs the image (pass --image-root)", "image not found")
     image = image_loader()
@@ -269,7 +248,7 @@ def _res(sample, cfg, frame, rng, image_loader, generator, greedy=(0.8, 64)):
         k = min(len(pool), max(1, int(round(WRONG_FRACTION * len(anchors)))))
         wrong = pool[np.sort(rng.choice(len(pool), size=k, replace=False))] if k else np.zeros((0, 2))
         pts = np.concatenate([anchors, wrong])
-        cells = np.floor(pts * cfg.grid).astype(int)
+        cells = cfg.cells(pts)
         pts = pts[np.lexsort((cells[:, 0], cells[:, 1]))]  # row-major, the order encode_mask_points writes
         text = encode_mask_points(pts, cfg)
         offs = mask_refinement_offsets(pts, gt, cfg, frame)
@@ -277,7 +256,7 @@ def _res(sample, cfg, frame, rng, image_loader, generator, greedy=(0.8, 64)):
         turns = [human, text, REFINE_PROMPT.format(answer=text), encode_refinement([ref], cfg)]
         moved = apply_refinement([Shape("mask", tuple(map(tuple, pts.tolist())))], [ref], cfg)
         final = np.asarray(moved[0].points) if moved else np.zeros((0, 2))
-    shapes = [{"kind": "mask", "points": [_r(p) for p in points_from_frame(final, size, frame)]}] if len(final) else []
+    shapes = shapes_to_pixels([Shape("mask", tuple(map(tuple, final.tolist())))], size, frame) if len(final) else []
     proposals = generator.config() if hasattr(generator, "config") else None
     return turns, shapes, {"mask": rle, "proposals": proposals}
 

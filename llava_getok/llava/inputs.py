@@ -1,6 +1,8 @@
-"""LLaVA's own input path, for GRPO rollouts and log-probabilities (used by :mod:`llava_getok.rl`).
+"""Model inputs from converted records, by LLaVA's own input path: conversation turns -> prompt text -> token
+ids, image files -> pixel tensors. Used by prediction (:mod:`llava_getok.predict`) and by GRPO's rollouts and
+log-probabilities (:mod:`llava_getok.rl`).
 
-Rollouts must see exactly what supervised training saw (docs pitfalls, "GRPO with grounding"): the prompt
+Generation must see exactly what supervised training saw (docs pitfalls, "GRPO with grounding"): the prompt
 rendered by LLaVA's conversation template, ``<image>`` turned into one ``IMAGE_TOKEN_INDEX`` by LLaVA's
 ``tokenizer_image_token`` (LLaVA's model expands it into image features itself: nothing else may expand it),
 and the image through LLaVA's ``process_images`` (``expand2square`` with the processor's mean colour when
