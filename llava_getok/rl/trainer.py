@@ -33,7 +33,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import entropy_from_logits, pad, selective_log_softmax
 
-from ..llava import inputs
+from ..llava import inputs as model_inputs
 from ..llava.rows import ROWS_ATTR
 
 
@@ -101,8 +101,8 @@ class LlavaGRPOTrainer(GRPOTrainer):
     def _tokenize_prompts(self, prompts: list):
         if not isinstance(prompts[0], str):
             raise TypeError("LlavaGRPOTrainer expects rendered text prompts (llava_getok.rl.data.build_rows)")
-        ids = [inputs.prompt_ids(p, self.processing_class) for p in prompts]
-        image = inputs.image_token_index()
+        ids = [model_inputs.prompt_ids(p, self.processing_class) for p in prompts]
+        image = model_inputs.image_token_index()
         bad = [p for p, x in zip(prompts, ids) if x.count(image) != 1]
         if bad:  # one image per row: LLaVA splices one feature block per <image>, and rows carry one image
             raise ValueError(f"a GRPO prompt must hold exactly one <image>; this one has "
@@ -115,7 +115,7 @@ class LlavaGRPOTrainer(GRPOTrainer):
         done: dict[str, torch.Tensor] = {}
         for x in inputs:
             if x["image_path"] not in done:
-                done[x["image_path"]] = inputs.image_tensor(x["image_path"], self.image_processor, model.config)
+                done[x["image_path"]] = model_inputs.image_tensor(x["image_path"], self.image_processor, model.config)
         out = torch.stack([done[x["image_path"]] for x in inputs])
         return out.to(device=self.accelerator.device, dtype=model.dtype)
 
@@ -156,7 +156,7 @@ class LlavaGRPOTrainer(GRPOTrainer):
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as unwrapped,
             torch.no_grad(),
-            inputs.padding_side(llava_module(unwrapped), "left"),
+            model_inputs.padding_side(llava_module(unwrapped), "left"),
         ):
             out = unwrapped.generate(inputs=input_ids, images=images, attention_mask=attention_mask,
                                      generation_config=generation_config, **kwargs)
@@ -200,10 +200,10 @@ class LlavaGRPOTrainer(GRPOTrainer):
             ids = input_ids[start : start + batch_size]
             mask = attention_mask[start : start + batch_size]
             n_completion = mask[:, -logits_to_keep:].sum(1)
-            with inputs.padding_side(llava, "left"):
+            with model_inputs.padding_side(llava, "left"):
                 _, _, mask2, _, embeds, _ = llava.prepare_inputs_labels_for_multimodal(
                     ids, None, mask, None, None, images[start : start + batch_size])
-            n_image = (ids == inputs.image_token_index()).sum(1)
+            n_image = (ids == model_inputs.image_token_index()).sum(1)
             expected = mask.sum(1) + n_image * (llava.get_vision_tower().num_patches - 1)
             if not torch.equal(mask2.sum(1), expected):
                 raise RuntimeError(
@@ -264,11 +264,11 @@ class PolicyFirstAnswers:
         answer = {}
         for only, ks in by_kind.items():
             turns = [json.loads(rows[k]["conversation"]) for k in ks]
-            prompts = [inputs.render_prompt(t[: self._first_gpt(t, rows[k])], self.conv_mode)
+            prompts = [model_inputs.render_prompt(t[: self._first_gpt(t, rows[k])], self.conv_mode)
                        for t, k in zip(turns, ks)]
             proc = GETokLogitsProcessor(self.token_ids, self.grid_cfg, tok.eos_token_id, len(tok),
                                         never_ids=[tok.bos_token_id], only=only, max_new_tokens=self.max_new_tokens)
-            ids = trainer._llava_generate([inputs.prompt_ids(p, tok) for p in prompts],
+            ids = trainer._llava_generate([model_inputs.prompt_ids(p, tok) for p in prompts],
                                           trainer._rollout_images[ks], greedy, [proc])
             for k, t, a in zip(ks, turns, ids):
                 answer[rows[k]["prompt"]] = (t, self._text(tok, a, trainer.eos_token_ids))
@@ -299,4 +299,4 @@ class PolicyFirstAnswers:
                              f"{row['first_answer']!r}; cannot re-ask it about the model's own answer")
         new = [*turns[:k], {"from": "gpt", "value": first}, *turns[k + 1 : -1],
                {"from": "human", "value": question.replace(row["first_answer"], first)}]
-        return inputs.render_prompt(new, self.conv_mode)
+        return model_inputs.render_prompt(new, self.conv_mode)
