@@ -18,7 +18,8 @@ PACKAGES = ("llava_getok", "data_converters")
 CORE = {f"llava_getok.{m}" for m in ("vocab", "geometry", "codec", "parse", "masks", "generation", "records", "viz",
                                      "atomic")}
 # What users run: each may import any layer.
-ENTRY = {"llava_getok", "llava_getok.cli", "llava_getok.predict", "llava_getok.train", "llava_getok.demo"}
+ENTRY = {"llava_getok", "llava_getok.cli", "llava_getok.predict", "llava_getok.train", "llava_getok.demo",
+         "llava_getok.tiny_model"}
 MAY_IMPORT = {  # layer -> the layers it may import from, besides its own
     "core": set(),
     "data_converters": {"core"},

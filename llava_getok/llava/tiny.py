@@ -197,39 +197,3 @@ def make_grounding_data(out_dir, coco_dir, cfg, n_records: int = 4, frame: str =
     (out / "data.json").write_text(json.dumps(records, indent=1))
     return out / "data.json"
 
-
-def main(argv=None) -> int:
-    """``llava-getok tiny-model --out DIR``: a tiny random LLaVA and a small GETok data set, for the recipes'
-    ``DEVICE=cpu`` smoke test; prints the environment the recipes read (``eval "$(llava-getok tiny-model ...)"``)."""
-    import argparse
-    import contextlib
-    import shlex
-    import sys
-
-    p = argparse.ArgumentParser(prog="llava-getok tiny-model", description=main.__doc__.split(";")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder to write tiny-llava/ and data/ into")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="a LLaMA-layout tokenizer folder to use (yours, so that your data is checked with your "
-                        "vocabulary); default: a 1000-piece one trained here")
-    p.add_argument("--images", type=int, default=16, help="training images of the shapes data set")
-    p.add_argument("--grid", type=int, default=32, help="GETok grid of the converted data (the recipes' GRID)")
-    a = p.parse_args(argv)
-    out = a.out.resolve()
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the environment only (DeepSpeed logs to stdout)
-        tokenizer = a.tokenizer or train_tokenizer(out / "tokenizer")
-        model = build_tiny_llava(out / "tiny-llava", tokenizer)
-
-        from data_converters import shapes
-        from data_converters.cli import main as convert
-
-        data = out / "data"
-        shapes.generate(data, {"train": a.images}, image_size=64, n_objects=(2, 3))
-        rc = convert(["shapes", "--input", str(data), "--image-root", str(data), "--output", str(data / "train.json"),
-                      "--split", "train", "--grid", str(a.grid), "--no-resume"])
-    if rc:
-        return rc
-    env = {"MODEL_BASE": model, "VISION_TOWER": model / "vision_tower", "PROJECTOR": "",
-           "DATA_PATH": data / "train.json", "IMAGE_FOLDER": data, "GRID": a.grid}
-    print(f"# tiny random LLaVA in {model}, {a.images} shapes images in {data}", file=sys.stderr)
-    print("\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in env.items()))
-    return 0
