@@ -144,7 +144,8 @@ def worker(job: dict) -> dict:
     from llava_getok.llava.sidecar import ROWS_FILE, save_tensors_atomic
     from llava_getok.llava.rows import getok_rows_values
     from llava_getok.llava.tokens import add_getok_tokens, init_getok_rows, resize_embeddings
-    from llava_getok.llava.trainer import GETokSettings, GETokTrainer
+    from llava_getok.llava.settings import GETokSettings
+    from llava_getok.llava.trainer import GETokTrainer
 
     torch.manual_seed(0)
     device, bf16, lora, getok = job["device"], job["precision"] == "bf16", job["mode"] == "lora", job["trainer"] == "GETok"
@@ -176,8 +177,8 @@ def worker(job: dict) -> dict:
     args = TrainingArguments(output_dir=job["out"], report_to="none", use_cpu=device == "cpu", lora_enable=lora,
                              bf16=bf16, per_device_train_batch_size=job["batch"])
     if getok:
-        GETokTrainer.getok_settings = GETokSettings(grid=GRID, check_data=0)
-        trainer = GETokTrainer(model=model, tokenizer=tok, args=args, **module)
+        trainer = GETokTrainer(model=model, tokenizer=tok, args=args, settings=GETokSettings(grid=GRID, check_data=0),
+                               **module)
     else:
         trainer = LLaVATrainer(model=model, tokenizer=tok, args=args, **module)
     ds = module["train_dataset"]

@@ -6,7 +6,7 @@ in this one run. A step is forward + backward (LLaVA's compute_loss, then loss.b
 time of this process (wall time on a shared machine is dominated by other jobs).
 
 With the box-token loss on, the GETok trainer scores the LM loss on the labelled positions only and LLaMA's
-forward skips its full-length logits (trainer.labelled_lm_loss), which saves more than the box-token loss costs.
+forward skips its full-length logits (llava_getok.llava.loss.labelled_lm_loss), which saves more than the box-token loss costs.
 The "full logits kept" row runs the GETok trainer on LLaVA's full logits instead (its path when the outputs are
 returned, as in evaluation): that ratio is the cost of the hooks and the box-token loss alone.
 
@@ -95,11 +95,12 @@ def measure(tmp: Path, steps: int, batch: int, lora: bool, weights: tuple[float,
     gt.register()  # before llava.train is imported (compat fix for transformers >= 4.53)
     from llava.train.llava_trainer import LLaVATrainer
 
-    from llava_getok.llava.trainer import GETokSettings, GETokTrainer
+    from llava_getok.llava.settings import GETokSettings
+    from llava_getok.llava.trainer import GETokTrainer
 
     model, tok, module, args, cfg = build(tmp, batch, lora, size)
-    GETokTrainer.getok_settings = GETokSettings(grid=cfg.grid, grid_weight=weights[0], box_weight=weights[1])
-    getok = GETokTrainer(model=model, tokenizer=tok, args=args, **module)
+    getok = GETokTrainer(model=model, tokenizer=tok, args=args, **module,
+                         settings=GETokSettings(grid=cfg.grid, grid_weight=weights[0], box_weight=weights[1]))
     plain = LLaVATrainer(model=model, tokenizer=tok, args=args, **module)  # same model, GETok rows included
     ds = module["train_dataset"]
     batch_inputs = module["data_collator"]([ds[i] for i in range(min(batch, len(ds)))])

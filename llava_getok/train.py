@@ -38,7 +38,7 @@ import importlib.util
 import json
 import sys
 
-from .llava.trainer import DATA_ORDERS, ROW_MODES, GETokSettings
+from .llava.settings import DATA_ORDERS, ROW_MODES, GETokSettings
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 

@@ -54,13 +54,11 @@ def getok_setup(registered, tiny_llava_dir, data, tmp_path_factory):
     saved = conversation.default_conversation
     conversation.default_conversation = conversation.conv_templates["getok_v1"]
     module = make_supervised_data_module(tokenizer, data_args)
-    GETokTrainer.getok_settings = GETokSettings(grid=8, grid_weight=0.5, box_weight=0.5)
     trainer = GETokTrainer(model=model, tokenizer=tokenizer, args=llava_train_args(tmp_path_factory.mktemp("t")),
-                           **module)
+                           settings=GETokSettings(grid=8, grid_weight=0.5, box_weight=0.5), **module)
     batch = module["data_collator"]([module["train_dataset"][0], module["train_dataset"][1]])
     yield trainer, batch, module
     conversation.default_conversation = saved
-    GETokTrainer.getok_settings = GETokSettings()
 
 
 # -- register / compat ------------------------------------------------------------------------------------
@@ -190,11 +188,11 @@ def test_zero_weights_reproduce_plain_llava_loss_bit_for_bit(getok_setup):
     plain = LLaVATrainer(model=trainer.model, tokenizer=trainer._getok_tokenizer, args=trainer.args)
     torch.manual_seed(0)
     reference = plain.compute_loss(trainer.model, dict(batch))
-    type(trainer).getok_settings = GETokSettings(grid=8, grid_weight=0.0, box_weight=0.0)
+    trainer.settings = GETokSettings(grid=8, grid_weight=0.0, box_weight=0.0)
     try:
         assert torch.equal(trainer.compute_loss(trainer.model, dict(batch)), reference)
     finally:
-        type(trainer).getok_settings = GETokSettings(grid=8, grid_weight=0.5, box_weight=0.5)
+        trainer.settings = GETokSettings(grid=8, grid_weight=0.5, box_weight=0.5)
     total = trainer.compute_loss(trainer.model, dict(batch))
     logged = {k: float(v) for k, v in trainer._getok_sums.items()}  # sums since the last log, as tensors
     assert logged["loss_lm"] == float(reference)  # the LM part is LLaVA's loss, bit for bit
@@ -211,7 +209,7 @@ def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_se
     from llava_getok.llava.box_loss import box_token_loss
 
     trainer, batch, _ = getok_setup
-    model, s = trainer.model, type(trainer).getok_settings
+    model, s = trainer.model, trainer.settings
     model.train(training)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -220,11 +218,11 @@ def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_se
         loss.backward()
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
-    import llava_getok.llava.trainer as trainer_mod
+    import llava_getok.llava.loss as loss_mod
 
     seen = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer_mod, "box_token_loss", lambda scores, *a, **k: seen.append(callable(scores)) or box_token_loss(scores, *a, **k))
+        mp.setattr(loss_mod, "box_token_loss", lambda scores, *a, **k: seen.append(callable(scores)) or box_token_loss(scores, *a, **k))
         total = trainer.compute_loss(model, dict(batch))
     assert seen == [True]  # the scored-rows path ran, not the fallback on full logits
     logged, trainer._getok_sums = {k: float(v) for k, v in trainer._getok_sums.items()}, {}
@@ -367,7 +365,7 @@ def test_builder_loads_by_sidecar_not_folder_name_and_refuses_disagreeing_ids(ge
     trainer, _, _ = getok_setup
     folder = tmp_path / "my-run"  # no "llava" in the name: LLaVA's builder would take the plain-LM path
     trainer.save_model(str(folder))
-    trainer.write_getok_files(str(folder))
+    trainer.save_getok_files(str(folder))
     tokenizer, model, processor, _ = load_pretrained_model(str(folder), None, "my-run", device="cpu")
     assert type(model).__name__ == "LlavaLlamaForCausalLM" and model.dtype == torch.float32
     assert tokenizer.convert_tokens_to_ids(list(CFG.tokens())) == trainer.getok.ids
@@ -387,7 +385,7 @@ def test_a_projector_type_the_model_does_not_have_is_refused_before_training(reg
     the checkpoint then fails to load after training. The trainer refuses it at the start instead."""
     from llava.model import LlavaLlamaForCausalLM
 
-    from llava_getok.llava.trainer import check_projector
+    from llava_getok.llava.prepare import check_projector
 
     model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava_dir)
     assert model.config.mm_projector_type == "mlp2x_gelu"
@@ -405,7 +403,8 @@ def test_data_order_file_trains_on_records_in_file_order(getok_setup):
     ds = module["train_dataset"]
     shuffled = trainer._get_train_sampler()
     assert not isinstance(shuffled, torch.utils.data.SequentialSampler)  # the Trainer's own random order
-    trainer.getok_settings = dataclasses.replace(type(trainer).getok_settings, data_order="file")
+    before = trainer.settings
+    trainer.settings = dataclasses.replace(before, data_order="file")
     try:
         assert list(trainer._get_train_sampler()) == list(range(len(ds)))
         first = next(iter(trainer.get_train_dataloader()))
@@ -416,6 +415,6 @@ def test_data_order_file_trains_on_records_in_file_order(getok_setup):
             trainer._get_train_sampler()
     finally:
         trainer.args.group_by_modality_length = False
-        del trainer.getok_settings
+        trainer.settings = before
     with pytest.raises(ValueError, match="--getok_data_order must be one of"):
-        dataclasses.replace(type(trainer).getok_settings, data_order="sorted")
+        dataclasses.replace(trainer.settings, data_order="sorted")

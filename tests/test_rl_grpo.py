@@ -74,10 +74,10 @@ def test_logps_follow_llava_image_path(getok_ckpt, data, tmp_path):
     """The trainer's completion log-probs equal a plain per-row LLaVA forward with the image (no padding,
     LLaVA's own splice), for completions of different lengths, with non-zero GETok-row deltas."""
     from llava_getok.rl.run import build_trainer
-    from llava_getok.rl.trainer import llava_module
+    from llava_getok.llava.prepare import unwrap_llava
 
     trainer = build_trainer(_args(getok_ckpt, data, tmp_path))
-    rows = llava_module(trainer.model).getok_rows
+    rows = unwrap_llava(trainer.model).getok_rows
     with torch.no_grad():
         rows.input_delta.normal_(0, 0.5)
         rows.output_delta.normal_(0, 0.5)
@@ -109,7 +109,7 @@ def test_lora_reference_is_the_starting_model_after_rows_and_adapters_moved(geto
     from trl.trainer.utils import use_adapter
 
     from llava_getok.rl.run import build_trainer
-    from llava_getok.rl.trainer import llava_module
+    from llava_getok.llava.prepare import unwrap_llava
 
     trainer = build_trainer(_args(getok_ckpt, data, tmp_path, beta=0.04))
     assert trainer.ref_model is None  # trl's PEFT reference: the same model, adapters disabled
@@ -124,7 +124,7 @@ def test_lora_reference_is_the_starting_model_after_rows_and_adapters_moved(geto
     trainer.model.eval()
     with torch.no_grad():
         start = score()
-        rows = llava_module(trainer.model).getok_rows
+        rows = unwrap_llava(trainer.model).getok_rows
         rows.input_delta.normal_(0, 0.5)
         rows.output_delta.normal_(0, 0.5)
         for name, p in trainer.model.named_parameters():

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RegisterReport:
-    """What one :func:`register` call changed (empty lists: it was already registered)."""
+    """What one :func:`register` (or :func:`unregister`) call changed (empty lists: nothing to do)."""
 
     compat_fixes: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=list)
@@ -29,7 +29,7 @@ def register(settings=None, **kwargs) -> RegisterReport:
     """Apply every LLaVA hook: compat fixes, ``getok_*`` templates, the builder hook and the GETok trainer
     (as ``llava.train.train.LLaVATrainer``, so LLaVA's own ``train()`` uses it). Idempotent.
 
-    settings: a :class:`llava_getok.llava.trainer.GETokSettings` for training (grid, init, loss weights, ...);
+    settings: a :class:`llava_getok.llava.settings.GETokSettings` for training (grid, init, loss weights, ...);
         keyword arguments build one (``register(grid=16, grid_weight=0.5)``). Without either, the trainer
         keeps the settings of an earlier call, or the defaults.
     """
@@ -38,10 +38,26 @@ def register(settings=None, **kwargs) -> RegisterReport:
     report = RegisterReport()
     report.compat_fixes = apply_compat_fixes()  # first: fix 3 must precede any import of llava.train
     from .builder import install_builder_hook
+    from .settings import GETokSettings
     from .templates import register_templates
     from .trainer import install_trainer_hook
 
+    if settings is None and kwargs:
+        settings = GETokSettings(**kwargs)
     report.templates = register_templates()
     report.builder_hook = install_builder_hook()
-    report.trainer_hook = install_trainer_hook(settings, **kwargs)
+    report.trainer_hook = install_trainer_hook(settings)
     return report
+
+
+def unregister() -> RegisterReport:
+    """Undo :func:`register`: LLaVA's own trainer and model builder again, the ``getok_*`` templates removed; returns
+    what it removed. The compat fixes stay: LLaVA 1.2.2 does not run on the current stack without them, and each
+    changes only code that would fail (docs/llava-compat.md). A model's own hooks go with it:
+    ``GETokRows.remove()``, ``LossCapture.remove()``."""
+    from .builder import uninstall_builder_hook
+    from .templates import unregister_templates
+    from .trainer import uninstall_trainer_hook
+
+    return RegisterReport(templates=unregister_templates(), builder_hook=uninstall_builder_hook(),
+                          trainer_hook=uninstall_trainer_hook())

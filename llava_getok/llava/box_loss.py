@@ -77,9 +77,7 @@ class TokenTable:
     @functools.cached_property
     def anchors(self) -> np.ndarray:
         """(n*n, 2) cell centres (x, y), normalised, in grid_ids order."""
-        n = self.cfg.grid
-        k = np.arange(n * n)
-        return (np.stack([k % n, k // n], 1) + 0.5) / n
+        return self.cfg.grid_anchors
 
     @functools.cached_property
     def offsets(self) -> np.ndarray:
@@ -235,8 +233,8 @@ def _plan(table, cls, grid_at, off_at, slots, sigma, offset_sigma, dev, dtype) -
     _, anchors, offsets = table.on(dev, dtype)
     has_box = slots is not None and len(slots.corners)
     if has_box:
-        steps = np.array([cfg.step(r) for r in range(1, int(slots.offset_round.max(initial=0)) + 1)])
-        steps = steps[slots.offset_round - 1]
+        # the target corners as codec.dequantize decodes them: anchor + sum of d_r * s_r (clipped below)
+        steps = cfg.steps(int(slots.offset_round.max(initial=0)))[slots.offset_round - 1]
         true = table.anchors[cls[slots.corners]]
         np.add.at(true, slots.offset_corner, steps[:, None] * table.offsets[cls[slots.offsets] - n2])
         q.append(steps.astype(np_dtype))

@@ -218,3 +218,16 @@ def install_builder_hook() -> bool:
         if name.startswith("llava.") and getattr(module, "load_pretrained_model", None) is original:
             module.load_pretrained_model = load_pretrained_model
     return True
+
+
+def uninstall_builder_hook() -> bool:
+    """Give every LLaVA module that holds the hook its ``load_pretrained_model`` back; True if one was installed."""
+    import llava.model.builder as builder
+
+    hook = builder.load_pretrained_model
+    if not getattr(hook, "__getok_hook__", False):
+        return False
+    for name, module in list(sys.modules.items()):
+        if (name == "llava" or name.startswith("llava.")) and getattr(module, "load_pretrained_model", None) is hook:
+            module.load_pretrained_model = hook.__getok_original__
+    return True

@@ -71,6 +71,15 @@ class GETokRows(nn.Module):
     def output_delta(self) -> nn.Parameter:
         return self.output.delta
 
+    def remove(self, model) -> None:
+        """Take the deltas off ``model`` (its hooks and this module): the matrices act alone again. Write the rows
+        into them first (:func:`set_rows` with :func:`getok_rows_values`) to keep what trained."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if getattr(model, ROWS_ATTR, None) is self:
+            delattr(model, ROWS_ATTR)
+
     @contextlib.contextmanager
     def disabled(self):
         """Within this context the matrices act without the deltas."""

@@ -36,6 +36,16 @@ def register_templates() -> list[str]:
     return added
 
 
+def unregister_templates() -> list[str]:
+    """Remove every ``getok_*`` template; return the names removed."""
+    from llava import conversation
+
+    names = [name for name in conversation.conv_templates if name.startswith(PREFIX)]
+    for name in names:
+        del conversation.conv_templates[name]
+    return names
+
+
 def resolve_template(version: str):
     """The template LLaVA's train() will use for ``--version``; ValueError for unknown names (LLaVA would
     silently fall back to vicuna_v1)."""

@@ -13,14 +13,14 @@ saved:
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
+from ..llava.checkpoint import write_getok_files
 from ..llava.rows import fold_rows_into_state, getok_rows_values
-from ..llava.sidecar import ROWS_FILE, Sidecar, save_tensors_atomic, write_sidecar
+from ..llava.sidecar import Sidecar
 
 
 def _is_peft(model) -> bool:
@@ -31,25 +31,23 @@ def save_getok_checkpoint(model, tokenizer, folder: Path, sidecar: Sidecar, base
                           final: bool) -> Path:
     """Complete ``folder`` into a loadable GETok checkpoint (see the module docstring); returns it."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     ids = list(sidecar.token_ids)
     peft = _is_peft(model)
     if peft and (quantized or not final):
         llava = model.get_base_model()
         if final:
+            folder.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(folder)
-        llava.config.save_pretrained(folder)  # the builder reads the LoRA folder's config first
-        torch.save({}, folder / "non_lora_trainables.bin")
-        kind, base = "lora", str(base_model)
+        # the only non-LoRA trainables are the GETok-row deltas, which live in the rows file
+        write_getok_files(folder, tokenizer, replace(sidecar, kind="lora", base_model=str(base_model)),
+                          getok_rows_values(llava, ids), llava.config, non_lora={})
     else:
         llava = model.merge_and_unload() if peft else model
-        kind, base = "full", None
         if final or peft:
             state = fold_rows_into_state(llava.state_dict(), getok_rows_values(llava, ids))
             llava.save_pretrained(folder, state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    save_tensors_atomic(folder / ROWS_FILE, getok_rows_values(llava, ids))
-    write_sidecar(folder, Sidecar(**{**asdict(sidecar), "kind": kind, "base_model": base}))
+        write_getok_files(folder, tokenizer, replace(sidecar, kind="full", base_model=None),
+                          getok_rows_values(llava, ids))
     return folder
 
 

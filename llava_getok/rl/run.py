@@ -240,13 +240,13 @@ def run(args: RLArgs, policy=None):
         # trl's Trainer restores the adapter, optimiser and schedule; the GETok rows live in their own file
         from ..llava.rows import set_rows
         from ..llava.sidecar import read_rows, read_sidecar
-        from .trainer import llava_module
+        from ..llava.prepare import unwrap_llava
 
         folder = args.resume_from_checkpoint
         sidecar = read_sidecar(folder)
         if sidecar is None:
             raise ValueError(f"{folder}: no getok_config.json; not a checkpoint of a GETok GRPO run")
-        set_rows(llava_module(trainer.accelerator.unwrap_model(trainer.model)), read_rows(folder, sidecar))
+        set_rows(unwrap_llava(trainer.accelerator.unwrap_model(trainer.model)), read_rows(folder, sidecar))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     cb = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "GETokCheckpointCallback")
     if trainer.accelerator.is_main_process:  # one writer: the ranks hold the same model

@@ -34,25 +34,15 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import entropy_from_logits, pad, selective_log_softmax
 
 from ..llava import inputs as model_inputs
+from ..llava.prepare import unwrap_llava
 from ..llava.rows import ROWS_ATTR
-
-
-def llava_module(model):
-    """The LlavaLlamaForCausalLM inside a PEFT wrapper (same parameters, not a copy); pass what
-    ``accelerator.unwrap_model`` returns."""
-    m = model
-    if hasattr(m, "get_base_model"):  # PEFT
-        m = m.get_base_model()
-    if not hasattr(m, "prepare_inputs_labels_for_multimodal"):
-        raise TypeError(f"{type(m).__name__} is not a LLaVA model (no prepare_inputs_labels_for_multimodal)")
-    return m
 
 
 def _reference_without_getok_rows(peft_model) -> None:
     """Make the PEFT reference (trl scores it inside ``peft_model.disable_adapter()``) the starting model: with
     the adapters off, the trained GETok-row deltas would still be on, and the KL term would never hold the GETok
     rows to where they started. Wraps this instance's ``disable_adapter`` to turn the deltas off as well."""
-    rows = getattr(llava_module(peft_model), ROWS_ATTR, None)
+    rows = getattr(unwrap_llava(peft_model), ROWS_ATTR, None)
     if rows is None or getattr(peft_model.disable_adapter, "__getok_rows__", False):
         return
     adapters_off = peft_model.disable_adapter
@@ -111,7 +101,7 @@ class LlavaGRPOTrainer(GRPOTrainer):
 
     def _images_for(self, inputs) -> torch.Tensor:
         """Pixel tensors of a batch's rows, each image processed once (a group's G rows share it)."""
-        model = llava_module(self.accelerator.unwrap_model(self.model))
+        model = unwrap_llava(self.accelerator.unwrap_model(self.model))
         done: dict[str, torch.Tensor] = {}
         for x in inputs:
             if x["image_path"] not in done:
@@ -156,7 +146,7 @@ class LlavaGRPOTrainer(GRPOTrainer):
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as unwrapped,
             torch.no_grad(),
-            model_inputs.padding_side(llava_module(unwrapped), "left"),
+            model_inputs.padding_side(unwrap_llava(unwrapped), "left"),
         ):
             out = unwrapped.generate(inputs=input_ids, images=images, attention_mask=attention_mask,
                                      generation_config=generation_config, **kwargs)
@@ -193,7 +183,7 @@ class LlavaGRPOTrainer(GRPOTrainer):
         images = pixel_values if pixel_values is not None else self._rollout_images
         if images is None or len(images) != len(input_ids):
             raise RuntimeError("LlavaGRPOTrainer: no images for this batch (pixel_values lost between steps?)")
-        llava = llava_module(self.accelerator.unwrap_model(model))
+        llava = unwrap_llava(self.accelerator.unwrap_model(model))
         batch_size = batch_size or input_ids.size(0)
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):

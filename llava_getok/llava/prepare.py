@@ -1,0 +1,159 @@
+"""Before the first step: the GETok tokens added, the rows resized and initialised, what trains chosen, the data
+checked (:func:`prepare_for_getok`), on the model LLaVA's ``train()`` built (after LoRA, so the GETok rows are added
+after any LoRA injection, as they must be)."""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+
+from ..vocab import GETokConfig
+from .box_loss import TokenTable
+from .rows import attach_trainable_rows
+from .settings import GETokSettings
+from .tokens import add_getok_tokens, check_token_ids, init_getok_rows, resize_embeddings
+
+
+@dataclass
+class GETokState:
+    """What :func:`prepare_for_getok` set up, kept by the trainer."""
+
+    config: GETokConfig
+    ids: list[int]
+    table: TokenTable
+    rows_mode: str
+    new_rows: int
+    vocab_size: int
+
+
+def unwrap_llava(model):
+    """The LlavaLlamaForCausalLM inside DeepSpeed / DDP / accelerate / peft wrappers (the same parameters, not a
+    copy); TypeError for anything that holds no LLaVA model."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP, DeepSpeed's engine
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    if not hasattr(model, "prepare_inputs_labels_for_multimodal"):
+        raise TypeError(f"{type(model).__name__} is not a LLaVA model (no prepare_inputs_labels_for_multimodal)")
+    return model
+
+
+def rows_mode(settings: GETokSettings, args, embeddings_frozen: bool) -> str:
+    """LLaVA's --freeze_backbone lives in its ModelArguments, which the trainer never sees: a frozen
+    backbone shows as a frozen input embedding matrix."""
+    if settings.rows != "auto":
+        return settings.rows
+    frozen = (getattr(args, "lora_enable", False) or getattr(args, "bits", 16) in (4, 8)
+              or getattr(args, "tune_mm_mlp_adapter", False) or embeddings_frozen)
+    return "delta" if frozen else "full"
+
+
+def reload_tower_float32(tower) -> None:
+    """Put the tower's own float32 weights back (from ``tower.vision_tower_name``, as LLaVA loaded them)."""
+    from transformers import CLIPVisionModel
+
+    fresh = CLIPVisionModel.from_pretrained(tower.vision_tower_name, dtype=torch.float32)
+    tower.vision_tower.to(dtype=torch.float32)
+    tower.vision_tower.load_state_dict(fresh.state_dict())
+
+
+def enable_vision_tower_training(model, dtype) -> None:
+    """Train LLaVA's CLIP tower: unfreeze it and run its forward with gradients (LLaVA decorates
+    ``CLIPVisionTower.forward`` with ``@torch.no_grad()``; the undecorated function is ``__wrapped__``)."""
+    tower = model.get_vision_tower()
+    tower.vision_tower.to(dtype=dtype)
+    tower.vision_tower.requires_grad_(True)
+    plain = getattr(type(tower).forward, "__wrapped__", None)
+    if plain is None:
+        raise TypeError(f"{type(tower).__name__}.forward has no __wrapped__: cannot run it with gradients")
+    tower.forward = types.MethodType(plain, tower)
+
+
+def check_projector(model) -> None:
+    """Refuse a ``--mm_projector_type`` that the model's existing projector does not have.
+
+    LLaVA's ``initialize_vision_modules`` builds a projector only when the model has none, but writes the
+    requested type into the config anyway: the old projector trains, and the checkpoint names a projector its
+    weights do not fit, so it does not load after training."""
+    from llava.model.multimodal_projector.builder import build_vision_projector
+
+    have = getattr(model.get_model(), "mm_projector", None)
+    if have is None or not getattr(model.config, "mm_hidden_size", None):
+        return
+    shapes = lambda m: {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in m.named_parameters()}  # noqa: E731
+    with torch.device("meta"):
+        want = build_vision_projector(model.config)
+    have = shapes(have)
+    if have != shapes(want):
+        linears = sum(1 for k in have if k.endswith("weight"))
+        guess = "linear" if "weight" in have else f"mlp{linears}x_gelu"
+        raise ValueError(
+            f"--mm_projector_type {model.config.mm_projector_type}: the model "
+            f"({getattr(model.config, '_name_or_path', '') or 'given'}) already has a projector of another shape "
+            f"(looks like {guess!r}: {have}). LLaVA would keep training that one and save a config that "
+            f"does not load; pass --mm_projector_type {guess}, or start from a model without a projector")
+
+
+def match_deepspeed_dtype(model, args) -> None:
+    """Give every trainable parameter DeepSpeed's dtype (bf16 / fp16 with ``--bf16`` / ``--fp16``).
+
+    DeepSpeed keeps float32 master copies of what trains and wants the model's copies in one dtype; ZeRO-3 casts
+    only the parameters that existed under ``zero.Init``. peft makes LoRA adapters float32 (its
+    ``autocast_adapter_dtype``) and the GETok row deltas are float32, so LLaVA's LoRA recipe under ZeRO-3 stopped
+    in DeepSpeed's ``defragment`` (``assert len(set(t.dtype for t in tensors)) == 1``)."""
+    dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+    if dtype is None:
+        return
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != dtype and not hasattr(p, "ds_id"):
+            p.data = p.data.to(dtype)
+
+
+def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dataset=None) -> GETokState:
+    """Add the GETok tokens, resize and initialise the rows, choose what trains, check the data."""
+    cfg = settings.config()
+    base = unwrap_llava(model)
+    check_projector(base)
+    embeddings_frozen = not base.get_input_embeddings().weight.requires_grad
+    ids = add_getok_tokens(tokenizer, cfg)
+    check_token_ids(tokenizer, cfg)
+    rows_now = base.get_input_embeddings().weight
+    rows_now = rows_now.ds_shape[0] if hasattr(rows_now, "ds_shape") else rows_now.shape[0]
+    size = max(len(tokenizer), rows_now)
+    n_old = resize_embeddings(base, size)
+    new = [i for i in ids if i >= n_old]
+    if new and len(new) != len(ids):
+        raise ValueError(f"{len(ids) - len(new)} GETok tokens already had rows and {len(new)} did not: the "
+                         f"tokenizer and the model disagree")
+    if new:
+        init_getok_rows(base, ids, cfg, settings.init, n_old=n_old)
+    mode = rows_mode(settings, args, embeddings_frozen)
+    if mode == "delta":
+        attach_trainable_rows(base, ids)
+    else:
+        base.get_input_embeddings().weight.requires_grad_(True)
+        base.get_output_embeddings().weight.requires_grad_(True)
+    compute = torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
+    tower = base.get_vision_tower()
+    half = (torch.float16, torch.bfloat16)
+    if tower is not None and compute == torch.float32 and tower.vision_tower.dtype in half \
+            and (settings.train_vision_tower or not torch.cuda.is_available()):
+        # LLaVA's train() casts the tower to float16 even for float32 training: slow or unsupported on CPU, and
+        # a tower that trains needs float32 weights. Reload it at full precision instead of upcasting the
+        # rounded weights.
+        reload_tower_float32(tower)
+    if settings.train_vision_tower:
+        enable_vision_tower_training(base, compute)
+    if getattr(args, "deepspeed", None):
+        match_deepspeed_dtype(model, args)
+    if train_dataset is not None and settings.check_data != 0 and hasattr(train_dataset, "list_data_dict"):
+        from .check import check_records, raise_on_problems
+
+        data_args = train_dataset.data_args
+        source = getattr(data_args, "data_path", "training data")
+        report = check_records(train_dataset.list_data_dict, tokenizer, version=None,
+                               mm_use_im_start_end=getattr(data_args, "mm_use_im_start_end", False),
+                               limit=settings.check_data, source=source)
+        raise_on_problems(report, source)
+    return GETokState(cfg, ids, TokenTable.from_ids(cfg, ids), mode, len(new), size)
