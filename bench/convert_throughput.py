@@ -21,9 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared" / "data"
-if not SHARED.exists():
-    SHARED = Path(os.environ.get("GETOK_SHARED_DATA", "/work/shared/data"))
+SHARED = ROOT / "tests" / "fixtures" / "data"  # real COCO-mini data shipped with the repository
 
 
 def make_llava_file(path: Path, image_dir: Path, n: int, seed: int = 0):

@@ -1,6 +1,6 @@
 """How much each box representation costs and how much it loses: GETok vs the usual alternatives.
 
-For every box of COCO (../shared/data/coco_mini, pixel boxes, `orig` frame) and every representation:
+For every box of COCO (tests/fixtures/data/coco_mini, pixel boxes, `orig` frame) and every representation:
 location tokens per box (text formats counted with a real 32k LLaMA-layout sentencepiece tokenizer: Mistral-7B
 v0.1's, read from the `mistral_common` wheel), mean round-trip IoU, and the share of boxes whose round-trip
 IoU is >= 0.5 / 0.8 / 0.9 (the ceiling a representation puts on Acc@0.5 / 0.8 / 0.9). Then encode+decode
@@ -28,7 +28,7 @@ from llava_getok.atomic import write_text_atomic
 from llava_getok.geometry import box_iou, boxes_to_frame, xywh_to_xyxy
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_COCO = ROOT.parent / "shared" / "data" / "coco_mini" / "instances_val2017.json"
+DEFAULT_COCO = ROOT / "tests" / "fixtures" / "data" / "coco_mini" / "instances_val2017.json"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llava-getok"
 
 

@@ -17,7 +17,6 @@ Prints a markdown table and writes it to bench/results/train_overhead.md. Target
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+SHARED = REPO / "tests" / "fixtures" / "data"  # real COCO-mini data shipped with the repository
 
 
 MODELS = {  # name -> TinyLlavaConfig fields
@@ -57,7 +56,7 @@ def build(tmp: Path, batch: int, lora: bool, size: str = "tiny"):
         build_tiny_llava(model_dir, tmp / "tok", TinyLlavaConfig(**MODELS[size]))
     data = tmp / f"data-{batch}" / "data.json"
     if not data.exists():
-        make_grounding_data(data.parent, Path(os.environ.get("GETOK_SHARED_DATA", SHARED)) / "coco_mini", cfg,
+        make_grounding_data(data.parent, SHARED / "coco_mini", cfg,
                             n_records=batch)
     tok = AutoTokenizer.from_pretrained(model_dir, use_fast=False, model_max_length=512, padding_side="right")
     tok.pad_token = tok.unk_token

@@ -1,5 +1,5 @@
-"""Session fixtures: a LLaMA-layout sentencepiece tokenizer trained here and a tiny random LLaVA saved to a
-temp dir, so LLaVA's real loading code runs (no hub, no GPU)."""
+"""Session fixtures: the real data in tests/fixtures/data, a LLaMA-layout sentencepiece tokenizer trained here
+and a tiny random LLaVA saved to a temp dir, so LLaVA's real loading code runs (no hub, no GPU)."""
 from __future__ import annotations
 
 import os
@@ -11,15 +11,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not SHARED_DATA.exists():  # CI lays shared/ beside the clone; allow an override
-    SHARED_DATA = Path(os.environ.get("GETOK_SHARED_DATA", "/work/shared/data"))
+DATA = Path(__file__).resolve().parent / "fixtures" / "data"  # provenance and licences: its README.md
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    assert SHARED_DATA.exists(), f"real test data not found at {SHARED_DATA} (set GETOK_SHARED_DATA)"
-    return SHARED_DATA
+    """The real annotation data the tests share (COCO-mini annotations and 15 images, LLaVA-Bench boxes):
+    tests/fixtures/data, in the repository. Read-only."""
+    assert (DATA / "coco_mini" / "instances_val2017.json").is_file(), f"real test data missing from {DATA}"
+    return DATA
 
 
 @pytest.fixture(scope="session")
