@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "check-data": ("llava_getok.llava.check", "run LLaVA's own preprocessing over converted data; fail on any mismatch"),
     "grpo": ("llava_getok.rl.__main__", "GRPO with grounding rewards: --stage grid, then --stage refine"),
     "demo": ("llava_getok.demo", "the embedded default: shapes data -> fine-tune -> predict -> eval -> picture"),
+    "recipes": ("llava_getok.recipes", "write the training scripts, DeepSpeed configs and LLaVA patches into --out DIR"),
 }
 
 
