@@ -374,7 +374,7 @@ class GETokTrainer(LLaVATrainer):
 
     def write_getok_files(self, folder) -> None:
         """Sidecar, GETok rows, tokenizer (and, for LoRA, config + non-LoRA weights) into ``folder``: every
-        checkpoint, intermediate ones included, can be loaded back on its own (pitfalls.md)."""
+        checkpoint, intermediate ones included, can be loaded back on its own (docs/pitfalls.md)."""
         base = unwrap_llava(self.model)
         rows = getok_rows_values(base, self.getok.ids)  # collective under ZeRO-3: every rank calls it
         kind = self.checkpoint_kind()
