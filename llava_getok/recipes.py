@@ -9,7 +9,7 @@ Then, for example: ``DATA_PATH=... IMAGE_FOLDER=... bash my_recipes/finetune_get
 settings). A file that exists with other contents is left alone and named, unless ``--force``.
 
 The files are the repository's ``scripts/`` and ``patches/``, mapped into the wheel as the data package
-``llava_getok.recipe_files`` (pyproject.toml); from a checkout that is not installed they are read there.
+``llava_getok.recipe_files`` (pyproject.toml); from a checkout (an editable install included) they are read there.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ CONFIGS = ("zero2.json", "zero3.json")
 
 def recipe_files() -> dict[str, bytes]:
     """{relative path in DIR: contents} of every recipe file: the scripts, the configs, ``patches/*.patch``."""
-    try:
+    try:  # installed from a wheel or an sdist
         scripts = importlib.resources.files("llava_getok.recipe_files")
         patches = scripts / "patches"
-    except ModuleNotFoundError:  # a checkout run without installing it (python -m from the repository root)
+    except ModuleNotFoundError:  # a checkout, installed editable (which does not map these folders) or not at all
         root = Path(__file__).resolve().parents[1]
         scripts, patches = root / "scripts", root / "patches"
     files = {name: (scripts / name).read_bytes() for name in (*SCRIPTS, *CONFIGS)}
