@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "grpo": ("llava_getok.rl.__main__", "GRPO with grounding rewards: --stage grid, then --stage refine"),
     "tiny-model": ("llava_getok.tiny_model", "a tiny random LLaVA + shapes data for the recipes' DEVICE=cpu smoke test"),
     "demo": ("llava_getok.demo", "the embedded default: shapes data -> fine-tune -> predict -> eval -> picture"),
+    "recipes": ("llava_getok.recipes", "write the training scripts, DeepSpeed configs and LLaVA patches into --out DIR"),
 }
 
 

@@ -7,7 +7,7 @@ parsed (by token ids) into shapes in pixels of the original image and written as
 
 One line per record, in the file's order: ``{"id", "text", "shapes": [{"kind", "points"}], "errors"}``
 (docs/data-format.md). Generation is batched with LLaVA's own input path (template, ``<image>`` token,
-``process_images``), left padding and ``config.tokenizer_padding_side = "left"`` (docs pitfalls), greedy.
+``process_images``), left padding and ``config.tokenizer_padding_side = "left"`` (docs/pitfalls.md), greedy.
 Refine-mode records get two turns: the grid answer, then LLaVA's refine question about *that* answer, whose
 offsets are applied to it.
 """

@@ -16,7 +16,7 @@
 #   NUM_GPUS       GPUs on this node; processes with DEVICE=cpu [all GPUs; 1 with DEVICE=cpu]
 #   BATCH          per-device batch size                   [16]    (x GPUs x GRAD_ACCUM = 128 in LLaVA-1.5)
 #   GRAD_ACCUM     gradient accumulation steps             [1]
-#   EPOCHS [1]  LR [2e-5]  MAX_LEN [2048]  WORKERS [4]  REPORT_TO [none]  ZERO [scripts/zero3.json]
+#   EPOCHS [1]  LR [2e-5]  MAX_LEN [2048]  WORKERS [4]  REPORT_TO [none]  ZERO [zero3.json beside this script]
 #   GRID [32]  ROUNDS [1]  MODE [inline]  INIT [sincos2d]  GRID_WEIGHT [0.5]  BOX_WEIGHT [0.5]
 #   VERSION        conversation template                   [getok_v1]
 #   MASTER_PORT    rendezvous port of the ranks (another one for a second run on the node) [DeepSpeed's 29500]
@@ -34,7 +34,7 @@ DATA_PATH=${DATA_PATH:-./playground/data/getok_train.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-./playground/data}
 OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b-getok}
 BATCH=${BATCH:-16}; GRAD_ACCUM=${GRAD_ACCUM:-1}; EPOCHS=${EPOCHS:-1}; LR=${LR:-2e-5}; MAX_LEN=${MAX_LEN:-2048}
-WORKERS=${WORKERS:-4}; REPORT_TO=${REPORT_TO:-none}; ZERO=${ZERO:-scripts/zero3.json}
+WORKERS=${WORKERS:-4}; REPORT_TO=${REPORT_TO:-none}; ZERO=${ZERO:-$(dirname "$0")/zero3.json}
 GRID=${GRID:-32}; ROUNDS=${ROUNDS:-1}; MODE=${MODE:-inline}; INIT=${INIT:-sincos2d}
 GRID_WEIGHT=${GRID_WEIGHT:-0.5}; BOX_WEIGHT=${BOX_WEIGHT:-0.5}; VERSION=${VERSION:-getok_v1}
 DEVICE=${DEVICE:-gpu}; PYTHON=${PYTHON:-python}

@@ -13,7 +13,7 @@
 #   OUTPUT_DIR     [./checkpoints/llava-v1.5-7b-getok-lora]
 #   NUM_GPUS [all]  BATCH [16]  GRAD_ACCUM [1]  EPOCHS [1]  LR [2e-4]  PROJECTOR_LR [2e-5]  MAX_LEN [2048]
 #   LORA_R [128]  LORA_ALPHA [256]  WORKERS [4]  REPORT_TO [none]
-#   ZERO           [scripts/zero3.json, or scripts/zero2.json when BITS is 4 or 8]
+#   ZERO           [zero3.json beside this script, or zero2.json when BITS is 4 or 8]
 #   GRID [32]  ROUNDS [1]  MODE [inline]  INIT [sincos2d]  GRID_WEIGHT [0.5]  BOX_WEIGHT [0.5]  VERSION [getok_v1]
 #   ATTN           sdpa | eager | flash_attention_2        [flash_attention_2 if flash-attn is installed, else sdpa]
 set -euo pipefail
@@ -23,7 +23,7 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,/^set -euo/p' 
 BITS=${BITS:-16}; LORA_R=${LORA_R:-128}; LORA_ALPHA=${LORA_ALPHA:-256}; PROJECTOR_LR=${PROJECTOR_LR:-2e-5}
 export LR=${LR:-2e-4}
 export OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b-getok-lora}
-if [[ "$BITS" == 4 || "$BITS" == 8 ]]; then export ZERO=${ZERO:-scripts/zero2.json}; else export ZERO=${ZERO:-scripts/zero3.json}; fi
+if [[ "$BITS" == 4 || "$BITS" == 8 ]]; then export ZERO=${ZERO:-$(dirname "$0")/zero2.json}; else export ZERO=${ZERO:-$(dirname "$0")/zero3.json}; fi
 exec bash "$(dirname "$0")/finetune_getok.sh" \
     --lora_enable True --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --mm_projector_lr "$PROJECTOR_LR" \
     --bits "$BITS" \

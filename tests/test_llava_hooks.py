@@ -103,7 +103,9 @@ def test_getok_tokens_are_one_id_everywhere_and_legacy_tokenizers_are_refused(ti
     # decoding needs spaces_between_special_tokens=False (the slow tokenizer's default inserts spaces)
     assert tok.decode(tok(text, add_special_tokens=False).input_ids, spaces_between_special_tokens=False) == text
     legacy = AutoTokenizer.from_pretrained(tiny_tokenizer_dir, use_fast=False, legacy=True)
-    add_getok_tokens(legacy, CFG)
+    # the tokens added as plain special tokens, without add_getok_tokens' switch to legacy=False
+    # (tests/test_legacy_tokenizer.py: the switch, on the real 32,000-piece LLaMA vocabulary)
+    legacy.add_special_tokens({"additional_special_tokens": list(CFG.tokens())}, replace_additional_special_tokens=False)
     with pytest.raises(ValueError, match="legacy=False"):
         check_token_ids(legacy, CFG)
 

@@ -2,10 +2,11 @@
 
 LLaVA's builder picks code paths by substrings of the folder name, takes the LoRA tokenizer from
 ``model_base``, loads in float16 even on CPU and ends with ``resize_token_embeddings(len(tokenizer))``
-(pitfalls.md "Loading checkpoints"). With the hook, a folder that has ``getok_config.json`` is loaded from
+(docs/pitfalls.md "Loading checkpoints"). With the hook, a folder that has ``getok_config.json`` is loaded from
 that sidecar instead, whatever its name:
 
-1. tokenizer from the checkpoint; its GETok ids must equal the recorded ones (else ValueError);
+1. tokenizer from the checkpoint, used with ``legacy=False`` as in training; its GETok ids must equal the
+   recorded ones (else ValueError);
 2. the model at the recorded vocabulary size: a full checkpoint directly, a LoRA or projector-only one from
    ``model_base`` (or the recorded base) resized to the recorded size *before* any checkpoint weight;
 3. strict key accounting: every checkpoint key lands in a parameter, every parameter comes from somewhere;
@@ -99,7 +100,7 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
     from llava.model import LlavaLlamaForCausalLM
     from transformers import AutoConfig, AutoTokenizer
 
-    from .tokens import resize_embeddings
+    from .tokens import resize_embeddings, use_non_legacy
 
     path = Path(model_path)
     sidecar = sidecar if sidecar is not None else read_sidecar(path)
@@ -113,6 +114,7 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
 
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False)
     if sidecar is not None:
+        use_non_legacy(tokenizer, str(path))  # a tokenizer_config.json without "legacy" (copied in by hand)
         sidecar.check_tokenizer(tokenizer, str(path))
     config = AutoConfig.from_pretrained(path)
     kind = sidecar.kind if sidecar is not None else "full"

@@ -172,11 +172,12 @@ def main(argv=None) -> int:
 
     from . import register
     from .sidecar import read_sidecar
-    from .tokens import add_getok_tokens, check_token_ids
+    from .tokens import add_getok_tokens, check_token_ids, use_non_legacy
 
     register()
     tokenizer = AutoTokenizer.from_pretrained(args.model_path, use_fast=False, model_max_length=args.model_max_length,
                                               padding_side="right")
+    use_non_legacy(tokenizer, args.model_path)  # as training will use it
     tokenizer.pad_token = tokenizer.unk_token  # what LLaVA's train() does for every template but v0
     sidecar = read_sidecar(args.model_path)
     if sidecar is not None:

@@ -1,4 +1,4 @@
-"""Fixes that let LLaVA 1.2.2 run on current transformers / peft / torch (docs: llava-compat.md).
+"""Fixes that let LLaVA 1.2.2 run on current transformers / peft / torch (docs/llava-compat.md).
 
 Each fix is a :class:`Fix`: a name, a ``needed()`` test that looks at the installed code (not at version
 numbers where a feature test is possible) and an ``apply()`` that wraps LLaVA's function, keeping the

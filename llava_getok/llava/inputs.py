@@ -2,7 +2,7 @@
 ids, image files -> pixel tensors. Used by prediction (:mod:`llava_getok.predict`) and by GRPO's rollouts and
 log-probabilities (:mod:`llava_getok.rl`).
 
-Generation must see exactly what supervised training saw (docs pitfalls, "GRPO with grounding"): the prompt
+Generation must see exactly what supervised training saw (docs/pitfalls.md, "GRPO with grounding"): the prompt
 rendered by LLaVA's conversation template, ``<image>`` turned into one ``IMAGE_TOKEN_INDEX`` by LLaVA's
 ``tokenizer_image_token`` (LLaVA's model expands it into image features itself: nothing else may expand it),
 and the image through LLaVA's ``process_images`` (``expand2square`` with the processor's mean colour when
@@ -58,7 +58,7 @@ def image_token_index() -> int:
 @contextmanager
 def padding_side(llava_model, side: str):
     """LLaVA re-pads the expanded sequence by ``config.tokenizer_padding_side``; batched ``generate`` needs
-    "left" (docs pitfalls), training uses "right". Set it for the block, restore it after."""
+    "left" (docs/pitfalls.md), training uses "right". Set it for the block, restore it after."""
     old = getattr(llava_model.config, "tokenizer_padding_side", "right")
     llava_model.config.tokenizer_padding_side = side
     try:

@@ -1,7 +1,7 @@
 """Train only the GETok rows of the input embeddings and the LM head (LoRA, QLoRA, frozen backbone).
 
 Why not peft's ``trainable_token_indices`` or ``modules_to_save``: LLaVA's train() applies LoRA *before* it
-resizes the embeddings, and modules_to_save copies the whole matrices (pitfalls.md). Here the matrices stay
+resizes the embeddings, and modules_to_save copies the whole matrices (docs/pitfalls.md). Here the matrices stay
 frozen and untouched; a small module ``model.getok_rows`` holds a (k, dim) delta for each end, added by
 forward hooks at the GETok ids only. So the other rows are bit-identical by construction, the optimiser
 state is 2 x k x dim, and the delta is an ordinary parameter of the model (seen by LLaVA's optimiser

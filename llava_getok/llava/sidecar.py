@@ -23,7 +23,9 @@ KINDS = ("full", "lora", "projector")
 
 @dataclass
 class Sidecar:
-    """Contents of ``getok_config.json``."""
+    """Contents of ``getok_config.json``. ``tokenizer_legacy``: the flag the checkpoint's tokenizer was trained
+    with; False for every GETok training (a legacy tokenizer is switched, ``tokens.use_non_legacy``), and the
+    builder loads the tokenizer with ``legacy=False`` whatever its folder says."""
 
     getok: dict
     tokens: list[str]

@@ -1,7 +1,9 @@
-"""GETok tokens in the tokenizer and the embedding matrices (spec section 2; pitfalls.md "New tokens").
+"""GETok tokens in the tokenizer and the embedding matrices (spec section 2; docs/pitfalls.md "New tokens").
 
 - :func:`add_getok_tokens`: every GETok token becomes an added special token that is never normalised or
   stripped, so it is exactly one id in any context; :func:`check_token_ids` proves it.
+- :func:`use_non_legacy`: a slow LLaMA tokenizer that loaded with ``legacy=True`` (a ``tokenizer_config.json``
+  without ``"legacy": false``) is switched to ``legacy=False`` in place, once, with one line saying so.
 - :func:`resize_embeddings`: resize to an explicit size (never shrink), keep ``config.vocab_size`` right.
 - :func:`init_getok_rows`: ``mean`` (what LLaVA does for its own new tokens) or ``sincos2d`` (the mean plus a
   fixed 2D sinusoidal code of the cell's position, scaled to the spread of the existing rows), for the input
@@ -10,7 +12,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import sys
 
 import torch
 
@@ -22,13 +26,47 @@ INITS = ("mean", "sincos2d")
 CONTEXTS = ("{t}", " {t}", "a {t} b", "{t} b", "ASSISTANT: {t}", "USER: x\n{t}", "{t}{t}", "x{t}y")
 
 
+class _DropLegacyNotice(logging.Filter):
+    """transformers' "You are using the default legacy behaviour" notice: GETok switches such a tokenizer to
+    legacy=False wherever it uses one (:func:`use_non_legacy`) and says so itself."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("You are using the default legacy behaviour")
+
+
+logging.getLogger("transformers.models.llama.tokenization_llama").addFilter(_DropLegacyNotice())
+
+
+def use_non_legacy(tokenizer, where: str | None = None) -> bool:
+    """Switch a slow sentencepiece tokenizer (LlamaTokenizer and kin) that loaded with ``legacy=True`` to
+    ``legacy=False`` in place, exactly as loading it with ``legacy=False`` would; True if it switched.
+
+    A LLaMA tokenizer folder whose ``tokenizer_config.json`` lacks ``"legacy": false`` loads as legacy, and the
+    legacy tokenizer puts stray '▁' pieces around added special tokens (transformers#25073): GETok answers
+    would not tokenize as written. LLaVA splits prompts at ``<image>`` before tokenizing and its
+    ``preprocess_v1`` handles both flags, so nothing else changes. ``save_pretrained`` then writes
+    ``"legacy": false``: a checkpoint reloads as it was trained. Prints one line when it switches."""
+    if getattr(tokenizer, "legacy", None) is not True or not hasattr(tokenizer, "get_spm_processor"):
+        return False
+    tokenizer.legacy = False
+    tokenizer.sp_model = tokenizer.get_spm_processor()  # legacy=False: no sentencepiece dummy prefix
+    tokenizer.init_kwargs["legacy"] = False
+    name = where or getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    print(f"GETok: tokenizer {name} loads with legacy=True (its tokenizer_config.json does not say "
+          f"\"legacy\": false); "
+          f"using it with legacy=False, so every GETok token stays one id", file=sys.stderr, flush=True)
+    return True
+
+
 def add_getok_tokens(tokenizer, cfg: GETokConfig) -> list[int]:
     """Add every token of ``cfg`` as an unnormalised, unstripped special token; return their ids in
-    ``cfg.tokens()`` order. Tokens already present keep their ids (idempotent)."""
+    ``cfg.tokens()`` order. Tokens already present keep their ids (idempotent). A legacy slow tokenizer is
+    switched to ``legacy=False`` first (:func:`use_non_legacy`)."""
     from transformers import AddedToken
 
+    use_non_legacy(tokenizer)
     tokens = cfg.tokens()
-    vocab = tokenizer.get_vocab()  # once: the slow tokenizer builds the whole dict on every call
+    vocab = tokenizer.get_vocab()  # once: a slow tokenizer builds it anew on every call (32k pieces: ~60 ms)
     new = [t for t in tokens if t not in vocab]
     if new:
         tokenizer.add_special_tokens(

@@ -1,6 +1,6 @@
 """GRPO checkpoints that the builder hook (llava_getok.llava.builder) loads back exactly.
 
-Every save, intermediate ones included (docs pitfalls, "Loading checkpoints"), writes the GETok sidecar
+Every save, intermediate ones included (docs/pitfalls.md, "Loading checkpoints"), writes the GETok sidecar
 (``getok_config.json``) and the effective GETok rows (``getok_rows.safetensors``) next to what trl's Trainer
 saved:
 

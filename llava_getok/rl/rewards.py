@@ -11,7 +11,7 @@ Two layers:
   (abstain) for records of a task the reward does not judge. Anything unparseable scores 0 and is counted:
   each callable keeps ``counts`` and reports ``<name>/unparseable`` through trl's ``log_metric``.
 
-Why these shapes of reward (docs pitfalls, "GRPO with grounding"): IoU alone is sparse and teaches whole-image
+Why these shapes of reward (docs/pitfalls.md, "GRPO with grounding"): IoU alone is sparse and teaches whole-image
 boxes, so the box reward adds an L1 term on the corners and penalises near-whole-image and extra boxes; an empty
 or hedged answer must not score, so parse errors, missing shapes and GETok look-alikes in text all give 0.
 """
