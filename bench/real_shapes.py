@@ -237,7 +237,10 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(worker(json.loads(a.worker))))
         return 0
     rows = []
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    # every large block mmap'd and returned when freed: resident memory then follows what is allocated (glibc's
+    # adaptive threshold would keep freed blocks of up to 32 MB in the heap, and the peak would measure the allocator)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model, data = build(tmp, a.layers, a.batch)

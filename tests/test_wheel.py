@@ -124,7 +124,6 @@ def test_the_installed_wheel_runs_its_commands_and_writes_the_recipes_outside_th
     assert proc.returncode == 1 and "kept" in proc.stderr and (out / "zero2.json").read_text() == "{}"
 
 
-@pytest.mark.xfail(reason="DEVICE=cpu recipes land with issue 14", strict=False)
 def test_a_written_recipe_trains_a_step_on_cpu(fresh, tiny_llava_dir, shared_data, tmp_path):
     from llava_getok.llava.tiny import make_grounding_data
     from llava_getok.vocab import GETokConfig
