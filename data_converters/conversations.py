@@ -39,14 +39,27 @@ BOX_SLOT = "\x00box\x00"  # placeholder a source's own conversation holds where 
 WRONG_FRACTION = 0.25  # refine on masks: about this share of the first answer's anchors are wrong
 
 
+# In a JSON string json.dumps wrote, an escape starts at a backslash preceded by an even number of backslashes
+# (``\\\\u0000`` is a backslash and the text "u0000"); group 1 keeps those preceding pairs.
+_UNESCAPED = r"(?<!\\)((?:\\\\)*)"
+_NUL_RE = re.compile(_UNESCAPED + r"\\u0000")
+
+
+def count_nul(line: str) -> int:
+    """The NUL characters in a line json.dumps wrote (each written ``\\u0000``)."""
+    return len(_NUL_RE.findall(line))
+
+
 class BatchEncoder:
     """Defers ``codec.encode_boxes`` for a batch of records to one call (numpy costs per call, not per box).
 
     Calling it returns placeholders; :meth:`resolve` encodes every collected box at once and puts the
-    tokens into the records' JSON lines. Sources reject text holding NUL, so placeholders cannot clash.
+    tokens into the records' JSON lines. The pipeline rejects a record whose line holds any NUL besides its
+    own placeholders (:func:`count_nul`), so input text cannot forge one; text that merely reads
+    ``\\u0000T0\\u0000`` (backslashes, escaped by json.dumps) is not a placeholder either.
     """
 
-    _RE = re.compile(r"\\u0000T(\d+)\\u0000")  # a placeholder as json.dumps writes it
+    _RE = re.compile(_UNESCAPED + r"\\u0000T(\d+)\\u0000")  # a placeholder as json.dumps writes it
 
     def __init__(self, cfg: GETokConfig):
         self.cfg, self.boxes = cfg, []
@@ -60,7 +73,7 @@ class BatchEncoder:
         if not self.boxes:
             return lines
         tokens = encode_boxes(self.boxes, self.cfg)
-        return [self._RE.sub(lambda m: tokens[int(m.group(1))], line) for line in lines]
+        return [self._RE.sub(lambda m: m.group(1) + tokens[int(m.group(2))], line) for line in lines]
 
 
 @functools.lru_cache(maxsize=16)
