@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llava_getok.atomic import atomic_path
 from llava_getok.geometry import FRAMES
-from llava_getok.records import RecordsError, decode_record
+from llava_getok.records import RecordsError, decode_record, one_line
 from llava_getok.vocab import MODES, SCHEDULES, GETokConfig
 
 from . import registry
@@ -66,7 +66,7 @@ def _parser():
 
 def error(prog: str, e) -> None:
     """One line on stderr, whatever the message holds."""
-    print(f"{prog}: error: {str(e).replace(chr(10), ' ')}", file=sys.stderr)
+    print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
 
 
 def main(argv=None):
@@ -172,7 +172,7 @@ def decode_main(argv):
                 if a.on_error == "fail":
                     raise Stop(f"{bad}  (use --on-error skip to skip such records)") from None
                 counts["skipped"] += 1
-                print(f"convert-datasets decode: skipped {bad}", file=sys.stderr)
+                print(f"convert-datasets decode: skipped {one_line(bad)}", file=sys.stderr)
 
     try:
         if a.output is None:

@@ -182,25 +182,36 @@ def record(raw, where: str) -> "Fields":
     return Fields(raw, where)
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles plain data only (dicts, lists, strings, numbers): a pickle that names any class or function is
-    refused, so a corrupt or hostile file cannot run code (the refer toolkit's refs files hold plain data)."""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (plain data only)")
+# The pickle opcodes of plain data (lists, dicts, tuples, sets, strings, bytes, numbers, None, booleans, the memo):
+# no opcode that imports, calls or builds an object, and none that refers outside the file.
+PLAIN_PICKLE_OPCODES = frozenset("""
+    PROTO FRAME STOP MARK POP POP_MARK DUP INT BININT BININT1 BININT2 LONG LONG1 LONG4 STRING BINSTRING
+    SHORT_BINSTRING BINBYTES SHORT_BINBYTES BINBYTES8 BYTEARRAY8 NONE NEWTRUE NEWFALSE UNICODE SHORT_BINUNICODE
+    BINUNICODE BINUNICODE8 FLOAT BINFLOAT EMPTY_LIST APPEND APPENDS LIST EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3
+    EMPTY_DICT DICT SETITEM SETITEMS EMPTY_SET ADDITEMS FROZENSET GET BINGET LONG_BINGET PUT BINPUT LONG_BINPUT
+    MEMOIZE""".split())
 
 
 def load_pickle(path):
-    """A pickle of plain data (:class:`RestrictedUnpickler`), Python 2 strings read as latin-1 as the refer
-    toolkit's own loader does; any failure is a ConvertError naming the file."""
+    """A pickle of plain data (the refer toolkit's refs files), Python 2 strings read as latin-1 as the toolkit's
+    own loader does. Every opcode is checked first (``pickletools.genops``, which runs nothing and reads no
+    length the file does not hold): a pickle that names a class or function, or a corrupt one, is a ConvertError
+    naming the file, never code run or memory claimed for a length a flipped byte made up."""
     import io
+    import pickletools
 
     data = read_bytes(path)
     try:
-        return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+        for op, _, pos in pickletools.genops(data):
+            if op.name not in PLAIN_PICKLE_OPCODES:
+                raise ConvertError(str(path), None, f"pickle opcode {op.name} at byte {pos}: only plain data is read "
+                                   "(lists, dicts, strings, numbers)", "unreadable pickle")
+        return pickle.Unpickler(io.BytesIO(data), encoding="latin1").load()
+    except ConvertError:
+        raise
     except RecursionError:
         raise ConvertError(str(path), None, "cannot unpickle: nested deeper than Python can read", "unreadable pickle") from None
-    except Exception as e:  # a corrupt pickle fails in many ways (UnpicklingError, EOFError, ValueError, ...)
+    except Exception as e:  # a corrupt pickle fails in many ways (ValueError, UnpicklingError, EOFError, KeyError, ...)
         raise ConvertError(str(path), None, f"cannot unpickle: {type(e).__name__}: {e}", "unreadable pickle") from None
 
 
@@ -294,9 +305,19 @@ class Fields:
         """A string; one holding a NUL character is refused (never in real text, and the converters' own
         placeholders are made of them)."""
         v = self._typed(key, optional, lambda v: isinstance(v, str), "a string")
-        if v is not None and "\x00" in v:
-            raise self.error(key, "NUL character (U+0000) in the text", "NUL character")
+        if v is not None:
+            if "\x00" in v:
+                raise self.error(key, "NUL character (U+0000) in the text", "NUL character")
+            self._check_utf8(key, v)
         return v
+
+    def _check_utf8(self, key, v: str) -> None:
+        """Text the input's bytes could not give as UTF-8 (kept as lone surrogates) is refused where it is read."""
+        if not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise self.error(key, "text that is not UTF-8 (undecodable bytes, or a lone surrogate)", "not UTF-8") from None
 
     def number(self, key: str, optional: bool = False) -> float | None:
         v = self._typed(key, optional, is_number, "a number")
@@ -304,7 +325,10 @@ class Fields:
 
     def ident(self, key: str, optional: bool = False):
         """An identifier: a string or an integer (not a boolean, a float or null)."""
-        return self._typed(key, optional, lambda v: isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)), "a string or an integer")
+        v = self._typed(key, optional, lambda v: as_key(v) is not None, "a string or an integer")
+        if isinstance(v, str):
+            self._check_utf8(key, v)
+        return v
 
     def array(self, key: str, optional: bool = False) -> list | None:
         return self._typed(key, optional, lambda v: isinstance(v, list), "a list")

@@ -62,7 +62,7 @@ def _boxes(value: str, turn) -> list[tuple]:
 
 def parse(raw, where, opts) -> Sample:
     rec = record(raw, where)
-    has_image = rec.has("image")
+    has_image = bool(rec.string("image", optional=True))
     turns, boxes, fields = [], [], []
     for turn in rec.objects("conversations"):
         value = turn.string("value")
@@ -78,6 +78,6 @@ def parse(raw, where, opts) -> Sample:
             turn = turn.obj
         turns.append(turn)
     return Sample(
-        id=str(rec.ident("id")), image=rec.string("image") if boxes else rec.obj.get("image"), boxes=tuple(boxes), turns=turns,
+        id=str(rec.ident("id")), image=rec.obj.get("image"), boxes=tuple(boxes), turns=turns,
         source_fields=rec.obj, units=opts.input_frame, where=where, fields={"boxes": fields},
     )

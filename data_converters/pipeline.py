@@ -117,7 +117,7 @@ class Converter:
             _check_text(line, placeholders, raw, where)
             return "W", line, rid
         except Filtered as e:
-            return "R", json.dumps({"where": where, "reason": e.reason, "field": None, "message": e.reason}, ensure_ascii=False), None
+            return "R", json.dumps({"where": where, "reason": e.reason, "field": None, "message": e.reason}), None
         except ConvertError as e:
             return "R", reject_line(e), None
         except Exception as e:  # noqa: BLE001  a shape no check foresaw: one counted line, never a traceback
@@ -172,8 +172,9 @@ class Converter:
 
 
 def reject_line(e: ConvertError) -> str:
-    """A rejects-file line for a bad record: where, reason (what the summary counts), field, message."""
-    return json.dumps({"where": e.where, "reason": e.reason, "field": e.field, "message": e.message, "error": True}, ensure_ascii=False)
+    """A rejects-file line for a bad record: where, reason (what the summary counts), field, message. ASCII with
+    escapes: a message may quote input text that is not UTF-8."""
+    return json.dumps({"where": e.where, "reason": e.reason, "field": e.field, "message": e.message, "error": True})
 
 
 def _check_text(line: str, placeholders: int, raw, where: str) -> None:

@@ -86,6 +86,12 @@ def short(value) -> str:
     return _REPR.repr(value)
 
 
+def one_line(text: str) -> str:
+    """``text`` with every character that is not printable (newlines, form feeds, the control bytes a library's
+    message may quote from a corrupt file) escaped, so that a CLI's error is exactly one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 60
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 6
@@ -116,6 +122,7 @@ def read_records(path, require_id: bool = True, one_question: bool = False) -> l
     seen: dict[str, str] = {}
     for k, r in enumerate(records):
         at = where[k] if where else f"{path}: record {k}"
+        label = f"line {where[k].rsplit(':', 1)[1]}" if where else f"record {k}"
         if not isinstance(r, dict):
             raise RecordsError(f"{at}: a record must be an object, got {short(r)}")
         if require_id:
@@ -123,8 +130,8 @@ def read_records(path, require_id: bool = True, one_question: bool = False) -> l
                 raise RecordsError(f"{at}: no 'id' field")
             rid = check_id(r["id"], at)
             if rid in seen:
-                raise RecordsError(f"{at}: id {rid!r} repeats {seen[rid]}")
-            seen[rid] = at
+                raise RecordsError(f"{at}: id {rid!r} repeats the id of {seen[rid]}")
+            seen[rid] = label
         if one_question and "turns" in (r.get("getok") or {}):
             raise RecordsError(f"{path}: record {r.get('id', k)} groups {len(r['getok']['turns'])} questions about one "
                                f"image (convert-datasets --group-turns): that is training data; predict, evaluate "
@@ -193,8 +200,8 @@ def check_getok(getok, where: str = "getok field", needs=("task", "frame", "size
     :class:`RecordsError` naming the field."""
     if not isinstance(getok, dict):
         raise RecordsError(f"{where}: expected an object, got {short(getok)}")
-    for key in needs:
-        if getok.get(key) is None:
+    for key in needs:  # a null value is present, and refused by its own check below
+        if key not in getok:
             raise RecordsError(f"{where} lacks {key!r} (docs/data-format.md); keys: {sorted(getok)}")
     if "task" in needs and not isinstance(getok["task"], str):
         raise RecordsError(f"{where}: 'task' must be a string, got {short(getok['task'])}")
@@ -333,6 +340,8 @@ def rle_counts(counts: str) -> list[int] | None:
             c = ord(counts[p]) - 48
             if not 0 <= c < 64:
                 return None
+            if k > 6:  # 35 bits: more than any mask of MAX_MASK_PIXELS holds (and an int that grows without end)
+                return None
             x |= (c & 0x1F) << (5 * k)
             p, k = p + 1, k + 1
             if not c & 0x20:
@@ -370,6 +379,8 @@ def rle_problem(rle) -> tuple[str | None, str] | None:
         return "counts", f"expected a compressed string or a list of integers, got {short(counts)}"
     if any(v < 0 for v in runs):
         return "counts", "negative run length"
+    if any(v > size[0] * size[1] for v in runs):
+        return "counts", f"a run longer than the {size[0]} x {size[1]} mask"
     if sum(runs) != size[0] * size[1]:
         return "counts", f"runs add up to {sum(runs)} pixels, not {size[0]} x {size[1]} = {size[0] * size[1]}"
     return None

@@ -151,3 +151,56 @@ def test_point_records_carry_the_target_region(tmp_path, refer_folder, images):
         (x, y), = g["shapes"][0]["points"]
         x1, y1, x2, y2 = g["boxes"][0]
         assert x1 <= x <= x2 and y1 <= y <= y2
+
+
+# -- Kosmos-2 as transformers' own processor writes it ---------------------------------------------------------
+
+# (id, image, caption with <phrase> tags, the boxes Kosmos2Processor is given: patch index pairs or normalised
+# (x1, y1, x2, y2), one entry per phrase, a list for a phrase with several boxes)
+KOSMOS2_EXAMPLES = [
+    ("grit-proc-1", "000000397133.jpg", "<grounding> An image of<phrase> a man</phrase> cooking next to<phrase> two bowls</phrase>.",
+     [[(307, 470)], [(640, 710), (650, 720)]]),
+    ("grit-proc-2", "000000183709.jpg", "<grounding><phrase> A plate</phrase> of food on<phrase> a table</phrase>.",
+     [(0.25, 0.6, 0.66, 0.9), (0.0, 0.5, 1.0, 1.0)]),
+]
+
+
+def kosmos2_processor_records(tokenizer_dir):
+    """The kosmos2_processor.jsonl fixture: each caption's markup written by transformers' Kosmos2Processor
+    (its text side: preprocess_examples without an image), with the spaces it puts around patch tokens."""
+    from transformers import CLIPImageProcessor, Kosmos2Processor, XLMRobertaTokenizer
+
+    processor = Kosmos2Processor(CLIPImageProcessor(), XLMRobertaTokenizer(vocab_file=str(tokenizer_dir / "tokenizer.model")))
+    return [{"id": rid, "image": image, "text": processor.preprocess_examples(text, bboxes=boxes)}
+            for rid, image, text, boxes in KOSMOS2_EXAMPLES]
+
+
+def test_kosmos2_fixture_is_what_transformers_processor_writes(tiny_tokenizer_dir):
+    fixture = [json.loads(line) for line in (FIXTURES / "kosmos2_processor.jsonl").read_text().splitlines()]
+    assert fixture == kosmos2_processor_records(tiny_tokenizer_dir)
+    assert "<object> <patch_index_0640> <patch_index_0710> </delimiter_of_multi_objects/> <patch_index_0650>" in fixture[0]["text"]
+
+
+def test_kosmos2_spaced_markup_converts_exactly_like_the_compact_form(tmp_path, images):
+    """The processor's spaced markup and the compact form the model generates give the same boxes: transformers'
+    own patch_index_to_coordinate of each pair, in pixels."""
+    import re
+
+    from transformers.models.kosmos2.processing_kosmos2 import extract_entities_with_patch_indices, patch_index_to_coordinate
+
+    spaced = [json.loads(line) for line in (FIXTURES / "kosmos2_processor.jsonl").read_text().splitlines()]
+    compact = [{**r, "text": re.sub(r"\s*(</?object>|</delimiter_of_multi_objects/>|<patch_index_\d+>)\s*", r"\1", r["text"])} for r in spaced]
+    (tmp_path / "compact.jsonl").write_text("".join(json.dumps(r) + "\n" for r in compact))
+    recs_spaced, s = run(tmp_path, "kosmos2", "--input", FIXTURES / "kosmos2_processor.jsonl", "--image-root", images, frame="orig")
+    assert s["written"] == 2 and s["skipped"] == 0
+    recs_compact, _ = run(tmp_path, "kosmos2", "--input", tmp_path / "compact.jsonl", "--image-root", images, frame="orig")
+    assert [r["getok"]["shapes"] for r in recs_spaced] == [r["getok"]["shapes"] for r in recs_compact]
+    for rec, src in zip(recs_compact, compact):
+        w, h = rec["getok"]["size"]
+        pairs = [p for _, _, boxes in extract_entities_with_patch_indices(src["text"]) for p in boxes]
+        assert len(pairs) == len(rec["getok"]["shapes"]) == src["text"].count("<patch_index_") // 2
+        for (a, b), shape in zip(pairs, rec["getok"]["shapes"]):
+            x1, y1, x2, y2 = patch_index_to_coordinate(a, b, 32)
+            assert np.allclose(shape["points"], [[x1 * w, y1 * h], [x2 * w, y2 * h]], atol=1e-3)
+        assert "patch_index" not in json.dumps(rec["conversations"]) and rec["conversations"][1]["value"].count("<box>") == len(pairs)
+    assert_round_trip(recs_spaced)

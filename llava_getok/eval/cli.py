@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_text_atomic
-from ..records import RecordsError, check_getok, decode_record, read_predictions, read_records
+from ..records import RecordsError, check_getok, decode_record, one_line, read_predictions, read_records
 from .metrics import TASKS, THRESHOLDS, aggregate, score_all, scores_as_dicts
 
 
@@ -194,7 +194,7 @@ def _main(argv) -> int:
         result = evaluate(args.predictions, args.annotations, args.image_root, args.output_dir,
                           args.only_predicted, not args.no_ceiling, generator)
     except ValueError as e:  # RecordsError, or a record the metrics cannot score (named in the message)
-        print(f"llava-getok eval: {str(e).replace(chr(10), ' ')}", file=sys.stderr)
+        print(f"llava-getok eval: {one_line(e)}", file=sys.stderr)
         return 1
     except OSError as e:  # the outputs cannot be written
         print(f"llava-getok eval: cannot write the results: {e}", file=sys.stderr)

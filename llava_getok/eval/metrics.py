@@ -89,7 +89,8 @@ def score_record(record: dict, pred: dict | None, image_loader=None, generator=N
         return _miss(task, base, "unparseable", record, "; ".join(map(str, pred["errors"]))[:200])
     if task == "rec":
         gt = _boxes(g.get("shapes") or [])
-        boxes = _boxes(pred.get("shapes") or [])
+        w, h = g["size"]  # predicted boxes are clamped to the image, as predict writes them (a hand-made 1e308 too)
+        boxes = [tuple(float(np.clip(v, 0, w if k % 2 == 0 else h)) for k, v in enumerate(b)) for b in _boxes(pred.get("shapes") or [])]
         if not gt:
             return _no_target(base, found=bool(boxes))
         if not boxes:
