@@ -133,7 +133,10 @@ class Sample:
             if b[2] < b[0] or b[3] < b[1]:
                 raise ConvertError(self.where, self._field("boxes", k), f"x2 < x1 or y2 < y1 in {b} (expected x1, y1, x2, y2)", "box x2 < x1 or y2 < y1")
             boxes[k] = _clip(b, w, h, tol, self.where, self._field("boxes", k))
-            if boxes[k][2] <= boxes[k][0] or boxes[k][3] <= boxes[k][1]:  # no prediction could ever overlap it
+            # A ground-truth box of zero width or height can never be scored (no prediction overlaps it). A box in a
+            # conversation of the source's own (``turns``: llava, qwen, kosmos2) is training text, never scored, and
+            # LLaVA's own two-decimal rounding makes thin boxes zero-wide: it is kept as written.
+            if self.turns is None and (boxes[k][2] <= boxes[k][0] or boxes[k][3] <= boxes[k][1]):
                 raise ConvertError(self.where, self._field("boxes", k), f"box {list(boxes[k])} has zero width or height (in the image)", "box of zero width or height")
             if normalised is not None and boxes[k] != tuple(b):
                 normalised = None
@@ -205,9 +208,14 @@ def frame_to_pixels(size: tuple, frame: str) -> tuple:
 
 def check_size(size, where: str, field: str = "width, height") -> tuple[float, float]:
     """(W, H) must be two positive finite numbers; errors name the source's ``field``."""
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(is_number(v) for v in size)):
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and is_number(size[0]) and is_number(size[1])):
         raise ConvertError(where, field, f"expected (width, height) numbers, got {size!r}", "bad image size")
-    w, h = check_numbers(size, 2, where, field)
+    try:
+        w, h = float(size[0]), float(size[1])
+    except OverflowError:
+        w = h = math.inf
+    if not (math.isfinite(w) and math.isfinite(h)):
+        raise ConvertError(where, field, f"width and height must be finite, got {size!r}", "bad image size")
     if w <= 0 or h <= 0:
         raise ConvertError(where, field, f"width and height must be positive, got {[w, h]}", "bad image size")
     return w, h

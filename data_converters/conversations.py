@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 
 import numpy as np
 
@@ -39,27 +38,42 @@ BOX_SLOT = "\x00box\x00"  # placeholder a source's own conversation holds where 
 WRONG_FRACTION = 0.25  # refine on masks: about this share of the first answer's anchors are wrong
 
 
-# In a JSON string json.dumps wrote, an escape starts at a backslash preceded by an even number of backslashes
-# (``\\\\u0000`` is a backslash and the text "u0000"); group 1 keeps those preceding pairs.
-_UNESCAPED = r"(?<!\\)((?:\\\\)*)"
-_NUL_RE = re.compile(_UNESCAPED + r"\\u0000")
+_NUL = "\\u0000"  # a NUL character as json.dumps writes it
+
+
+def _escaped(line: str, at: int) -> bool:
+    """Whether the backslash at ``at`` of a line json.dumps wrote is itself escaped (an odd number of
+    backslashes before it): then ``\\u0000`` there is a backslash and the text "u0000", not a NUL."""
+    k = at
+    while k > 0 and line[k - 1] == "\\":
+        k -= 1
+    return (at - k) % 2 == 1
+
+
+def _nuls(line: str) -> list[int]:
+    """The positions of the NUL characters in a line json.dumps wrote (each written ``\\u0000``)."""
+    out, at = [], line.find(_NUL)
+    careful = "\\" + _NUL in line  # only then can an occurrence be a backslash and the text "u0000"
+    while at != -1:
+        if not (careful and _escaped(line, at)):
+            out.append(at)
+        at = line.find(_NUL, at + 1)
+    return out
 
 
 def count_nul(line: str) -> int:
-    """The NUL characters in a line json.dumps wrote (each written ``\\u0000``)."""
-    return len(_NUL_RE.findall(line))
+    """The NUL characters in a line json.dumps wrote."""
+    return line.count(_NUL) if "\\" + _NUL not in line else len(_nuls(line))
 
 
 class BatchEncoder:
     """Defers ``codec.encode_boxes`` for a batch of records to one call (numpy costs per call, not per box).
 
-    Calling it returns placeholders; :meth:`resolve` encodes every collected box at once and puts the
-    tokens into the records' JSON lines. The pipeline rejects a record whose line holds any NUL besides its
-    own placeholders (:func:`count_nul`), so input text cannot forge one; text that merely reads
+    Calling it returns placeholders (``NUL T k NUL``); :meth:`resolve` encodes every collected box at once and
+    puts the tokens into the records' JSON lines. The pipeline rejects a record whose line holds any NUL besides
+    its own placeholders (:func:`count_nul`), so input text cannot forge one; text that merely reads
     ``\\u0000T0\\u0000`` (backslashes, escaped by json.dumps) is not a placeholder either.
     """
-
-    _RE = re.compile(_UNESCAPED + r"\\u0000T(\d+)\\u0000")  # a placeholder as json.dumps writes it
 
     def __init__(self, cfg: GETokConfig):
         self.cfg, self.boxes = cfg, []
@@ -73,7 +87,17 @@ class BatchEncoder:
         if not self.boxes:
             return lines
         tokens = encode_boxes(self.boxes, self.cfg)
-        return [self._RE.sub(lambda m: m.group(1) + tokens[int(m.group(2))], line) for line in lines]
+        return [self._resolve(line, tokens) if _NUL in line else line for line in lines]
+
+    @staticmethod
+    def _resolve(line: str, tokens: list[str]) -> str:
+        """Every placeholder of ``line`` replaced by its box's tokens. The pipeline has checked that the line's
+        NULs are exactly its placeholders' (``count_nul``), so they pair up in order: opening, closing."""
+        nuls, out, end = _nuls(line), [], 0
+        for a, b in zip(nuls[::2], nuls[1::2]):
+            out += [line[end:a], tokens[int(line[a + len(_NUL) + 1 : b])]]
+            end = b + len(_NUL)
+        return "".join(out) + line[end:]
 
 
 @functools.lru_cache(maxsize=16)

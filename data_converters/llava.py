@@ -17,12 +17,11 @@ byte for byte).
 """
 from __future__ import annotations
 
-import math
 import re
 
 from .base import Sample
 from .conversations import BOX_SLOT
-from .inputs import json_records, record
+from .inputs import Fields, json_records, record
 
 TASKS = ("rewrite",)
 PASS_THROUGH_RAW = True  # a JSONL line without boxes is written back byte for byte
@@ -30,53 +29,49 @@ UNIQUE_IDS = False  # LLaVA's own ids repeat (mix665k: one id per image, ~250k r
 FORMATS = "LLaVA conversations (.json list or .jsonl) with text boxes [x1, y1, x2, y2] in 0-1 (--input-frame)"
 
 # A number as a list in text may hold one: ASCII digits (\d would take fullwidth ones), decimals, exponents,
-# and the NaN / infinity a buggy writer may print; which of them make a box is decided in _boxes().
-_NUM = r"\s*([-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?(?:nan|inf(?:inity)?))\s*"
-QUAD_RE = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]", re.IGNORECASE)
+# and the NaN / infinity a buggy writer may print; which of them make a box is decided in _rewrite_turn().
+_NUM = r"\s*([-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?(?:[nN][aA][nN]|[iI][nN][fF](?:[iI][nN][iI][tT][yY])?))\s*"
+QUAD_RE = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")
+_NOT_INTEGER = re.compile(r"[.eEnNiI]")  # in a QUAD_RE match: a decimal point, an exponent, NaN or infinity
 
 
 def read(opts):
     yield from json_records(opts.input)
 
 
-def _written_as_box(m) -> bool:
-    """A quadruple with a decimal (LLaVA writes its boxes as floats); four integers are text."""
-    return not all(g.lstrip("+-").isdigit() for g in m.groups())
-
-
-def _boxes(value: str, turn) -> list[tuple]:
-    """The boxes written in one turn's text, in order: every bracketed quadruple with a decimal; a quadruple of
-    integers is text. One that is not a box in [0, 1] is a ConvertError naming the turn's value."""
-    out = []
+def _rewrite_turn(value: str, turn: Fields) -> tuple[list[tuple], str]:
+    """(the boxes written in one turn's text, in order; the text with a BOX_SLOT in place of each). A box is a
+    bracketed quadruple with a decimal; four integers are text. One that is not a box in [0, 1] is a
+    ConvertError naming the turn's value. One pass over the text: this runs on a million records."""
+    boxes, parts, end = [], [], 0
     for m in QUAD_RE.finditer(value):
-        if not _written_as_box(m):
-            continue
-        b = tuple(float(g) for g in m.groups())
-        if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in b):
+        if not _NOT_INTEGER.search(m.group(0)):
+            continue  # [0, 0, 0, 1]: LLaVA writes its boxes as floats, so four integers are never one
+        b = tuple(map(float, m.groups()))
+        if not (0.0 <= b[0] <= 1.0 and 0.0 <= b[1] <= 1.0 and 0.0 <= b[2] <= 1.0 and 0.0 <= b[3] <= 1.0):  # NaN fails too
             raise turn.error("value", f"box {m.group(0)} has a number outside [0, 1] (LLaVA's boxes are normalised)", "box outside [0, 1]")
         if b[2] < b[0] or b[3] < b[1]:
             raise turn.error("value", f"box {list(b)} has x2 < x1 or y2 < y1", "box x2 < x1 or y2 < y1")
-        out.append(b)
-    return out
+        boxes.append(b)
+        parts += [value[end:m.start()], BOX_SLOT]
+        end = m.end()
+    return boxes, "".join(parts) + value[end:] if boxes else value
 
 
 def parse(raw, where, opts) -> Sample:
     rec = record(raw, where)
     has_image = bool(rec.string("image", optional=True))
     turns, boxes, fields = [], [], []
-    for turn in rec.objects("conversations"):
-        value = turn.string("value")
+    for k, turn, value in rec.texts("conversations", "value"):
+        found = ()
         if has_image and "[" in value:  # cheap test first: most turns hold no box
-            found = _boxes(value, turn)
-            if found:
-                boxes += found
-                fields += [turn.name("value")] * len(found)
-                turn = {**turn.obj, "value": QUAD_RE.sub(lambda m: BOX_SLOT if _written_as_box(m) else m.group(0), value)}
-            else:
-                turn = turn.obj
+            found, value = _rewrite_turn(value, Fields(turn, where, f"conversations[{k}]"))
+        if found:
+            boxes += found
+            fields += [f"conversations[{k}].value"] * len(found)
+            turns.append({**turn, "value": value})
         else:
-            turn = turn.obj
-        turns.append(turn)
+            turns.append(turn)
     return Sample(
         id=str(rec.ident("id")), image=rec.obj.get("image"), boxes=tuple(boxes), turns=turns,
         source_fields=rec.obj, units=opts.input_frame, where=where, fields={"boxes": fields},

@@ -197,12 +197,15 @@ def test_boxes_of_zero_width_or_height_are_bad_input(tmp_path):
     summary, rejects, rc, err = both_modes(["coco", "--input", tmp_path / "instances_val2017.json"], tmp_path / "o.jsonl")
     assert [(r["field"], r["reason"]) for r in rejects if r.get("error")] == [("bbox", "box of zero width or height")]
     assert rc == 1 and "has zero width or height" in one_line(err)
+    # LLaVA's own data rounds boxes to two decimals, which makes thin ones zero-wide: a conversation of the source's
+    # own is training text, never scored, and keeps its box
     src = tmp_path / "m.json"
     rec = load(FIXTURES / "llava_mix.json")[2]
     rec["conversations"][1]["value"] = "[0.25, 0.6, 0.25, 0.9]"
     src.write_text(json.dumps([rec]))
     summary, rejects, rc, err = both_modes(["llava", "--input", src, "--image-root", IMAGES], tmp_path / "l.jsonl")
-    assert [(r["field"], r["reason"]) for r in rejects] == [("conversations[1].value", "box of zero width or height")]
+    (x1, _), (x2, _) = load(tmp_path / "l.jsonl")[0]["getok"]["shapes"][0]["points"]
+    assert rc == 0 and not rejects and x1 == x2
 
 
 @pytest.mark.parametrize("bad", ["[nan, 0.6, 0.66, 0.9]", "[-0.25, 0.6, 0.66, 0.9]", "[0.25, 0.6, 1.66, 0.9]", "[0.25, 0.6, 0.66, 1.9]"])
@@ -401,15 +404,15 @@ def test_ctrl_c_is_one_line_and_the_same_command_resumes_to_the_same_output(tmp_
     rec = load(FIXTURES / "llava_mix.json")[1]
     src = tmp_path / "big.jsonl"
     with open(src, "w") as f:
-        for k in range(60_000):
+        for k in range(10_000):
             f.write(json.dumps({**rec, "id": f"r{k}"}) + "\n")
     argv = ["llava", "--input", src, "--image-root", IMAGES, "--output", tmp_path / "o.jsonl", "--workers", 2]
     p = subprocess.Popen([sys.executable, "-m", "data_converters.cli", *map(str, argv)], cwd=ROOT, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
     partial = tmp_path / "o.jsonl.partial"
     deadline = time.time() + 60
-    while time.time() < deadline and (not partial.exists() or partial.stat().st_size < 200_000):
-        time.sleep(0.05)
+    while time.time() < deadline and (not partial.exists() or partial.stat().st_size < 100_000):
+        time.sleep(0.01)
     os.killpg(p.pid, signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
