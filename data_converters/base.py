@@ -51,7 +51,7 @@ import numpy as np
 
 from llava_getok.records import MAX_MASK_PIXELS, rle_problem
 
-from .inputs import ConvertError, Filtered, check_numbers, is_number  # noqa: F401 (Filtered: part of the interface)
+from .inputs import ConvertError, check_numbers, is_number
 
 # Pixel coordinates may stray this far outside the image (fraction of the side, plus one pixel) before
 # they count as "far outside" and are rejected; within it they are clipped. Annotation tools round.

@@ -22,16 +22,23 @@ TASKS = ("rec", "det", "res", "point", "reg")
 FORMATS = "COCO instances JSON (images, annotations with bbox and polygon/RLE segmentation, categories)"
 
 
-def read(opts):
-    path = Path(opts.input)
+def load_instances(path: Path, tables=("images", "categories")):
+    """A COCO instances file -> (its ``annotations`` list, {table: {id: entry}} for ``tables``): the file, its
+    lists and the lookup tables' ids are checked here, a file that breaks the format is a file-level
+    ConvertError (refcoco's instances.json is read the same way)."""
     data = load_json(path)
     if not isinstance(data, dict):
         raise ConvertError(str(path), None, f"expected a COCO instances object, got {json_type(data)}", "not a COCO file")
     top = Fields(data, str(path))
-    images = lookup(top.array("images"), "id", str(path), "images")
-    cats = lookup(top.array("categories"), "id", str(path), "categories")
+    return top.array("annotations"), {t: lookup(top.array(t), "id", str(path), t) for t in tables}
+
+
+def read(opts):
+    path = Path(opts.input)
+    annotations, tables = load_instances(path)
+    images, cats = tables["images"], tables["categories"]
     split = opts.split or _split_of(path.name)
-    anns = list(enumerate(top.array("annotations")))
+    anns = list(enumerate(annotations))
     anns.sort(key=lambda ka: (str(_field(ka[1], "image_id")), _order(_field(ka[1], "id")), ka[0]))  # same-image objects together
     if opts.task == "det":
         groups = defaultdict(list)

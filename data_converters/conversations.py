@@ -31,7 +31,8 @@ from llava_getok.geometry import boxes_to_frame, points_to_frame
 from llava_getok.records import NO_MATCH, PROMPTS, REFINE_PROMPT, json_shape, rle_to_mask, round_pixels, shapes_to_pixels
 from llava_getok.vocab import GETokConfig
 
-from .base import ConvertError, Filtered, Sample
+from .base import Sample
+from .inputs import ConvertError, Filtered
 
 TASKS = ("rec", "reg", "point", "res", "det", "refine", "rewrite")
 BOX_SLOT = "\x00box\x00"  # placeholder a source's own conversation holds where a box goes (``llava``)

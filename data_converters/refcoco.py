@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 
 from .base import Sample
-from .inputs import ConvertError, Fields, as_key, json_type, load_json, load_pickle, lookup
+from .coco import load_instances
+from .inputs import ConvertError, Fields, as_key, json_type, load_pickle
 
 TASKS = ("rec", "res", "reg", "point")
 FORMATS = "refer toolkit folder: refs(unc|umd|google).p + instances.json (refcoco, refcoco+, refcocog)"
@@ -50,14 +51,8 @@ def read(opts):
     refs = load_pickle(refs_path)
     if not isinstance(refs, list):
         raise ConvertError(str(refs_path), None, f"expected a list of refs, got {type(refs).__name__}", "not a refs file")
-    inst_path = folder / "instances.json"
-    inst = load_json(inst_path)
-    if not isinstance(inst, dict):
-        raise ConvertError(str(inst_path), None, f"expected a COCO instances object, got {json_type(inst)}", "not a COCO file")
-    top = Fields(inst, str(inst_path))
-    images = lookup(top.array("images"), "id", str(inst_path), "images")
-    anns = lookup(top.array("annotations"), "id", str(inst_path), "annotations")
-    cats = lookup(top.array("categories"), "id", str(inst_path), "categories")
+    _, tables = load_instances(folder / "instances.json", ("images", "annotations", "categories"))
+    images, anns, cats = tables["images"], tables["annotations"], tables["categories"]
     for k, ref in enumerate(refs):
         if not isinstance(ref, dict):
             where = f"{refs_path.name}:refs[{k}]"

@@ -43,24 +43,28 @@ def coco_subset(image_ids=(34417, 183709), limit=8) -> dict:
     return {"images": ims, "annotations": keep, "categories": coco["categories"]}
 
 
-def refer_folder(folder: Path) -> Path:
-    """A refer-toolkit folder from real COCO annotations: refs(unc).p (a protocol-2 pickle of refs with
-    sentences, as the toolkit ships them) and instances.json."""
+def refer_folder(folder: Path, per_image=((397133, 2), (34417, 1)), test_a=(), unknown_ann=False) -> Path:
+    """A refer-toolkit folder from real COCO annotations: refs(unc).p (a protocol-2 pickle of refs with two
+    sentences each, as the toolkit ships them) and instances.json. ``per_image``: (image id, objects) to refer
+    to; refs numbered in ``test_a`` go to split testA, the others to train; ``unknown_ann`` adds a ref whose
+    ann_id instances.json lacks."""
     folder.mkdir(parents=True, exist_ok=True)
     coco = json.loads(COCO.read_text())
-    anns = [a for i, n in ((397133, 2), (34417, 1)) for a in [a for a in coco["annotations"] if a["image_id"] == i and not a["iscrowd"]][:n]]
+    anns = [a for i, n in per_image for a in [a for a in coco["annotations"] if a["image_id"] == i and not a["iscrowd"]][:n]]
     names = {c["id"]: c["name"] for c in coco["categories"]}
     refs = []
     for k, a in enumerate(anns):
         im = next(i for i in coco["images"] if i["id"] == a["image_id"])
         sents = [{"tokens": ["the", names[a["category_id"]]], "raw": f"The {names[a['category_id']]}", "sent_id": 10 * k + s,
-                  "sent": f"the {names[a['category_id']]} {side}"} for s, side in enumerate(("on the left", "in front"))]
+                  "sent": f"the {names[a['category_id']]} {side}"} for s, side in enumerate(("on the left", "near the middle"))]
         refs.append({"sent_ids": [s["sent_id"] for s in sents], "file_name": im["file_name"][:-4] + f"_{a['id']}.jpg",
-                     "ann_id": a["id"], "ref_id": 100 + k, "image_id": a["image_id"], "split": "train",
+                     "ann_id": a["id"], "ref_id": 100 + k, "image_id": a["image_id"], "split": "testA" if k in test_a else "train",
                      "sentences": sents, "category_id": a["category_id"]})
+    if unknown_ann:
+        refs.append({**refs[0], "ref_id": 999, "ann_id": -1, "split": "train"})
     with open(folder / "refs(unc).p", "wb") as f:
-        pickle.dump(refs, f, protocol=2)
-    images = [i for i in coco["images"] if i["id"] in (397133, 34417)]
+        pickle.dump(refs, f, protocol=2)  # the toolkit's pickles are protocol 2
+    images = [i for i in coco["images"] if i["id"] in dict(per_image)]
     (folder / "instances.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": coco["categories"]}))
     return folder
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from convert_cases import COCO, FIXTURES, IMAGES, SOURCES, case, coco_subset, load, run_cli
+from convert_cases import FIXTURES, IMAGES, SOURCES, case, coco_subset, load, run_cli
 from data_converters import pipeline
 from data_converters.cli import build_job
 
@@ -226,12 +226,15 @@ def test_placeholder_characters_in_the_input_never_take_another_records_tokens(t
     forged["conversations"][0]["value"] += " \u0000T0\u0000"  # the batch encoder's placeholder for the batch's first box
     literal = json.loads(json.dumps(recs[3]))
     literal["conversations"][1]["value"] = "In JSON, \\u0000T0\\u0000 is written with backslashes."
+    before_box = json.loads(json.dumps(recs[2]))  # the same text right before a real box's placeholder
+    before_box["conversations"][1]["value"] = "\\u0000T0[0.25, 0.6, 0.66, 0.9]"
     src = tmp_path / "m.json"
-    src.write_text(json.dumps([recs[1], forged, literal]))
+    src.write_text(json.dumps([recs[1], forged, literal, before_box]))
     summary, rejects, rc, err = both_modes(["llava", "--input", src, "--image-root", IMAGES], tmp_path / "o.json")
     assert [(r["where"], r["field"], r["reason"]) for r in rejects] == [("m.json:1", "conversations[0].value", "NUL character")]
     out = load(tmp_path / "o.json")
     assert out[1] == literal  # text that merely reads like a placeholder stays text
+    assert out[2]["conversations"][1]["value"].startswith("\\u0000T0<box><grid_") and out[2]["getok"]["shapes"]
     assert out[0]["conversations"][1]["value"] == recs[1]["conversations"][1]["value"] and out[0]["getok"]["shapes"]
     assert rc == 1 and "NUL character" in one_line(err)
     # a NUL in a field no source reads still cannot reach the output

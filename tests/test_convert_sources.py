@@ -3,7 +3,6 @@ and the round trip back to the source's boxes in original pixels for both frames
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 
 from data_converters.cli import main
 from data_converters.kosmos2 import patch_index_to_coordinate
+import convert_cases
 from test_convert_core import assert_round_trip, load
 
 FIXTURES = Path(__file__).parent / "fixtures" / "convert"
@@ -28,27 +28,11 @@ def images(shared_data):
 
 
 @pytest.fixture(scope="module")
-def refer_folder(tmp_path_factory, shared_data):
-    """A refer-toolkit folder built from real COCO annotations: refs(unc).p (a pickle list of refs with
-    sentences) and instances.json, as the toolkit lays out data/refcoco."""
-    folder = tmp_path_factory.mktemp("data") / "refcoco"
-    folder.mkdir()
-    coco = json.loads((shared_data / "coco_mini" / "instances_val2017.json").read_text())
-    anns = [a for a in coco["annotations"] if a["image_id"] in (397133, 34417) and not a["iscrowd"]][:4]
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    refs = []
-    for k, a in enumerate(anns):
-        im = next(i for i in coco["images"] if i["id"] == a["image_id"])
-        sents = [{"tokens": ["the", names[a["category_id"]]], "raw": f"The {names[a['category_id']]}", "sent_id": 10 * k + s,
-                  "sent": f"the {names[a['category_id']]} {side}"} for s, side in enumerate(("on the left", "near the middle"))]
-        refs.append({"sent_ids": [s["sent_id"] for s in sents], "file_name": im["file_name"][:-4] + f"_{a['id']}.jpg", "ann_id": a["id"],
-                     "ref_id": 100 + k, "image_id": a["image_id"], "split": "train" if k < 3 else "testA", "sentences": sents,
-                     "category_id": a["category_id"]})
-    refs.append({**refs[0], "ref_id": 999, "ann_id": -1, "split": "train"})  # an ann_id instances.json lacks
-    with open(folder / "refs(unc).p", "wb") as f:
-        pickle.dump(refs, f, protocol=2)  # the toolkit's pickles are protocol 2
-    (folder / "instances.json").write_text(json.dumps({"images": coco["images"], "annotations": anns, "categories": coco["categories"]}))
-    return folder
+def refer_folder(tmp_path_factory):
+    """A refer-toolkit folder built from real COCO annotations (convert_cases.refer_folder): four refs of two
+    sentences, the fourth in testA, and a ref whose ann_id instances.json lacks."""
+    return convert_cases.refer_folder(tmp_path_factory.mktemp("data") / "refcoco", ((397133, 3), (34417, 1)),
+                                      test_a={3}, unknown_ann=True)
 
 
 @pytest.mark.parametrize("frame", ["pad", "orig"])
