@@ -92,7 +92,8 @@ class Sample:
     where: the place in the input ("file:record"), for error messages.
     fields: the source's own names, so that errors name its field: "boxes" / "points" -> one name (``[k]`` is
         added when there are several) or a sequence with one name per box / point ("grounding.regions[1].bbox");
-        "size" -> the fields the size came from ("width, height"); "segmentation" -> the mask's field.
+        "size" -> the fields the size came from ("width, height"); "segmentation" -> the mask's field;
+        "image" -> the image path's field ("img_path"); "expression" -> the expression's ("problem").
     normalised: set by :meth:`validated` for normalised input: (frame, boxes) as the source gave them,
         when nothing needed clipping; writing to that same frame then reuses them (one geometry call
         fewer per record, and no float round trip through pixels).
@@ -121,7 +122,7 @@ class Sample:
         Plain Python on purpose: this runs once per record, and numpy's per-call cost on 4 numbers would
         dominate a million-record conversion.
         """
-        w, h = check_size(size, self.where, self._name("size"))
+        w, h = check_size(size, self.where, self.field_name("size"))
         boxes = [check_numbers(b, 4, self.where, self._field("boxes", k)) for k, b in enumerate(self.boxes)]
         points = [check_numbers(p, 2, self.where, self._field("points", k)) for k, p in enumerate(self.points)]
         normalised = None
@@ -142,9 +143,9 @@ class Sample:
                 normalised = None
         for k, p in enumerate(points):
             points[k] = _clip(p, w, h, tol, self.where, self._field("points", k))
-        seg = self._name("segmentation")
+        seg = self.field_name("segmentation")
         if (self.polygons is not None or self.rle is not None) and round(w) * round(h) > MAX_MASK_PIXELS:
-            raise ConvertError(self.where, self._name("size"), f"a mask of {w:g} x {h:g} pixels is larger than any image ({MAX_MASK_PIXELS} pixels)", "image too large for a mask")
+            raise ConvertError(self.where, self.field_name("size"), f"a mask of {w:g} x {h:g} pixels is larger than any image ({MAX_MASK_PIXELS} pixels)", "image too large for a mask")
         if self.polygons is not None:
             if not isinstance(self.polygons, list) or not self.polygons:
                 raise ConvertError(self.where, seg, "empty polygon list", "polygon with < 3 points")
@@ -164,14 +165,18 @@ class Sample:
             object.__setattr__(out, name, value)
         return out
 
-    _DEFAULT_NAMES = {"boxes": "bbox", "points": "point", "size": "width, height", "segmentation": "segmentation"}
+    _DEFAULT_NAMES = {"boxes": "bbox", "points": "point", "size": "width, height", "segmentation": "segmentation",
+                      "image": "image", "expression": "expression"}
 
-    def _name(self, kind: str):
-        return (self.fields or {}).get(kind, self._DEFAULT_NAMES[kind])
+    def field_name(self, kind: str) -> str:
+        """The source's name of the field(s) ``kind`` came from ("boxes", "points", "size", "segmentation",
+        "image", "expression"), for error messages."""
+        name = (self.fields or {}).get(kind, self._DEFAULT_NAMES[kind])
+        return name if isinstance(name, str) else ", ".join(dict.fromkeys(name)) or self._DEFAULT_NAMES[kind]
 
     def _field(self, kind: str, k: int) -> str:
         """The source's name of box / point ``k``."""
-        name = self._name(kind)
+        name = (self.fields or {}).get(kind, self._DEFAULT_NAMES[kind])
         if not isinstance(name, str):
             return name[k]
         return name if len(self.boxes if kind == "boxes" else self.points) == 1 else f"{name}[{k}]"

@@ -79,11 +79,13 @@ def _image(raw, ann: Fields):
     return iid, im, (im.number("width"), im.number("height"))
 
 
-def _category(raw, ann: Fields) -> str:
+def _category(raw, ann: Fields) -> tuple[str, str]:
+    """(the category's name, its field)."""
     cid = ann.ident("category_id")
     if raw["category"] is None:
         raise ann.error("category_id", f"category_id {cid!r} is not in categories", "unknown category_id")
-    return raw["category"].moved(ann.where).string("name")
+    cat = raw["category"].moved(ann.where)
+    return cat.string("name"), cat.name("name")
 
 
 def _crowd(ann: Fields) -> bool:
@@ -104,7 +106,7 @@ def parse(raw, where, opts) -> Sample:
     if opts.task == "det":
         anns = [Fields(a, where, f"annotations[{k}]") for k, a in raw["anns"]]
         iid, im, size = _image(raw, anns[0])
-        name = _category(raw, anns[0])
+        name, name_field = _category(raw, anns[0])
         cid = anns[0].ident("category_id")
         anns = [a for a in anns if not _crowd(a)]
         if not anns:
@@ -112,12 +114,13 @@ def parse(raw, where, opts) -> Sample:
         return Sample(
             id=f"coco-{iid}-cat{cid}", image=im.string("file_name"), size=size, expression=name,
             boxes=tuple(_xyxy(a) for a in anns), split=raw["split"], where=where,
-            fields={"boxes": [a.name("bbox") for a in anns], "size": f"{im.path}.width, height"},
+            fields={"boxes": [a.name("bbox") for a in anns], "size": f"{im.path}.width, height", "image": im.name("file_name"),
+                    "expression": name_field},
         )
     k, a = raw["ann"]
     ann = Fields(a, where)
     iid, im, size = _image(raw, ann)
-    name = _category(raw, ann)
+    name, name_field = _category(raw, ann)
     crowd = _crowd(ann)
     if crowd and opts.task != "res":
         raise Filtered("crowd region (iscrowd=1)")
@@ -134,5 +137,6 @@ def parse(raw, where, opts) -> Sample:
         id=f"coco-{iid}-ann{ann.ident('id')}", image=im.string("file_name"), size=size,
         expression=f"group of {name}" if crowd else name, boxes=(_xyxy(ann),),
         polygons=polygons if masks else None, rle=rle if masks else None,
-        split=raw["split"], where=where, fields={"boxes": "bbox", "size": f"{im.path}.width, height"},
+        split=raw["split"], where=where,
+        fields={"boxes": "bbox", "size": f"{im.path}.width, height", "image": im.name("file_name"), "expression": name_field},
     )

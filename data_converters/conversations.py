@@ -114,7 +114,7 @@ def record_rng(seed: int, sample_id: str) -> np.random.Generator:
 
 def _phrase(expression, sample):
     if not expression or not str(expression).strip():
-        raise ConvertError(sample.where, "expression", "missing or empty", "missing expression")
+        raise ConvertError(sample.where, sample.field_name("expression"), "missing or empty", "missing expression")
     return str(expression).strip().rstrip(".")
 
 
@@ -136,7 +136,7 @@ def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: 
     getok_extra = {}
     if task == "reg":
         if len(sample.boxes) != 1:
-            raise ConvertError(sample.where, "boxes", f"REG needs exactly one box, got {len(sample.boxes)}", "REG needs one box")
+            raise ConvertError(sample.where, sample.field_name("boxes"), f"REG needs exactly one box, got {len(sample.boxes)}", "REG needs one box")
         region = enc(boxes_to_frame([sample.boxes[0]], size, frame), cfg)[0]
         human = PROMPTS["reg"].format(region=region)
         turns = [human, str(_phrase(sample.expression, sample)) + "."]
@@ -266,13 +266,13 @@ def _res(sample, cfg, frame, rng, image_loader, generator, greedy=(0.8, 64)):
     human = PROMPTS["res"].format(expression=_phrase(sample.expression, sample))
     rle = sample.mask_rle()
     if rle is None:
-        raise ConvertError(sample.where, "segmentation", "RES needs a mask (polygons or RLE)", "no mask for RES")
+        raise ConvertError(sample.where, sample.field_name("segmentation"), "RES needs a mask (polygons or RLE)", "no mask for RES")
     gt = rle_to_mask(rle)
     if image_loader is None:
-        raise ConvertError(sample.where, "image", "RES needs the image (pass --image-root)", "image not found")
+        raise ConvertError(sample.where, sample.field_name("image"), "RES needs the image (pass --image-root)", "image not found")
     image = image_loader()
     if image.shape[:2] != gt.shape:
-        raise ConvertError(sample.where, "image", f"image is {image.shape[1]}x{image.shape[0]}, annotation says {gt.shape[1]}x{gt.shape[0]}", "image size differs from annotation")
+        raise ConvertError(sample.where, sample.field_name("image"), f"image is {image.shape[1]}x{image.shape[0]}, annotation says {gt.shape[1]}x{gt.shape[0]}", "image size differs from annotation")
     anchors = np.asarray(greedy_mask_anchors(gt, image, cfg, frame, generator, *greedy), dtype=np.float64).reshape(-1, 2)
     if len(anchors) == 0:
         raise Filtered("no mask anchor (no proposal overlaps the mask)")

@@ -86,5 +86,5 @@ def parse(raw, where, opts) -> Sample:
     return Sample(
         id=f"flickr30k-{raw['image_id']}-s{raw['s']}-p{raw['p']}", image=f"{raw['image_id']}.jpg", size=size,
         expression=raw["phrase"], boxes=tuple(b for _, b in entity_boxes), split=raw["split"], where=where,
-        fields={"boxes": [f"object[{i}].bndbox" for i, _ in entity_boxes], "size": "size.width, height"},
+        fields={"boxes": [f"object[{i}].bndbox" for i, _ in entity_boxes], "size": "size.width, height", "image": "filename"},
     )

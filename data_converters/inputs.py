@@ -61,17 +61,21 @@ def json_type(value) -> str:
 
 # -- bytes ----------------------------------------------------------------------------------------------------
 
+def _file_error(path, e: OSError) -> ConvertError:
+    """A file that cannot be opened or read, named."""
+    if isinstance(e, FileNotFoundError):
+        return ConvertError(str(path), None, "file not found", "missing file")
+    if isinstance(e, IsADirectoryError):
+        return ConvertError(str(path), None, "is a folder, expected a file", "missing file")
+    return ConvertError(str(path), None, f"cannot read: {e.strerror or e}", "unreadable file")
+
+
 def read_bytes(path) -> bytes:
     """The whole file; a missing, unreadable or folder path is a ConvertError naming it."""
-    path = Path(path)
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ConvertError(str(path), None, "file not found", "missing file") from None
-    except IsADirectoryError:
-        raise ConvertError(str(path), None, "is a folder, expected a file", "missing file") from None
+        return Path(path).read_bytes()
     except OSError as e:
-        raise ConvertError(str(path), None, f"cannot read: {e.strerror or e}", "unreadable file") from None
+        raise _file_error(path, e) from None
 
 
 def _not_utf8(data: bytes, e: UnicodeDecodeError, where: str, whole_file: bool) -> ConvertError:
@@ -127,10 +131,8 @@ def json_lines(path):
     path = Path(path)
     try:
         f = open(path, "rb")
-    except FileNotFoundError:
-        raise ConvertError(str(path), None, "file not found", "missing file") from None
     except OSError as e:
-        raise ConvertError(str(path), None, f"cannot read: {e.strerror or e}", "unreadable file") from None
+        raise _file_error(path, e) from None
     with f:
         try:
             for n, line in enumerate(f, 1):
@@ -143,10 +145,8 @@ def json_lines(path):
                     yield where, line.decode("utf-8")
                 except UnicodeDecodeError as e:
                     yield where, _not_utf8(line, e, where, False)
-        except IsADirectoryError:
-            raise ConvertError(str(path), None, "is a folder, expected a file", "missing file") from None
-        except OSError as e:
-            raise ConvertError(str(path), None, f"cannot read: {e.strerror or e}", "unreadable file") from None
+        except OSError as e:  # reading a folder fails here, not at open()
+            raise _file_error(path, e) from None
 
 
 # -- records --------------------------------------------------------------------------------------------------
@@ -325,10 +325,8 @@ class Fields:
 
     def _check_utf8(self, key, v: str) -> None:
         """Text the input's bytes could not give as UTF-8 (kept as lone surrogates) is refused where it is read."""
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:
-            raise self.error(key, "text that is not UTF-8 (undecodable bytes, or a lone surrogate)", "not UTF-8") from None
+        if not_utf8(v):
+            raise self.error(key, "text that is not UTF-8 (undecodable bytes, or a lone surrogate)", "not UTF-8")
 
     def number(self, key: str, optional: bool = False) -> float | None:
         v = self._typed(key, optional, is_number, "a number")
@@ -380,20 +378,42 @@ class Fields:
         return [Fields(v, self.where, f"{self.name(key)}[{k}]") for k, v in enumerate(items)]
 
 
-def bad_text_field(value, path: str = "") -> str | None:
-    """The path of the first string in ``value`` (a decoded JSON value) that cannot be written as UTF-8 (a lone
-    surrogate: undecodable input bytes, or a ``\\udXXX`` escape), or None."""
-    if isinstance(value, str):
+def field_holding(raw, bad) -> str | None:
+    """The field path of the first string (or key) of a raw record for which ``bad(text)`` holds, or None. ``raw``
+    as read() yielded it: an object, a JSONL line, or :func:`numbered_records`' (index, raw); a source's own join
+    of several tables is not searched (its sources read their strings through :meth:`Fields.string`, which
+    checks them). For naming the field of a bad record only: it walks the whole record."""
+    if isinstance(raw, tuple) and len(raw) == 2 and isinstance(raw[0], int):
+        raw = raw[1]
+    if isinstance(raw, str):
         try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path or None
+            raw = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
+
+    def walk(value, path):
+        if isinstance(value, str):
+            return (path or None) if bad(value) else None
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for k, v in items:
+            sub = f"{path}[{k}]" if isinstance(k, int) else (f"{path}.{k}" if path else k)
+            if isinstance(k, str) and bad(k):
+                return sub
+            found = walk(v, sub)
+            if found:
+                return found
         return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for k, v in items:
-        if isinstance(k, str) and bad_text_field(k) is not None:
-            return f"{path}.{k}" if path else k
-        sub = bad_text_field(v, f"{path}[{k}]" if isinstance(k, int) else (f"{path}.{k}" if path else k))
-        if sub is not None:
-            return sub
-    return None
+
+    try:
+        return walk(raw, "")
+    except RecursionError:
+        return None
+
+
+def not_utf8(text: str) -> bool:
+    """Whether ``text`` cannot be written as UTF-8 (lone surrogates: undecodable input bytes, ``\\udXXX`` escapes)."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True

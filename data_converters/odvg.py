@@ -53,7 +53,7 @@ def parse(raw, where, opts) -> Sample:
         insts = [(path, Fields(obj, where, path)) for path, obj in raw["instances"]]
         return Sample(id=f"odvg-{raw['line']}-{raw['category']}", image=image, size=size, expression=raw["category"],
                       boxes=tuple(i.raw("bbox") for _, i in insts), where=where,
-                      fields={"boxes": [i.name("bbox") for _, i in insts]})
+                      fields={"boxes": [i.name("bbox") for _, i in insts], "image": "filename", "expression": insts[0][1].name("category")})
     path, obj = raw["region"]
     region = Fields(obj, where, path)
     bbox = region.raw("bbox")
@@ -62,5 +62,6 @@ def parse(raw, where, opts) -> Sample:
     return Sample(
         id=f"odvg-{raw['line']}-r{raw['k']}", image=image, size=size, expression=region.string("phrase"),
         boxes=boxes, where=where,
-        fields={"boxes": [f"{region.name('bbox')}[{j}]" for j in range(len(boxes))] if several else [region.name("bbox")]},
+        fields={"boxes": [f"{region.name('bbox')}[{j}]" for j in range(len(boxes))] if several else [region.name("bbox")],
+                "image": "filename", "expression": region.name("phrase")},
     )

@@ -43,7 +43,7 @@ from llava_getok.vocab import GETokConfig
 from . import registry
 from .base import Options, image_exists, image_size
 from .conversations import BatchEncoder, build_record, count_nul, group_turns
-from .inputs import ConvertError, Filtered, bad_text_field
+from .inputs import ConvertError, Filtered, field_holding, not_utf8
 
 BATCH = 512
 PASS_THROUGH = object()  # convert()'s answer for a record that is written as it was read
@@ -94,7 +94,7 @@ class Converter:
             self._generator = SamGenerator(self.job.sam_checkpoint, self.job.sam_model_type) if self.job.sam_checkpoint else SuperpixelGenerator(self.job.superpixels)
         return self._generator
 
-    def load_image(self, path, where):
+    def load_image(self, path, where, field="image"):
         if self._image[0] != path:
             import numpy as np
             from PIL import Image
@@ -103,7 +103,7 @@ class Converter:
                 with Image.open(path) as im:
                     self._image = (path, np.asarray(im.convert("RGB")))
             except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, too big
-                raise ConvertError(where, "image", f"cannot read the image {path}: {e}", "unreadable image") from None
+                raise ConvertError(where, field, f"cannot read the image {path}: {e}", "unreadable image") from None
         return self._image[1]
 
     def __call__(self, item, box_encoder=None):
@@ -133,7 +133,7 @@ class Converter:
         if self.image_root is not None and sample.image:
             path = os.path.join(self.image_root, sample.image)
             if not image_exists(path):
-                raise ConvertError(where, "image", f"image file {path} does not exist", "image not found")
+                raise ConvertError(where, sample.field_name("image"), f"image file {path} does not exist", "image not found")
         if sample.turns is not None and not sample.boxes:  # nothing to rewrite: passes through
             if getattr(self.source, "PASS_THROUGH_RAW", False) and isinstance(raw, str):
                 return PASS_THROUGH, sample.id  # the input line itself, byte for byte
@@ -144,7 +144,7 @@ class Converter:
             try:
                 size = image_size(path)
             except ValueError as e:
-                raise ConvertError(where, "image", str(e), "unreadable image") from None
+                raise ConvertError(where, sample.field_name("image"), str(e), "unreadable image") from None
         if size is None:
             if sample.boxes or sample.points or sample.polygons or sample.rle:
                 raise ConvertError(where, None, "the record gives no image size; pass --image-root to read it from the image header", "image size unknown")
@@ -153,7 +153,7 @@ class Converter:
         if hasattr(self.source, "load_image"):  # a source that makes its images (shapes) may hand them over
             loader = lambda: self.source.load_image(sample, opts)  # noqa: E731
         else:
-            loader = (lambda: self.load_image(path, where)) if path else None
+            loader = (lambda: self.load_image(path, where, sample.field_name("image"))) if path else None
         rec = build_record(sample, opts.task, job.cfg, job.frame, job.seed, job.source, loader,
                            self.generator() if opts.task == "res" else None, box_encoder, (job.tau, job.max_points))
         return rec, str(rec["id"])
@@ -182,30 +182,9 @@ def _check_text(line: str, placeholders: int, raw, where: str) -> None:
     else the input held a NUL character or text that is not UTF-8: ConvertError naming the field."""
     if placeholders or "\\u0000" in line:
         if count_nul(line) != 2 * placeholders:
-            raise ConvertError(where, _nul_field(raw), "NUL character (U+0000) in the text", "NUL character")
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        value = json.loads(raw) if isinstance(raw, str) else raw
-        raise ConvertError(where, bad_text_field(value), "text that is not UTF-8 (undecodable bytes, or a lone surrogate)", "not UTF-8") from None
-
-
-def _nul_field(raw) -> str | None:
-    """The path of the first string holding a NUL in a raw record (a JSONL line is decoded first)."""
-    def walk(v, path):
-        if isinstance(v, str):
-            return path or None if "\x00" in v else None
-        items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
-        for k, x in items:
-            sub = walk(x, f"{path}[{k}]" if isinstance(k, int) else (f"{path}.{k}" if path else k))
-            if sub:
-                return sub
-        return None
-
-    try:
-        return walk(json.loads(raw) if isinstance(raw, str) else raw, "")
-    except ValueError:
-        return None
+            raise ConvertError(where, field_holding(raw, lambda t: "\x00" in t), "NUL character (U+0000) in the text", "NUL character")
+    if not_utf8(line):
+        raise ConvertError(where, field_holding(raw, not_utf8), "text that is not UTF-8 (undecodable bytes, or a lone surrogate)", "not UTF-8")
 
 
 _WORKER: Converter | None = None

@@ -88,6 +88,7 @@ def parse(raw, where, opts) -> Sample:
     if seg is not None and not isinstance(seg, (list, dict)):
         raise ann.error("segmentation", f"expected polygons (a list) or RLE (an object), got {json_type(seg)}", "bad segmentation")
     expression = sent.string("sent", optional=True) or sent.string("raw")
+    expression_field = sent.name("sent" if sent.obj.get("sent") else "raw")
     sent_id = sent.ident("sent_id", optional=True)
     split = ref.string("split", optional=True)
     return Sample(
@@ -95,5 +96,6 @@ def parse(raw, where, opts) -> Sample:
         image=im.string("file_name"), size=(im.number("width"), im.number("height")), expression=expression,
         boxes=((x, y, x + w, y + h),), polygons=seg if isinstance(seg, list) else None, rle=seg if isinstance(seg, dict) else None,
         split=split, where=where,
-        fields={"boxes": ann.name("bbox"), "size": f"{im.path}.width, height", "segmentation": ann.name("segmentation")},
+        fields={"boxes": ann.name("bbox"), "size": f"{im.path}.width, height", "segmentation": ann.name("segmentation"),
+                "image": im.name("file_name"), "expression": expression_field},
     )

@@ -21,5 +21,5 @@ def parse(raw, where, opts) -> Sample:
     return Sample(
         id=f"shikra-{n if rid is None else rid}", image=rec.string("img_path"), size=rec.optional_size(),
         expression=rec.string("expression"), boxes=(rec.raw("bbox"),), where=where,
-        split=rec.string("split", optional=True), fields={"boxes": "bbox"},
+        split=rec.string("split", optional=True), fields={"boxes": "bbox", "image": "img_path"},
     )

@@ -71,5 +71,6 @@ def parse(raw, where, opts) -> Sample:
     return Sample(
         id=f"vg-{iid}-{region.ident('region_id')}", image=rel, size=size,
         expression=region.string("phrase"), boxes=((x, y, x + w, y + h),), where=where,
-        fields={"boxes": region.name("x, y, width, height"), "size": "image_data.json width, height"},
+        fields={"boxes": region.name("x, y, width, height"), "size": "image_data.json width, height",
+                "image": "image_data.json url", "expression": region.name("phrase")},
     )

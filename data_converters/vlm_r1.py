@@ -22,14 +22,14 @@ def parse(raw, where, opts) -> Sample:
     image = rec.string("image")
     expression = rec.string("problem")
     size = rec.optional_size()
-    units, fields = "px", {"boxes": "solution"}
+    units, fields = "px", {"boxes": "solution", "expression": "problem"}
     if "solution" in rec.obj:
         box = rec.raw("solution", optional=True)
     elif "normalized_solution" in rec.obj:
         box = rec.raw("normalized_solution", optional=True)
         if box is not None:
             box = [v / 1000 for v in check_numbers(box, 4, where, "normalized_solution")]
-        units, fields = "orig", {"boxes": "normalized_solution"}
+        units, fields = "orig", {"boxes": "normalized_solution", "expression": "problem"}
     else:
         raise rec.error("solution", "missing (and no normalized_solution)", "missing solution")
     rid = rec.ident("id", optional=True)

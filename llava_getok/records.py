@@ -178,7 +178,8 @@ def check_shapes(shapes: list, where: str) -> list[dict]:
         if not isinstance(shape, dict) or not isinstance(shape.get("kind"), str) or shape["kind"] not in SHAPE_KINDS:
             raise RecordsError(f"{at}: 'kind' must be one of {', '.join(SHAPE_KINDS)}")
         pts = shape.get("points")
-        if not (isinstance(pts, list) and pts and all(isinstance(p, list) and len(p) == 2 and all(map(_number, p)) for p in pts)):
+        if not (isinstance(pts, (list, tuple)) and pts
+                and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(map(_number, p)) for p in pts)):
             raise RecordsError(f"{at}: 'points' must be a non-empty list of [x, y] numbers (pixels)")
     return shapes
 
@@ -208,7 +209,7 @@ def check_getok(getok, where: str = "getok field", needs=("task", "frame", "size
     if "frame" in needs and (not isinstance(getok["frame"], str) or getok["frame"] not in FRAMES):
         raise RecordsError(f"{where}: 'frame' must be one of {FRAMES}, got {short(getok['frame'])}")
     size = getok.get("size")
-    if "size" in needs and not (isinstance(size, list) and len(size) == 2 and all(_number(v) and v > 0 for v in size)):
+    if "size" in needs and not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_number(v) and v > 0 for v in size)):
         raise RecordsError(f"{where}: 'size' must be [width, height] in pixels, got {short(size)}")
     if "shapes" in needs:
         check_shapes(getok["shapes"], where)
@@ -219,8 +220,8 @@ def check_getok(getok, where: str = "getok field", needs=("task", "frame", "size
         if problem:
             raise RecordsError(f"{where}: 'mask{'.' + problem[0] if problem[0] else ''}': {problem[1]}")
     boxes = getok.get("boxes")
-    if boxes is not None and not (isinstance(boxes, list) and all(
-            isinstance(b, list) and len(b) == 4 and all(map(_number, b)) for b in boxes)):
+    if boxes is not None and not (isinstance(boxes, (list, tuple)) and all(
+            isinstance(b, (list, tuple)) and len(b) == 4 and all(map(_number, b)) for b in boxes)):
         raise RecordsError(f"{where}: 'boxes' must be a list of [x1, y1, x2, y2] numbers, got {short(boxes)}")
     return getok
 

@@ -109,9 +109,9 @@ def test_unreadable_and_truncated_images_for_res_are_named(tmp_path):
     (images / "000000183709.jpg").write_text("not an image\n")
     argv = ["coco", "--input", src, "--task", "res", "--image-root", images, "--superpixels", 50]
     summary, rejects, rc, err = both_modes(argv, tmp_path / "o.jsonl")
-    assert summary["written"] == 0 and [(r["field"], r["reason"]) for r in rejects] == [("image", "unreadable image")] * 2
+    assert summary["written"] == 0 and [(r["field"], r["reason"]) for r in rejects] == [("images[0].file_name", "unreadable image"), ("images[1].file_name", "unreadable image")]
     assert any("truncated" in r["message"] for r in rejects) and any("cannot identify image" in r["message"] for r in rejects)
-    assert rc == 1 and "field 'image': cannot read the image" in one_line(err)
+    assert rc == 1 and ".file_name': cannot read the image" in one_line(err)
 
 
 # -- records and lookup tables ----------------------------------------------------------------------------------
