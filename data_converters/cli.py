@@ -25,7 +25,7 @@ from llava_getok.vocab import MODES, SCHEDULES, GETokConfig
 
 from . import registry
 from .base import Options
-from .inputs import ConvertError, json_records, parse_json
+from .inputs import ConvertError, field_holding, json_records, not_utf8, parse_json
 from .pipeline import Job, Stop, run
 
 
@@ -166,7 +166,10 @@ def decode_main(argv):
             try:
                 if isinstance(raw, ConvertError):
                     raise raw
-                yield json.dumps(decode_record(parse_json(raw, where, one_line=True) if isinstance(raw, str) else raw), ensure_ascii=False)
+                line = json.dumps(decode_record(parse_json(raw, where, one_line=True) if isinstance(raw, str) else raw), ensure_ascii=False)
+                if not_utf8(line):
+                    raise ConvertError(where, field_holding(raw, not_utf8), "text that is not UTF-8 (undecodable bytes, or a lone surrogate)")
+                yield line
             except (ConvertError, RecordsError) as e:
                 bad = e if isinstance(e, ConvertError) else ConvertError(where, None, str(e))
                 if a.on_error == "fail":

@@ -132,7 +132,7 @@ def read_records(path, require_id: bool = True, one_question: bool = False) -> l
             if rid in seen:
                 raise RecordsError(f"{at}: id {rid!r} repeats the id of {seen[rid]}")
             seen[rid] = label
-        if one_question and "turns" in (r.get("getok") or {}):
+        if one_question and isinstance(r.get("getok"), dict) and "turns" in r["getok"]:
             raise RecordsError(f"{path}: record {r.get('id', k)} groups {len(r['getok']['turns'])} questions about one "
                                f"image (convert-datasets --group-turns): that is training data; predict, evaluate "
                                f"and reward on a split converted with --group-turns 1")

@@ -90,6 +90,20 @@ def _mutated(line: str, data) -> str:
     return json.dumps(value)
 
 
+def _corrupt(lines: list[str], data) -> bytes:
+    """The file of ``lines`` with one of its records mutated (_mutated), or one byte changed, or cut short."""
+    k = data.draw(st.integers(0, len(lines) - 1))
+    kind = data.draw(st.sampled_from(["json", "json", "byte", "cut"]))
+    if kind == "json":
+        return ("\n".join(lines[:k] + [_mutated(lines[k], data)] + lines[k + 1:]) + "\n").encode()
+    raw = bytearray(("\n".join(lines) + "\n").encode())
+    at = data.draw(st.integers(0, len(raw) - 1))
+    if kind == "cut":
+        return bytes(raw[:at])
+    raw[at] = data.draw(st.integers(0, 255))
+    return bytes(raw)
+
+
 def _one_line_or_done(rc, err, prog):
     assert "Traceback" not in err
     if rc != 0:
@@ -104,16 +118,16 @@ def test_decode_of_corrupt_records_is_one_line_or_a_count(converted, tmp_path):
     @settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.data())
     def prop(data):
-        k = data.draw(st.integers(0, len(lines) - 1))
         with tempfile.TemporaryDirectory(dir=tmp_path) as d:
             src = Path(d) / "c.jsonl"
-            src.write_text("\n".join(lines[:k] + [_mutated(lines[k], data)] + lines[k + 1:]) + "\n")
+            src.write_bytes(_corrupt(lines, data))
             rc, err = run_cli(["decode", src, "--output", Path(d) / "fail.jsonl"])
             _one_line_or_done(rc, err, "convert-datasets decode")
             rc2, err2 = run_cli(["decode", src, "--output", Path(d) / "skip.jsonl", "--on-error", "skip"])
             assert rc2 == 0 and "Traceback" not in err2
-            n = len(load(Path(d) / "skip.jsonl"))
-            assert n == len(lines) - (rc == 1)  # read = decoded + skipped
+            read = len([line for line in src.read_bytes().split(b"\n") if line.strip()])
+            skipped = int(err2.rsplit("skipped ", 1)[1]) if "decoded" in err2 else 0
+            assert len(load(Path(d) / "skip.jsonl")) == read - skipped and (rc == 1) == (skipped > 0)  # read = decoded + skipped
 
     prop()
 
@@ -135,13 +149,11 @@ def test_eval_of_corrupt_annotations_or_predictions_is_one_line(converted, tmp_p
     @given(st.data())
     def prop(data):
         which = data.draw(st.sampled_from(sorted(files)))
-        lines = list(files[which])
-        k = data.draw(st.integers(0, len(lines) - 1))
-        lines[k] = _mutated(lines[k], data)
+        corrupt = _corrupt(files[which], data)
         with tempfile.TemporaryDirectory(dir=tmp_path) as d:
             paths = {name: Path(d) / f"{name}.jsonl" for name in files}
             for name, path in paths.items():
-                path.write_text("\n".join(lines if name == which else files[name]) + "\n")
+                path.write_bytes(corrupt if name == which else ("\n".join(files[name]) + "\n").encode())
             rc, err = run_eval("--predictions", paths["pred"], "--annotations", paths["ann"], "--output-dir", d)
             _one_line_or_done(rc, err.replace("\nwrote ", " wrote ") if rc == 0 else err, "llava-getok eval")
 
@@ -166,6 +178,7 @@ DELETE = object()
 @pytest.mark.parametrize("field, value, message", [
     ("frame", DELETE, "getok lacks 'frame'"), ("size", None, "'size' must be [width, height]"),
     ("shapes", [{"kind": "box", "points": [[True, 1], [3, 4]]}], "'points' must be a non-empty list"),
+    ("shapes", [{"kind": "box", "points": [[0, 0], [1e308, 50]]}], "shapes[0]: a point lies outside the 640 x 427 image"),
     ("config", {"grid": "32"}, "'config'"), ("mask", {"size": [427, 640], "counts": [5, -3]}, "'mask.counts'")])
 def test_eval_names_the_annotation_field_it_cannot_score(field, value, message, tmp_path):
     rec = _rec("a", shapes=[{"kind": "box", "points": [[10, 10], [50, 60]]}])

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_text_atomic
-from ..records import RecordsError, check_getok, decode_record, one_line, read_predictions, read_records
+from ..records import RecordsError, check_getok, decode_record, one_line, read_predictions, read_records, short
 from .metrics import TASKS, THRESHOLDS, aggregate, score_all, scores_as_dicts
 
 
@@ -66,6 +66,10 @@ def check_annotations(records: list[dict], path, ceiling: bool) -> None:
         g = check_getok(r["getok"], where, needs=("task",))
         if g["task"] in TASKS:
             check_getok(g, where, needs=("task", "frame", "size", "shapes") + (("config",) if ceiling else ()))
+            w, h = g["size"]  # ground truth lies in its image (converters clip it there; 1 px for rounding)
+            for j, s in enumerate(g["shapes"]):
+                if not all(-1 <= x <= w + 1 and -1 <= y <= h + 1 for x, y in s["points"]):
+                    raise RecordsError(f"{where}: shapes[{j}]: a point lies outside the {w} x {h} image: {short(s['points'])}")
 
 
 def _fmt(v, pct=True):
