@@ -4,7 +4,8 @@
                      [--frame pad|orig] [--grid 32] [--rounds R] [--mode grid|inline|refine]
                      [--workers N] [--limit N] [--seed S] [--on-error fail|skip]
     convert-datasets --list                      sources, their tasks and input formats
-    convert-datasets decode FILE [--output F]    coordinates back in pixels, one JSON line per record
+    convert-datasets decode FILE [--output F] [--on-error fail|skip]
+                                                 coordinates back in pixels, one JSON line per record
 
 Exit status: 0 done, 1 bad input (one line on stderr naming file, record and field: a bad record under
 --on-error fail, a file that cannot be read under either mode) or an output that cannot be written,
@@ -78,6 +79,9 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the partial output stays for resuming
         print("convert-datasets: interrupted (run the same command again to resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `... | head`: the reader left; not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 def convert_main(argv):
@@ -179,12 +183,8 @@ def decode_main(argv):
 
     try:
         if a.output is None:
-            try:
-                for line in decoded():
-                    print(line)
-            except BrokenPipeError:  # `decode FILE | head`: the reader left; not an error
-                sys.stdout = open(os.devnull, "w")
-                return 0
+            for line in decoded():
+                print(line)
         else:
             with atomic_path(a.output) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 for line in decoded():
@@ -192,6 +192,8 @@ def decode_main(argv):
     except (ConvertError, Stop) as e:
         error("convert-datasets decode", e)
         return 1
+    except BrokenPipeError:
+        raise  # main(): the reader of stdout left
     except OSError as e:
         error("convert-datasets decode", f"cannot write {a.output}: {e}")
         return 1

@@ -426,3 +426,17 @@ def test_ctrl_c_is_one_line_and_the_same_command_resumes_to_the_same_output(tmp_
     assert again.returncode == 0 and "resuming" in again.stderr, again.stderr
     fresh = cli(*argv[:-4], "--output", tmp_path / "fresh.jsonl")
     assert fresh.returncode == 0 and (tmp_path / "o.jsonl").read_bytes() == (tmp_path / "fresh.jsonl").read_bytes()
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
+    """`convert-datasets decode FILE | head -1` (more output than a pipe holds): status 0, nothing on stderr."""
+    from convert_cases import COCO
+
+    assert run_cli(["coco", "--input", COCO, "--output", tmp_path / "rec.jsonl", "--on-error", "skip"])[0] == 0
+    assert (tmp_path / "rec.jsonl").stat().st_size > 1 << 17
+    p = subprocess.Popen([sys.executable, "-m", "data_converters.cli", "decode", str(tmp_path / "rec.jsonl")], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline()
+    p.stdout.close()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and err == b"", err
