@@ -346,14 +346,14 @@ def test_resume_is_keyed_by_every_file_the_source_reads(source, side, tmp_path):
     _interrupted(argv, out, keep=1)
     path = next(p for p in (tmp_path / "in").rglob(side))
     if side.endswith(".xml"):
-        path.write_text(path.read_text().replace("<xmin>172</xmin>", "<xmin>170</xmin>"))
+        path.write_text(path.read_text().replace("<xmin>172</xmin>", "<xmin>17</xmin>"))  # a new size as well as a new mtime
     else:
         d = json.loads(path.read_text())
         if source == "vg":
             d[0]["width"] = 1600
             d[0]["height"] = 1200
         else:
-            d["annotations"][0]["bbox"][0] += 2
+            d["annotations"][0]["bbox"][0] = 0.5
         path.write_text(json.dumps(d))
     rc, err = run_cli(argv + ["--output", out])
     assert rc == 0 and "starting over" in err and "resuming" not in err
