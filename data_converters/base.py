@@ -11,15 +11,26 @@ A source is a module listed in :data:`data_converters.registry.SOURCES`. It defi
         '''Yield (where, raw) for every record of ``opts.input``: cheap, in the main process.
         ``where`` names the place in the input for error messages ("file.json:17" or "file.json:ann 42");
         ``raw`` is whatever parse() needs, picklable (it travels to worker processes). Join files here
-        (COCO images/categories), decode JSON in parse() (it runs in the workers).
+        (COCO images/categories), decode JSON in parse() (it runs in the workers). A record that cannot even be
+        split out of its file is yielded as its ConvertError (it is counted like any bad record).
         A file that cannot be read at all (missing, not JSON) raises ConvertError: that always stops.'''
 
     def parse(raw, where: str, opts: Options) -> Sample:
         '''One raw record -> exactly one Sample, in ORIGINAL PIXELS. Raise ConvertError(where, field,
         message) for bad input, Filtered(reason) for a record deliberately left out (both are counted).'''
 
-Optionally ``def load_image(sample, opts) -> np.ndarray`` (H, W, 3) uint8: the pixels for RES proposals,
-for a source that makes its images; without it they are read from ``--image-root / sample.image``.
+Read files, records and fields through :mod:`data_converters.inputs` (``load_json``, ``json_records``,
+``record``, :class:`~data_converters.inputs.Fields`): encoding errors, malformed JSON, records that are not
+objects and fields of the wrong type then become one-line errors that name the source's own field, and a new
+source inherits all of it. The pipeline raises a ConvertError / Filtered that read() yielded in a record's place.
+
+Optionally:
+- ``def load_image(sample, opts) -> np.ndarray`` (H, W, 3) uint8: the pixels for RES proposals, for a source
+  that makes its images; without it they are read from ``--image-root / sample.image``.
+- ``def inputs(opts) -> list[Path]``: every file and folder the conversion reads (default: ``[opts.input]``);
+  an interrupted run resumes only if none of them changed (names, sizes, modification times).
+- ``UNIQUE_IDS = False``: the source keeps ids of its own that its format lets repeat (LLaVA-1.5's mix665k
+  repeats image ids); repeats are then counted in the summary instead of being bad input.
 A source that needs no image files gives ``Sample.size`` itself (else sizes come from image headers).
 
 One raw record gives one Sample gives one output record, so ``read = written + skipped`` always holds.
@@ -31,7 +42,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -39,35 +49,13 @@ from pathlib import Path
 
 import numpy as np
 
+from llava_getok.records import MAX_MASK_PIXELS, rle_problem
+
+from .inputs import ConvertError, check_numbers, is_number
+
 # Pixel coordinates may stray this far outside the image (fraction of the side, plus one pixel) before
 # they count as "far outside" and are rejected; within it they are clipped. Annotation tools round.
 OUTSIDE_TOLERANCE = 0.02
-
-
-class ConvertError(ValueError):
-    """Bad input: names the file and record (``where``), the field, and what is wrong.
-
-    ``reason`` is the short category the skip summary counts (defaults to the field and a generic cause).
-    """
-
-    def __init__(self, where: str, field: str, message: str, reason: str | None = None):
-        self.where, self.field, self.message = where, field, message
-        self.reason = reason or f"bad {field}"
-        super().__init__(f"{where}: field {field!r}: {message}")
-
-    def __reduce__(self):  # picklable: sources may hand a broken record to a worker to be counted there
-        return (type(self), (self.where, self.field, self.message, self.reason))
-
-
-class Filtered(Exception):
-    """A record deliberately left out (e.g. a COCO crowd region for REC); counted, never an error."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-        super().__init__(reason)
-
-    def __reduce__(self):
-        return (type(self), (self.reason,))
 
 
 @dataclass(frozen=True)
@@ -102,7 +90,10 @@ class Sample:
     units: "px" (default), or a frame name ("pad" / "orig") when the source gives boxes and points
         normalised to [0, 1] in that frame; :meth:`validated` turns them into pixels once the size is known.
     where: the place in the input ("file:record"), for error messages.
-    fields: the source's names for "boxes" / "points" (e.g. {"boxes": "bbox"}), so errors name its field.
+    fields: the source's own names, so that errors name its field: "boxes" / "points" -> one name (``[k]`` is
+        added when there are several) or a sequence with one name per box / point ("grounding.regions[1].bbox");
+        "size" -> the fields the size came from ("width, height"); "segmentation" -> the mask's field;
+        "image" -> the image path's field ("img_path"); "expression" -> the expression's ("problem").
     normalised: set by :meth:`validated` for normalised input: (frame, boxes) as the source gave them,
         when nothing needed clipping; writing to that same frame then reuses them (one geometry call
         fewer per record, and no float round trip through pixels).
@@ -131,7 +122,7 @@ class Sample:
         Plain Python on purpose: this runs once per record, and numpy's per-call cost on 4 numbers would
         dominate a million-record conversion.
         """
-        w, h = check_size(size, self.where)
+        w, h = check_size(size, self.where, self.field_name("size"))
         boxes = [check_numbers(b, 4, self.where, self._field("boxes", k)) for k, b in enumerate(self.boxes)]
         points = [check_numbers(p, 2, self.where, self._field("points", k)) for k, p in enumerate(self.points)]
         normalised = None
@@ -143,33 +134,52 @@ class Sample:
             if b[2] < b[0] or b[3] < b[1]:
                 raise ConvertError(self.where, self._field("boxes", k), f"x2 < x1 or y2 < y1 in {b} (expected x1, y1, x2, y2)", "box x2 < x1 or y2 < y1")
             boxes[k] = _clip(b, w, h, tol, self.where, self._field("boxes", k))
+            # A ground-truth box of zero width or height can never be scored (no prediction overlaps it). A box in a
+            # conversation of the source's own (``turns``: llava, qwen, kosmos2) is training text, never scored, and
+            # LLaVA's own two-decimal rounding makes thin boxes zero-wide: it is kept as written.
+            if self.turns is None and (boxes[k][2] <= boxes[k][0] or boxes[k][3] <= boxes[k][1]):
+                raise ConvertError(self.where, self._field("boxes", k), f"box {list(boxes[k])} has zero width or height (in the image)", "box of zero width or height")
             if normalised is not None and boxes[k] != tuple(b):
                 normalised = None
         for k, p in enumerate(points):
             points[k] = _clip(p, w, h, tol, self.where, self._field("points", k))
+        seg = self.field_name("segmentation")
+        if (self.polygons is not None or self.rle is not None) and round(w) * round(h) > MAX_MASK_PIXELS:
+            raise ConvertError(self.where, self.field_name("size"), f"a mask of {w:g} x {h:g} pixels is larger than any image ({MAX_MASK_PIXELS} pixels)", "image too large for a mask")
         if self.polygons is not None:
-            if not self.polygons:
-                raise ConvertError(self.where, "segmentation", "empty polygon list", "polygon with < 3 points")
+            if not isinstance(self.polygons, list) or not self.polygons:
+                raise ConvertError(self.where, seg, "empty polygon list", "polygon with < 3 points")
             for k, poly in enumerate(self.polygons):
-                p = check_numbers(poly, None, self.where, f"segmentation[{k}]")
+                p = check_numbers(poly, None, self.where, f"{seg}[{k}]")
                 if len(p) < 6 or len(p) % 2:
-                    raise ConvertError(self.where, f"segmentation[{k}]", f"a polygon needs >= 3 (x, y) points, got {len(p)} numbers", "polygon with < 3 points")
-                clip_to_image(np.reshape(p, (-1, 2)), w, h, self.where, f"segmentation[{k}]")
+                    raise ConvertError(self.where, f"{seg}[{k}]", f"a polygon needs >= 3 (x, y) points, got {len(p)} numbers", "polygon with < 3 points")
+                clip_to_image(np.reshape(p, (-1, 2)), w, h, self.where, f"{seg}[{k}]")
         if self.rle is not None:
-            rs = self.rle.get("size") if isinstance(self.rle, dict) else None
-            if not isinstance(self.rle, dict) or "counts" not in self.rle or rs is None:
-                raise ConvertError(self.where, "segmentation", "an RLE mask needs 'counts' and 'size'", "bad RLE mask")
-            if [int(rs[0]), int(rs[1])] != [int(round(h)), int(round(w))]:
-                raise ConvertError(self.where, "segmentation.size", f"RLE size {rs} (h, w) differs from the image size {[h, w]}", "RLE size differs from image")
+            problem = rle_problem(self.rle)
+            if problem:
+                raise ConvertError(self.where, f"{seg}.{problem[0]}" if problem[0] else seg, problem[1], "bad RLE mask")
+            if list(self.rle["size"]) != [int(round(h)), int(round(w))]:
+                raise ConvertError(self.where, f"{seg}.size", f"RLE size {self.rle['size']} (h, w) differs from the image size {[h, w]}", "RLE size differs from image")
         out = copy.copy(self)  # dataclasses.replace re-runs __init__: measurably slower per record
         for name, value in (("size", (w, h)), ("boxes", tuple(boxes)), ("points", tuple(points)), ("units", "px"), ("normalised", normalised)):
             object.__setattr__(out, name, value)
         return out
 
-    def _field(self, kind, k):
-        name = (self.fields or {}).get(kind, kind)
-        n = len(self.boxes if kind == "boxes" else self.points)
-        return name if n == 1 and name != kind else f"{name}[{k}]"
+    _DEFAULT_NAMES = {"boxes": "bbox", "points": "point", "size": "width, height", "segmentation": "segmentation",
+                      "image": "image", "expression": "expression"}
+
+    def field_name(self, kind: str) -> str:
+        """The source's name of the field(s) ``kind`` came from ("boxes", "points", "size", "segmentation",
+        "image", "expression"), for error messages."""
+        name = (self.fields or {}).get(kind, self._DEFAULT_NAMES[kind])
+        return name if isinstance(name, str) else ", ".join(dict.fromkeys(name)) or self._DEFAULT_NAMES[kind]
+
+    def _field(self, kind: str, k: int) -> str:
+        """The source's name of box / point ``k``."""
+        name = (self.fields or {}).get(kind, self._DEFAULT_NAMES[kind])
+        if not isinstance(name, str):
+            return name[k]
+        return name if len(self.boxes if kind == "boxes" else self.points) == 1 else f"{name}[{k}]"
 
     def _to_pixels(self, boxes, points, size):
         """Normalised boxes and points in frame ``self.units`` -> pixels."""
@@ -201,30 +211,19 @@ def frame_to_pixels(size: tuple, frame: str) -> tuple:
     return (x1 - x0, x0), (y1 - y0, y0)
 
 
-def check_size(size, where: str) -> tuple[float, float]:
-    """(W, H) must be two positive finite numbers."""
+def check_size(size, where: str, field: str = "width, height") -> tuple[float, float]:
+    """(W, H) must be two positive finite numbers; errors name the source's ``field``."""
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and is_number(size[0]) and is_number(size[1])):
+        raise ConvertError(where, field, f"expected (width, height) numbers, got {size!r}", "bad image size")
     try:
-        w, h = (float(v) for v in size)
-    except (TypeError, ValueError):
-        raise ConvertError(where, "size", f"expected (width, height), got {size!r}", "bad image size") from None
-    if not (math.isfinite(w) and math.isfinite(h)) or w <= 0 or h <= 0:
-        raise ConvertError(where, "size", f"width and height must be positive and finite, got {[w, h]}", "bad image size")
+        w, h = float(size[0]), float(size[1])
+    except OverflowError:
+        w = h = math.inf
+    if not (math.isfinite(w) and math.isfinite(h)):
+        raise ConvertError(where, field, f"width and height must be finite, got {size!r}", "bad image size")
+    if w <= 0 or h <= 0:
+        raise ConvertError(where, field, f"width and height must be positive, got {[w, h]}", "bad image size")
     return w, h
-
-
-def check_numbers(values, n: int | None, where: str, field: str) -> list[float]:
-    """A list of ``n`` finite numbers (any length when n is None), else ConvertError naming the field."""
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-        raise ConvertError(where, field, f"expected a list of numbers, got {values!r}", f"bad {field.split('[')[0]}")
-    if n is not None and len(values) != n:
-        raise ConvertError(where, field, f"expected {n} numbers, got {len(values)}: {list(values)!r}", f"bad {field.split('[')[0]}")
-    try:
-        out = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise ConvertError(where, field, f"expected numbers, got {list(values)!r}", f"bad {field.split('[')[0]}") from None
-    if not all(math.isfinite(v) for v in out):
-        raise ConvertError(where, field, f"coordinates must be finite, got {out}", "NaN or infinite coordinate")
-    return out
 
 
 def _clip(values, w, h, tol, where, field) -> tuple:
@@ -249,82 +248,6 @@ def clip_to_image(points: np.ndarray, w: float, h: float, where: str, field: str
     return np.clip(points, 0, lim)
 
 
-def get(record: dict, key: str, where: str, types=None):
-    """record[key], else ConvertError naming the missing field (never a bare KeyError)."""
-    if not isinstance(record, dict):
-        raise ConvertError(where, key, f"expected a JSON object, got {type(record).__name__}", "record is not an object")
-    if key not in record or record[key] is None:
-        raise ConvertError(where, key, "missing", f"missing {key}")
-    value = record[key]
-    if types is not None and not isinstance(value, types):
-        raise ConvertError(where, key, f"expected {getattr(types, '__name__', types)}, got {type(value).__name__}", f"bad {key}")
-    return value
-
-
-def load_json(path: Path):
-    """A whole JSON file; a malformed one raises ConvertError with the line and column."""
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ConvertError(str(path), "-", "file not found", "missing file") from None
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}:{e.lineno}:{e.colno}", "-", f"malformed JSON: {e.msg}", "malformed JSON") from None
-
-
-def json_lines(path: Path):
-    """Yield (where, line) for every non-blank line of a JSONL file; JSON is decoded later, in parse()."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConvertError(str(path), "-", "file not found", "missing file")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield f"{path.name}:{n}", line
-
-
-def json_records(path: Path):
-    """Yield (where, record) for a JSON list (``.json``, loaded whole) or JSONL (streamed, decoded later)."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        yield from json_lines(path)
-        return
-    data = load_json(path)
-    if not isinstance(data, list):
-        raise ConvertError(str(path), "-", f"expected a JSON list of records, got {type(data).__name__}", "not a list")
-    for n, rec in enumerate(data):
-        yield f"{path.name}:{n}", rec
-
-
-def read_numbered_records(opts):
-    """The ``read`` of sources whose input is one JSON list / JSONL of records: (where, (index, raw)), the
-    index naming records that carry no id of their own."""
-    for n, (where, raw) in enumerate(json_records(opts.input)):
-        yield where, (n, raw)
-
-
-def optional_size(rec: dict):
-    """(width, height) when the record states both, else None (the size then comes from the image header)."""
-    if rec.get("width") is not None and rec.get("height") is not None:
-        return rec["width"], rec["height"]
-    return None
-
-
-def decode_line(raw, where: str):
-    """A JSONL line -> object (records from a JSON list pass through); malformed JSON is a ConvertError.
-    A ConvertError or Filtered that read() handed over for counting is raised here."""
-    if isinstance(raw, (ConvertError, Filtered)):
-        raise raw
-    if not isinstance(raw, str):
-        return raw
-    if "\x00" in raw:  # never in real text; the converters use it internally as a placeholder
-        raise ConvertError(where, "-", "NUL character in the record", "NUL character")
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ConvertError(where, "-", f"malformed JSON at column {e.colno}: {e.msg}", "malformed JSON") from None
-
-
 @functools.lru_cache(maxsize=100_000)
 def image_size(path: str) -> tuple[int, int] | None:
     """(W, H) from the image header (PIL opens lazily and decodes no pixels); None if there is no file."""
@@ -335,7 +258,7 @@ def image_size(path: str) -> tuple[int, int] | None:
             return im.size
     except FileNotFoundError:
         return None
-    except OSError as e:  # not an image, truncated header
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, a truncated header, too big
         raise ValueError(f"cannot read the image header of {path}: {e}") from None
 
 

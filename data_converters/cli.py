@@ -4,10 +4,12 @@
                      [--frame pad|orig] [--grid 32] [--rounds R] [--mode grid|inline|refine]
                      [--workers N] [--limit N] [--seed S] [--on-error fail|skip]
     convert-datasets --list                      sources, their tasks and input formats
-    convert-datasets decode FILE [--output F]    coordinates back in pixels, one JSON line per record
+    convert-datasets decode FILE [--output F] [--on-error fail|skip]
+                                                 coordinates back in pixels, one JSON line per record
 
-Exit status: 0 done, 1 bad input under --on-error fail (the message names file, record and field),
-2 bad arguments.
+Exit status: 0 done, 1 bad input (one line on stderr naming file, record and field: a bad record under
+--on-error fail, a file that cannot be read under either mode) or an output that cannot be written,
+2 bad arguments, 130 interrupted (Ctrl-C; the same command resumes).
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ from pathlib import Path
 
 from llava_getok.atomic import atomic_path
 from llava_getok.geometry import FRAMES
-from llava_getok.records import decode_record
+from llava_getok.records import RecordsError, decode_record, one_line
 from llava_getok.vocab import MODES, SCHEDULES, GETokConfig
 
 from . import registry
-from .base import ConvertError, Options, decode_line
+from .base import Options
+from .inputs import ConvertError, field_holding, json_records, not_utf8, parse_json
+from .pipeline import Job, Stop, run
 
 
 def _parser():
@@ -61,10 +65,26 @@ def _parser():
     return p
 
 
+def error(prog: str, e) -> None:
+    """One line on stderr, whatever the message holds."""
+    print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "decode":
-        return decode_main(argv[1:])
+    try:
+        if argv and argv[0] == "decode":
+            return decode_main(argv[1:])
+        return convert_main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the partial output stays for resuming
+        print("convert-datasets: interrupted (run the same command again to resume)", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `... | head`: the reader left; not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
+
+
+def convert_main(argv):
     if "--list" in argv:
         rows = registry.describe()
         w = max(len(r[0]) for r in rows)
@@ -73,12 +93,13 @@ def main(argv=None):
             print(f"  {name:<{w}}  tasks: {tasks}\n  {'':<{w}}  {desc}")
         return 0
     job = build_job(argv)
-    from .pipeline import Stop, run
-
     try:
         summary = run(job)
     except (ConvertError, Stop) as e:
-        print(f"convert-datasets: error: {e}", file=sys.stderr)
+        error("convert-datasets", e)
+        return 1
+    except OSError as e:  # the output cannot be written (a full disk, a folder in its place, ...)
+        error("convert-datasets", f"cannot write {job.output}: {e}")
         return 1
     print(format_summary(summary), file=sys.stderr)
     return 0
@@ -86,8 +107,6 @@ def main(argv=None):
 
 def build_job(argv):
     """Parse the arguments into a :class:`data_converters.pipeline.Job` (exits with status 2 on bad ones)."""
-    from .pipeline import Job
-
     p = _parser()
     a = p.parse_args(argv)
     if not a.source or a.input is None or a.output is None:
@@ -129,6 +148,8 @@ def format_summary(s: dict) -> str:
     if s.get("output_records", s["written"]) != s["written"]:
         lines[0] += f", as {s['output_records']} records (--group-turns)"
     lines += [f"  skipped {n}: {reason}" for reason, n in s["skipped_by_reason"].items()]
+    if s.get("repeated_ids"):
+        lines.append(f"  {s['repeated_ids']} record(s) repeat an earlier record's id (kept: the source's own ids, which its format lets repeat)")
     if s["skipped"]:
         lines.append(f"  reasons per record: {Path(s['output']).with_suffix('')}.rejects.jsonl")
     return "\n".join(lines)
@@ -138,31 +159,48 @@ def decode_main(argv):
     p = argparse.ArgumentParser(prog="convert-datasets decode", description="converted records -> shapes in original pixels (JSON lines: id, text, shapes, errors)")
     p.add_argument("file", type=Path)
     p.add_argument("--output", type=Path, help="write here (atomically) instead of stdout")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="a record that is not a converted record: stop (fail) or leave it out and count it (skip)")
     a = p.parse_args(argv)
-    try:
-        lines = (json.dumps(decode_record(r), ensure_ascii=False) for r in read_converted(a.file))
-        if a.output is None:
+    counts = {"read": 0, "skipped": 0}
+
+    def decoded():
+        for where, raw in json_records(a.file):
+            counts["read"] += 1
             try:
-                for line in lines:
-                    print(line)
-            except BrokenPipeError:  # `decode FILE | head`: the reader left; not an error
-                sys.stdout = open(os.devnull, "w")
-            return 0
-        with atomic_path(a.output) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
-    except ConvertError as e:
-        print(f"convert-datasets decode: error: {e}", file=sys.stderr)
+                if isinstance(raw, ConvertError):
+                    raise raw
+                line = json.dumps(decode_record(parse_json(raw, where, one_line=True) if isinstance(raw, str) else raw), ensure_ascii=False)
+                if not_utf8(line):
+                    raise ConvertError(where, field_holding(raw, not_utf8), "text that is not UTF-8 (undecodable bytes, or a lone surrogate)")
+                yield line
+            except (ConvertError, RecordsError) as e:
+                bad = e if isinstance(e, ConvertError) else ConvertError(where, None, str(e))
+                if a.on_error == "fail":
+                    raise Stop(f"{bad}  (use --on-error skip to skip such records)") from None
+                counts["skipped"] += 1
+                print(f"convert-datasets decode: skipped {one_line(bad)}", file=sys.stderr)
+
+    try:
+        if a.output is None:
+            for line in decoded():
+                print(line)
+        else:
+            with atomic_path(a.output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                for line in decoded():
+                    f.write(line + "\n")
+    except (ConvertError, Stop) as e:
+        error("convert-datasets decode", e)
         return 1
+    except BrokenPipeError:
+        raise  # main(): the reader of stdout left
+    except OSError as e:
+        error("convert-datasets decode", f"cannot write {a.output}: {e}")
+        return 1
+    if counts["skipped"]:
+        print(f"convert-datasets decode: read {counts['read']}, decoded {counts['read'] - counts['skipped']}, "
+              f"skipped {counts['skipped']}", file=sys.stderr)
     return 0
-
-
-def read_converted(path: Path):
-    """Records of a converted file (.json list or .jsonl, streamed)."""
-    from .base import json_records
-
-    for where, raw in json_records(path):
-        yield decode_line(raw, where)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 
 import numpy as np
 
@@ -32,21 +31,50 @@ from llava_getok.geometry import boxes_to_frame, points_to_frame
 from llava_getok.records import NO_MATCH, PROMPTS, REFINE_PROMPT, json_shape, rle_to_mask, round_pixels, shapes_to_pixels
 from llava_getok.vocab import GETokConfig
 
-from .base import ConvertError, Filtered, Sample
+from .base import Sample
+from .inputs import ConvertError, Filtered
 
 TASKS = ("rec", "reg", "point", "res", "det", "refine", "rewrite")
 BOX_SLOT = "\x00box\x00"  # placeholder a source's own conversation holds where a box goes (``llava``)
 WRONG_FRACTION = 0.25  # refine on masks: about this share of the first answer's anchors are wrong
 
 
+_NUL = "\\u0000"  # a NUL character as json.dumps writes it
+
+
+def _escaped(line: str, at: int) -> bool:
+    """Whether the backslash at ``at`` of a line json.dumps wrote is itself escaped (an odd number of
+    backslashes before it): then ``\\u0000`` there is a backslash and the text "u0000", not a NUL."""
+    k = at
+    while k > 0 and line[k - 1] == "\\":
+        k -= 1
+    return (at - k) % 2 == 1
+
+
+def _nuls(line: str) -> list[int]:
+    """The positions of the NUL characters in a line json.dumps wrote (each written ``\\u0000``)."""
+    out, at = [], line.find(_NUL)
+    careful = "\\" + _NUL in line  # only then can an occurrence be a backslash and the text "u0000"
+    while at != -1:
+        if not (careful and _escaped(line, at)):
+            out.append(at)
+        at = line.find(_NUL, at + 1)
+    return out
+
+
+def count_nul(line: str) -> int:
+    """The NUL characters in a line json.dumps wrote."""
+    return line.count(_NUL) if "\\" + _NUL not in line else len(_nuls(line))
+
+
 class BatchEncoder:
     """Defers ``codec.encode_boxes`` for a batch of records to one call (numpy costs per call, not per box).
 
-    Calling it returns placeholders; :meth:`resolve` encodes every collected box at once and puts the
-    tokens into the records' JSON lines. Sources reject text holding NUL, so placeholders cannot clash.
+    Calling it returns placeholders (``NUL T k NUL``); :meth:`resolve` encodes every collected box at once and
+    puts the tokens into the records' JSON lines. The pipeline rejects a record whose line holds any NUL besides
+    its own placeholders (:func:`count_nul`), so input text cannot forge one; text that merely reads
+    ``\\u0000T0\\u0000`` (backslashes, escaped by json.dumps) is not a placeholder either.
     """
-
-    _RE = re.compile(r"\\u0000T(\d+)\\u0000")  # a placeholder as json.dumps writes it
 
     def __init__(self, cfg: GETokConfig):
         self.cfg, self.boxes = cfg, []
@@ -60,7 +88,17 @@ class BatchEncoder:
         if not self.boxes:
             return lines
         tokens = encode_boxes(self.boxes, self.cfg)
-        return [self._RE.sub(lambda m: tokens[int(m.group(1))], line) for line in lines]
+        return [self._resolve(line, tokens) if _NUL in line else line for line in lines]
+
+    @staticmethod
+    def _resolve(line: str, tokens: list[str]) -> str:
+        """Every placeholder of ``line`` replaced by its box's tokens. The pipeline has checked that the line's
+        NULs are exactly its placeholders' (``count_nul``), so they pair up in order: opening, closing."""
+        nuls, out, end = _nuls(line), [], 0
+        for a, b in zip(nuls[::2], nuls[1::2]):
+            out += [line[end:a], tokens[int(line[a + len(_NUL) + 1 : b])]]
+            end = b + len(_NUL)
+        return "".join(out) + line[end:]
 
 
 @functools.lru_cache(maxsize=16)
@@ -76,7 +114,7 @@ def record_rng(seed: int, sample_id: str) -> np.random.Generator:
 
 def _phrase(expression, sample):
     if not expression or not str(expression).strip():
-        raise ConvertError(sample.where, "expression", "missing or empty", "missing expression")
+        raise ConvertError(sample.where, sample.field_name("expression"), "missing or empty", "missing expression")
     return str(expression).strip().rstrip(".")
 
 
@@ -98,7 +136,7 @@ def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: 
     getok_extra = {}
     if task == "reg":
         if len(sample.boxes) != 1:
-            raise ConvertError(sample.where, "boxes", f"REG needs exactly one box, got {len(sample.boxes)}", "REG needs one box")
+            raise ConvertError(sample.where, sample.field_name("boxes"), f"REG needs exactly one box, got {len(sample.boxes)}", "REG needs one box")
         region = enc(boxes_to_frame([sample.boxes[0]], size, frame), cfg)[0]
         human = PROMPTS["reg"].format(region=region)
         turns = [human, str(_phrase(sample.expression, sample)) + "."]
@@ -228,13 +266,13 @@ def _res(sample, cfg, frame, rng, image_loader, generator, greedy=(0.8, 64)):
     human = PROMPTS["res"].format(expression=_phrase(sample.expression, sample))
     rle = sample.mask_rle()
     if rle is None:
-        raise ConvertError(sample.where, "segmentation", "RES needs a mask (polygons or RLE)", "no mask for RES")
+        raise ConvertError(sample.where, sample.field_name("segmentation"), "RES needs a mask (polygons or RLE)", "no mask for RES")
     gt = rle_to_mask(rle)
     if image_loader is None:
-        raise ConvertError(sample.where, "image", "RES needs the image (pass --image-root)", "image not found")
+        raise ConvertError(sample.where, sample.field_name("image"), "RES needs the image (pass --image-root)", "image not found")
     image = image_loader()
     if image.shape[:2] != gt.shape:
-        raise ConvertError(sample.where, "image", f"image is {image.shape[1]}x{image.shape[0]}, annotation says {gt.shape[1]}x{gt.shape[0]}", "image size differs from annotation")
+        raise ConvertError(sample.where, sample.field_name("image"), f"image is {image.shape[1]}x{image.shape[0]}, annotation says {gt.shape[1]}x{gt.shape[0]}", "image size differs from annotation")
     anchors = np.asarray(greedy_mask_anchors(gt, image, cfg, frame, generator, *greedy), dtype=np.float64).reshape(-1, 2)
     if len(anchors) == 0:
         raise Filtered("no mask anchor (no proposal overlaps the mask)")

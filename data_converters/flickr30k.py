@@ -12,27 +12,33 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .base import ConvertError, Filtered, Sample
+from .base import Sample
+from .inputs import ConvertError, Filtered, read_bytes, read_text
 
 TASKS = ("rec", "reg", "point")
 FORMATS = "Flickr30k Entities folder: Sentences/*.txt + Annotations/*.xml (+ train/val/test.txt)"
-PHRASE_RE = re.compile(r"\[/EN#(\d+)/([\w/]+) ([^\]]*)\]")
+PHRASE_RE = re.compile(r"\[/EN#([0-9]+)/([\w/]+) ([^\]]*)\]")
+NUMBER_RE = re.compile(r"\s*-?[0-9]+(?:\.[0-9]+)?\s*")  # what VOC XML writes; float() would also take "nan", "1_0"
 
 
 def read(opts):
     root = Path(opts.input)
     sentences = root / "Sentences"
     if not sentences.is_dir():
-        raise ConvertError(str(sentences), "-", "folder not found (expected Sentences/ and Annotations/)", "missing file")
+        raise ConvertError(str(sentences), None, "folder not found (expected Sentences/ and Annotations/)", "missing file")
     ids = sorted(p.stem for p in sentences.glob("*.txt"))
     if opts.split:
         listed = root / f"{opts.split}.txt"
         if not listed.is_file():
-            raise ConvertError(str(listed), "-", f"split file for --split {opts.split} not found", "missing file")
-        keep = set(listed.read_text().split())
+            raise ConvertError(str(listed), None, f"split file for --split {opts.split} not found", "missing file")
+        keep = set(read_text(listed).split())
         ids = [i for i in ids if i in keep]
     for image_id in ids:
-        text = (sentences / f"{image_id}.txt").read_text(encoding="utf-8").splitlines()
+        try:
+            text = read_text(sentences / f"{image_id}.txt").splitlines()
+        except ConvertError as e:  # this file's phrases cannot be told apart: one counted error for the file
+            yield f"Sentences/{image_id}.txt", e
+            continue
         xml_path = root / "Annotations" / f"{image_id}.xml"
         for s, sentence in enumerate(text):
             for p, m in enumerate(PHRASE_RE.finditer(sentence)):
@@ -41,32 +47,35 @@ def read(opts):
                               "phrase": m.group(3), "s": s, "p": p, "split": opts.split}
 
 
+def _number(text, where, field):
+    if text is None or not NUMBER_RE.fullmatch(text):
+        raise ConvertError(where, field, f"expected a number, got {text!r}", f"bad {field.rsplit('.', 1)[-1]}")
+    return float(text)
+
+
 def _annotation(path, where):
+    """(size, {entity: [(object index, box)]}) of one Annotations/ID.xml; errors name the phrase (``where``)
+    and the XML file."""
+    where = f"{where} ({Path(path).name})"
     try:
-        root = ET.parse(path).getroot()
-    except FileNotFoundError:
-        raise ConvertError(path, "-", "annotation file not found", "missing file") from None
+        root = ET.fromstring(read_bytes(path))
+    except ConvertError as e:
+        raise ConvertError(where, None, e.message, e.reason) from None
     except ET.ParseError as e:
-        raise ConvertError(path, "-", f"malformed XML: {e}", "malformed XML") from None
+        raise ConvertError(where, None, f"malformed XML: {e}", "malformed XML") from None
     size = root.find("size")
     if size is None:
-        raise ConvertError(path, "size", "missing", "missing size")
-    wh = (size.findtext("width"), size.findtext("height"))
+        raise ConvertError(where, "size", "missing", "missing size")
+    wh = (_number(size.findtext("width"), where, "size.width"), _number(size.findtext("height"), where, "size.height"))
     boxes = {}
-    for obj in root.iter("object"):
+    for i, obj in enumerate(root.iter("object")):
         bb = obj.find("bndbox")
         if bb is None:
             continue
-        try:
-            box = tuple(float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        except (TypeError, ValueError):
-            raise ConvertError(path, "bndbox", f"expected numbers xmin, ymin, xmax, ymax in object {obj.findtext('name')}", "bad bndbox") from None
+        box = tuple(_number(bb.findtext(k), where, f"object[{i}].bndbox.{k}") for k in ("xmin", "ymin", "xmax", "ymax"))
         for name in obj.iter("name"):
-            boxes.setdefault(name.text, []).append(box)
-    try:
-        return (float(wh[0]), float(wh[1])), boxes
-    except (TypeError, ValueError):
-        raise ConvertError(path, "size", f"width/height must be numbers, got {wh}", "bad image size") from None
+            boxes.setdefault(name.text, []).append((i, box))
+    return wh, boxes
 
 
 def parse(raw, where, opts) -> Sample:
@@ -76,5 +85,6 @@ def parse(raw, where, opts) -> Sample:
         raise Filtered(f"phrase without a box ({raw['type']})")
     return Sample(
         id=f"flickr30k-{raw['image_id']}-s{raw['s']}-p{raw['p']}", image=f"{raw['image_id']}.jpg", size=size,
-        expression=raw["phrase"], boxes=tuple(entity_boxes), split=raw["split"], where=where, fields={"boxes": "bndbox"},
+        expression=raw["phrase"], boxes=tuple(b for _, b in entity_boxes), split=raw["split"], where=where,
+        fields={"boxes": [f"object[{i}].bndbox" for i, _ in entity_boxes], "size": "size.width, height", "image": "filename"},
     )

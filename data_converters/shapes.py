@@ -284,7 +284,7 @@ def _of_split(value, split: str):
 # -- the convert-datasets source (data_converters/base.py) ------------------------------------------------
 
 def read(opts):
-    from .base import json_lines
+    from .inputs import json_lines
 
     path = Path(opts.input)
     if path.is_dir():
@@ -293,22 +293,20 @@ def read(opts):
 
 
 def parse(raw, where, opts):
-    from .base import ConvertError, Filtered, Sample, check_numbers, decode_line, get
+    from .base import Sample
+    from .inputs import Filtered, record
 
-    rec = decode_line(raw, where)
-    split = str(get(rec, "split", where, str))
+    rec = record(raw, where)
+    split = rec.string("split")
     if opts.split and split != opts.split:
         raise Filtered(f"split {split} (kept: {opts.split})")
-    mask = get(rec, "mask", where, dict)
-    if not isinstance(mask.get("counts"), str) or not isinstance(mask.get("size"), list):
-        raise ConvertError(where, "mask", "expected COCO compressed RLE {'size': [H, W], 'counts': str}", "bad mask")
+    mask = rec.object("mask")
+    if not isinstance(mask.obj.get("counts"), str):
+        raise mask.error("counts", "expected COCO compressed RLE {'size': [H, W], 'counts': str}", "bad mask")
     return Sample(
-        id=str(get(rec, "id", where, str)), image=str(get(rec, "image", where, str)),
-        size=(get(rec, "width", where, (int, float)), get(rec, "height", where, (int, float))),
-        expression=str(get(rec, "expression", where, str)),
-        boxes=(tuple(check_numbers(get(rec, "box", where), 4, where, "box")),),
-        points=(tuple(check_numbers(get(rec, "point", where), 2, where, "point")),),
-        rle=mask, split=split, where=where,
+        id=rec.string("id"), image=rec.string("image"), size=(rec.number("width"), rec.number("height")),
+        expression=rec.string("expression"), boxes=(tuple(rec.numbers("box", 4)),), points=(tuple(rec.numbers("point", 2)),),
+        rle=mask.obj, split=split, where=where, fields={"boxes": "box", "points": "point", "segmentation": "mask"},
     )
 
 

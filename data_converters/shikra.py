@@ -5,20 +5,21 @@ One line per expression: ``img_path`` (relative to --image-root), ``expression``
 """
 from __future__ import annotations
 
-from .base import Sample, decode_line, get, optional_size, read_numbered_records
+from .base import Sample
+from .inputs import numbered_records, record
 
 TASKS = ("rec", "reg", "point")
 FORMATS = "Shikra REC JSONL: img_path, expression, bbox [x1,y1,x2,y2] px, height, width"
 
 
-read = read_numbered_records
+read = numbered_records
 
 
 def parse(raw, where, opts) -> Sample:
-    n, rec = raw[0], decode_line(raw[1], where)
-    size = optional_size(rec)
+    n, rec = raw[0], record(raw[1], where)
+    rid = rec.ident("id", optional=True)
     return Sample(
-        id=f"shikra-{rec.get('id', n)}", image=str(get(rec, "img_path", where)), size=size,
-        expression=get(rec, "expression", where, str), boxes=(get(rec, "bbox", where),), where=where,
-        split=rec.get("split"), fields={"boxes": "bbox"},
+        id=f"shikra-{n if rid is None else rid}", image=rec.string("img_path"), size=rec.optional_size(),
+        expression=rec.string("expression"), boxes=(rec.raw("bbox"),), where=where,
+        split=rec.string("split", optional=True), fields={"boxes": "bbox", "image": "img_path"},
     )

@@ -7,33 +7,33 @@ answer that says there is no such object. Tasks: rec, reg, point.
 """
 from __future__ import annotations
 
-from .base import ConvertError, Sample, decode_line, get, optional_size, read_numbered_records
+from .base import Sample
+from .inputs import check_numbers, numbered_records, record
 
 TASKS = ("rec", "reg", "point")
 FORMATS = "VLM-R1 REC JSON/JSONL: image, problem, solution [x1,y1,x2,y2] px or null, normalized_solution 0-1000, width, height"
 
 
-read = read_numbered_records
+read = numbered_records
 
 
 def parse(raw, where, opts) -> Sample:
-    n, rec = raw[0], decode_line(raw[1], where)
-    image = str(get(rec, "image", where))
-    expression = get(rec, "problem", where, str)
-    size = optional_size(rec)
-    units, fields = "px", {"boxes": "solution"}
-    if "solution" in rec:
-        box = rec["solution"]
-    elif "normalized_solution" in rec:
-        box = rec["normalized_solution"]
+    n, rec = raw[0], record(raw[1], where)
+    image = rec.string("image")
+    expression = rec.string("problem")
+    size = rec.optional_size()
+    units, fields = "px", {"boxes": "solution", "expression": "problem"}
+    if "solution" in rec.obj:
+        box = rec.raw("solution", optional=True)
+    elif "normalized_solution" in rec.obj:
+        box = rec.raw("normalized_solution", optional=True)
         if box is not None:
-            if not isinstance(box, list) or len(box) != 4:
-                raise ConvertError(where, "normalized_solution", f"expected [x1, y1, x2, y2], got {box!r}", "bad normalized_solution")
-            box = [float(v) / 1000 if isinstance(v, (int, float)) else v for v in box]
-        units, fields = "orig", {"boxes": "normalized_solution"}
+            box = [v / 1000 for v in check_numbers(box, 4, where, "normalized_solution")]
+        units, fields = "orig", {"boxes": "normalized_solution", "expression": "problem"}
     else:
-        raise ConvertError(where, "solution", "missing (and no normalized_solution)", "missing solution")
+        raise rec.error("solution", "missing (and no normalized_solution)", "missing solution")
+    rid = rec.ident("id", optional=True)
     return Sample(
-        id=f"vlm-r1-{rec.get('id', n)}", image=image, size=size, expression=expression,
+        id=f"vlm-r1-{n if rid is None else rid}", image=image, size=size, expression=expression,
         boxes=() if box is None else (box,), units=units, where=where, fields=fields,
     )

@@ -1,6 +1,6 @@
 """Text (or token ids) with GETok tokens -> typed shapes in order (spec section 8).
 
-Never raises on malformed model output: each problem becomes a :class:`ParseError` with its character
+Never raises, whatever the text: each problem becomes a :class:`ParseError` with its character
 position, and the offending group is dropped. The grammar is the one :mod:`llava_getok.codec` writes:
 
     point   := GRID OFF{R}                      (R = cfg.inline_rounds)
@@ -39,9 +39,12 @@ class ParseResult:
 
 
 def lex(text: str):
-    """Yield (position, token, match) for every GETok token in ``text``; free text is skipped."""
+    """Yield (position, token, match) for every GETok token in ``text``; free text is skipped. A token's indices
+    are ASCII digits: ``<grid_１_２>`` (fullwidth digits, which ``\\d`` also matches) is free text, as the tokenizer
+    sees it (no such token exists)."""
     for m in TOKEN_RE.finditer(text):
-        yield m.start(), m.group(0), m
+        if m.group(0).isascii():
+            yield m.start(), m.group(0), m
 
 
 def lex_ids(ids, id_to_token: dict[int, str]):
@@ -67,6 +70,21 @@ def parse(text: str, cfg: GETokConfig) -> ParseResult:
 def parse_ids(ids, id_to_token: dict[int, str], cfg: GETokConfig) -> ParseResult:
     """Parse generated token ids; ``id_to_token`` maps the GETok ids only (see ``GETokConfig.tokens``)."""
     return parse_tokens(lex_ids(ids, id_to_token), cfg)
+
+
+# More digits than this cannot be an index of any grid or offset alphabet; int() of more than 4300 digits would
+# raise (Python's limit), so longer numbers are read as "out of range" without converting them.
+_MAX_DIGITS = 9
+
+
+def _int(digits: str) -> int | None:
+    """The value of an index token's digits ("-3", "12"), or None when it has more than _MAX_DIGITS digits."""
+    return int(digits) if len(digits.lstrip("-")) <= _MAX_DIGITS else None
+
+
+def _quote(tok: str) -> str:
+    """A token as error messages show it: cut short, so that a hostile 5000-digit token keeps messages short."""
+    return tok if len(tok) <= 40 else tok[:37] + "..."
 
 
 def parse_tokens(tokens, cfg: GETokConfig) -> ParseResult:
@@ -126,13 +144,13 @@ def parse_tokens(tokens, cfg: GETokConfig) -> ParseResult:
             continue
         if m.group("i") is not None:  # grid token
             close_bare_point(pos)
-            i, j = int(m.group("i")), int(m.group("j"))
+            i, j = _int(m.group("i")), _int(m.group("j"))
             if in_offset is not None:
-                err(pos, f"grid token {tok} at {pos} inside <offset>: a refinement holds offsets only")
+                err(pos, f"grid token {_quote(tok)} at {pos} inside <offset>: a refinement holds offsets only")
                 broken = True
                 continue
-            if not (i < n and j < n):
-                err(pos, f"grid token {tok} at {pos} is outside the {n}x{n} grid")
+            if i is None or j is None or not (i < n and j < n):
+                err(pos, f"grid token {_quote(tok)} at {pos} is outside the {n}x{n} grid")
                 broken = True
                 continue
             if group is not None and point is not None:
@@ -141,9 +159,9 @@ def parse_tokens(tokens, cfg: GETokConfig) -> ParseResult:
                     group[2].append(p)
             point = [pos, (i, j), [], end]
         elif m.group("dx") is not None or m.group("delete"):
-            o = None if m.group("delete") else (int(m.group("dx")), int(m.group("dy")))
-            if o is not None and not (abs(o[0]) <= h and abs(o[1]) <= h):
-                err(pos, f"offset {tok} at {pos} is outside the offset alphabet (|d| <= {h})")
+            o = None if m.group("delete") else (_int(m.group("dx")), _int(m.group("dy")))
+            if o is not None and (None in o or not (abs(o[0]) <= h and abs(o[1]) <= h)):
+                err(pos, f"offset {_quote(tok)} at {pos} is outside the offset alphabet (|d| <= {h})")
                 broken = True
                 continue
             if in_offset is not None:  # refinement: each offset/delete stands for one earlier point
@@ -152,7 +170,7 @@ def parse_tokens(tokens, cfg: GETokConfig) -> ParseResult:
                 else:
                     group[2].append(o)
             elif point is None or o is None:
-                err(pos, f"{tok} at {pos} has no grid token before it")
+                err(pos, f"{_quote(tok)} at {pos} has no grid token before it")
                 broken = True
             else:
                 point[2].append(o)

@@ -10,6 +10,7 @@ both (one error type, :class:`RecordsError`), maps shapes between pixels and the
 from __future__ import annotations
 
 import json
+import reprlib
 from pathlib import Path
 
 import numpy as np
@@ -43,36 +44,95 @@ class RecordsError(ValueError):
 
 # -- files ------------------------------------------------------------------------------------------------------
 
+def _read_text(path: Path) -> str:
+    """A records / predictions file as UTF-8 text; a missing, unreadable or undecodable file is a RecordsError."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RecordsError(f"{path}: no such file (expected converted data: a JSON list or JSONL)") from None
+    except OSError as e:
+        raise RecordsError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RecordsError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def _json(text: str, where: str):
+    """``json.loads`` whose every failure (malformed JSON, an integer beyond Python's 4300 digits, nesting deeper
+    than Python's recursion limit) is a RecordsError naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordsError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except ValueError as e:
+        raise RecordsError(f"{where}: not valid JSON ({str(e).split(';')[0]})") from None
+    except RecursionError:
+        raise RecordsError(f"{where}: not valid JSON (nested deeper than Python can read)") from None
+
+
+def check_id(value, where: str) -> str:
+    """A record or prediction id: a string or an integer (not a boolean, a float or null) -> its string form, the
+    key predictions and records are joined on."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    raise RecordsError(f"{where}: 'id' must be a string or an integer, got {short(value)}")
+
+
+def short(value) -> str:
+    """A value of a bad input as messages quote it: its repr, cut short (long strings and lists, deep nesting),
+    so that an error stays one short line whatever the input holds."""
+    return _REPR.repr(value)
+
+
+def one_line(text: str) -> str:
+    """``text`` with every character that is not printable (newlines, form feeds, the control bytes a library's
+    message may quote from a corrupt file) escaped, so that a CLI's error is exactly one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 6
+_REPR.maxlevel = 3
+
+
 def read_records(path, require_id: bool = True, one_question: bool = False) -> list[dict]:
     """A LLaVA-format JSON list or JSONL file -> list of record dicts.
 
-    Raises :class:`RecordsError` naming the file and line (JSONL) for anything that is not a list of
-    objects, with ``require_id`` the index of a record without an ``id``, and with ``one_question`` a
-    record that groups several questions (``convert-datasets --group-turns``: training data only).
+    Raises :class:`RecordsError` naming the file and line (JSONL) or record for anything that is not a list of
+    objects; with ``require_id`` (files keyed by id: predict, eval, show) a record without an id, an id that is
+    not a string or an integer, or an id that repeats an earlier record's; with ``one_question`` a record that
+    groups several questions (``convert-datasets --group-turns``: training data only). Training data
+    (``require_id=False``) may repeat ids: LLaVA-1.5's own mix665k does.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RecordsError(f"{path}: no such file (expected converted data: a JSON list or JSONL)")
-    text = path.read_text()
+    text = _read_text(path)
     if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RecordsError(f"{path}: not valid JSON ({e})") from None
+        records, where = _json(text, str(path)), None
+        if not isinstance(records, list):
+            raise RecordsError(f"{path}: expected a JSON list of records or JSONL")
     else:
-        records = []
+        records, where = [], []
         for k, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise RecordsError(f"{path}:{k}: not valid JSON ({e.msg}); expected a JSON list or JSONL") from None
+                records.append(_json(line, f"{path}:{k}"))
+                where.append(f"{path}:{k}")
+    seen: dict[str, str] = {}
     for k, r in enumerate(records):
+        at = where[k] if where else f"{path}: record {k}"
+        label = f"line {where[k].rsplit(':', 1)[1]}" if where else f"record {k}"
         if not isinstance(r, dict):
-            raise RecordsError(f"{path}: record {k} is a {type(r).__name__}, not an object")
-        if require_id and "id" not in r:
-            raise RecordsError(f"{path}: record {k} has no 'id' field")
-        if one_question and "turns" in (r.get("getok") or {}):
+            raise RecordsError(f"{at}: a record must be an object, got {short(r)}")
+        if require_id:
+            if r.get("id") is None:
+                raise RecordsError(f"{at}: no 'id' field")
+            rid = check_id(r["id"], at)
+            if rid in seen:
+                raise RecordsError(f"{at}: id {rid!r} repeats the id of {seen[rid]}")
+            seen[rid] = label
+        if one_question and isinstance(r.get("getok"), dict) and "turns" in r["getok"]:
             raise RecordsError(f"{path}: record {r.get('id', k)} groups {len(r['getok']['turns'])} questions about one "
                                f"image (convert-datasets --group-turns): that is training data; predict, evaluate "
                                f"and reward on a split converted with --group-turns 1")
@@ -80,61 +140,89 @@ def read_records(path, require_id: bool = True, one_question: bool = False) -> l
 
 
 def read_predictions(path) -> dict[str, dict]:
-    """Predictions JSONL -> {id: prediction}; a repeated id, a line without id or a malformed shape is a
-    :class:`RecordsError` naming the line."""
+    """Predictions JSONL -> {id: prediction}; a line that is not a JSON object, a missing or repeated id, an id
+    that is not a string or an integer, or a malformed shape is a :class:`RecordsError` naming the line."""
+    path = Path(path)
     out: dict[str, dict] = {}
-    for k, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for k, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            p = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecordsError(f"{path}:{k}: not valid JSON ({e})") from None
-        if not isinstance(p, dict) or "id" not in p:
-            raise RecordsError(f"{path}:{k}: a prediction needs an 'id' field")
+        p = _json(line, f"{path}:{k}")
+        if not isinstance(p, dict) or p.get("id") is None:
+            raise RecordsError(f"{path}:{k}: a prediction must be an object with an 'id' field")
+        rid = check_id(p["id"], f"{path}:{k}")
         if not isinstance(p.get("shapes", []), list) or not isinstance(p.get("errors", []), list):
-            raise RecordsError(f"{path}:{k} (id {p['id']}): 'shapes' and 'errors' must be lists")
-        check_shapes(p.get("shapes", []), f"{path}:{k} (id {p['id']})")
-        if str(p["id"]) in out:
+            raise RecordsError(f"{path}:{k} (id {rid}): 'shapes' and 'errors' must be lists")
+        check_shapes(p.get("shapes", []), f"{path}:{k} (id {rid})")
+        if rid in out:
             raise RecordsError(f"{path}:{k}: id {p['id']!r} appears twice")
-        out[str(p["id"])] = p
+        out[rid] = p
     return out
 
 
 # -- validation -------------------------------------------------------------------------------------------------
 
+def _number(v) -> bool:
+    """A finite JSON number (a boolean is not one, though Python's bool is an int)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
 def check_shapes(shapes: list, where: str) -> list[dict]:
     """JSON shapes ``[{"kind", "points"}, ...]`` (pixels): each kind one of ``SHAPE_KINDS``, each ``points`` a
-    non-empty list of finite [x, y]; returns them, else :class:`RecordsError` naming ``where`` and the shape."""
+    non-empty list of [x, y] finite numbers; returns them, else :class:`RecordsError` naming ``where`` and the
+    shape."""
+    if not isinstance(shapes, list):
+        raise RecordsError(f"{where}: 'shapes' must be a list, got {short(shapes)}")
     for k, shape in enumerate(shapes):
         at = f"{where}: shapes[{k}]"
-        if not isinstance(shape, dict) or shape.get("kind") not in SHAPE_KINDS:
+        if not isinstance(shape, dict) or not isinstance(shape.get("kind"), str) or shape["kind"] not in SHAPE_KINDS:
             raise RecordsError(f"{at}: 'kind' must be one of {', '.join(SHAPE_KINDS)}")
-        pts = np.asarray(shape.get("points", []), dtype=object)
-        if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0 or not all(
-                isinstance(v, (int, float)) and np.isfinite(v) for v in pts.ravel()):
+        pts = shape.get("points")
+        if not (isinstance(pts, (list, tuple)) and pts
+                and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(map(_number, p)) for p in pts)):
             raise RecordsError(f"{at}: 'points' must be a non-empty list of [x, y] numbers (pixels)")
     return shapes
 
 
+def check_config(config, where: str) -> GETokConfig:
+    """``getok.config`` -> the GETokConfig it describes, else :class:`RecordsError` naming ``where``."""
+    if not isinstance(config, dict) or any(isinstance(v, bool) for v in config.values()):
+        raise RecordsError(f"{where}: 'config' must be an object like {{\"grid\": 32, \"mode\": \"inline\"}}, got {short(config)}")
+    try:
+        return GETokConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise RecordsError(f"{where}: 'config': {e}") from None
+
+
 def check_getok(getok, where: str = "getok field", needs=("task", "frame", "size", "shapes")) -> dict:
-    """A record's ``getok`` field with the keys ``needs`` checked (present; ``frame`` one of FRAMES; ``size``
-    two positive numbers; ``shapes`` valid JSON shapes); returns it, else :class:`RecordsError`."""
+    """A record's ``getok`` field with the keys ``needs`` checked (present; ``task`` a string; ``frame`` one of
+    FRAMES; ``size`` two positive numbers; ``shapes`` valid JSON shapes; ``config`` a valid GETokConfig) and, when
+    present, ``mask`` (COCO RLE of ``size``) and ``boxes`` (lists of 4 numbers); returns it, else
+    :class:`RecordsError` naming the field."""
     if not isinstance(getok, dict):
-        raise RecordsError(f"{where}: expected an object, got {type(getok).__name__}")
-    for key in needs:
+        raise RecordsError(f"{where}: expected an object, got {short(getok)}")
+    for key in needs:  # a null value is present, and refused by its own check below
         if key not in getok:
             raise RecordsError(f"{where} lacks {key!r} (docs/data-format.md); keys: {sorted(getok)}")
-    if "frame" in needs and getok["frame"] not in FRAMES:
-        raise RecordsError(f"{where}: 'frame' must be one of {FRAMES}, got {getok['frame']!r}")
+    if "task" in needs and not isinstance(getok["task"], str):
+        raise RecordsError(f"{where}: 'task' must be a string, got {short(getok['task'])}")
+    if "frame" in needs and (not isinstance(getok["frame"], str) or getok["frame"] not in FRAMES):
+        raise RecordsError(f"{where}: 'frame' must be one of {FRAMES}, got {short(getok['frame'])}")
     size = getok.get("size")
-    if "size" in needs and not (isinstance(size, (list, tuple)) and len(size) == 2
-                                and all(isinstance(v, (int, float)) and v > 0 for v in size)):
-        raise RecordsError(f"{where}: 'size' must be [width, height] in pixels, got {size!r}")
+    if "size" in needs and not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_number(v) and v > 0 for v in size)):
+        raise RecordsError(f"{where}: 'size' must be [width, height] in pixels, got {short(size)}")
     if "shapes" in needs:
-        if not isinstance(getok["shapes"], list):
-            raise RecordsError(f"{where}: 'shapes' must be a list")
         check_shapes(getok["shapes"], where)
+    if "config" in needs:
+        check_config(getok["config"], where)
+    if getok.get("mask") is not None:
+        problem = rle_problem(getok["mask"])
+        if problem:
+            raise RecordsError(f"{where}: 'mask{'.' + problem[0] if problem[0] else ''}': {problem[1]}")
+    boxes = getok.get("boxes")
+    if boxes is not None and not (isinstance(boxes, (list, tuple)) and all(
+            isinstance(b, (list, tuple)) and len(b) == 4 and all(map(_number, b)) for b in boxes)):
+        raise RecordsError(f"{where}: 'boxes' must be a list of [x1, y1, x2, y2] numbers, got {short(boxes)}")
     return getok
 
 
@@ -200,13 +288,21 @@ def decode_record(record: dict) -> dict:
     answer it refines. The same keys as a prediction line, so a decoded file is also the quantisation
     ceiling's "prediction".
     """
+    if not isinstance(record, dict):
+        raise RecordsError(f"a record must be an object, got {short(record)}")
     g = record.get("getok")
     if not g:
         return {"id": record.get("id"), "text": "", "shapes": [], "errors": ["no getok field: nothing was converted"]}
-    check_getok(g, f"record {record.get('id')}: getok", needs=("config", "frame", "size"))
-    cfg = GETokConfig.from_dict(g["config"])
+    check_getok(g, "getok", needs=("config", "frame", "size"))
+    cfg = check_config(g["config"], "getok")
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        raise RecordsError(f"'conversations' must be a list of turns, got {short(turns)}")
+    for k, t in enumerate(turns):
+        if not (isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)):
+            raise RecordsError(f"'conversations[{k}]' must be a turn with 'from' and 'value' strings, got {short(t)}")
     shapes, errors, last, text = [], [], [], ""
-    for turn in record["conversations"]:
+    for turn in turns:
         r = parse(turn["value"], cfg)
         errors += [f"{turn['from']}: {e.message}" for e in r.errors]
         if r.refinements:
@@ -227,33 +323,105 @@ def decode_record(record: dict) -> dict:
 
 # -- masks --------------------------------------------------------------------------------------------------------
 
+# The largest mask decoded: PIL's Image.MAX_IMAGE_PIXELS (images beyond it are "decompression bombs" to PIL, and no
+# image these masks belong to is larger); a hostile size would otherwise allocate height x width bytes.
+MAX_MASK_PIXELS = 89_478_485
+
+
+def rle_counts(counts: str) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``, in Python), or None when the
+    string is not one (a character outside '0'..'o', a number cut short). Validation only: pycocotools itself does
+    not check a string's runs against the mask size and reads past them."""
+    out, p, n = [], 0, len(counts)
+    while p < n:
+        x = k = 0
+        while True:
+            if p >= n:
+                return None
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            if k > 6:  # 35 bits: more than any mask of MAX_MASK_PIXELS holds (and an int that grows without end)
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            p, k = p + 1, k + 1
+            if not c & 0x20:
+                if c & 0x10:
+                    x |= -1 << (5 * k)
+                break
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    return out
+
+
+def rle_problem(rle) -> tuple[str | None, str] | None:
+    """What makes ``rle`` not a COCO RLE mask, as (sub-field or None, message), else None: ``size`` must be
+    [height, width] positive integers within MAX_MASK_PIXELS; ``counts`` a compressed string (or bytes) or a
+    list of integers, runs that are not negative and add up to height x width exactly (pycocotools decodes
+    shorter runs into uninitialised memory and overflows on negative ones)."""
+    if not isinstance(rle, dict):
+        return None, f"expected a COCO RLE object {{'size': [h, w], 'counts': ...}}, got {short(rle)}"
+    size, counts = rle.get("size"), rle.get("counts")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        return "size", f"expected [height, width] positive integers, got {short(size)}"
+    if size[0] * size[1] > MAX_MASK_PIXELS:
+        return "size", f"{size[0]} x {size[1]} pixels is larger than any image ({MAX_MASK_PIXELS} pixels)"
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii", "replace")
+    if isinstance(counts, str):
+        runs = rle_counts(counts)
+        if runs is None:
+            return "counts", f"not a compressed COCO RLE string: {short(counts)}"
+    elif isinstance(counts, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+        runs = counts
+    else:
+        return "counts", f"expected a compressed string or a list of integers, got {short(counts)}"
+    if any(v < 0 for v in runs):
+        return "counts", "negative run length"
+    if any(v > size[0] * size[1] for v in runs):
+        return "counts", f"a run longer than the {size[0]} x {size[1]} mask"
+    if sum(runs) != size[0] * size[1]:
+        return "counts", f"runs add up to {sum(runs)} pixels, not {size[0]} x {size[1]} = {size[0] * size[1]}"
+    return None
+
+
 def segmentation_to_rle(segmentation, height: int, width: int) -> dict:
     """A COCO segmentation of an (height, width) image: polygons ``[[x1, y1, x2, y2, ...], ...]`` or RLE
     (uncompressed, ``counts`` a list, or compressed, bytes or str) -> compressed RLE with ``counts`` a str,
-    as ``getok.mask`` stores it."""
+    as ``getok.mask`` stores it. An RLE that :func:`rle_problem` refuses is a :class:`RecordsError`."""
     from pycocotools import mask as mask_utils
 
     if isinstance(segmentation, list):
         rle = mask_utils.merge(mask_utils.frPyObjects([list(map(float, p)) for p in segmentation], height, width))
-    elif isinstance(segmentation["counts"], list):
-        rle = mask_utils.frPyObjects(segmentation, height, width)
     else:
-        rle = dict(segmentation)
+        problem = rle_problem(segmentation)
+        if problem:
+            raise RecordsError(f"mask{'.' + problem[0] if problem[0] else ''}: {problem[1]}")
+        if isinstance(segmentation["counts"], list):
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = dict(segmentation)
     counts = rle["counts"]
     return {"size": [int(rle["size"][0]), int(rle["size"][1])],
             "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
 def rle_to_mask(rle: dict) -> np.ndarray:
-    """COCO RLE (compressed, ``counts`` str or bytes, or uncompressed, ``counts`` a list) -> (H, W) bool."""
+    """COCO RLE (compressed, ``counts`` str or bytes, or uncompressed, ``counts`` a list) -> (H, W) bool;
+    :class:`RecordsError` for one :func:`rle_problem` refuses."""
     from pycocotools import mask as mask_utils
 
+    problem = rle_problem(rle)
+    if problem:
+        raise RecordsError(f"mask{'.' + problem[0] if problem[0] else ''}: {problem[1]}")
     return mask_utils.decode(segmentation_to_rle(rle, *rle["size"])).astype(bool)
 
 
 def record_mask(getok: dict) -> np.ndarray | None:
     """The ground-truth mask of a record's ``getok`` field, (H, W) bool in original pixels; None without
-    ``getok.mask``; :class:`RecordsError` when its size is not ``getok.size``."""
+    ``getok.mask``; :class:`RecordsError` when it is not a valid RLE or its size is not ``getok.size``."""
     if not getok.get("mask"):
         return None
     mask = rle_to_mask(getok["mask"])

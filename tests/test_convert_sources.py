@@ -3,7 +3,6 @@ and the round trip back to the source's boxes in original pixels for both frames
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 
 from data_converters.cli import main
 from data_converters.kosmos2 import patch_index_to_coordinate
+import convert_cases
 from test_convert_core import assert_round_trip, load
 
 FIXTURES = Path(__file__).parent / "fixtures" / "convert"
@@ -28,27 +28,11 @@ def images(shared_data):
 
 
 @pytest.fixture(scope="module")
-def refer_folder(tmp_path_factory, shared_data):
-    """A refer-toolkit folder built from real COCO annotations: refs(unc).p (a pickle list of refs with
-    sentences) and instances.json, as the toolkit lays out data/refcoco."""
-    folder = tmp_path_factory.mktemp("data") / "refcoco"
-    folder.mkdir()
-    coco = json.loads((shared_data / "coco_mini" / "instances_val2017.json").read_text())
-    anns = [a for a in coco["annotations"] if a["image_id"] in (397133, 34417) and not a["iscrowd"]][:4]
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    refs = []
-    for k, a in enumerate(anns):
-        im = next(i for i in coco["images"] if i["id"] == a["image_id"])
-        sents = [{"tokens": ["the", names[a["category_id"]]], "raw": f"The {names[a['category_id']]}", "sent_id": 10 * k + s,
-                  "sent": f"the {names[a['category_id']]} {side}"} for s, side in enumerate(("on the left", "near the middle"))]
-        refs.append({"sent_ids": [s["sent_id"] for s in sents], "file_name": im["file_name"][:-4] + f"_{a['id']}.jpg", "ann_id": a["id"],
-                     "ref_id": 100 + k, "image_id": a["image_id"], "split": "train" if k < 3 else "testA", "sentences": sents,
-                     "category_id": a["category_id"]})
-    refs.append({**refs[0], "ref_id": 999, "ann_id": -1, "split": "train"})  # an ann_id instances.json lacks
-    with open(folder / "refs(unc).p", "wb") as f:
-        pickle.dump(refs, f, protocol=2)  # the toolkit's pickles are protocol 2
-    (folder / "instances.json").write_text(json.dumps({"images": coco["images"], "annotations": anns, "categories": coco["categories"]}))
-    return folder
+def refer_folder(tmp_path_factory):
+    """A refer-toolkit folder built from real COCO annotations (convert_cases.refer_folder): four refs of two
+    sentences, the fourth in testA, and a ref whose ann_id instances.json lacks."""
+    return convert_cases.refer_folder(tmp_path_factory.mktemp("data") / "refcoco", ((397133, 3), (34417, 1)),
+                                      test_a={3}, unknown_ann=True)
 
 
 @pytest.mark.parametrize("frame", ["pad", "orig"])
@@ -151,3 +135,56 @@ def test_point_records_carry_the_target_region(tmp_path, refer_folder, images):
         (x, y), = g["shapes"][0]["points"]
         x1, y1, x2, y2 = g["boxes"][0]
         assert x1 <= x <= x2 and y1 <= y <= y2
+
+
+# -- Kosmos-2 as transformers' own processor writes it ---------------------------------------------------------
+
+# (id, image, caption with <phrase> tags, the boxes Kosmos2Processor is given: patch index pairs or normalised
+# (x1, y1, x2, y2), one entry per phrase, a list for a phrase with several boxes)
+KOSMOS2_EXAMPLES = [
+    ("grit-proc-1", "000000397133.jpg", "<grounding> An image of<phrase> a man</phrase> cooking next to<phrase> two bowls</phrase>.",
+     [[(307, 470)], [(640, 710), (650, 720)]]),
+    ("grit-proc-2", "000000183709.jpg", "<grounding><phrase> A plate</phrase> of food on<phrase> a table</phrase>.",
+     [(0.25, 0.6, 0.66, 0.9), (0.0, 0.5, 1.0, 1.0)]),
+]
+
+
+def kosmos2_processor_records(tokenizer_dir):
+    """The kosmos2_processor.jsonl fixture: each caption's markup written by transformers' Kosmos2Processor
+    (its text side: preprocess_examples without an image), with the spaces it puts around patch tokens."""
+    from transformers import CLIPImageProcessor, Kosmos2Processor, XLMRobertaTokenizer
+
+    processor = Kosmos2Processor(CLIPImageProcessor(), XLMRobertaTokenizer(vocab_file=str(tokenizer_dir / "tokenizer.model")))
+    return [{"id": rid, "image": image, "text": processor.preprocess_examples(text, bboxes=boxes)}
+            for rid, image, text, boxes in KOSMOS2_EXAMPLES]
+
+
+def test_kosmos2_fixture_is_what_transformers_processor_writes(tiny_tokenizer_dir):
+    fixture = [json.loads(line) for line in (FIXTURES / "kosmos2_processor.jsonl").read_text().splitlines()]
+    assert fixture == kosmos2_processor_records(tiny_tokenizer_dir)
+    assert "<object> <patch_index_0640> <patch_index_0710> </delimiter_of_multi_objects/> <patch_index_0650>" in fixture[0]["text"]
+
+
+def test_kosmos2_spaced_markup_converts_exactly_like_the_compact_form(tmp_path, images):
+    """The processor's spaced markup and the compact form the model generates give the same boxes: transformers'
+    own patch_index_to_coordinate of each pair, in pixels."""
+    import re
+
+    from transformers.models.kosmos2.processing_kosmos2 import extract_entities_with_patch_indices, patch_index_to_coordinate
+
+    spaced = [json.loads(line) for line in (FIXTURES / "kosmos2_processor.jsonl").read_text().splitlines()]
+    compact = [{**r, "text": re.sub(r"\s*(</?object>|</delimiter_of_multi_objects/>|<patch_index_\d+>)\s*", r"\1", r["text"])} for r in spaced]
+    (tmp_path / "compact.jsonl").write_text("".join(json.dumps(r) + "\n" for r in compact))
+    recs_spaced, s = run(tmp_path, "kosmos2", "--input", FIXTURES / "kosmos2_processor.jsonl", "--image-root", images, frame="orig")
+    assert s["written"] == 2 and s["skipped"] == 0
+    recs_compact, _ = run(tmp_path, "kosmos2", "--input", tmp_path / "compact.jsonl", "--image-root", images, frame="orig")
+    assert [r["getok"]["shapes"] for r in recs_spaced] == [r["getok"]["shapes"] for r in recs_compact]
+    for rec, src in zip(recs_compact, compact):
+        w, h = rec["getok"]["size"]
+        pairs = [p for _, _, boxes in extract_entities_with_patch_indices(src["text"]) for p in boxes]
+        assert len(pairs) == len(rec["getok"]["shapes"]) == src["text"].count("<patch_index_") // 2
+        for (a, b), shape in zip(pairs, rec["getok"]["shapes"]):
+            x1, y1, x2, y2 = patch_index_to_coordinate(a, b, 32)
+            assert np.allclose(shape["points"], [[x1 * w, y1 * h], [x2 * w, y2 * h]], atol=1e-3)
+        assert "patch_index" not in json.dumps(rec["conversations"]) and rec["conversations"][1]["value"].count("<box>") == len(pairs)
+    assert_round_trip(recs_spaced)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from llava_getok.eval import cli as eval_cli
-from llava_getok.eval.metrics import SampleScore, aggregate, score_record
+from llava_getok.eval.metrics import NO_TARGET, SampleScore, aggregate, score_record
 from llava_getok.parse import parse
 from llava_getok.records import prediction_line
 from llava_getok.vocab import GETokConfig
@@ -153,8 +153,10 @@ def test_pointing_inside_mask_else_box(res_case):
     assert score_record(r, outside).hit
     r["getok"]["shapes"] = [{"kind": "point", "points": [[22, 1]]}]
     assert not score_record(r, outside).hit
-    r["getok"]["shapes"] = []
-    assert score_record(r, outside).status == "skipped"
+    r["getok"]["shapes"] = []  # nothing to point at: a point is a miss, no point the hit (gRefCOCO's no-target)
+    s = score_record(r, outside)
+    assert (s.status, s.hit, s.reason) == ("ok", False, NO_TARGET)
+    assert score_record(r, {"id": "x", "shapes": [], "errors": []}).hit
 
 
 def test_eval_cli_writes_tables_with_the_ceiling(shared_data, tmp_path, capsys):

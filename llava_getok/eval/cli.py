@@ -8,7 +8,7 @@ Writes ``STEM.metrics.json`` (every number), ``STEM.metrics.md`` (per-task table
 tables. Each table carries the quantisation ceiling: the same metrics for the ground-truth answer as the
 tokens carry it (what a perfect model could score with this grid, offsets and frame).
 
-Exit status: 0 done, 1 bad input (the message names file, record and field), 2 bad arguments.
+Exit status: 0 done, 1 bad input (one line naming file, record and field), 2 bad arguments, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_text_atomic
-from ..records import RecordsError, decode_record, read_predictions, read_records
+from ..records import RecordsError, check_getok, decode_record, one_line, read_predictions, read_records, short
 from .metrics import TASKS, THRESHOLDS, aggregate, score_all, scores_as_dicts
 
 
@@ -33,17 +33,43 @@ def image_loader_for(root: Path | None):
 
     def load(record):
         path = Path(root) / str(record.get("image"))
-        if not record.get("image") or not path.is_file():
+        if not isinstance(record.get("image"), str) or not record["image"] or not path.is_file():
             raise RecordsError(f"record {record.get('id')}: field 'image': {path} not found (under --image-root {root})")
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, too big
+            raise RecordsError(f"record {record.get('id')}: field 'image': cannot read {path}: {e}") from None
 
     return load
 
 
 def ceiling_predictions(records: list[dict]) -> dict[str, dict]:
     """The ground truth as its tokens carry it, decoded like a prediction (refinements applied)."""
-    return {str(r["id"]): decode_record(r) for r in records if (r.get("getok") or {}).get("task") in TASKS}
+    out = {}
+    for r in records:
+        if (r.get("getok") or {}).get("task") in TASKS:
+            try:
+                out[str(r["id"])] = decode_record(r)
+            except RecordsError as e:
+                raise RecordsError(f"record {r.get('id')}: {e}") from None
+    return out
+
+
+def check_annotations(records: list[dict], path, ceiling: bool) -> None:
+    """Every record's ``getok`` holds what scoring it reads (scored tasks: frame, size, shapes, and config for
+    the ceiling); else a RecordsError naming the file, the record and the field."""
+    for k, r in enumerate(records):
+        if not r.get("getok"):
+            continue  # not converted: counted, not scored
+        where = f"{path}: record {k} (id {r.get('id')}): getok"
+        g = check_getok(r["getok"], where, needs=("task",))
+        if g["task"] in TASKS:
+            check_getok(g, where, needs=("task", "frame", "size", "shapes") + (("config",) if ceiling else ()))
+            w, h = g["size"]  # ground truth lies in its image (converters clip it there; 1 px for rounding)
+            for j, s in enumerate(g["shapes"]):
+                if not all(-1 <= x <= w + 1 and -1 <= y <= h + 1 for x, y in s["points"]):
+                    raise RecordsError(f"{where}: shapes[{j}]: a point lies outside the {w} x {h} image: {short(s['points'])}")
 
 
 def _fmt(v, pct=True):
@@ -84,6 +110,7 @@ def evaluate(predictions: Path, annotations: Path, image_root: Path | None = Non
              only_predicted: bool = False, ceiling: bool = True, generator=None) -> dict:
     """Score, write the three outputs, return ``{"metrics", "ceiling", "counts", "files"}``."""
     records = read_records(annotations, one_question=True)
+    check_annotations(records, annotations, ceiling)
     preds = read_predictions(predictions)
     ids = {str(r["id"]) for r in records}
     unknown = sorted(set(preds) - ids)
@@ -96,12 +123,16 @@ def evaluate(predictions: Path, annotations: Path, image_root: Path | None = Non
         from ..masks import SuperpixelGenerator
 
         generator = SuperpixelGenerator()
-    scores = score_all(records, preds, loader, generator)
+    try:
+        scores = score_all(records, preds, loader, generator)
+        ceiling_scores = score_all(records, ceiling_predictions(records), loader, generator) if ceiling else None
+    except RecordsError as e:
+        raise RecordsError(f"{annotations}: {e}") from None
     result = {"metrics": aggregate(scores), "ceiling": None,
               "counts": {"records": len(records), "predictions": len(preds), "unknown_ids": len(unknown),
                          "no_getok": sum(not r.get("getok") for r in records)}}
     if ceiling:
-        result["ceiling"] = aggregate(score_all(records, ceiling_predictions(records), loader, generator))
+        result["ceiling"] = aggregate(ceiling_scores)
     out_dir = Path(output_dir) if output_dir else Path(predictions).parent
     stem = Path(predictions).stem
     files = {k: out_dir / f"{stem}.{k}" for k in ("metrics.json", "metrics.md", "scores.jsonl")}
@@ -145,6 +176,14 @@ def _parser():
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("llava-getok eval: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
     args = _parser().parse_args(argv)
     generator = None
     if args.sam_checkpoint:
@@ -159,7 +198,10 @@ def main(argv=None) -> int:
         result = evaluate(args.predictions, args.annotations, args.image_root, args.output_dir,
                           args.only_predicted, not args.no_ceiling, generator)
     except ValueError as e:  # RecordsError, or a record the metrics cannot score (named in the message)
-        print(f"llava-getok eval: {e}", file=sys.stderr)
+        print(f"llava-getok eval: {one_line(e)}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the outputs cannot be written
+        print(f"llava-getok eval: cannot write the results: {e}", file=sys.stderr)
         return 1
     print(result["markdown"], end="")
     print(f"\nwrote {', '.join(result['files'].values())}", file=sys.stderr)

@@ -8,7 +8,13 @@
 
 Strictness: an output with any parse error is a miss (``unparseable``); so is an answer without the shape
 the task asks for (``no_shape``). Both are counted separately, so a format problem is not mistaken for a
-localisation problem. A record whose ground truth cannot be scored (no target) is skipped and counted.
+localisation problem.
+
+Nothing to find (``getok.shapes`` empty, and no ``getok.mask`` pixels / ``getok.boxes``: gRefCOCO's no-target
+expressions, VLM-R1's null solutions): an answer without the shape ("There is no such object") is a hit with IoU
+1, an answer with one a miss with IoU 0, as gRefCOCO counts them (its gIoU takes 1 for a correct empty answer;
+cIoU adds the wrongly predicted mask's pixels to the union). Rows count such records as ``no_target``.
+A record whose ground truth cannot be scored otherwise (e.g. RES without ``getok.mask``) is skipped and counted.
 
 The inputs are the converted records (docs/data-format.md) and prediction dicts
 ``{"id", "text", "shapes": [{"kind", "points"}], "errors"}`` with points in original pixels, both read
@@ -22,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..geometry import box_iou, points_to_frame
-from ..records import read_shapes, record_mask, shapes_from_pixels
+from ..records import RecordsError, read_shapes, record_mask, shapes_from_pixels
 
 TASKS = ("rec", "res", "point")
 THRESHOLDS = (0.5, 0.8)
@@ -45,6 +51,9 @@ class SampleScore:
     union: int = 0
     hit: bool = False
     reason: str = ""
+
+
+NO_TARGET = "no target: the answer should name nothing"
 
 
 def split_name(record: dict) -> str:
@@ -80,18 +89,22 @@ def score_record(record: dict, pred: dict | None, image_loader=None, generator=N
         return _miss(task, base, "unparseable", record, "; ".join(map(str, pred["errors"]))[:200])
     if task == "rec":
         gt = _boxes(g.get("shapes") or [])
+        w, h = g["size"]  # predicted boxes are clamped to the image, as predict writes them (a hand-made 1e308 too)
+        boxes = [tuple(float(np.clip(v, 0, w if k % 2 == 0 else h)) for k, v in enumerate(b)) for b in _boxes(pred.get("shapes") or [])]
         if not gt:
-            return SampleScore(**base, status="skipped", reason="no ground-truth box (nothing matches)")
-        boxes = _boxes(pred.get("shapes") or [])
+            return _no_target(base, found=bool(boxes))
         if not boxes:
             return _miss(task, base, "no_shape", record, "no box in the answer")
         iou = float(max(box_iou(boxes[0], b) for b in gt))
         return SampleScore(**base, status="ok", iou=iou, hit=iou >= 0.5)
+    target = _target_mask(g)
     if task == "res":
-        target = record_mask(g)
-        if target is None:
-            return SampleScore(**base, status="skipped", reason="no getok.mask (RES needs the ground-truth mask)")
         masks = _shapes(pred, "mask")
+        no_target = not g.get("shapes") and target is None
+        if no_target and not masks:
+            return _no_target(base, found=False)
+        if not no_target and target is None:
+            return SampleScore(**base, status="skipped", reason="no getok.mask (RES needs the ground-truth mask)")
         if not masks:
             return _miss(task, base, "no_shape", record, "no mask in the answer")
         if image_loader is None:
@@ -99,22 +112,22 @@ def score_record(record: dict, pred: dict | None, image_loader=None, generator=N
         from ..masks import mask_from_anchors
 
         image = image_loader(record)
-        if image.shape[:2] != target.shape:
-            raise ValueError(f"record {rid}: image is {image.shape[1]}x{image.shape[0]}, getok.mask is "
-                             f"{target.shape[1]}x{target.shape[0]}")
-        h, w = target.shape
+        w, h = (round(v) for v in g["size"])
+        if image.shape[:2] != (h, w):
+            raise ValueError(f"record {rid}: image is {image.shape[1]}x{image.shape[0]}, getok.size is {w}x{h}")
         norm = [p for s in shapes_from_pixels(masks, (w, h), g["frame"]) for p in s.points]
         mask = mask_from_anchors(norm, image, g["frame"], generator)
+        if no_target:  # a mask where there is nothing: a miss that adds its pixels to the union
+            return SampleScore(**base, status="ok", union=int(mask.sum()), reason=NO_TARGET)
         inter, union = int((mask & target).sum()), int((mask | target).sum())
         iou = inter / union if union else 0.0
         return SampleScore(**base, status="ok", iou=iou, inter=inter, union=union, hit=iou >= 0.5)
     # pointing
     points = _shapes(pred, "point")
-    target = record_mask(g)
     boxes = _boxes(g.get("shapes") or []) + [tuple(b) for b in g.get("boxes") or []]
     gt_points = [p for s in g.get("shapes") or [] if s.get("kind") == "point" for p in s["points"]]
     if target is None and not boxes and not gt_points:
-        return SampleScore(**base, status="skipped", reason="no target (getok.mask, a box or a point) to point at")
+        return _no_target(base, found=bool(points))
     if not points:
         return _miss(task, base, "no_shape", record, "no point in the answer")
     x, y = np.asarray(points[0]["points"][0], dtype=np.float64)
@@ -129,6 +142,17 @@ def score_record(record: dict, pred: dict | None, image_loader=None, generator=N
         d = np.abs(points_to_frame([[x, y]], size, frame) - points_to_frame(gt_points, size, frame)).max(-1)
         hit = bool((d <= cell + 1e-9).any())
     return SampleScore(**base, status="ok", hit=hit)
+
+
+def _target_mask(getok: dict):
+    """The ground-truth mask, or None when there is none or it holds no pixel (nothing to find)."""
+    mask = record_mask(getok)
+    return mask if mask is not None and mask.any() else None
+
+
+def _no_target(base, found: bool) -> SampleScore:
+    """A record whose expression names nothing: answering with no shape is the hit (gRefCOCO)."""
+    return SampleScore(**base, status="ok", iou=0.0 if found else 1.0, hit=not found, reason=NO_TARGET)
 
 
 def _miss(task, base, status, record, reason=""):
@@ -167,6 +191,7 @@ def summarize(task: str, scores: list[SampleScore]) -> dict:
     for status in MISS_STATUSES:
         row[status] = sum(s.status == status for s in scored)
     row["skipped"] = len(scores) - n
+    row["no_target"] = sum(s.reason == NO_TARGET for s in scored)
     if task == "rec":
         iou = np.array([s.iou for s in scored])
         for t in THRESHOLDS:
@@ -182,8 +207,16 @@ def summarize(task: str, scores: list[SampleScore]) -> dict:
 
 
 def score_all(records: list[dict], predictions: dict[str, dict], image_loader=None, generator=None) -> list[SampleScore]:
-    """Score every record (a record without a prediction is ``missing``)."""
-    return [score_record(r, predictions.get(str(r.get("id"))), image_loader, generator) for r in records]
+    """Score every record (a record without a prediction is ``missing``); a record that cannot be scored is a
+    ValueError (RecordsError) naming it."""
+    out = []
+    for k, r in enumerate(records):
+        try:
+            out.append(score_record(r, predictions.get(str(r.get("id"))), image_loader, generator))
+        except ValueError as e:
+            message = str(e)
+            raise RecordsError(message if message.startswith("record ") else f"record {k} (id {r.get('id')}): {message}") from None
+    return out
 
 
 def scores_as_dicts(scores: list[SampleScore]) -> list[dict]:
