@@ -128,6 +128,9 @@ def cpu_ranks(argv: list[str]) -> list[str]:
 
 
 def main(argv=None) -> None:
+    from .quiet import install
+
+    install()  # the messages that tell a user nothing (llava_getok.quiet), in every process of the run
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, rest = getok_parser().parse_known_args(argv)
     if "-h" in rest or "--help" in rest:

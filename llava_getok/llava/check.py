@@ -170,11 +170,13 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from . import register
+    from .compat import apply_compat_fixes
     from .sidecar import read_sidecar
+    from .templates import register_templates
     from .tokens import add_getok_tokens, check_token_ids, use_non_legacy
 
-    register()
+    apply_compat_fixes()  # what LLaVA's preprocessing needs on this stack, and the getok_* templates: no trainer
+    register_templates()
     tokenizer = AutoTokenizer.from_pretrained(args.model_path, use_fast=False, model_max_length=args.model_max_length,
                                               padding_side="right")
     use_non_legacy(tokenizer, args.model_path)  # as training will use it

@@ -43,7 +43,7 @@ class GETokTrainer(LLaVATrainer):
         self._getok_tokenizer = tokenizer
         self._getok_sums: dict[str, torch.Tensor | int] = {}
         self.loss_capture = LossCapture(unwrap_llava(model)) if settings.loss_on else None
-        super().__init__(model=model, tokenizer=tokenizer, args=args, **kwargs)
+        super().__init__(model=model, processing_class=tokenizer, args=args, **kwargs)
 
     def _get_train_sampler(self, *args, **kwargs):
         if self.settings.data_order == "file" and self.train_dataset is not None:
@@ -184,7 +184,8 @@ def install_trainer_hook(settings: GETokSettings | None = None) -> bool:
     installed = isinstance(current, functools.partial) and current.func is GETokTrainer
     if installed and (settings is None or current.keywords["settings"] == settings):
         return False
-    train_mod.LLaVATrainer = functools.partial(GETokTrainer, settings=settings or GETokSettings())
+    factory = functools.partial(GETokTrainer, settings=settings or GETokSettings())
+    train_mod.LLaVATrainer = functools.update_wrapper(factory, GETokTrainer)  # its name and doc, for readers of it
     return True
 
 
