@@ -184,3 +184,15 @@ def test_rows_that_differ_between_ranks_stop_the_save(tmp_path):
     for rank in range(2):
         text = (tmp_path / f"rank{rank}.txt").read_text()
         assert text.startswith("GETok rows differ between ranks") and "ranks [1]" in text
+
+
+def test_gpu_check_script_runs_its_checks_on_cpu_ranks(tmp_path):
+    """scripts/gpu_check.sh is run where a GPU is lent (rarely): DEVICE=cpu runs the same checks here, so a flag or
+    path that breaks it breaks this test. Every check passes and the table lists each."""
+    out, result = tmp_path / "check", tmp_path / "gpu_check.md"
+    proc = run(["bash", str(REPO / "scripts" / "gpu_check.sh")],
+               user_env(DEVICE="cpu", OUT=out, RESULT=result, STEPS=1), timeout=900)
+    table = (out / "gpu_check.md").read_text()
+    for name in ("zero3-bf16-full", "qlora4-cuda", "grpo-2-steps", "predict"):
+        assert f"| {name} | pass |" in table, proc.stdout[-3000:]
+    assert "| flash-attn-2 | skipped" in table and not result.exists()  # a CPU run never stands for a GPU table
