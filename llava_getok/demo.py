@@ -81,6 +81,8 @@ def _parser():
     p.add_argument("--schedule", default="cosine", help="learning-rate schedule after 50 warm-up steps "
                    "(transformers' lr_scheduler_type: cosine, constant_with_warmup, linear, ...)")
     p.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: none)")
+    p.add_argument("--rows", default="auto", help="--getok_rows of the training run (auto; factored: the grid rows "
+                                                  "as column + row + cell parts)")
     p.add_argument("--template", default="getok_mistral_instruct", help="conversation template (training and prediction)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 is fastest for this tiny model, and 2 threads on a busy 2-core machine "
@@ -312,7 +314,7 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
         "--vision_tower", str(model_dir / "vision_tower"), "--mm_projector_type", "mlp2x_gelu",
         "--mm_vision_select_layer", "-1", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
         "--image_aspect_ratio", "pad", "--unfreeze_mm_vision_tower", "True",
-        "--getok_grid", str(a.grid), "--getok_rounds", str(a.rounds),
+        "--getok_grid", str(a.grid), "--getok_rounds", str(a.rounds), "--getok_rows", a.rows,
         "--output_dir", str(ckpt), "--max_steps", str(a.steps), "--per_device_train_batch_size", str(a.batch),
         "--learning_rate", str(a.lr), "--lr_scheduler_type", a.schedule, "--warmup_steps", "50",
         "--max_grad_norm", str(a.max_grad_norm), "--weight_decay", "0",

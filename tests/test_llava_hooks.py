@@ -167,6 +167,46 @@ def test_trainable_rows_change_only_getok_rows_even_with_weight_decay(registered
     assert rows.input_delta.shape == (len(ids), emb0.shape[1])
 
 
+def test_factored_grid_rows_share_what_one_cell_learns_and_leave_the_matrix_rows_alone(registered, tiny_llava_dir):
+    """--getok_rows factored: a grid row's delta is its column part + its row part + its own residual. A step on one
+    cell moves the cells of its column and row (not the others); the other rows of the matrices keep training
+    while their GETok rows get no gradient; the effective rows save, restore and fold like plain deltas."""
+    from llava.model import LlavaLlamaForCausalLM
+
+    from llava_getok.llava.rows import attach_trainable_rows, fold_rows_into_state, getok_rows_values, set_rows
+    from llava_getok.llava.tokens import init_getok_rows, resize_embeddings
+
+    model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava_dir)
+    n_old = model.get_input_embeddings().weight.shape[0]
+    ids = list(range(n_old, n_old + len(CFG.tokens())))
+    resize_embeddings(model, ids[-1] + 1)
+    init_getok_rows(model, ids, CFG)
+    rows = attach_trainable_rows(model, ids, grid=CFG.grid, freeze_matrices=False)
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    start = getok_rows_values(model, ids)
+    n = CFG.grid
+    cell = CFG.grid_tokens.index(CFG.grid_token(2, 5))  # column i = 2, row j = 5
+    x = torch.tensor([[1, ids[cell], 7]])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    moved = (getok_rows_values(model, ids)["input_rows"] - start["input_rows"]).abs().sum(1)[: n * n].view(n, n)
+    shares = torch.zeros(n, n, dtype=torch.bool)
+    shares[5, :] = shares[:, 2] = True  # [j, i]: the row and the column of the cell
+    assert (moved[shares] > 0).all() and (moved[~shares] == 0).all()
+    emb = model.get_input_embeddings().weight.detach()
+    assert torch.equal(emb[ids], emb0[ids]) and not torch.equal(emb[:n_old], emb0[:n_old])  # text rows trained
+    assert {k for k, _ in rows.named_parameters()} >= {"input.columns", "input.rows", "input.delta"}
+    # the effective rows round-trip: fold into a full state, or write into the matrices (deltas then zero)
+    values = getok_rows_values(model, ids)
+    state = fold_rows_into_state(model.state_dict(), values)
+    assert not any("getok_rows." in k for k in state)
+    assert torch.equal(state["model.embed_tokens.weight"][ids], values["input_rows"])
+    set_rows(model, values)
+    assert torch.allclose(getok_rows_values(model, ids)["input_rows"], values["input_rows"], atol=1e-6)
+    assert all(float(p.abs().sum()) == 0 for p in rows.parameters())
+
+
 def test_templates_keep_llavas_preprocessing_and_unknown_versions_fail(registered):
     from llava import conversation
 

@@ -82,10 +82,10 @@ def load_getok_files(llava, peft_model, folder) -> None:
         saved = read_rows(folder, sidecar)
         index = saved["token_ids"].to(rows.ids.device)
         emb, head = llava.get_input_embeddings().weight, llava.get_output_embeddings().weight
-        with _gathered([emb, head, rows.input_delta, rows.output_delta]), torch.no_grad():
-            for delta, matrix, key in ((rows.input_delta, emb, "input_rows"), (rows.output_delta, head, "output_rows")):
+        with _gathered([emb, head, *rows.parameters()]), torch.no_grad():
+            for part, matrix, key in ((rows.input, emb, "input_rows"), (rows.output, head, "output_rows")):
                 base = matrix[index].float()
-                delta.copy_((saved[key].to(base.device) - base).to(delta.dtype))
+                part.assign(saved[key].to(base.device) - base)
     non_lora = os.path.join(folder, NON_LORA_FILE)
     if os.path.exists(non_lora) and peft_model is not None:
         state = {k: v for k, v in torch.load(non_lora, map_location="cpu").items() if f"{ROWS_ATTR}." not in k}

@@ -42,7 +42,7 @@ def unwrap_llava(model):
 def rows_mode(settings: GETokSettings, args, embeddings_frozen: bool) -> str:
     """LLaVA's --freeze_backbone lives in its ModelArguments, which the trainer never sees: a frozen
     backbone shows as a frozen input embedding matrix."""
-    if settings.rows != "auto":
+    if settings.rows not in ("auto", "factored"):
         return settings.rows
     frozen = (getattr(args, "lora_enable", False) or getattr(args, "bits", 16) in (4, 8)
               or getattr(args, "tune_mm_mlp_adapter", False) or embeddings_frozen)
@@ -129,7 +129,14 @@ def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dat
     if new:
         init_getok_rows(base, ids, cfg, settings.init, n_old=n_old)
     mode = rows_mode(settings, args, embeddings_frozen)
-    if mode == "delta":
+    if settings.rows == "factored":
+        if mode == "full" and getattr(args, "weight_decay", 0.0):
+            raise ValueError("--getok_rows factored with full fine-tuning needs --weight_decay 0: the GETok rows of "
+                             "the matrices get no gradient (their deltas train them), but AdamW would still decay "
+                             "them")
+        attach_trainable_rows(base, ids, grid=cfg.grid, freeze_matrices=mode == "delta")
+        mode = f"factored ({'matrices frozen' if mode == 'delta' else 'other rows train'})"
+    elif mode == "delta":
         attach_trainable_rows(base, ids)
     else:
         base.get_input_embeddings().weight.requires_grad_(True)

@@ -23,23 +23,47 @@ ROWS_ATTR = "getok_rows"
 
 class _RowDelta(nn.Module):
     """A (k, dim) delta for one matrix. Its work runs in its own forward, so that ZeRO-3, which gathers a
-    module's parameters around that module's forward, hands it the full delta."""
+    module's parameters around that module's forward, hands it the full delta.
 
-    def __init__(self, k: int, dim: int, dtype, device):
+    ``grid`` n > 0 factors the first n*n rows (the grid tokens, row-major: index j*n + i is cell (i, j)): their
+    delta is ``columns[i] + rows[j] + delta[j*n + i]``, so what one cell learns about its column and row reaches
+    the 2n - 2 cells that share them (``--getok_rows factored``); all three parts start at zero."""
+
+    def __init__(self, k: int, dim: int, dtype, device, grid: int = 0):
         super().__init__()
+        self.grid = grid
         self.delta = nn.Parameter(torch.zeros(k, dim, dtype=dtype, device=device))
+        if grid:
+            self.columns = nn.Parameter(torch.zeros(grid, dim, dtype=dtype, device=device))
+            self.rows = nn.Parameter(torch.zeros(grid, dim, dtype=dtype, device=device))
+
+    def value(self) -> torch.Tensor:
+        """The (k, dim) delta the matrix gets."""
+        if not self.grid:
+            return self.delta
+        n = self.grid
+        shared = (self.rows[:, None, :] + self.columns[None, :, :]).reshape(n * n, -1)
+        return torch.cat([self.delta[: n * n] + shared, self.delta[n * n:]])
+
+    @torch.no_grad()
+    def assign(self, value: torch.Tensor) -> None:
+        """Make :meth:`value` equal ``value`` (the shared parts of a factored delta go to zero)."""
+        for p in self.parameters():
+            p.zero_()
+        self.delta.copy_(value.to(self.delta.device, self.delta.dtype))
 
 
 class _InputDelta(_RowDelta):
     def forward(self, ids, slot_of, out):
+        delta = self.value()
         slot = slot_of[ids]
-        hit = (slot >= 0).unsqueeze(-1).to(self.delta.dtype)
-        return out + (self.delta[slot.clamp_min(0)] * hit).to(out.dtype)
+        hit = (slot >= 0).unsqueeze(-1).to(delta.dtype)
+        return out + (delta[slot.clamp_min(0)] * hit).to(out.dtype)
 
 
 class _OutputDelta(_RowDelta):
     def forward(self, hidden, ids, out):
-        extra = hidden.to(self.delta.dtype) @ self.delta.t()  # (..., k) logits of the delta rows
+        extra = hidden.to(self.delta.dtype) @ self.value().t()  # (..., k) logits of the delta rows
         # in place: the head's backward needs its input and weight, not its output; a copy of the full
         # (batch, length, vocabulary) logits would cost more than the rest of this hook
         return out.index_add_(-1, ids, extra.to(out.dtype))
@@ -51,12 +75,12 @@ class GETokRows(nn.Module):
     ``enabled`` False (or inside :meth:`disabled`) leaves both matrices' outputs as they are: the model as it
     was before these rows trained (GRPO's reference under LoRA turns the adapters and the deltas off)."""
 
-    def __init__(self, ids: list[int], vocab_size: int, dim: int, dtype=torch.float32, device=None):
+    def __init__(self, ids: list[int], vocab_size: int, dim: int, dtype=torch.float32, device=None, grid: int = 0):
         super().__init__()
         k = len(ids)
         self.enabled = True
-        self.input = _InputDelta(k, dim, dtype, device)
-        self.output = _OutputDelta(k, dim, dtype, device)
+        self.input = _InputDelta(k, dim, dtype, device, grid)
+        self.output = _OutputDelta(k, dim, dtype, device, grid)
         self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=device), persistent=False)
         lookup = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
         lookup[self.ids] = torch.arange(k, device=device)
@@ -98,21 +122,28 @@ class GETokRows(nn.Module):
             return self.output(args[0], self.ids.to(out.device), out)
 
 
-def attach_trainable_rows(model, ids: list[int]) -> GETokRows:
-    """Freeze both embedding matrices and add trainable GETok-row deltas to ``model`` (the unwrapped
-    LLaVA model, not a PeftModel). Idempotent: returns the existing module when present."""
+def attach_trainable_rows(model, ids: list[int], grid: int = 0, freeze_matrices: bool = True) -> GETokRows:
+    """Add trainable GETok-row deltas to ``model`` (the unwrapped LLaVA model, not a PeftModel); ``grid`` n > 0
+    factors the grid rows (see ``_RowDelta``). With ``freeze_matrices`` both embedding matrices are frozen;
+    without, they keep training but their GETok rows get no gradient (the deltas train those rows). Idempotent:
+    returns the existing module when present."""
     existing = getattr(model, ROWS_ATTR, None)
     if existing is not None:
         return existing
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    emb.weight.requires_grad_(False)
-    head.weight.requires_grad_(False)
     # float32 like peft's adapters (autocast_adapter_dtype) whatever the matrices are: an update of a bf16 delta
     # rounds away once the delta is ~300x the step; the hooks cast the delta's contribution to the output's dtype
     dtype = torch.float64 if emb.weight.dtype == torch.float64 else torch.float32
-    rows = GETokRows(ids, emb.weight.shape[0], emb.weight.shape[1], dtype=dtype, device=emb.weight.device)
+    rows = GETokRows(ids, emb.weight.shape[0], emb.weight.shape[1], dtype=dtype, device=emb.weight.device,
+                     grid=grid)
     model.add_module(ROWS_ATTR, rows)
     rows._handles = [emb.register_forward_hook(rows.embed_hook), head.register_forward_hook(rows.head_hook)]
+    for matrix in (emb.weight, head.weight):
+        if freeze_matrices:
+            matrix.requires_grad_(False)
+        else:
+            index = rows.ids.to(matrix.device)
+            rows._handles.append(matrix.register_hook(lambda grad, index=index: grad.index_fill(0, index, 0)))
     return rows
 
 
@@ -122,14 +153,14 @@ def getok_rows_values(model, ids: list[int]) -> dict[str, torch.Tensor]:
 
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     rows = getattr(model, ROWS_ATTR, None)
-    params = [emb, head] + ([rows.input_delta, rows.output_delta] if rows is not None else [])
+    params = [emb, head] + (list(rows.parameters()) if rows is not None else [])
     index = torch.tensor(ids, dtype=torch.long)
     with _gathered(params), torch.no_grad():
         inp = emb.detach()[index.to(emb.device)].float().cpu()
         out = head.detach()[index.to(head.device)].float().cpu()
         if rows is not None:
-            inp = inp + rows.input_delta.detach().float().cpu()
-            out = out + rows.output_delta.detach().float().cpu()
+            inp = inp + rows.input.value().float().cpu()
+            out = out + rows.output.value().float().cpu()
     return {"input_rows": inp.contiguous(), "output_rows": out.contiguous(), "token_ids": index}
 
 
@@ -142,8 +173,8 @@ def set_rows(model, values: dict[str, torch.Tensor]) -> None:
         head[index.to(head.device)] = values["output_rows"].to(head.device, head.dtype)
         rows = getattr(model, ROWS_ATTR, None)
         if rows is not None:
-            rows.input_delta.zero_()
-            rows.output_delta.zero_()
+            for part in (rows.input, rows.output):
+                part.assign(torch.zeros_like(part.delta))
 
 
 def fold_rows_into_state(state: dict, values: dict[str, torch.Tensor]) -> dict:

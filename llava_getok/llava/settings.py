@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..vocab import GETokConfig
 from .tokens import INITS
 
-ROW_MODES = ("auto", "full", "delta")
+ROW_MODES = ("auto", "full", "delta", "factored")
 DATA_ORDERS = ("shuffle", "file")
 
 
@@ -20,7 +20,9 @@ class GETokSettings:
     grid_weight, box_weight: lambda_grid, lambda_box of the box-token loss; both 0 = plain LLaVA loss.
     sigma: width of the soft grid target in cells; offset_sigma: the same over offset tokens (0 = one-hot).
     rows: "auto" trains only the GETok rows (delta) under LoRA / QLoRA / frozen backbone / projector-only
-        tuning and everything under full fine-tuning; "full" or "delta" force one.
+        tuning and everything under full fine-tuning; "full" or "delta" force one; "factored" trains the GETok
+        rows as deltas whose grid part is a column part + a row part + a per-cell residual (all starting at
+        zero), the rest of the matrices as under "auto" (spec section 10).
     train_vision_tower: also train the CLIP tower (LLaVA freezes it and runs it under no_grad).
     check_data: distinct records to run through LLaVA's preprocessing check before training, spread over the
         file (-1: all, 0: none); repeated records are checked once.
