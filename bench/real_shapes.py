@@ -135,16 +135,16 @@ def worker(job: dict) -> dict:
     import llava_getok as gt
 
     gt.register()
-    from llava import conversation
     from llava.model import LlavaLlamaForCausalLM
     from llava.train.llava_trainer import LLaVATrainer
-    from llava.train.train import DataArguments, TrainingArguments, find_all_linear_names, make_supervised_data_module
+    from llava.train.train import TrainingArguments, find_all_linear_names
     from transformers import AutoTokenizer
 
     from llava_getok.llava.sidecar import ROWS_FILE, save_tensors_atomic
     from llava_getok.llava.rows import getok_rows_values
     from llava_getok.llava.tokens import add_getok_tokens, init_getok_rows, resize_embeddings
     from llava_getok.llava.settings import GETokSettings
+    from llava_getok.llava.tiny import supervised_data_module
     from llava_getok.llava.trainer import GETokTrainer
 
     torch.manual_seed(0)
@@ -168,12 +168,7 @@ def worker(job: dict) -> dict:
                                                  lora_dropout=0.05, task_type="CAUSAL_LM"))
         model.get_base_model().get_model().mm_projector.requires_grad_(True)
     model.to(device)
-    data_args = DataArguments(data_path=str(data), image_folder=str(data.parent / "images"), is_multimodal=True,
-                              image_aspect_ratio="pad")
-    data_args.image_processor = model.get_vision_tower().image_processor
-    data_args.mm_use_im_start_end = False
-    conversation.default_conversation = conversation.conv_templates["getok_v1"]
-    module = make_supervised_data_module(tok, data_args)
+    module = supervised_data_module(tok, model, data)
     args = TrainingArguments(output_dir=job["out"], report_to="none", use_cpu=device == "cpu", lora_enable=lora,
                              bf16=bf16, per_device_train_batch_size=job["batch"])
     if getok:
@@ -286,7 +281,9 @@ def main(argv=None) -> int:
     print(text)
     from llava_getok.atomic import write_text_atomic
 
-    write_text_atomic(REPO / "bench" / "results" / f"real_shapes{'' if a.device == 'cpu' else '_' + a.device}.md",
+    name = "real_shapes" + ("" if a.precisions == "fp32,bf16" else "_" + a.precisions.replace(",", "_")) + \
+        ("" if a.device == "cpu" else "_" + a.device)
+    write_text_atomic(REPO / "bench" / "results" / f"{name}.md",
                       "# GETok at LLaVA-1.5-7B's shapes\n\n" + text)
     return 0
 

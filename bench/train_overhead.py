@@ -41,12 +41,12 @@ def build(tmp: Path, batch: int, lora: bool, size: str = "tiny"):
     import llava_getok as gt
 
     gt.register()
-    from llava import conversation
     from llava.model import LlavaLlamaForCausalLM
-    from llava.train.train import DataArguments, TrainingArguments, make_supervised_data_module
+    from llava.train.train import TrainingArguments
     from transformers import AutoTokenizer
 
-    from llava_getok.llava.tiny import TinyLlavaConfig, build_tiny_llava, make_grounding_data, train_tokenizer
+    from llava_getok.llava.tiny import (TinyLlavaConfig, build_tiny_llava, make_grounding_data, supervised_data_module,
+                                        train_tokenizer)
 
     cfg = gt.GETokConfig(grid=32)
     model_dir = tmp / f"tiny-llava-{size}"
@@ -70,12 +70,7 @@ def build(tmp: Path, batch: int, lora: bool, size: str = "tiny"):
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=find_all_linear_names(model),
                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
-    data_args = DataArguments(data_path=str(data), image_folder=str(data.parent / "images"), is_multimodal=True,
-                              image_aspect_ratio="pad")
-    data_args.image_processor = model.get_vision_tower().image_processor
-    data_args.mm_use_im_start_end = False
-    conversation.default_conversation = conversation.conv_templates["getok_v1"]
-    module = make_supervised_data_module(tok, data_args)
+    module = supervised_data_module(tok, model, data)
     args = TrainingArguments(output_dir=str(tmp / "out"), report_to="none", use_cpu=True, lora_enable=lora,
                              per_device_train_batch_size=batch)
     return model, tok, module, args, cfg

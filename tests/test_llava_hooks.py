@@ -37,23 +37,19 @@ def getok_setup(registered, tiny_llava_dir, data, tmp_path_factory):
     """The tiny LLaVA as LLaVA's train() hands it to the trainer, data module and a GETok trainer on it."""
     from llava import conversation
     from llava.model import LlavaLlamaForCausalLM
-    from llava.train.train import DataArguments, make_supervised_data_module
     from transformers import AutoTokenizer
 
-    from llava_getok.llava.trainer import GETokSettings, GETokTrainer
+    from llava_getok.llava.settings import GETokSettings
+    from llava_getok.llava.tiny import supervised_data_module
+    from llava_getok.llava.trainer import GETokTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir, use_fast=False, model_max_length=256, padding_side="right")
     tokenizer.pad_token = tokenizer.unk_token
     model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava_dir)
     model.get_model().get_vision_tower().load_model()
     model.config.use_cache = False
-    data_args = DataArguments(data_path=str(data), image_folder=str(data.parent / "images"), is_multimodal=True,
-                              image_aspect_ratio="pad")
-    data_args.image_processor = model.get_vision_tower().image_processor
-    data_args.mm_use_im_start_end = False
     saved = conversation.default_conversation
-    conversation.default_conversation = conversation.conv_templates["getok_v1"]
-    module = make_supervised_data_module(tokenizer, data_args)
+    module = supervised_data_module(tokenizer, model, data)
     trainer = GETokTrainer(model=model, tokenizer=tokenizer, args=llava_train_args(tmp_path_factory.mktemp("t")),
                            settings=GETokSettings(grid=8, grid_weight=0.5, box_weight=0.5), **module)
     batch = module["data_collator"]([module["train_dataset"][0], module["train_dataset"][1]])

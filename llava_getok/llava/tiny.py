@@ -197,3 +197,19 @@ def make_grounding_data(out_dir, coco_dir, cfg, n_records: int = 4, frame: str =
     (out / "data.json").write_text(json.dumps(records, indent=1))
     return out / "data.json"
 
+
+
+def supervised_data_module(tokenizer, model, data_json, template: str = "getok_v1") -> dict:
+    """LLaVA's own data module (``LazySupervisedDataset`` + collator) for a file of :func:`make_grounding_data`, as
+    LLaVA's ``train()`` builds it: images from the ``images`` folder beside it, ``pad`` aspect, the tower's image
+    processor, and ``template`` made LLaVA's default conversation (a global of LLaVA's: restore it if it matters)."""
+    from llava import conversation
+    from llava.train.train import DataArguments, make_supervised_data_module
+
+    data_json = Path(data_json)
+    data_args = DataArguments(data_path=str(data_json), image_folder=str(data_json.parent / "images"),
+                              is_multimodal=True, image_aspect_ratio="pad")
+    data_args.image_processor = model.get_vision_tower().image_processor
+    data_args.mm_use_im_start_end = False
+    conversation.default_conversation = conversation.conv_templates[template]
+    return make_supervised_data_module(tokenizer, data_args)
