@@ -13,7 +13,7 @@ steps (forward, backward, AdamW) with one trainer:
 
 Step time is the median CPU time of the process per step (robust to other jobs on a shared machine) on a CPU, or
 wall time on CUDA; peak memory is the peak resident memory during the steps above what the loaded model held
-before them on a CPU (sampled every 5 ms), or torch's peak allocation on CUDA. float32 and bf16 (bf16 weights +
+before them on a CPU (sampled every millisecond, with glibc returning freed blocks to the system), or torch's peak allocation on CUDA. float32 and bf16 (bf16 weights +
 autocast, as LLaVA's train() runs ``--bf16 True``), full fine-tuning and LoRA (LLaVA's r=128, alpha=256).
 
     python bench/real_shapes.py [--layers 2] [--batch 2] [--steps 3] [--device cpu|cuda]
@@ -111,7 +111,7 @@ class PeakMemory:
         def sample():
             while not self._stop.is_set():
                 self.peak = max(self.peak, proc.memory_info().rss - self.base)
-                time.sleep(0.005)
+                time.sleep(0.001)
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -181,7 +181,8 @@ def worker(job: dict) -> dict:
     batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
     batch["images"] = batch["images"].to(dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    # one parameter at a time: foreach's whole-model temporaries are short spikes a sampler catches or misses
+    optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=False)
     model.train()
 
     def step():
