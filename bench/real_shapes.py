@@ -12,9 +12,10 @@ steps (forward, backward, AdamW) with one trainer:
   LoRA).
 
 Step time is the median CPU time of the process per step (robust to other jobs on a shared machine) on a CPU, or
-wall time on CUDA; peak memory is the peak resident memory during the steps above what the loaded model held
-before them on a CPU (sampled every millisecond, with glibc returning freed blocks to the system), or torch's peak allocation on CUDA. float32 and bf16 (bf16 weights +
-autocast, as LLaVA's train() runs ``--bf16 True``), full fine-tuning and LoRA (LLaVA's r=128, alpha=256).
+wall time on CUDA; peak memory is the peak of what torch allocates during the steps above what was allocated
+before them (model and optimiser state), exact on both devices (class PeakMemory), in one more step after the timed
+ones. float32 and bf16 (bf16 weights + autocast, as LLaVA's train() runs ``--bf16 True``), full fine-tuning and
+LoRA (LLaVA's r=128, alpha=256).
 
     python bench/real_shapes.py [--layers 2] [--batch 2] [--steps 3] [--device cpu|cuda]
 
@@ -33,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -91,7 +91,9 @@ def build(tmp: Path, layers: int, n_records: int) -> tuple[Path, Path]:
 
 
 class PeakMemory:
-    """Peak memory of this process during a block, above what it held when the block began (see module docstring)."""
+    """Peak memory torch allocates during a block, above what was allocated when it began: on CUDA torch's own
+    peak statistic; on a CPU the largest "Total Allocated" of the profiler's memory events (every allocation and
+    free of torch's CPU allocator in the block, so the peak is exact, not sampled)."""
 
     def __init__(self, device: str):
         self.device, self.peak = device, 0
@@ -103,18 +105,11 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
-            return self
-        import psutil
+        else:
+            from torch.profiler import ProfilerActivity, profile
 
-        proc, self.base, self._stop = psutil.Process(), psutil.Process().memory_info().rss, threading.Event()
-
-        def sample():
-            while not self._stop.is_set():
-                self.peak = max(self.peak, proc.memory_info().rss - self.base)
-                time.sleep(0.001)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profile.__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -123,9 +118,14 @@ class PeakMemory:
         if self.device == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self._stop.set()
-            self._thread.join()
+            return
+        self._profile.__exit__(*exc)
+        with tempfile.TemporaryDirectory() as d:
+            trace = Path(d) / "trace.json"
+            self._profile.export_chrome_trace(str(trace))
+            events = json.loads(trace.read_text())["traceEvents"]
+        self.peak = max((e["args"]["Total Allocated"] for e in events
+                         if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0), default=0)
 
 
 def worker(job: dict) -> dict:
@@ -181,8 +181,7 @@ def worker(job: dict) -> dict:
     batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
     batch["images"] = batch["images"].to(dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    # one parameter at a time: foreach's whole-model temporaries are short spikes a sampler catches or misses
-    optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=False)
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
     model.train()
 
     def step():
@@ -194,15 +193,16 @@ def worker(job: dict) -> dict:
 
     step()  # warm-up: the optimiser's state exists from here on, as in any run past step 1
     times = []
-    with PeakMemory(device) as memory:
-        for _ in range(job["steps"]):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0 if device == "cuda" else time.process_time() - c0)
+    for _ in range(job["steps"]):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0 if device == "cuda" else time.process_time() - c0)
+    with PeakMemory(device) as memory:  # a step of its own: the profiler would slow the timed ones
+        step()
     result = {"step_s": statistics.median(times), "peak_bytes": memory.peak,
               "seq_len": int(batch["input_ids"].shape[1]) + 575, "trainable": sum(p.numel() for p in params)}
     if lora and getok:  # what a LoRA checkpoint holds: the adapter (LLaVA's LoRA layers) + the GETok rows file
@@ -233,10 +233,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(worker(json.loads(a.worker))))
         return 0
     rows = []
-    # every large block mmap'd and returned when freed: resident memory then follows what is allocated (glibc's
-    # adaptive threshold would keep freed blocks of up to 32 MB in the heap, and the peak would measure the allocator)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model, data = build(tmp, a.layers, a.batch)
@@ -273,11 +270,12 @@ def main(argv=None) -> int:
             f"1042 GETok tokens) and CLIP ViT-L/14-336 cut to {a.layers} layers (576 image tokens), random weights; "
             f"batch {a.batch} of COCO referring records, {seq} positions a sequence. One process per cell, "
             f"{a.steps} steps after a warm-up (forward, backward, AdamW), median "
-            f"{'CPU' if a.device == 'cpu' else 'wall'} time; peak memory above the loaded model. {a.device}, "
+            f"{'CPU' if a.device == 'cpu' else 'wall'} time; peak memory: what torch allocates during one more step above what "
+            f"was allocated before it (model and optimiser state). {a.device}, "
             f"{a.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}.\n"
             f"{sizes}Targets: time ratio <= 1.05, memory ratio <= 1.0.\n"
             f"Reproduce: `python bench/real_shapes.py --layers {a.layers} --batch {a.batch} --steps {a.steps} "
-            f"--device {a.device}`\n")
+            f"--device {a.device} --precisions {a.precisions} --modes {a.modes}`\n")
     text = "\n".join(table) + "\n" + info
     print(text)
     from llava_getok.atomic import write_text_atomic
