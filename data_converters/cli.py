@@ -1,7 +1,8 @@
 """``convert-datasets``: grounding datasets -> GETok conversations in LLaVA's format.
 
     convert-datasets SOURCE --input IN --output OUT.json|OUT.jsonl [--image-root DIR] [--task rec]
-                     [--frame pad|orig] [--grid 32] [--rounds R] [--mode grid|inline|refine]
+                     [--frame pad|orig] [--format getok|text|bins] [--grid 32] [--rounds R]
+                     [--mode grid|inline|refine] [--decimals 2] [--bins 1000]
                      [--workers N] [--limit N] [--seed S] [--on-error fail|skip]
     convert-datasets --list                      sources, their tasks and input formats
     convert-datasets decode FILE [--output F] [--on-error fail|skip]
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from llava_getok.atomic import atomic_path
+from llava_getok.formats import FORMAT_NAMES, BinsFormat, TextFormat
 from llava_getok.geometry import FRAMES
 from llava_getok.records import RecordsError, decode_record, one_line
 from llava_getok.vocab import MODES, SCHEDULES, GETokConfig
@@ -40,6 +42,11 @@ def _parser():
     p.add_argument("--task", default=None, help="rec, reg, point, res, det, refine (= rec in refine mode); llava: rewrite. Default: the source's first")
     p.add_argument("--frame", choices=FRAMES, default="pad", help="frame of the output coordinates: pad (LLaVA-1.5 image_aspect_ratio=pad) or orig")
     p.add_argument("--input-frame", choices=FRAMES, default="pad", help="llava: the frame the input's normalised boxes are in")
+    p.add_argument("--format", choices=FORMAT_NAMES, default="getok",
+                   help="how answers write locations: getok (grid + offset tokens), text (LLaVA-1.5's [0.12, 0.34, 0.56, 0.78]) "
+                        "or bins (1D tokens <loc_k>, 4 a box); text and bins: boxes and points only")
+    p.add_argument("--decimals", type=int, default=2, help="--format text: decimals per coordinate (LLaVA-1.5: 2)")
+    p.add_argument("--bins", type=int, default=1000, help="--format bins: K bins per axis, tokens <loc_0> .. <loc_{K-1}>")
     p.add_argument("--grid", type=int, default=32)
     p.add_argument("--rounds", type=int, default=None, help="offset rounds (default: 0 for grid mode, else 1)")
     p.add_argument("--offset-levels", type=int, default=3)
@@ -123,8 +130,17 @@ def build_job(argv):
         p.error(f"--mode refine needs a task whose answer holds locations (rec, det, point, res), not {task!r}")
     if task not in source.TASKS:
         p.error(f"source {a.source!r} supports tasks {', '.join(source.TASKS)}, not {task!r}")
+    if a.format != "getok" and (mode == "refine" or task == "res"):
+        what = "masks (task res)" if task == "res" else "refine mode (two turns of offsets)"
+        error("convert-datasets", f"--format {a.format} has no form for {what}: only --format getok writes them")
+        raise SystemExit(2)  # one line, without the usage block: the arguments are fine, the combination is not
     try:
-        cfg = GETokConfig(grid=a.grid, rounds=a.rounds, offset_levels=a.offset_levels, schedule=a.schedule, mode=mode)
+        if a.format == "text":
+            cfg = TextFormat(decimals=a.decimals)
+        elif a.format == "bins":
+            cfg = BinsFormat(bins=a.bins)
+        else:
+            cfg = GETokConfig(grid=a.grid, rounds=a.rounds, offset_levels=a.offset_levels, schedule=a.schedule, mode=mode)
     except ValueError as e:
         p.error(str(e))
     if a.output.suffix not in (".json", ".jsonl"):
