@@ -252,6 +252,25 @@ def record_format(getok: dict) -> LocationFormat:
     raise ValueError("no 'format' (text, bins) or 'config' (getok)")
 
 
+def data_formats(records) -> list[LocationFormat]:
+    """The distinct location formats of converted records (those whose ``getok`` field says one), in order of first
+    appearance; ValueError naming the record for one that does not parse."""
+    out, seen = [], set()
+    for k, r in enumerate(records or ()):
+        g = r.get("getok") if isinstance(r, dict) else None
+        if not isinstance(g, dict) or not ("format" in g or "config" in g):
+            continue
+        key = repr(g.get("format", g.get("config")))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            out.append(record_format(g))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"record {k} (id {r.get('id')!r}): getok: {e}") from None
+    return out
+
+
 def record_format_dict(fmt: LocationFormat) -> dict:
     """What a converted record's ``getok`` field says about its format: ``{"config": ...}`` for GETok (unchanged
     since the first version), ``{"format": ...}`` for the others."""

@@ -220,11 +220,11 @@ def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_se
         loss.backward()
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
-    import llava_getok.llava.loss as loss_mod
+    from llava_getok.llava.box_loss import TokenTable
 
-    seen = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loss_mod, "box_token_loss", lambda scores, *a, **k: seen.append(callable(scores)) or box_token_loss(scores, *a, **k))
+    seen, table_loss = [], TokenTable.loss
+    with pytest.MonkeyPatch.context() as mp:  # the trainer asks the format's table for its loss
+        mp.setattr(TokenTable, "loss", lambda self, scores, *a, **k: seen.append(callable(scores)) or table_loss(self, scores, *a, **k))
         total = trainer.compute_loss(model, dict(batch))
     assert seen == [True]  # the scored-rows path ran, not the fallback on full logits
     logged, trainer._getok_sums = {k: float(v) for k, v in trainer._getok_sums.items()}, {}
