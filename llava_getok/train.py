@@ -136,6 +136,16 @@ def cpu_ranks(argv: list[str]) -> list[str]:
     return others if deepspeed else argv
 
 
+def settings_from(ours) -> GETokSettings:
+    """The GETok settings of the parsed --getok_* flags (ValueError for a bad value)."""
+    return GETokSettings(
+        format=ours.getok_format, bins=ours.getok_bins, grid=ours.getok_grid, rounds=ours.getok_rounds,
+        offset_levels=ours.getok_offset_levels, schedule=ours.getok_schedule, mode=ours.getok_mode, init=ours.getok_init,
+        grid_weight=ours.getok_grid_weight, box_weight=ours.getok_box_weight, sigma=ours.getok_sigma,
+        offset_sigma=ours.getok_offset_sigma, rows=ours.getok_rows, train_vision_tower=ours.unfreeze_mm_vision_tower,
+        check_data=ours.getok_check_data, data_order=ours.getok_data_order)
+
+
 def main(argv=None) -> None:
     from .quiet import install
 
@@ -148,12 +158,10 @@ def main(argv=None) -> None:
     if ours.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise SystemExit("--attn_implementation flash_attention_2: the flash-attn package is not installed "
                          "(GPU only: pip install 'llava-getok[gpu]'); use sdpa")
-    settings = GETokSettings(
-        format=ours.getok_format, bins=ours.getok_bins, grid=ours.getok_grid, rounds=ours.getok_rounds, offset_levels=ours.getok_offset_levels,
-        schedule=ours.getok_schedule, mode=ours.getok_mode, init=ours.getok_init,
-        grid_weight=ours.getok_grid_weight, box_weight=ours.getok_box_weight, sigma=ours.getok_sigma,
-        offset_sigma=ours.getok_offset_sigma, rows=ours.getok_rows, train_vision_tower=ours.unfreeze_mm_vision_tower,
-        check_data=ours.getok_check_data, data_order=ours.getok_data_order)
+    try:
+        settings = settings_from(ours)
+    except ValueError as e:  # a bad value of a --getok_* flag: one line
+        raise SystemExit(f"python -m llava_getok.train: {e}") from None
 
     from .llava import register
     from .llava.templates import resolve_template
@@ -167,8 +175,13 @@ def main(argv=None) -> None:
 
     import llava.train.train as llava_train
 
+    from .llava.settings import FormatError
+
     sys.argv = [sys.argv[0]] + with_default_checkpointing(cpu_ranks(rest))  # LLaVA's HfArgumentParser reads sys.argv
-    llava_train.train(attn_implementation=ours.attn_implementation)
+    try:
+        llava_train.train(attn_implementation=ours.attn_implementation)
+    except FormatError as e:  # the data's location format and the flags disagree: one line, not a traceback
+        raise SystemExit(f"python -m llava_getok.train: {e}") from None
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from ..vocab import GETokConfig
 from .bins_loss import BinsTable
 from .box_loss import TokenTable
 from .rows import attach_trainable_rows
-from .settings import GETokSettings
+from .settings import FormatError, GETokSettings
 from .tokens import add_getok_tokens, check_token_ids, init_getok_rows, resize_embeddings
 
 
@@ -117,7 +117,11 @@ def match_deepspeed_dtype(model, args) -> None:
 def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dataset=None) -> GETokState:
     """Choose the location format (``settings.location_format`` with the data's), add its tokens, resize and
     initialise the rows, choose what trains, check the data."""
-    cfg = settings.location_format(data_formats(getattr(train_dataset, "list_data_dict", None)))
+    try:
+        have = data_formats(getattr(train_dataset, "list_data_dict", None))
+    except ValueError as e:
+        raise FormatError(f"training data: {e}") from None
+    cfg = settings.location_format(have)
     base = unwrap_llava(model)
     check_projector(base)
     embeddings_frozen = not base.get_input_embeddings().weight.requires_grad

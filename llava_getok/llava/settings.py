@@ -10,6 +10,12 @@ from ..vocab import GETokConfig
 from .tokens import INITS
 
 ROW_MODES = ("auto", "full", "delta")
+
+
+class FormatError(ValueError):
+    """The location format asked for and the training data's disagree (or the data mixes formats); ``python -m
+    llava_getok.train`` prints it as one line."""
+
 DATA_ORDERS = ("shuffle", "file")
 
 
@@ -77,27 +83,27 @@ class GETokSettings:
     def location_format(self, data_formats=()) -> LocationFormat:
         """The format a run trains on, from these settings and ``data_formats`` (the formats of the training records,
         :func:`llava_getok.formats.record_format`): the data's unless ``format`` / ``bins`` say otherwise, in which
-        case they must agree with it (else ValueError naming both); GETok's lattice comes from these settings and
-        must agree with GETok data. Data that mixes formats (or GETok lattices, or K) is a ValueError."""
+        case they must agree with it (else FormatError naming both); GETok's lattice comes from these settings and
+        must agree with GETok data. Data that mixes formats (or GETok lattices, or K) is a FormatError."""
         kinds = {json.dumps(format_to_dict(f), sort_keys=True): f for f in data_formats}
         data = list(kinds.values())
         for f in data[1:]:
             if not same_tokens(data[0], f):
-                raise ValueError(f"the training data mixes location formats: {describe(data[0])} and {describe(f)}")
+                raise FormatError(f"the training data mixes location formats: {describe(data[0])} and {describe(f)}")
         have = data[0] if data else None
         name = self.format or (format_name(have) if have is not None else "getok")
         if have is not None and format_name(have) != name:
-            raise ValueError(f"--getok_format {name}, but the training data is in {describe(have)}")
+            raise FormatError(f"--getok_format {name}, but the training data is in {describe(have)}")
         if name == "text":
             return have if have is not None else TextFormat()
         if name == "bins":
             k = self.bins or (have.bins if have is not None else BinsFormat().bins)
             if have is not None and have.bins != k:
-                raise ValueError(f"--getok_bins {k}, but the training data is in {describe(have)}")
+                raise FormatError(f"--getok_bins {k}, but the training data is in {describe(have)}")
             return BinsFormat(bins=k)
         cfg = self.config()
         if have is not None and not same_tokens(cfg, have):
-            raise ValueError(f"the GETok tokens of these settings ({describe(cfg)}, schedule {cfg.schedule}) are not the "
+            raise FormatError(f"the GETok tokens of these settings ({describe(cfg)}, schedule {cfg.schedule}) are not the "
                              f"training data's ({describe(have)}, schedule {have.schedule}): pass --getok_grid, "
                              f"--getok_offset_levels and --getok_schedule as the data was converted")
         return cfg
