@@ -136,6 +136,19 @@ def test_row_init_mean_and_sincos2d(registered, tiny_llava_dir):
         resize_embeddings(model, n_old)
 
 
+def test_bin_rows_get_the_mean_plus_a_1d_code_of_the_bin_centre():
+    from llava_getok.formats import BinsFormat
+    from llava_getok.llava.tokens import getok_row_targets
+
+    fmt, mean = BinsFormat(bins=50), torch.randn(64)
+    rows = getok_row_targets(fmt, "sincos2d", mean, spread=0.5)
+    assert rows.shape == (50, 64) and torch.equal(getok_row_targets(fmt, "mean", mean, 0.5), mean.expand(50, 64))
+    code = rows - mean
+    dist = lambda a, b: float((code[a] - code[b]).norm())  # noqa: E731
+    assert dist(20, 21) < dist(20, 25) < dist(20, 45)  # near bins start near each other, far bins far
+    assert float(code.pow(2).mean(1).sqrt().mean()) == pytest.approx(0.5, rel=1e-4)  # the spread of the old rows
+
+
 def test_trainable_rows_change_only_getok_rows_even_with_weight_decay(registered, tiny_llava_dir):
     from llava.model import LlavaLlamaForCausalLM
 
