@@ -211,3 +211,16 @@ def test_answers_written_by_hand_from_the_ground_truth_score_exactly_the_ceiling
     assert 0.3 < ceiling["acc@0.5"] < 1.0  # COCO's small objects: the ceiling is a real bound, not 100
     fmt = formats.describe(formats.record_format(records[0]["getok"]))
     assert result["formats"]["rec"]["coco/val"] == fmt and f"| {fmt} |" in result["markdown"]
+
+
+def test_questions_for_llavas_model_vqa_ask_exactly_the_converted_question(tmp_path):
+    ann, questions = tmp_path / "val.json", tmp_path / "questions.jsonl"
+    assert run_cli(["coco", "--input", COCO, "--task", "rec", "--format", "text", "--limit", 10, "--on-error", "skip",
+                    "--output", ann])[0] == 0
+    assert run_cli(["questions", ann, "--output", questions])[0] == 0
+    records = json.loads(ann.read_text())
+    lines = [json.loads(x) for x in questions.read_text().splitlines()]
+    assert [q["question_id"] for q in lines] == [r["id"] for r in records]
+    for q, r in zip(lines, records):  # llava.eval.model_vqa puts DEFAULT_IMAGE_TOKEN + "\n" in front of "text"
+        assert "<image>\n" + q["text"] == r["conversations"][0]["value"] and q["image"] == r["image"]
+        assert q["text"].startswith("Please provide the bounding box coordinate of the region this sentence describes: ")
