@@ -136,6 +136,24 @@ def test_row_init_mean_and_sincos2d(registered, tiny_llava_dir):
         resize_embeddings(model, n_old)
 
 
+def test_the_location_format_comes_from_the_data_or_must_agree_with_it():
+    from llava_getok.formats import BinsFormat, TextFormat
+    from llava_getok.llava.settings import FormatError, GETokSettings
+
+    assert GETokSettings(grid=8).location_format([]) == CFG.with_mode("inline")  # no data format: GETok, the flags'
+    assert GETokSettings(grid=8).location_format([GETokConfig(grid=8, mode="refine"), GETokConfig(grid=8)]) == GETokConfig(grid=8)
+    assert GETokSettings().location_format([BinsFormat(64)]) == BinsFormat(64)  # the data's format and K
+    assert GETokSettings(format="bins").location_format([]) == BinsFormat(1000)
+    assert GETokSettings().location_format([TextFormat(3)]) == TextFormat(3)
+    for settings, data, message in [
+            (GETokSettings(), [GETokConfig(grid=8)], "are not the training data's"),  # the default grid 32 on grid-8 data
+            (GETokSettings(format="getok"), [BinsFormat(64)], "--getok_format getok, but the training data is in bins"),
+            (GETokSettings(bins=100), [BinsFormat(64)], "--getok_bins 100, but the training data is in bins, K = 64"),
+            (GETokSettings(), [BinsFormat(64), TextFormat()], "mixes location formats")]:
+        with pytest.raises(FormatError, match=message):
+            settings.location_format(data)
+
+
 def test_bin_rows_get_the_mean_plus_a_1d_code_of_the_bin_centre():
     from llava_getok.formats import BinsFormat
     from llava_getok.llava.tokens import getok_row_targets
