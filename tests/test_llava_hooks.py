@@ -380,7 +380,7 @@ def test_check_data_passes_good_data_and_fails_loudly_on_mismatch_and_split_toke
     wrong_grid = copy.deepcopy(records[0])
     wrong_grid["conversations"][1]["value"] = "<box><grid_20_3><off_0_0><grid_21_9><off_0_0></box>"
     split = check_records([wrong_grid], tokenizer, version="getok_v1", source="split")
-    assert not split.ok and "2 supervised" in split.problems[0] or "supervised GETok" in split.problems[0]
+    assert not split.ok and "2 supervised" in split.problems[0] or "supervised location token" in split.problems[0]
     # the CLI: exit status 0 / 1 and a table
     ckpt = tmp_path / "tok"
     tokenizer.save_pretrained(ckpt)

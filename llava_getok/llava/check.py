@@ -52,7 +52,7 @@ class CheckReport:
 
     def table(self) -> str:
         rows = [("records", self.records), ("repeats (checked once)", self.repeats), ("checked", self.checked),
-                ("supervised tokens", self.supervised_tokens), ("GETok tokens in answers", self.getok_tokens), ("truncated (max length)", self.truncated),
+                ("supervised tokens", self.supervised_tokens), ("location tokens in answers", self.getok_tokens), ("truncated (max length)", self.truncated),
                 ("problems", len(self.problems))]
         return "| quantity | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
@@ -145,8 +145,8 @@ def check_records(records, tokenizer, version: str | None = None, mm_use_im_star
                 if len(input_ids) >= tokenizer.model_max_length:
                     report.truncated += 1
                 else:
-                    report.problems.append(f"{where}: {want} GETok tokens in the answers but {got} supervised "
-                                           f"GETok label ids (split, merged or masked)")
+                    report.problems.append(f"{where}: {want} location tokens in the answers but {got} supervised "
+                                           f"location token label ids (split, merged or masked)")
     return report
 
 
