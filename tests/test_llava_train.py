@@ -286,6 +286,14 @@ def test_bins_training_takes_the_format_from_the_data_and_predict_needs_no_flag(
     result_dir = tmp_path / "eval"
     assert main(["eval", "--predictions", str(preds), "--annotations", str(data), "--output-dir", str(result_dir)]) == 0
     assert json.loads((result_dir / "preds.metrics.json").read_text())["formats"]["rec"]["coco"] == "bins, K = 32"
+    # under LoRA the bin rows train as GETok's do: a delta on their rows only, saved in getok_rows.safetensors
+    lora = train_in_process(train_argv(tiny_llava_dir, data, tmp_path / "lora", "--lora_enable", "True", "--lora_r", "8",
+                                       "--save_strategy", "no", steps=2))
+    llava = lora.model.get_base_model()
+    n = base_emb.shape[0]
+    assert lora.getok.rows_mode == "delta" and torch.equal(llava.get_input_embeddings().weight[:n], base_emb)
+    assert llava.getok_rows.input_delta.shape[0] == 32 and llava.getok_rows.input_delta.abs().sum() > 0
+    assert rows_file(tmp_path / "lora")["input_rows"].shape == rows.shape
 
 
 def test_text_training_adds_no_token_and_trains_with_llavas_plain_loss(tiny_llava_dir, shared_data, tmp_path, monkeypatch):
