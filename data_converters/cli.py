@@ -1,11 +1,15 @@
 """``convert-datasets``: grounding datasets -> GETok conversations in LLaVA's format.
 
     convert-datasets SOURCE --input IN --output OUT.json|OUT.jsonl [--image-root DIR] [--task rec]
-                     [--frame pad|orig] [--grid 32] [--rounds R] [--mode grid|inline|refine]
+                     [--frame pad|orig] [--format getok|text|bins] [--grid 32] [--rounds R]
+                     [--mode grid|inline|refine] [--decimals 2] [--bins 1000]
                      [--workers N] [--limit N] [--seed S] [--on-error fail|skip]
     convert-datasets --list                      sources, their tasks and input formats
     convert-datasets decode FILE [--output F] [--on-error fail|skip]
                                                  coordinates back in pixels, one JSON line per record
+    convert-datasets questions FILE [--output Q.jsonl]
+                                                 LLaVA's question file for llava.eval.model_vqa (question_id,
+                                                 image, text: the record's question without <image>)
 
 Exit status: 0 done, 1 bad input (one line on stderr naming file, record and field: a bad record under
 --on-error fail, a file that cannot be read under either mode) or an output that cannot be written,
@@ -20,8 +24,9 @@ import sys
 from pathlib import Path
 
 from llava_getok.atomic import atomic_path
+from llava_getok.formats import FORMAT_NAMES, BinsFormat, TextFormat
 from llava_getok.geometry import FRAMES
-from llava_getok.records import RecordsError, decode_record, one_line
+from llava_getok.records import RecordsError, decode_record, one_line, read_records
 from llava_getok.vocab import MODES, SCHEDULES, GETokConfig
 
 from . import registry
@@ -40,6 +45,11 @@ def _parser():
     p.add_argument("--task", default=None, help="rec, reg, point, res, det, refine (= rec in refine mode); llava: rewrite. Default: the source's first")
     p.add_argument("--frame", choices=FRAMES, default="pad", help="frame of the output coordinates: pad (LLaVA-1.5 image_aspect_ratio=pad) or orig")
     p.add_argument("--input-frame", choices=FRAMES, default="pad", help="llava: the frame the input's normalised boxes are in")
+    p.add_argument("--format", choices=FORMAT_NAMES, default="getok",
+                   help="how answers write locations: getok (grid + offset tokens), text (LLaVA-1.5's [0.12, 0.34, 0.56, 0.78]) "
+                        "or bins (1D tokens <loc_k>, 4 a box); text and bins: boxes and points only")
+    p.add_argument("--decimals", type=int, default=2, help="--format text: decimals per coordinate (LLaVA-1.5: 2)")
+    p.add_argument("--bins", type=int, default=1000, help="--format bins: K bins per axis, tokens <loc_0> .. <loc_{K-1}>")
     p.add_argument("--grid", type=int, default=32)
     p.add_argument("--rounds", type=int, default=None, help="offset rounds (default: 0 for grid mode, else 1)")
     p.add_argument("--offset-levels", type=int, default=3)
@@ -75,6 +85,8 @@ def main(argv=None):
     try:
         if argv and argv[0] == "decode":
             return decode_main(argv[1:])
+        if argv and argv[0] == "questions":
+            return questions_main(argv[1:])
         return convert_main(argv)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the partial output stays for resuming
         print("convert-datasets: interrupted (run the same command again to resume)", file=sys.stderr)
@@ -123,8 +135,17 @@ def build_job(argv):
         p.error(f"--mode refine needs a task whose answer holds locations (rec, det, point, res), not {task!r}")
     if task not in source.TASKS:
         p.error(f"source {a.source!r} supports tasks {', '.join(source.TASKS)}, not {task!r}")
+    if a.format != "getok" and (mode == "refine" or task == "res"):
+        what = "masks (task res)" if task == "res" else "refine mode (two turns of offsets)"
+        error("convert-datasets", f"--format {a.format} has no form for {what}: only --format getok writes them")
+        raise SystemExit(2)  # one line, without the usage block: the arguments are fine, the combination is not
     try:
-        cfg = GETokConfig(grid=a.grid, rounds=a.rounds, offset_levels=a.offset_levels, schedule=a.schedule, mode=mode)
+        if a.format == "text":
+            cfg = TextFormat(decimals=a.decimals)
+        elif a.format == "bins":
+            cfg = BinsFormat(bins=a.bins)
+        else:
+            cfg = GETokConfig(grid=a.grid, rounds=a.rounds, offset_levels=a.offset_levels, schedule=a.schedule, mode=mode)
     except ValueError as e:
         p.error(str(e))
     if a.output.suffix not in (".json", ".jsonl"):
@@ -200,6 +221,47 @@ def decode_main(argv):
     if counts["skipped"]:
         print(f"convert-datasets decode: read {counts['read']}, decoded {counts['read'] - counts['skipped']}, "
               f"skipped {counts['skipped']}", file=sys.stderr)
+    return 0
+
+
+def questions_main(argv):
+    """A converted file -> LLaVA's question file, so that LLaVA's own ``llava.eval.model_vqa`` asks exactly the converted
+    questions: one JSON line per record with an image, ``{"question_id": id, "image", "text"}``, ``text`` the first
+    human turn without ``<image>`` (model_vqa puts the image token back in front). Its answers file (``question_id``,
+    ``text``) is what ``llava-getok eval --predictions`` reads."""
+    p = argparse.ArgumentParser(prog="convert-datasets questions",
+                                description="converted records -> a question file for LLaVA's llava.eval.model_vqa")
+    p.add_argument("file", type=Path)
+    p.add_argument("--output", type=Path, help="write here (atomically) instead of stdout")
+    a = p.parse_args(argv)
+    try:
+        records = read_records(a.file, one_question=True)
+    except RecordsError as e:
+        error("convert-datasets questions", e)
+        return 1
+    lines, skipped = [], 0
+    for r in records:
+        turns = r.get("conversations")
+        first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
+        if not (isinstance(r.get("image"), str) and r["image"] and first.get("from") == "human"
+                and isinstance(first.get("value"), str)):
+            skipped += 1  # model_vqa asks about an image, with a human question
+            continue
+        text = first["value"].replace("<image>", "").strip()
+        lines.append(json.dumps({"question_id": r["id"], "image": r["image"], "text": text}, ensure_ascii=False))
+    body = "".join(line + "\n" for line in lines)
+    try:
+        if a.output is None:
+            sys.stdout.write(body)
+        else:
+            with atomic_path(a.output) as tmp:
+                Path(tmp).write_text(body, encoding="utf-8")
+    except OSError as e:
+        error("convert-datasets questions", f"cannot write {a.output}: {e}")
+        return 1
+    if skipped:
+        print(f"convert-datasets questions: {skipped} record(s) without an image or a human question left out",
+              file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,7 @@
 """The one function that turns a validated Sample into a LLaVA conversation record (docs/data-format.md);
 its inverse for inspection is :func:`llava_getok.records.decode_record`.
 
-Token strings come from :mod:`llava_getok.codec` only; frames from :mod:`llava_getok.geometry`; what a record
+Token strings come from :mod:`llava_getok.formats` (GETok's from :mod:`llava_getok.codec`) only; frames from :mod:`llava_getok.geometry`; what a record
 holds (prompts, pixel shapes and their rounding, the mask's RLE) from :mod:`llava_getok.records`.
 
 Decisions where the issue and spec are silent (a LLaVA user's expectations):
@@ -26,10 +26,10 @@ import hashlib
 
 import numpy as np
 
-from llava_getok.codec import Refinement, Shape, apply_refinement, encode_boxes, encode_mask_points, encode_point, encode_refinement, refinement_offsets
+from llava_getok.codec import Refinement, Shape, apply_refinement, encode_mask_points, encode_refinement, refinement_offsets
+from llava_getok.formats import LocationFormat, encode_boxes, encode_point, format_name, record_format_dict
 from llava_getok.geometry import boxes_to_frame, points_to_frame
 from llava_getok.records import NO_MATCH, PROMPTS, REFINE_PROMPT, json_shape, rle_to_mask, round_pixels, shapes_to_pixels
-from llava_getok.vocab import GETokConfig
 
 from .base import Sample
 from .inputs import ConvertError, Filtered
@@ -68,7 +68,7 @@ def count_nul(line: str) -> int:
 
 
 class BatchEncoder:
-    """Defers ``codec.encode_boxes`` for a batch of records to one call (numpy costs per call, not per box).
+    """Defers ``formats.encode_boxes`` for a batch of records to one call (numpy costs per call, not per box).
 
     Calling it returns placeholders (``NUL T k NUL``); :meth:`resolve` encodes every collected box at once and
     puts the tokens into the records' JSON lines. The pipeline rejects a record whose line holds any NUL besides
@@ -76,7 +76,7 @@ class BatchEncoder:
     ``\\u0000T0\\u0000`` (backslashes, escaped by json.dumps) is not a placeholder either.
     """
 
-    def __init__(self, cfg: GETokConfig):
+    def __init__(self, cfg: LocationFormat):
         self.cfg, self.boxes = cfg, []
 
     def __call__(self, boxes, cfg=None) -> list[str]:
@@ -102,8 +102,9 @@ class BatchEncoder:
 
 
 @functools.lru_cache(maxsize=16)
-def _config_dict(cfg: GETokConfig) -> dict:
-    return cfg.to_dict()
+def _format_dict(fmt: LocationFormat) -> dict:
+    """``{"config": ...}`` (GETok) or ``{"format": ...}`` (text, bins): what a record's getok field says of its format."""
+    return record_format_dict(fmt)
 
 
 def record_rng(seed: int, sample_id: str) -> np.random.Generator:
@@ -118,15 +119,20 @@ def _phrase(expression, sample):
     return str(expression).strip().rstrip(".")
 
 
-def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: int = 0, source: str = "",
+def build_record(sample: Sample, task: str, cfg: LocationFormat, frame: str, seed: int = 0, source: str = "",
                  image_loader=None, generator=None, box_encoder=None, greedy=(0.8, 64)) -> dict:
     """A validated Sample (``Sample.validated``) -> one LLaVA record with its ``getok`` field.
 
+    ``cfg``: the location format of the answers (a GETokConfig, or formats.TextFormat / BinsFormat); text and bins
+    have no form for masks (``res``) and no refine mode: ValueError naming the format and task.
+
     ``image_loader()`` returns the image as an (H, W, 3) array; only ``res`` calls it (proposals).
     ``box_encoder``: a :class:`BatchEncoder` to defer box encoding (the pipeline's batches); default
-    ``codec.encode_boxes``. ``greedy``: RES's (tau, max_points) for ``masks.greedy_mask_anchors``.
+    ``formats.encode_boxes``. ``greedy``: RES's (tau, max_points) for ``masks.greedy_mask_anchors``.
     """
     enc = box_encoder or encode_boxes
+    if format_name(cfg) != "getok" and (task in ("res", "refine") or getattr(cfg, "mode", None) == "refine"):
+        raise ValueError(f"the {format_name(cfg)} format has no form for task {task!r} (masks and refinements are GETok's)")
     if sample.turns is not None:
         return _rewrite_record(sample, cfg, frame, source, enc)
     if task == "refine":
@@ -147,7 +153,7 @@ def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: 
             turns, shapes = [human, NO_MATCH], []
         else:
             norm = boxes_to_frame(np.asarray(sample.boxes, dtype=np.float64), size, frame)
-            turns = [human] + (_answer("box", norm.reshape(-1, 2, 2), cfg, rng) if cfg.mode == "refine" else [" ".join(enc(norm, cfg))])
+            turns = [human] + (_answer("box", norm.reshape(-1, 2, 2), cfg, rng) if _refine(cfg) else [" ".join(enc(norm, cfg))])
             shapes = [_box_shape(b) for b in sample.boxes]
     elif task == "point":
         human = PROMPTS["point"].format(expression=_phrase(sample.expression, sample))
@@ -176,7 +182,7 @@ def build_record(sample: Sample, task: str, cfg: GETokConfig, frame: str, seed: 
         "conversations": conversations,
         "getok": {
             "source": source, "task": task, "split": sample.split, "frame": frame, "size": [_r1(v) for v in size] if size else None,
-            "config": _config_dict(cfg), "expression": sample.expression, "shapes": shapes, **getok_extra,
+            **_format_dict(cfg), "expression": sample.expression, "shapes": shapes, **getok_extra,
         },
     }
 
@@ -211,9 +217,13 @@ def _box_shape(b):
     return json_shape("box", [b[:2], b[2:]])
 
 
+def _refine(fmt) -> bool:
+    return getattr(fmt, "mode", None) == "refine"
+
+
 def _answer(kind, groups, cfg, rng) -> list[str]:
     """Answer turn(s) for groups of normalised points (G, P, 2): one answer, or two in refine mode."""
-    if cfg.mode != "refine":
+    if not _refine(cfg):
         return [_render(kind, groups, cfg)]
     first = np.stack([_reachable_first(g, cfg, rng) for g in groups])
     if kind == "box":  # corners may cross after the draw: keep x1 <= x2, y1 <= y2 (each corner its own target)
@@ -316,6 +326,6 @@ def _rewrite_record(sample: Sample, cfg, frame, source, enc=encode_boxes) -> dic
     ]
     record["getok"] = {
         "source": source, "task": "rewrite", "split": sample.split, "frame": frame, "size": [_r1(v) for v in sample.size],
-        "config": _config_dict(cfg), "expression": None, "shapes": [_box_shape(b) for b in sample.boxes],
+        **_format_dict(cfg), "expression": None, "shapes": [_box_shape(b) for b in sample.boxes],
     }
     return record

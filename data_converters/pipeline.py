@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_getok.atomic import atomic_path, write_text_atomic
-from llava_getok.vocab import GETokConfig
+from llava_getok.formats import LocationFormat
 
 from . import registry
 from .base import Options, image_exists, image_size
@@ -54,7 +54,7 @@ class Job:
     source: str
     opts: Options
     output: Path
-    cfg: GETokConfig
+    cfg: LocationFormat  # the answers' location format: a GETokConfig, formats.TextFormat or formats.BinsFormat
     frame: str = "pad"
     seed: int = 0
     workers: int = 1

@@ -1,5 +1,6 @@
 """Grammar-constrained decoding: a transformers ``LogitsProcessor`` that only lets the model write GETok
-that :func:`llava_getok.parse.parse_ids` accepts (spec sections 4, 5 and 8).
+that :func:`llava_getok.parse.parse_ids` accepts (spec sections 4, 5 and 8), or 1D bins tokens that
+``formats.BinsFormat.parse_ids`` accepts (:class:`BinsGrammar`: a run of 2 location tokens is a point, of 4 a box).
 
 The grammar (the one :mod:`llava_getok.parse` reads), with R = cfg.inline_rounds:
 
@@ -32,12 +33,13 @@ from typing import NamedTuple
 import torch
 from transformers import LogitsProcessor
 
+from .formats import BinsFormat, LocationFormat, format_name
 from .vocab import DELETE, KIND_TAGS, TAG_KINDS, TAGS, GETokConfig
 
 # Token classes. NEVER: ids the model may never write (BOS, ids beyond the tokenizer in a padded head).
 CLASSES = (
     "text", "eos", "grid", "off", "delete",
-    "<box>", "</box>", "<seg>", "</seg>", "<pl>", "</pl>", "<offset>", "</offset>", "never",
+    "<box>", "</box>", "<seg>", "</seg>", "<pl>", "</pl>", "<offset>", "</offset>", "never", "loc",
 )
 _C = {c: k for k, c in enumerate(CLASSES)}
 ONLY = {  # answer restrictions -> the ways an answer may start
@@ -67,30 +69,12 @@ class State(NamedTuple):
     need: int = 0
 
 
-class GETokGrammar:
-    """The automaton for one config and one answer restriction (``only``), tabulated.
+class _Automaton:
+    """A grammar over token classes, tabulated: subclasses give ``start``, ``step`` and ``accepting``; this builds the
+    reachable states breadth-first (``states``, ``index``), the transition table ``trans`` (-1: forbidden) and
+    ``dist``, the fewest tokens from each state to an accepting one."""
 
-    only: None (free text with any groups), "box", "point", "mask", "polyline", "shape" (exactly one
-    shape of any kind) or "refinement" (exactly one ``<offset>`` block, refine mode).
-
-    >>> g = GETokGrammar(GETokConfig(grid=4, rounds=1), only="box")
-    >>> [g.states[s].ctx for s in g.walk(["<box>", "grid", "off", "grid", "off", "</box>", "eos"])]
-    ['box', 'box', 'box', 'box', 'box', 'end', 'done']
-    >>> g.walk(["<box>", "text"])  # free text inside a box is not allowed
-    Traceback (most recent call last):
-    ...
-    ValueError: class 'text' is not allowed in State(ctx='box', points=0, need=0)
-    """
-
-    def __init__(self, cfg: GETokConfig, only: str | None = None):
-        if only not in ONLY:
-            raise ValueError(f"only must be one of {sorted(k for k in ONLY if k)} or None, got {only!r}")
-        if only == "refinement" and cfg.mode != "refine":
-            raise ValueError(f"only='refinement' needs a config in refine mode, got mode {cfg.mode!r}")
-        self.cfg, self.only = cfg, only
-        self.rounds = cfg.inline_rounds
-        self.start = State("start") if only else State("text")
-        # enumerate the reachable states breadth-first, then tabulate
+    def _tabulate(self):
         self.states: list[State] = [self.start, State("done")]
         index = {s: k for k, s in enumerate(self.states)}
         edges: dict[tuple[int, int], int] = {}
@@ -113,6 +97,82 @@ class GETokGrammar:
         for s, d in enumerate(self.dist):
             if d is None:
                 raise AssertionError(f"grammar bug: {self.states[s]} cannot reach the end of an answer")
+
+    def step(self, s: State, cls: str) -> State | None:
+        raise NotImplementedError
+
+    def accepting(self, s: int) -> bool:
+        raise NotImplementedError
+
+    def walk(self, classes) -> list[int]:
+        """State indices after each class in ``classes`` from the start (for tests and debugging)."""
+        out, s = [], self.index[self.start]
+        for c in classes:
+            t = self.trans[s][_C[c]]
+            if t < 0:
+                raise ValueError(f"class {c!r} is not allowed in {self.states[s]}")
+            out.append(t)
+            s = t
+        return out
+
+    def _distances(self) -> list[int | None]:
+        """Fewest tokens from each state to an accepting one (reverse breadth-first search)."""
+        S, C = len(self.states), len(CLASSES)
+        dist: list[int | None] = [0 if self.accepting(s) else None for s in range(S)]
+        frontier = [s for s in range(S) if dist[s] == 0]
+        while frontier:
+            nxt = []
+            for s in range(S):
+                if dist[s] is None and any(self.trans[s][c] in frontier for c in range(C) if self.trans[s][c] >= 0):
+                    dist[s] = dist[frontier[0]] + 1
+                    nxt.append(s)
+            frontier = nxt
+        return dist
+
+    def allowed(self, budget: int | None = None) -> list[list[bool]]:
+        """allowed[state][class] with ``budget`` tokens left including this one (None: no limit).
+
+        With a budget, a class is allowed only if the state it leads to can still reach an accepting
+        state within the remaining tokens; where none can, the classes that get closest are allowed.
+        """
+        out = []
+        for s, row in enumerate(self.trans):
+            ok = [t >= 0 for t in row]
+            if budget is not None:
+                d = [self.dist[t] if t >= 0 else None for t in row]
+                fit = [o and d[c] <= budget - 1 for c, o in enumerate(ok)]
+                if not any(fit):
+                    best = min(x for x in d if x is not None)
+                    fit = [o and d[c] == best for c, o in enumerate(ok)]
+                ok = fit
+            out.append(ok)
+        return out
+
+
+class GETokGrammar(_Automaton):
+    """The automaton for one config and one answer restriction (``only``), tabulated.
+
+    only: None (free text with any groups), "box", "point", "mask", "polyline", "shape" (exactly one
+    shape of any kind) or "refinement" (exactly one ``<offset>`` block, refine mode).
+
+    >>> g = GETokGrammar(GETokConfig(grid=4, rounds=1), only="box")
+    >>> [g.states[s].ctx for s in g.walk(["<box>", "grid", "off", "grid", "off", "</box>", "eos"])]
+    ['box', 'box', 'box', 'box', 'box', 'end', 'done']
+    >>> g.walk(["<box>", "text"])  # free text inside a box is not allowed
+    Traceback (most recent call last):
+    ...
+    ValueError: class 'text' is not allowed in State(ctx='box', points=0, need=0)
+    """
+
+    def __init__(self, cfg: GETokConfig, only: str | None = None):
+        if only not in ONLY:
+            raise ValueError(f"only must be one of {sorted(k for k in ONLY if k)} or None, got {only!r}")
+        if only == "refinement" and cfg.mode != "refine":
+            raise ValueError(f"only='refinement' needs a config in refine mode, got mode {cfg.mode!r}")
+        self.cfg, self.only = cfg, only
+        self.rounds = cfg.inline_rounds
+        self.start = State("start") if only else State("text")
+        self._tabulate()
 
     # -- the grammar, one transition at a time ------------------------------------------------------
     def _after_point(self, s: State) -> State:
@@ -168,78 +228,98 @@ class GETokGrammar:
             return State("off")
         return None
 
-    def walk(self, classes) -> list[int]:
-        """State indices after each class in ``classes`` from the start (for tests and debugging)."""
-        out, s = [], self.index[self.start]
-        for c in classes:
-            t = self.trans[s][_C[c]]
-            if t < 0:
-                raise ValueError(f"class {c!r} is not allowed in {self.states[s]}")
-            out.append(t)
-            s = t
-        return out
-
     def accepting(self, s: int) -> bool:
         """May the output stop here (EOS written, or a budget cut) and still parse without errors?"""
         return self.states[s].ctx in ("text", "end", "done")
 
-    def _distances(self) -> list[int | None]:
-        """Fewest tokens from each state to an accepting one (reverse breadth-first search)."""
-        S, C = len(self.states), len(CLASSES)
-        dist: list[int | None] = [0 if self.accepting(s) else None for s in range(S)]
-        frontier = [s for s in range(S) if dist[s] == 0]
-        while frontier:
-            nxt = []
-            for s in range(S):
-                if dist[s] is None and any(self.trans[s][c] in frontier for c in range(C) if self.trans[s][c] >= 0):
-                    dist[s] = dist[frontier[0]] + 1
-                    nxt.append(s)
-            frontier = nxt
-        return dist
 
-    def allowed(self, budget: int | None = None) -> list[list[bool]]:
-        """allowed[state][class] with ``budget`` tokens left including this one (None: no limit).
+class BinsGrammar(_Automaton):
+    """1D location tokens (formats.BinsFormat): runs of adjacent ``loc`` tokens, 2 a point and 4 a box, in free text
+    (``only`` None), or exactly one shape then EOS (``only`` "box": 4 tokens, "point": 2, "shape": either).
+    State ``run`` with ``points`` = the tokens of the run so far.
 
-        With a budget, a class is allowed only if the state it leads to can still reach an accepting
-        state within the remaining tokens; where none can, the classes that get closest are allowed.
-        """
-        out = []
-        for s, row in enumerate(self.trans):
-            ok = [t >= 0 for t in row]
-            if budget is not None:
-                d = [self.dist[t] if t >= 0 else None for t in row]
-                fit = [o and d[c] <= budget - 1 for c, o in enumerate(ok)]
-                if not any(fit):
-                    best = min(x for x in d if x is not None)
-                    fit = [o and d[c] == best for c, o in enumerate(ok)]
-                ok = fit
-            out.append(ok)
-        return out
+    >>> g = BinsGrammar(BinsFormat(bins=8), only="box")
+    >>> [g.states[s].points for s in g.walk(["loc", "loc", "loc", "loc"])], g.walk(["loc"] * 4 + ["eos"])[-1] == 1
+    ([1, 2, 3, 4], True)
+    >>> g.walk(["loc", "loc", "eos"])  # a point is not a box
+    Traceback (most recent call last):
+    ...
+    ValueError: class 'eos' is not allowed in State(ctx='run', points=2, need=0)
+    """
+
+    RUNS = {None: (2, 4), "shape": (2, 4), "box": (4,), "point": (2,)}
+
+    def __init__(self, fmt: BinsFormat, only: str | None = None):
+        if only not in self.RUNS:
+            raise ValueError(f"the bins format writes boxes and points only: only must be one of "
+                             f"{sorted(k for k in self.RUNS if k)} or None, got {only!r}")
+        self.cfg, self.only = fmt, only
+        self.complete = self.RUNS[only]
+        self.start = State("start") if only else State("text")
+        self._tabulate()
+
+    def step(self, s: State, cls: str) -> State | None:
+        if s.ctx == "done":
+            return s  # generate pads finished rows; anything goes
+        n = s.points if s.ctx == "run" else 0
+        if cls == "loc":
+            return State("run", n + 1) if n < max(self.complete) else None
+        if s.ctx == "start" or (s.ctx == "run" and n not in self.complete):
+            return None  # an answer that must be a shape, or a run that is no shape yet
+        if cls == "eos":
+            return State("done")
+        return State("text") if cls == "text" and not self.only else None
+
+    def accepting(self, s: int) -> bool:
+        st = self.states[s]
+        return st.ctx in ("text", "done") or (st.ctx == "run" and st.points in self.complete)
 
 
-def getok_token_ids(tokenizer, cfg: GETokConfig) -> dict[str, int]:
-    """Map every GETok token of ``cfg`` to its id in ``tokenizer``; ValueError if one is missing or split."""
+def grammar_for(fmt: LocationFormat, only: str | None = None) -> _Automaton:
+    """The automaton of a format that adds tokens: GETok's or the bins'; text coordinates are not constrained."""
+    if isinstance(fmt, GETokConfig):
+        return GETokGrammar(fmt, only)
+    if isinstance(fmt, BinsFormat):
+        return BinsGrammar(fmt, only)
+    raise ValueError(f"the {format_name(fmt)} format adds no tokens: there is no grammar to constrain it with")
+
+
+def getok_token_ids(tokenizer, cfg: LocationFormat) -> dict[str, int]:
+    """Map every token of the location format ``cfg`` (GETok's; the bins'; none for text) to its id in
+    ``tokenizer``; ValueError if one is missing or two share an id."""
     tokens = cfg.tokens()
+    if not tokens:
+        return {}
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
     unk = getattr(tokenizer, "unk_token_id", None)
     missing = [t for t, i in zip(tokens, ids) if i is None or i == unk]
+    what = "GETok" if isinstance(cfg, GETokConfig) else f"{format_name(cfg)} location"
     if missing:
         raise ValueError(
-            f"the tokenizer lacks {len(missing)} of the {len(tokens)} GETok tokens (first: {missing[0]!r}); "
-            "add them with llava_getok.register() or load a GETok checkpoint"
+            f"the tokenizer lacks {len(missing)} of the {len(tokens)} {what} tokens (first: {missing[0]!r}); "
+            "add them with llava_getok.register() or load a checkpoint trained with them"
         )
     if len(set(ids)) != len(ids):
-        raise ValueError("two GETok tokens share one id in this tokenizer")
+        raise ValueError(f"two {what} tokens share one id in this tokenizer")
     return dict(zip(tokens, ids))
 
 
-class GETokLogitsProcessor(LogitsProcessor):
-    """Mask the logits so that generation follows the GETok grammar; one automaton state per batch row.
+def token_class_names(cfg: LocationFormat) -> dict[str, str]:
+    """Each token of a format -> its class in :data:`CLASSES`."""
+    if isinstance(cfg, BinsFormat):
+        return dict.fromkeys(cfg.tokens(), "loc")
+    cls = {t: "grid" for t in cfg.grid_tokens} | {t: "off" for t in cfg.offset_tokens} | {DELETE: "delete"}
+    return cls | {tag: tag for pair in TAGS.values() for tag in pair}
 
-    token_ids: GETok token -> id (see :func:`getok_token_ids`); eos_token_id: int or list of ints;
+
+class GETokLogitsProcessor(LogitsProcessor):
+    """Mask the logits so that generation follows the GETok grammar (or, for a ``formats.BinsFormat``, the bins'
+    grammar :class:`BinsGrammar`); one automaton state per batch row.
+
+    token_ids: location token -> id (see :func:`getok_token_ids`); eos_token_id: int or list of ints;
     text_vocab_size: len(tokenizer) (ids at or beyond it, e.g. a padded LM head, are never allowed);
     never_ids: further ids never allowed (BOS by default via :meth:`from_tokenizer`);
-    only: see :class:`GETokGrammar`; max_new_tokens: the generation budget, so that an answer cut by it
+    only: see :class:`GETokGrammar` and :class:`BinsGrammar`; max_new_tokens: the generation budget, so that an answer cut by it
     still parses.
 
     A processor instance follows one ``generate`` call at a time: call :meth:`reset` before reusing it (reuse
@@ -248,19 +328,18 @@ class GETokLogitsProcessor(LogitsProcessor):
     exactly one token), which catches reuse unless a new prompt happens to be one token longer.
     """
 
-    def __init__(self, token_ids: dict[str, int], cfg: GETokConfig, eos_token_id, text_vocab_size: int,
+    def __init__(self, token_ids: dict[str, int], cfg: LocationFormat, eos_token_id, text_vocab_size: int,
                  never_ids=(), only: str | None = None, max_new_tokens: int | None = None):
         self.cfg = cfg
-        self.grammar = GETokGrammar(cfg, only)
+        self.grammar = grammar_for(cfg, only)
         self.max_new_tokens = max_new_tokens
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         if not eos:
             raise ValueError("eos_token_id is required: the grammar decides where an answer may end")
-        cls = {t: "grid" for t in cfg.grid_tokens} | {t: "off" for t in cfg.offset_tokens} | {DELETE: "delete"}
-        cls |= {tag: tag for pair in TAGS.values() for tag in pair}
+        cls = token_class_names(cfg)
         missing = [t for t in cfg.tokens() if t not in token_ids]
         if missing:
-            raise ValueError(f"token_ids lacks {len(missing)} GETok token(s), first {missing[0]!r}")
+            raise ValueError(f"token_ids lacks {len(missing)} location token(s), first {missing[0]!r}")
         self._classes = {"text_vocab_size": text_vocab_size, "eos": eos, "never": list(never_ids),
                          "getok": [(token_ids[t], _C[cls[t]]) for t in cfg.tokens()]}
         # Host-side tables; device tensors are made on first use (and per vocabulary width).
@@ -278,8 +357,8 @@ class GETokLogitsProcessor(LogitsProcessor):
         self._last_len = -1
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, cfg: GETokConfig, eos_token_id=None, **kwargs):
-        """Build from a tokenizer holding the GETok tokens (ids from :func:`getok_token_ids`)."""
+    def from_tokenizer(cls, tokenizer, cfg: LocationFormat, eos_token_id=None, **kwargs):
+        """Build from a tokenizer holding the format's tokens (ids from :func:`getok_token_ids`)."""
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         never = kwargs.pop("never_ids", [i for i in (tokenizer.bos_token_id,) if i is not None])
         return cls(getok_token_ids(tokenizer, cfg), cfg, eos, len(tokenizer), never_ids=never, **kwargs)
@@ -294,7 +373,7 @@ class GETokLogitsProcessor(LogitsProcessor):
             out[ids] = k
         ids, ks = zip(*c["getok"])
         if max(ids) >= vocab_size:
-            raise ValueError(f"GETok token id {max(ids)} is outside the model's vocabulary of {vocab_size}")
+            raise ValueError(f"location token id {max(ids)} is outside the model's vocabulary of {vocab_size}")
         out[list(ids)] = torch.tensor(ks)
         return out
 

@@ -1,5 +1,8 @@
-"""``llava-getok predict``: a GETok LLaVA model answers the questions of a converted file; the answers are
-parsed (by token ids) into shapes in pixels of the original image and written as JSONL.
+"""``llava-getok predict``: a LLaVA model answers the questions of a converted file; the answers are parsed in the
+file's location format (GETok and bins tokens by token ids, text coordinates from the text) into shapes in pixels
+of the original image and written as JSONL. The model is a checkpoint of ``python -m llava_getok.train`` (its
+sidecar says its format) or a stock LLaVA without a sidecar, e.g. ``liuhaotian/llava-v1.5-7b`` on data converted
+with ``--format text --frame pad`` (docs/zero-shot.md).
 
     llava-getok predict --model-path CKPT [--model-base BASE] --data converted.json --image-root DIR
                         --output preds.jsonl [--constrained/--no-constrained] [--shape-only]
@@ -8,6 +11,7 @@ parsed (by token ids) into shapes in pixels of the original image and written as
 One line per record, in the file's order: ``{"id", "text", "shapes": [{"kind", "points"}], "errors"}``
 (docs/data-format.md). Generation is batched with LLaVA's own input path (template, ``<image>`` token,
 ``process_images``), left padding and ``config.tokenizer_padding_side = "left"`` (docs/pitfalls.md), greedy.
+GETok and bins answers are grammar-constrained (``--constrained``, the default); text answers are free text.
 Refine-mode records get two turns: the grid answer, then LLaVA's refine question about *that* answer, whose
 offsets are applied to it.
 """
@@ -19,9 +23,9 @@ import sys
 from pathlib import Path
 
 from .atomic import atomic_path
+from .formats import LocationFormat, describe, format_to_dict, parse, parse_ids, same_tokens
 from .parse import ParseResult
-from .records import REFINE_PROMPT, RecordsError, check_getok, prediction_line, read_records
-from .vocab import GETokConfig
+from .records import REFINE_PROMPT, RecordsError, check_format, check_getok, prediction_line, read_records
 
 SHAPE_ONLY = {"rec": "box", "res": "mask", "point": "point"}  # --shape-only: the answer each task asks for
 
@@ -37,13 +41,14 @@ def question_turns(record: dict) -> list[dict]:
 class Predictor:
     """Batched generation + parsing for one loaded LLaVA model.
 
-    cfg: the GETok config of the answers (the data's; its lattice is the model's). Each record's
-    ``getok.frame`` and ``getok.size`` map the answers back to pixels. constrained: apply
-    :class:`GETokLogitsProcessor`; shape_only: make each answer exactly the shape its task asks for (rec: a
-    box, res: a mask, point: a point), which also rules out "no such object" answers.
+    cfg: the location format of the answers (the data's: a GETokConfig, whose lattice is the model's, or
+    formats.TextFormat / BinsFormat). Each record's ``getok.frame`` and ``getok.size`` map the answers back to
+    pixels. constrained: apply :class:`GETokLogitsProcessor` (GETok and bins; text answers are never constrained);
+    shape_only: make each answer exactly the shape its task asks for (rec: a box, res: a mask, point: a point),
+    which also rules out "no such object" answers.
     """
 
-    def __init__(self, tokenizer, model, image_processor, cfg: GETokConfig, conv_mode: str = "llava_v1",
+    def __init__(self, tokenizer, model, image_processor, cfg: LocationFormat, conv_mode: str = "llava_v1",
                  constrained: bool = True, shape_only: bool = False, max_new_tokens: int = 64):
         from .generation import getok_token_ids
 
@@ -52,14 +57,15 @@ class Predictor:
         self.constrained, self.shape_only, self.max_new_tokens = constrained, shape_only, max_new_tokens
         self.token_ids = getok_token_ids(tokenizer, cfg)
         self.id_to_token = {v: k for k, v in self.token_ids.items()}
-        self.first_cfg = cfg.with_mode("grid") if cfg.mode == "refine" else cfg
+        self.refine = getattr(cfg, "mode", None) == "refine"
+        self.first_cfg = cfg.with_mode("grid") if self.refine else cfg
         self._cache = {}
 
     def _processors(self, cfg, only=None, first_shapes=None):
         """The grammar constraint for one generate call (none when unconstrained)."""
         from .generation import GETokLogitsProcessor, RefinementLogitsProcessor
 
-        if not self.constrained:
+        if not self.constrained or not cfg.tokens():  # text coordinates are ordinary text: nothing to constrain
             return []
         if first_shapes is not None:  # refine mode's second turn: exactly the first answer's structure
             return [RefinementLogitsProcessor.from_tokenizer(self.tokenizer, cfg, first_shapes)]
@@ -107,7 +113,6 @@ class Predictor:
     def predict(self, records: list[dict], image_root) -> list[dict]:
         """Prediction lines for a batch of records that share a task (one shape-only restriction)."""
         from .codec import apply_refinement
-        from .parse import parse_ids
 
         tasks = {(r.get("getok") or {}).get("task") for r in records}
         only = SHAPE_ONLY.get(tasks.pop()) if self.shape_only and len(tasks) == 1 else None
@@ -115,7 +120,7 @@ class Predictor:
         first_turns = [question_turns(r) for r in records]
         answers = self.generate(first_turns, images, self._processors(self.first_cfg, only))
         out = []
-        if self.cfg.mode == "refine":  # second turn: refine the model's own first answer
+        if self.refine:  # second turn: refine the model's own first answer
             from .parse import ParseError
 
             texts = [self.decode(a) for a in answers]
@@ -135,7 +140,9 @@ class Predictor:
                 out.append(self._line(r, text + "\n" + self.decode(b), res))
             return out
         for r, a in zip(records, answers):
-            out.append(self._line(r, self.decode(a), parse_ids(a, self.id_to_token, self.cfg)))
+            text = self.decode(a)
+            result = parse_ids(a, self.id_to_token, self.cfg) if self.token_ids else parse(text, self.cfg)
+            out.append(self._line(r, text, result))
         return out
 
     def _line(self, record, text, result):
@@ -179,12 +186,13 @@ def load_model(model_path: str, model_base: str | None = None, device: str = "cp
     return tokenizer, model, processor
 
 
-def model_getok_config(model_path: str) -> GETokConfig | None:
-    """The GETok config recorded in the checkpoint's sidecar, if any."""
+def model_getok_config(model_path: str) -> LocationFormat | None:
+    """The location format recorded in the checkpoint's sidecar (GETok's config for sidecars written before formats
+    were recorded); None without a sidecar (a stock LLaVA checkpoint)."""
     from .llava.sidecar import read_sidecar
 
     sidecar = read_sidecar(model_path)
-    return sidecar.config if sidecar is not None else None
+    return sidecar.location_format if sidecar is not None else None
 
 
 def predict_file(predictor: Predictor, records: list[dict], image_root, output: Path, batch_size: int = 8,
@@ -211,13 +219,14 @@ def _parser():
     p.add_argument("--image-root", type=Path, default=None)
     p.add_argument("--output", type=Path, required=True, help="predictions JSONL")
     p.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="grammar-constrained decoding (default on)")
+                   help="grammar-constrained decoding of GETok and bins answers (default on; text answers are free)")
     p.add_argument("--shape-only", action="store_true",
                    help="the answer is exactly the shape the task asks for (rec: box, res: mask, point: point)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
-    p.add_argument("--conv-mode", default="llava_v1", help="LLaVA conversation template (as in training)")
+    p.add_argument("--conv-mode", default="llava_v1", help="LLaVA conversation template (as in training; stock "
+                   "LLaVA-1.5: vicuna_v1, as LLaVA's own evaluation scripts)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     return p
 
@@ -230,16 +239,25 @@ def main(argv=None) -> int:
         print(f"llava-getok predict: {e}", file=sys.stderr)
         return 1
     records = records[: args.limit] if args.limit is not None else records
-    configs = {json.dumps((r.get("getok") or {}).get("config"), sort_keys=True) for r in records}
-    if len(configs) != 1 or "null" in configs:
-        print(f"llava-getok predict: {args.data}: every record needs the same getok.config, found {len(configs)}",
-              file=sys.stderr)
+    try:
+        formats = {json.dumps(format_to_dict(check_format(r.get("getok") or {}, f"record {r.get('id')}: getok")),
+                              sort_keys=True): k for k, r in enumerate(records)}
+    except RecordsError as e:
+        print(f"llava-getok predict: {args.data}: {e}", file=sys.stderr)
         return 1
-    cfg = GETokConfig.from_dict(json.loads(configs.pop()))
-    model_cfg = model_getok_config(args.model_path)
-    if model_cfg is not None and model_cfg.with_mode("grid") != cfg.with_mode("grid"):  # mode and rounds: the data's
-        print(f"llava-getok predict: the model's tokens are {model_cfg}, the data's {cfg}: grid, offset levels "
-              "and schedule must agree", file=sys.stderr)
+    if len(formats) != 1:
+        print(f"llava-getok predict: {args.data}: every record needs the same location format (getok.config or "
+              f"getok.format), found {len(formats)}", file=sys.stderr)
+        return 1
+    cfg = check_format(records[0]["getok"], "getok")
+    try:
+        model_cfg = model_getok_config(args.model_path)
+    except ValueError as e:
+        print(f"llava-getok predict: {e}", file=sys.stderr)
+        return 1
+    if model_cfg is not None and not same_tokens(model_cfg, cfg):  # GETok's mode and rounds: the data's
+        print(f"llava-getok predict: the model was trained on {describe(model_cfg)}, the data is in {describe(cfg)}: "
+              "the format and its tokens (GETok: grid, offset levels, schedule; bins: K) must agree", file=sys.stderr)
         return 1
     import torch
 
@@ -253,9 +271,9 @@ def main(argv=None) -> int:
               f"sees frame {seen!r} (image_aspect_ratio={getattr(model.config, 'image_aspect_ratio', None)!r})",
               file=sys.stderr)
         return 1
-    predictor = Predictor(tokenizer, model, processor, cfg, args.conv_mode, args.constrained, args.shape_only,
-                          args.max_new_tokens)
     try:
+        predictor = Predictor(tokenizer, model, processor, cfg, args.conv_mode, args.constrained, args.shape_only,
+                              args.max_new_tokens)
         n = predict_file(predictor, records, args.image_root, args.output, args.batch_size)
     except (FileNotFoundError, ValueError) as e:
         print(f"llava-getok predict: {e}", file=sys.stderr)

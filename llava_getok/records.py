@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .codec import Shape, apply_refinement
+from .formats import LocationFormat, parse, record_format
 from .geometry import FRAMES, points_from_frame, points_to_frame
-from .parse import parse
+from .parse import ParseError, ParseResult
 from .vocab import SHAPE_KINDS, GETokConfig
 
 # Pixel coordinates in files (records and predictions) are rounded to this many decimals.
@@ -140,22 +141,29 @@ def read_records(path, require_id: bool = True, one_question: bool = False) -> l
 
 
 def read_predictions(path) -> dict[str, dict]:
-    """Predictions JSONL -> {id: prediction}; a line that is not a JSON object, a missing or repeated id, an id
-    that is not a string or an integer, or a malformed shape is a :class:`RecordsError` naming the line."""
+    """Predictions JSONL -> {id: prediction}. A line is ``llava-getok predict``'s ``{"id", "text", "shapes",
+    "errors"}`` or just the model's raw answer, ``{"id", "text"}`` (LLaVA's ``llava.eval.model_vqa`` writes
+    ``question_id`` for the id: accepted when there is no ``id``); a line without ``shapes`` is parsed from its text
+    later, in the annotations' format and frame (:func:`parse_answer`). A line that is not a JSON object, a missing
+    or repeated id, an id that is not a string or an integer, a ``text`` that is not a string or a malformed shape is
+    a :class:`RecordsError` naming the line."""
     path = Path(path)
     out: dict[str, dict] = {}
     for k, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         p = _json(line, f"{path}:{k}")
-        if not isinstance(p, dict) or p.get("id") is None:
-            raise RecordsError(f"{path}:{k}: a prediction must be an object with an 'id' field")
-        rid = check_id(p["id"], f"{path}:{k}")
+        key = "id" if isinstance(p, dict) and p.get("id") is not None else "question_id"
+        if not isinstance(p, dict) or p.get(key) is None:
+            raise RecordsError(f"{path}:{k}: a prediction must be an object with an 'id' (or 'question_id') field")
+        rid = check_id(p[key], f"{path}:{k}")
         if not isinstance(p.get("shapes", []), list) or not isinstance(p.get("errors", []), list):
             raise RecordsError(f"{path}:{k} (id {rid}): 'shapes' and 'errors' must be lists")
+        if not isinstance(p.get("text", ""), str):
+            raise RecordsError(f"{path}:{k} (id {rid}): 'text' must be a string, got {short(p['text'])}")
         check_shapes(p.get("shapes", []), f"{path}:{k} (id {rid})")
         if rid in out:
-            raise RecordsError(f"{path}:{k}: id {p['id']!r} appears twice")
+            raise RecordsError(f"{path}:{k}: id {p[key]!r} appears twice")
         out[rid] = p
     return out
 
@@ -194,15 +202,33 @@ def check_config(config, where: str) -> GETokConfig:
         raise RecordsError(f"{where}: 'config': {e}") from None
 
 
+def check_format(getok: dict, where: str) -> LocationFormat:
+    """The location format of a record's ``getok`` field: ``format`` (text, bins) or ``config`` (GETok), else a
+    :class:`RecordsError` naming ``where`` and the field."""
+    if "format" not in getok:
+        if "config" not in getok:
+            raise RecordsError(f"{where} lacks 'config' (GETok) or 'format' (text, bins) (docs/data-format.md); "
+                               f"keys: {sorted(getok)}")
+        return check_config(getok["config"], where)
+    f = getok["format"]
+    if not isinstance(f, dict) or any(isinstance(v, bool) for v in f.values()):
+        raise RecordsError(f"{where}: 'format' must be an object like {{\"name\": \"text\", \"decimals\": 2}}, got {short(f)}")
+    try:
+        return record_format(getok)
+    except (TypeError, ValueError) as e:
+        raise RecordsError(f"{where}: 'format': {e}") from None
+
+
 def check_getok(getok, where: str = "getok field", needs=("task", "frame", "size", "shapes")) -> dict:
     """A record's ``getok`` field with the keys ``needs`` checked (present; ``task`` a string; ``frame`` one of
-    FRAMES; ``size`` two positive numbers; ``shapes`` valid JSON shapes; ``config`` a valid GETokConfig) and, when
+    FRAMES; ``size`` two positive numbers; ``shapes`` valid JSON shapes; ``config``: a valid location format, GETok's
+    ``config`` or the ``format`` of text and bins, :func:`check_format`) and, when
     present, ``mask`` (COCO RLE of ``size``) and ``boxes`` (lists of 4 numbers); returns it, else
     :class:`RecordsError` naming the field."""
     if not isinstance(getok, dict):
         raise RecordsError(f"{where}: expected an object, got {short(getok)}")
     for key in needs:  # a null value is present, and refused by its own check below
-        if key not in getok:
+        if key not in getok and not (key == "config" and "format" in getok):
             raise RecordsError(f"{where} lacks {key!r} (docs/data-format.md); keys: {sorted(getok)}")
     if "task" in needs and not isinstance(getok["task"], str):
         raise RecordsError(f"{where}: 'task' must be a string, got {short(getok['task'])}")
@@ -214,7 +240,7 @@ def check_getok(getok, where: str = "getok field", needs=("task", "frame", "size
     if "shapes" in needs:
         check_shapes(getok["shapes"], where)
     if "config" in needs:
-        check_config(getok["config"], where)
+        check_format(getok, where)
     if getok.get("mask") is not None:
         problem = rle_problem(getok["mask"])
         if problem:
@@ -294,7 +320,8 @@ def decode_record(record: dict) -> dict:
     if not g:
         return {"id": record.get("id"), "text": "", "shapes": [], "errors": ["no getok field: nothing was converted"]}
     check_getok(g, "getok", needs=("config", "frame", "size"))
-    cfg = check_config(g["config"], "getok")
+    fmt = check_format(g, "getok")
+    refine = getattr(fmt, "mode", None) == "refine"
     turns = record.get("conversations")
     if not isinstance(turns, list):
         raise RecordsError(f"'conversations' must be a list of turns, got {short(turns)}")
@@ -303,22 +330,41 @@ def decode_record(record: dict) -> dict:
             raise RecordsError(f"'conversations[{k}]' must be a turn with 'from' and 'value' strings, got {short(t)}")
     shapes, errors, last, text = [], [], [], ""
     for turn in turns:
-        r = parse(turn["value"], cfg)
+        r = parse(turn["value"], fmt)
         errors += [f"{turn['from']}: {e.message}" for e in r.errors]
         if r.refinements:
             try:
-                refined = apply_refinement(last, r.refinements, cfg)
+                refined = apply_refinement(last, r.refinements, fmt)
             except ValueError as e:
                 errors.append(str(e))
                 refined = last
             shapes = shapes[: len(shapes) - len(last)] + refined
             last = refined
-        elif r.shapes and not (cfg.mode == "refine" and turn["from"] == "human" and r.shapes == last):  # restated answer
+        elif r.shapes and not (refine and turn["from"] == "human" and r.shapes == last):  # restated answer
             shapes += r.shapes
             last = r.shapes
         if turn["from"] == "gpt":
             text = turn["value"]
     return prediction_line(record.get("id"), text, shapes, errors, g["size"], g["frame"])
+
+
+def parse_answer(record: dict, text: str, rid=None) -> dict:
+    """A model's raw answer to a converted record -> its prediction line, parsed in the record's location format
+    (GETok tokens, bins tokens, or text boxes anywhere in free text) and mapped from the record's frame to pixels of
+    the original image. A GETok refine-mode answer is both turns in one text (as ``predict`` writes it): the
+    refinement is applied to the first answer's shapes. Parse problems are the line's ``errors``; a record that is
+    not a converted one is a :class:`RecordsError`."""
+    g = check_getok(record.get("getok"), f"record {record.get('id')}: getok", needs=("config", "frame", "size"))
+    fmt = check_format(g, f"record {record.get('id')}: getok")
+    r = parse(text, fmt)
+    result = ParseResult(shapes=r.shapes, errors=list(r.errors))
+    if r.refinements:
+        try:
+            result.shapes = apply_refinement(r.shapes, r.refinements, fmt)
+        except ValueError as e:
+            result.errors.append(ParseError(0, f"refinement does not fit the first answer: {e}"))
+    return prediction_line(record.get("id") if rid is None else rid, text, result.shapes,
+                           [e.message for e in result.errors], g["size"], g["frame"])
 
 
 # -- masks --------------------------------------------------------------------------------------------------------

@@ -5,11 +5,17 @@ Every argument of LLaVA's ``llava/train/train.py`` passes through unchanged (``-
 ``--mm_vision_select_layer``, ``--tune_mm_mlp_adapter``, ``--freeze_backbone``, ``--lora_enable``,
 ``--bits``, ``--learning_rate``, ``--mm_projector_lr``, ``--deepspeed``, ...). Added here:
 
+  --getok_format getok|text|bins                 the location format (default: the training data's, which
+                                                 convert-datasets --format wrote; getok if it says none)
+  --getok_bins K                                 bins: K bins per axis, tokens <loc_0>..<loc_{K-1}> (default: the
+                                                 data's, else 1000)
   --getok_grid N (32)  --getok_rounds R  --getok_offset_levels M (3)  --getok_schedule halving|fixed
   --getok_mode grid|inline|refine (inline)       the GETok config (spec sections 2-5)
-  --getok_init sincos2d|mean (sincos2d)          initialisation of the new rows, input and output
+  --getok_init sincos2d|mean (sincos2d)          initialisation of the new rows, input and output (bins: the 1D
+                                                 code of the bin centre)
   --getok_grid_weight W (0.5)  --getok_box_weight W (0.5)  --getok_sigma S (1.0)  --getok_offset_sigma S (0)
-                                                 box-token loss; both weights 0 = plain LLaVA loss, exactly
+                                                 box-token loss (bins: its 1D analogue, sigma in bins); both weights
+                                                 0 = plain LLaVA loss, exactly; text always trains with LLaVA's loss
   --getok_rows auto|full|delta (auto)            auto: only GETok rows train under LoRA/QLoRA/frozen backbone
   --getok_check_data N (-1 = all, 0 = off)       LLaVA's preprocessing check over the data before training
                                                  (N: that many distinct records, spread over the file)
@@ -38,6 +44,7 @@ import importlib.util
 import json
 import sys
 
+from .formats import FORMAT_NAMES
 from .llava.settings import DATA_ORDERS, ROW_MODES, GETokSettings
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -47,6 +54,8 @@ def getok_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava_getok.train", add_help=False,
                                 description="GETok options (all other options go to LLaVA's train()).")
     d = GETokSettings()
+    p.add_argument("--getok_format", default=None, choices=FORMAT_NAMES)
+    p.add_argument("--getok_bins", type=int, default=None)
     p.add_argument("--getok_grid", type=int, default=d.grid)
     p.add_argument("--getok_rounds", type=int, default=None)
     p.add_argument("--getok_offset_levels", type=int, default=d.offset_levels)
@@ -127,6 +136,16 @@ def cpu_ranks(argv: list[str]) -> list[str]:
     return others if deepspeed else argv
 
 
+def settings_from(ours) -> GETokSettings:
+    """The GETok settings of the parsed --getok_* flags (ValueError for a bad value)."""
+    return GETokSettings(
+        format=ours.getok_format, bins=ours.getok_bins, grid=ours.getok_grid, rounds=ours.getok_rounds,
+        offset_levels=ours.getok_offset_levels, schedule=ours.getok_schedule, mode=ours.getok_mode, init=ours.getok_init,
+        grid_weight=ours.getok_grid_weight, box_weight=ours.getok_box_weight, sigma=ours.getok_sigma,
+        offset_sigma=ours.getok_offset_sigma, rows=ours.getok_rows, train_vision_tower=ours.unfreeze_mm_vision_tower,
+        check_data=ours.getok_check_data, data_order=ours.getok_data_order)
+
+
 def main(argv=None) -> None:
     from .quiet import install
 
@@ -139,12 +158,10 @@ def main(argv=None) -> None:
     if ours.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise SystemExit("--attn_implementation flash_attention_2: the flash-attn package is not installed "
                          "(GPU only: pip install 'llava-getok[gpu]'); use sdpa")
-    settings = GETokSettings(
-        grid=ours.getok_grid, rounds=ours.getok_rounds, offset_levels=ours.getok_offset_levels,
-        schedule=ours.getok_schedule, mode=ours.getok_mode, init=ours.getok_init,
-        grid_weight=ours.getok_grid_weight, box_weight=ours.getok_box_weight, sigma=ours.getok_sigma,
-        offset_sigma=ours.getok_offset_sigma, rows=ours.getok_rows, train_vision_tower=ours.unfreeze_mm_vision_tower,
-        check_data=ours.getok_check_data, data_order=ours.getok_data_order)
+    try:
+        settings = settings_from(ours)
+    except ValueError as e:  # a bad value of a --getok_* flag: one line
+        raise SystemExit(f"python -m llava_getok.train: {e}") from None
 
     from .llava import register
     from .llava.templates import resolve_template
@@ -158,8 +175,13 @@ def main(argv=None) -> None:
 
     import llava.train.train as llava_train
 
+    from .llava.settings import FormatError
+
     sys.argv = [sys.argv[0]] + with_default_checkpointing(cpu_ranks(rest))  # LLaVA's HfArgumentParser reads sys.argv
-    llava_train.train(attn_implementation=ours.attn_implementation)
+    try:
+        llava_train.train(attn_implementation=ours.attn_implementation)
+    except FormatError as e:  # the data's location format and the flags disagree: one line, not a traceback
+        raise SystemExit(f"python -m llava_getok.train: {e}") from None
 
 
 if __name__ == "__main__":

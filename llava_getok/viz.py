@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import atomic_path
 from .geometry import points_from_frame, points_to_frame
-from .records import RecordsError, read_predictions, read_records, record_mask, shapes_from_pixels
+from .records import RecordsError, parse_answer, read_predictions, read_records, record_mask, shapes_from_pixels
 from .vocab import GETokConfig
 
 GT, PRED, LATTICE = (40, 200, 60), (235, 40, 40), (255, 255, 255)
@@ -154,6 +154,8 @@ def sample_picture(record: dict, prediction: dict | None, image_root, grid: bool
         image = im.convert("RGB")
     cfg = GETokConfig.from_dict(g["config"]) if g.get("config") else None
     frame = g.get("frame", "pad")
+    if prediction is not None and "shapes" not in prediction and g:  # a model's raw answer: parsed as eval parses it
+        prediction = parse_answer(record, prediction.get("text", ""))
     pred_shapes = (prediction or {}).get("shapes") or []
     pred_mask = None
     mask_shapes = [s for s in pred_shapes if s.get("kind") == "mask"]

@@ -99,7 +99,7 @@ def test_check_data_on_a_legacy_folder_switches_it_and_llava_preprocessing_has_n
         assert main([str(records), "--model-path", str(llama_dir), "--grid", "32", "--version", version]) == 0
         out, err = capsys.readouterr()
         assert "| problems | 0 |" in out and "| checked | 4 |" in out
-        assert "| GETok tokens in answers | 30 |" in out  # 3 boxes + 2 in the two-turn record, 6 tokens each
+        assert "| location tokens in answers | 30 |" in out  # 3 boxes + 2 in the two-turn record, 6 tokens each
         assert sum(SWITCHED in line for line in err.splitlines()) == 1 and "Traceback" not in err
 
 

@@ -257,3 +257,83 @@ def test_ids_out_of_order_give_the_same_loss_as_one_run_of_ids():
     (a["grid"] + a["box"]).backward()
     (b["grid"] + b["box"]).backward()
     assert torch.allclose(logits.grad, logits2.grad[..., torch.from_numpy(to_shuffled)], rtol=1e-10, atol=1e-14)
+
+
+# -- the bins format's 1D analogue (llava_getok.llava.bins_loss) ----------------------------------------------------
+
+def reference_bins_loss(logits, labels, ids, bins, sigma):
+    """The 1D loss written plainly with torch autograd: soft cross-entropy against a 1D Gaussian over bins at every
+    location target, and L1 + 1 - GIoU of each box's expected coordinates (a box: 4 adjacent location targets)."""
+    targets = labels[:, 1:].reshape(-1)
+    rows = logits[:, :-1].reshape(-1, logits.shape[-1])
+    at = [k for k, t in enumerate(targets.tolist()) if t in ids]
+    logp = torch.log_softmax(rows[at][:, ids], -1)
+    target_bin = torch.tensor([ids.index(int(targets[k])) for k in at], dtype=torch.float64)
+    q = torch.exp(-((torch.arange(bins)[None] - target_bin[:, None]) ** 2) / (2 * sigma**2))
+    ce = -(q / q.sum(1, keepdim=True) * logp).sum() / len(at)
+    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    runs, run = [], []
+    for k in range(len(targets) + 1):
+        if k < len(targets) and int(targets[k]) in ids and (not run or run[-1] == k - 1):
+            run.append(k)
+            continue
+        if len(run) == 4:
+            runs.append(run)
+        run = [k] if k < len(targets) and int(targets[k]) in ids else []
+    terms = []
+    for run in runs:
+        pos = [at.index(k) for k in run]
+        x = logp[pos].exp() @ centres
+        t = centres[target_bin[pos].long()]
+        lo, hi = torch.minimum(x[:2], x[2:]), torch.maximum(x[:2], x[2:])
+        inter = (torch.minimum(hi, t[2:]) - torch.maximum(lo, t[:2])).clamp_min(0).prod()
+        union = (hi - lo).prod() + (t[2:] - t[:2]).prod() - inter
+        hull = (torch.maximum(hi, t[2:]) - torch.minimum(lo, t[:2])).prod()
+        giou = inter / (union + 1e-9) - (hull - union) / (hull + 1e-9)
+        terms.append((x - t).abs().mean() + 1 - giou)
+    return ce, torch.stack(terms).mean(), len(runs)
+
+
+def test_bins_loss_value_and_gradient_match_a_plain_autograd_computation():
+    from llava_getok.formats import BinsFormat
+    from llava_getok.llava.bins_loss import BinsTable, bins_token_loss
+
+    bins, base = 12, 5
+    fmt = BinsFormat(bins=bins)
+    ids = list(range(base, base + bins))
+    loc = lambda k: base + k  # noqa: E731
+    # a box (x1 y1 x2 y2), a point (2 adjacent targets: no box), text, and a second box in another row
+    labels = torch.tensor([[-100, 1, loc(2), loc(3), loc(9), loc(10), 2, loc(4), loc(4), 3],
+                           [-100, 1, 1, loc(0), loc(1), loc(11), loc(6), 2, -100, -100]])
+    torch.manual_seed(0)
+    logits = torch.randn(2, labels.shape[1], base + bins + 3, dtype=torch.float64, requires_grad=True)
+    parts = bins_token_loss(logits, labels, BinsTable.from_ids(fmt, ids), sigma=1.5)
+    ce, box, n_box = reference_bins_loss(logits, labels, ids, bins, 1.5)
+    assert (parts["n_grid"], parts["n_box"], n_box) == (10, 2, 2)
+    assert float(parts["grid"].detach()) == pytest.approx(float(ce.detach()), rel=1e-10)
+    assert float(parts["box"].detach()) == pytest.approx(float(box.detach()), rel=1e-10)
+    got = torch.autograd.grad(0.3 * parts["grid"] + 0.7 * parts["box"], logits)[0]
+    want = torch.autograd.grad(0.3 * ce + 0.7 * box, logits)[0]
+    assert torch.allclose(got, want, atol=1e-10)
+    # sigma 0 is plain cross-entropy over the K location columns
+    one_hot = bins_token_loss(logits, labels, BinsTable.from_ids(fmt, ids), sigma=0.0, with_box=False)
+    rows = logits[:, :-1].reshape(-1, logits.shape[-1])[[1, 2, 3, 4, 6, 7, 11, 12, 13, 14]][:, base:base + bins]
+    tgt = labels[:, 1:].reshape(-1)[[1, 2, 3, 4, 6, 7, 11, 12, 13, 14]] - base
+    assert float(one_hot["grid"].detach()) == pytest.approx(float(torch.nn.functional.cross_entropy(rows, tgt).detach()), rel=1e-12)
+    assert one_hot["n_box"] == 0 and float(one_hot["box"]) == 0.0
+
+
+def test_bins_loss_is_float32_under_bf16_autocast_and_zero_without_location_targets():
+    from llava_getok.formats import BinsFormat
+    from llava_getok.llava.bins_loss import BinsTable, bins_token_loss
+
+    table = BinsTable.from_ids(BinsFormat(bins=8), list(range(3, 11)))
+    labels = torch.tensor([[-100, 1, 3, 4, 9, 10, 2]])
+    logits = torch.randn(1, 7, 12, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = bins_token_loss(logits, labels, table)
+    assert parts["grid"].dtype == torch.float32 and parts["n_box"] == 1
+    (parts["grid"] + parts["box"]).backward()
+    assert logits.grad.dtype == torch.bfloat16 and logits.grad[0, 1:5].abs().sum() > 0
+    none = bins_token_loss(logits, torch.tensor([[-100, 1, 2, 2]]), table)
+    assert (none["n_grid"], float(none["grid"]), float(none["box"])) == (0, 0.0, 0.0)

@@ -132,6 +132,37 @@ def test_row_init_mean_and_sincos2d(registered, tiny_llava_dir):
         resize_embeddings(model, n_old)
 
 
+def test_the_location_format_comes_from_the_data_or_must_agree_with_it():
+    from llava_getok.formats import BinsFormat, TextFormat
+    from llava_getok.llava.settings import FormatError, GETokSettings
+
+    assert GETokSettings(grid=8).location_format([]) == CFG.with_mode("inline")  # no data format: GETok, the flags'
+    assert GETokSettings(grid=8).location_format([GETokConfig(grid=8, mode="refine"), GETokConfig(grid=8)]) == GETokConfig(grid=8)
+    assert GETokSettings().location_format([BinsFormat(64)]) == BinsFormat(64)  # the data's format and K
+    assert GETokSettings(format="bins").location_format([]) == BinsFormat(1000)
+    assert GETokSettings().location_format([TextFormat(3)]) == TextFormat(3)
+    for settings, data, message in [
+            (GETokSettings(), [GETokConfig(grid=8)], "are not the training data's"),  # the default grid 32 on grid-8 data
+            (GETokSettings(format="getok"), [BinsFormat(64)], "--getok_format getok, but the training data is in bins"),
+            (GETokSettings(bins=100), [BinsFormat(64)], "--getok_bins 100, but the training data is in bins, K = 64"),
+            (GETokSettings(), [BinsFormat(64), TextFormat()], "mixes location formats")]:
+        with pytest.raises(FormatError, match=message):
+            settings.location_format(data)
+
+
+def test_bin_rows_get_the_mean_plus_a_1d_code_of_the_bin_centre():
+    from llava_getok.formats import BinsFormat
+    from llava_getok.llava.tokens import getok_row_targets
+
+    fmt, mean = BinsFormat(bins=50), torch.randn(64)
+    rows = getok_row_targets(fmt, "sincos2d", mean, spread=0.5)
+    assert rows.shape == (50, 64) and torch.equal(getok_row_targets(fmt, "mean", mean, 0.5), mean.expand(50, 64))
+    code = rows - mean
+    dist = lambda a, b: float((code[a] - code[b]).norm())  # noqa: E731
+    assert dist(20, 21) < dist(20, 25) < dist(20, 45)  # near bins start near each other, far bins far
+    assert float(code.pow(2).mean(1).sqrt().mean()) == pytest.approx(0.5, rel=1e-4)  # the spread of the old rows
+
+
 def test_trainable_rows_change_only_getok_rows_even_with_weight_decay(registered, tiny_llava_dir):
     from llava.model import LlavaLlamaForCausalLM
 
@@ -256,11 +287,11 @@ def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_se
         loss.backward()
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
-    import llava_getok.llava.loss as loss_mod
+    from llava_getok.llava.box_loss import TokenTable
 
-    seen = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loss_mod, "box_token_loss", lambda scores, *a, **k: seen.append(callable(scores)) or box_token_loss(scores, *a, **k))
+    seen, table_loss = [], TokenTable.loss
+    with pytest.MonkeyPatch.context() as mp:  # the trainer asks the format's table for its loss
+        mp.setattr(TokenTable, "loss", lambda self, scores, *a, **k: seen.append(callable(scores)) or table_loss(self, scores, *a, **k))
         total = trainer.compute_loss(model, dict(batch))
     assert seen == [True]  # the scored-rows path ran, not the fallback on full logits
     logged, trainer._getok_sums = {k: float(v) for k, v in trainer._getok_sums.items()}, {}
@@ -385,7 +416,7 @@ def test_check_data_passes_good_data_and_fails_loudly_on_mismatch_and_split_toke
     wrong_grid = copy.deepcopy(records[0])
     wrong_grid["conversations"][1]["value"] = "<box><grid_20_3><off_0_0><grid_21_9><off_0_0></box>"
     split = check_records([wrong_grid], tokenizer, version="getok_v1", source="split")
-    assert not split.ok and "2 supervised" in split.problems[0] or "supervised GETok" in split.problems[0]
+    assert not split.ok and "2 supervised" in split.problems[0] or "supervised location token" in split.problems[0]
     # the CLI: exit status 0 / 1 and a table
     ckpt = tmp_path / "tok"
     tokenizer.save_pretrained(ckpt)

@@ -250,6 +250,75 @@ def test_projector_only_checkpoint_round_trip(tiny_llava_dir, train_data, tmp_pa
     assert (logits_of(trainer.model, ids, images) - logits_of(model, ids, images)).abs().max() <= LOGIT_TOL
 
 
+# -- the other location formats: 1D bins and text coordinates --------------------------------------------
+
+def test_bins_training_takes_the_format_from_the_data_and_predict_needs_no_flag(tiny_llava_dir, shared_data, tmp_path):
+    """No --getok_format: the data's bins format is trained, its tokens added and initialised through the GETok hooks,
+    the 1D loss logged; the sidecar records the format, so the builder, predict and eval need no flag."""
+    from llava_getok.cli import main
+    from llava_getok.formats import BinsFormat
+    from llava_getok.llava.tiny import make_grounding_data
+    from llava_getok.llava.tokens import getok_row_targets
+
+    fmt = BinsFormat(bins=32)
+    data = make_grounding_data(tmp_path / "data", shared_data / "coco_mini", fmt, n_records=2)
+    out = tmp_path / "out"
+    trainer = train_in_process(train_argv(tiny_llava_dir, data, out, "--save_strategy", "no",
+                                          "--lr_scheduler_type", "constant", steps=12))
+    assert trainer.getok.format == fmt and len(trainer.getok.ids) == 32 and trainer.loss_on
+    values, history = losses(out)
+    assert {"loss_lm", "loss_grid", "loss_box"} <= set(history[0]) and values[-1] < values[0], values
+    sidecar = json.loads((out / "getok_config.json").read_text())
+    assert sidecar["format"] == {"name": "bins", "bins": 32} and sidecar["tokens"] == list(fmt.tokens())
+    rows = rows_file(out)["input_rows"]
+    base_emb, _ = base_matrices(tiny_llava_dir)
+    start = getok_row_targets(fmt, "sincos2d", base_emb.mean(0), float(base_emb.std(0).mean()))
+    assert rows.shape == start.shape and not torch.allclose(rows, start, atol=1e-4)  # initialised, then trained
+    tokenizer, model, processor, _ = load(out)
+    assert tokenizer.convert_tokens_to_ids(list(fmt.tokens())) == trainer.getok.ids
+    ids, images = probe_inputs(tokenizer, processor, model.config, data)
+    assert (logits_of(trainer.model, ids, images) - logits_of(model, ids, images)).abs().max() <= LOGIT_TOL
+    preds = tmp_path / "preds.jsonl"
+    assert main(["predict", "--model-path", str(out), "--data", str(data), "--image-root", str(data.parent / "images"),
+                 "--output", str(preds), "--shape-only", "--device", "cpu"]) == 0
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert all(x["errors"] == [] and x["text"].count("<loc_") == 4 and x["shapes"][0]["kind"] == "box" for x in lines)
+    result_dir = tmp_path / "eval"
+    assert main(["eval", "--predictions", str(preds), "--annotations", str(data), "--output-dir", str(result_dir)]) == 0
+    assert json.loads((result_dir / "preds.metrics.json").read_text())["formats"]["rec"]["coco"] == "bins, K = 32"
+    # under LoRA the bin rows train as GETok's do: a delta on their rows only, saved in getok_rows.safetensors
+    lora = train_in_process(train_argv(tiny_llava_dir, data, tmp_path / "lora", "--lora_enable", "True", "--lora_r", "8",
+                                       "--save_strategy", "no", steps=2))
+    llava = lora.model.get_base_model()
+    n = base_emb.shape[0]
+    assert lora.getok.rows_mode == "delta" and torch.equal(llava.get_input_embeddings().weight[:n], base_emb)
+    assert llava.getok_rows.input_delta.shape[0] == 32 and llava.getok_rows.input_delta.abs().sum() > 0
+    assert rows_file(tmp_path / "lora")["input_rows"].shape == rows.shape
+
+
+def test_text_training_adds_no_token_and_trains_with_llavas_plain_loss(tiny_llava_dir, shared_data, tmp_path, monkeypatch):
+    from llava_getok import train as entry
+    from llava_getok.formats import TextFormat
+    from llava_getok.llava.tiny import make_grounding_data
+
+    data = make_grounding_data(tmp_path / "data", shared_data / "coco_mini", TextFormat(), n_records=2)
+    assert json.loads(data.read_text())[0]["conversations"][1]["value"].startswith("[0.")
+    out = tmp_path / "out"
+    trainer = train_in_process(train_argv(tiny_llava_dir, data, out, "--lora_enable", "True", "--lora_r", "8",
+                                          "--save_strategy", "no", steps=3))
+    assert trainer.getok.ids == [] and trainer.getok.table is None and not trainer.loss_on
+    _, history = losses(out)
+    assert "loss" in history[0] and "loss_grid" not in history[0]  # LLaVA's own loss path
+    sidecar = json.loads((out / "getok_config.json").read_text())
+    assert sidecar["format"] == {"name": "text", "decimals": 2} and sidecar["tokens"] == [] and sidecar["kind"] == "lora"
+    base_emb, _ = base_matrices(tiny_llava_dir)
+    tokenizer, model, _, _ = load(out, tiny_llava_dir)  # a LoRA checkpoint with no location rows loads
+    assert len(tokenizer) == base_emb.shape[0] and torch.equal(model.get_input_embeddings().weight, base_emb)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the entry point hands LLaVA its arguments in sys.argv
+    with pytest.raises(SystemExit, match="--getok_format bins, but the training data is in text, 2 decimals"):
+        entry.main(train_argv(tiny_llava_dir, data, tmp_path / "x", "--getok_format", "bins", steps=1))
+
+
 # -- QLoRA and ZeRO-2, as users launch them -----------------------------------------------------------
 
 def test_qlora_4bit_cli_trains_getok_rows_only(tiny_llava_dir, train_data, tmp_path):

@@ -184,3 +184,88 @@ def test_sampled_generation_on_the_tiny_model_always_parses(tiny_getok, records_
         assert r.errors == [], tokenizer.decode(row)
         n_shapes += len(r.shapes)
     assert n_shapes >= 8  # the rows did write GETok, not only text
+
+
+# -- the other location formats ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_bins(tiny_llava_dir):
+    """The tiny LLaVA with 16 bin tokens added through the same hook as GETok's, random rows."""
+    import llava_getok
+    from llava_getok.formats import BinsFormat
+    from llava_getok.llava.tokens import add_getok_tokens, resize_embeddings
+
+    llava_getok.register()
+    from llava.model.builder import load_pretrained_model
+
+    fmt = BinsFormat(bins=16)
+    torch.manual_seed(1)
+    tokenizer, model, processor, _ = load_pretrained_model(str(tiny_llava_dir), None, "tiny-llava", device="cpu")
+    ids = add_getok_tokens(tokenizer, fmt)
+    resize_embeddings(model, len(tokenizer))
+    with torch.no_grad():
+        for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            w[ids] = torch.randn_like(w[ids]) * w[: min(ids)].std() * 3  # large enough to be sampled
+    return tokenizer, model.float().eval(), processor, fmt
+
+
+def test_bins_rec_answers_are_exactly_four_location_tokens(tiny_bins, records_and_root):
+    from llava_getok.predict import Predictor
+
+    tokenizer, model, processor, fmt = tiny_bins
+    records, root, _ = records_and_root
+    batch = json.loads(json.dumps(records[:3] + records[5:6]))  # three rec records, one point record
+    for r in batch:
+        r["getok"].pop("config")
+        r["getok"]["format"] = fmt.to_dict()
+    p = Predictor(tokenizer, model, processor, fmt, constrained=True, shape_only=True, max_new_tokens=8)
+    loc = set(tokenizer.convert_tokens_to_ids(list(fmt.tokens())))
+    for line, r in zip(p.predict(batch[:3], root) + p.predict(batch[3:], root), batch):
+        ids = tokenizer(line["text"], add_special_tokens=False).input_ids
+        want = 4 if r["getok"]["task"] == "rec" else 2
+        assert len(ids) == want and set(ids) <= loc and line["errors"] == [], line
+        assert [s["kind"] for s in line["shapes"]] == ["box" if want == 4 else "point"]
+    free = Predictor(tokenizer, model, processor, fmt, constrained=True, max_new_tokens=12)
+    lines = free.predict(batch[:3], root)
+    assert all(line["errors"] == [] for line in lines), lines  # free text, but every run of locations is a shape
+
+
+def stock_llava(tiny_llava_dir, folder):
+    """The tiny LLaVA as liuhaotian/llava-v1.5-7b is published: no sidecar, no location tokens, a config.json that
+    says model_type "llava" and holds only what transformers 4.31 wrote (no rope_theta, attention_dropout, ...)."""
+    shutil.copytree(tiny_llava_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("attention_bias", "attention_dropout", "head_dim", "mlp_bias", "rope_theta", "dtype",
+                "tokenizer_model_max_length", "tokenizer_padding_side", "mm_patch_merge_type"):
+        config.pop(key, None)
+    config.update(model_type="llava", transformers_version="4.31.0", torch_dtype="float16")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def test_a_stock_llava_without_a_sidecar_answers_text_and_eval_scores_its_raw_answers(tiny_llava_dir, tmp_path, capsys):
+    """The zero-shot recipe on the tiny model: convert with --format text --frame pad, predict with a checkpoint that
+    has no sidecar (text is never constrained), eval; a model_vqa-style file (question_id, text) scores the same."""
+    from convert_cases import COCO, IMAGES, run_cli
+
+    from llava_getok.cli import main
+
+    model = stock_llava(tiny_llava_dir, tmp_path / "llava-v1.5-tiny")
+    data = tmp_path / "val.json"
+    rc, _ = run_cli(["coco", "--input", COCO, "--image-root", IMAGES, "--task", "rec", "--format", "text", "--frame",
+                     "pad", "--on-error", "skip", "--output", data])
+    assert rc == 0
+    preds = tmp_path / "preds.jsonl"
+    assert main(["predict", "--model-path", str(model), "--data", str(data), "--image-root", str(IMAGES), "--output",
+                 str(preds), "--limit", "3", "--max-new-tokens", "12", "--conv-mode", "vicuna_v1", "--device", "cpu"]) == 0
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert len(lines) == 3 and all(x["text"] for x in lines)  # free text from a model without location tokens
+    assert main(["eval", "--predictions", str(preds), "--annotations", str(data), "--only-predicted"]) == 0
+    out = capsys.readouterr().out
+    assert "| text, 2 decimals |" in out
+    vqa = tmp_path / "answers.jsonl"  # what LLaVA's llava.eval.model_vqa writes
+    vqa.write_text("".join(json.dumps({"question_id": x["id"], "prompt": "", "text": x["text"], "answer_id": "a",
+                                       "model_id": "llava-v1.5-tiny", "metadata": {}}) + "\n" for x in lines))
+    assert main(["eval", "--predictions", str(vqa), "--annotations", str(data), "--only-predicted"]) == 0
+    scores = [json.loads(x) for x in (tmp_path / "preds.scores.jsonl").read_text().splitlines()]
+    assert scores == [json.loads(x) for x in (tmp_path / "answers.scores.jsonl").read_text().splitlines()]

@@ -57,6 +57,22 @@ def test_show_one_sample_is_a_png_of_the_image_size(image_root, tmp_path):
     assert tuple(a[50, 400]) == viz.PRED  # the predicted point
 
 
+def test_a_raw_text_answer_is_drawn_where_eval_reads_it(image_root, tmp_path):
+    """A model's raw answer (LLaVA's model_vqa: question_id and text) is parsed in the record's format and frame."""
+    rec = record("a", LANDSCAPE, (500, 375), [])
+    rec["getok"].pop("config")
+    rec["getok"]["format"] = {"name": "text", "decimals": 2}
+    ann, preds, out = tmp_path / "ann.json", tmp_path / "answers.jsonl", tmp_path / "a.png"
+    ann.write_text(json.dumps([rec]))
+    # pad frame of 500 x 375: S = 500, y offset 62; x1 = 0.1 * 500 = 50, y1 = 0.3 * 500 - 62 = 88
+    preds.write_text(json.dumps({"question_id": "a", "text": "It is at [0.1, 0.3, 0.5, 0.7]."}) + "\n")
+    assert viz.main(["--annotations", str(ann), "--predictions", str(preds), "--image-root", str(image_root),
+                     "--output", str(out)]) == 0
+    with Image.open(out) as im:
+        a = np.asarray(im.convert("RGB"))
+    assert tuple(a[150, 50]) == viz.PRED and tuple(a[88, 150]) == viz.PRED  # left and top edges of the answer's box
+
+
 def test_masks_and_contact_sheet(image_root, tmp_path, shared_data):
     from pycocotools import mask as mask_utils
 

@@ -6,7 +6,12 @@
 Writes ``STEM.metrics.json`` (every number), ``STEM.metrics.md`` (per-task tables, one row per split) and
 ``STEM.scores.jsonl`` (one line per record) next to the predictions or into ``--output-dir``, and prints the
 tables. Each table carries the quantisation ceiling: the same metrics for the ground-truth answer as the
-tokens carry it (what a perfect model could score with this grid, offsets and frame).
+tokens carry it (what a perfect model could score with this location format and frame), and the format itself
+(GETok's grid and rounds, text's decimals, the bins' K).
+
+Predictions are ``llava-getok predict``'s lines, or any model's raw answers ``{"id", "text"}`` (LLaVA's
+``model_vqa`` writes ``question_id``: accepted): a line without ``shapes`` is parsed here, in the annotations'
+location format (GETok tokens, bins tokens, or text boxes anywhere in free text) and frame.
 
 Exit status: 0 done, 1 bad input (one line naming file, record and field), 2 bad arguments, 130 interrupted.
 """
@@ -21,8 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_text_atomic
-from ..records import RecordsError, check_getok, decode_record, one_line, read_predictions, read_records, short
-from .metrics import TASKS, THRESHOLDS, aggregate, score_all, scores_as_dicts
+from ..formats import describe
+from ..records import (RecordsError, check_format, check_getok, decode_record, one_line, parse_answer, read_predictions,
+                       read_records, short)
+from .metrics import TASKS, THRESHOLDS, aggregate, score_all, scores_as_dicts, split_name
 
 
 def image_loader_for(root: Path | None):
@@ -72,6 +79,32 @@ def check_annotations(records: list[dict], path, ceiling: bool) -> None:
                     raise RecordsError(f"{where}: shapes[{j}]: a point lies outside the {w} x {h} image: {short(s['points'])}")
 
 
+def answers_parsed(records: list[dict], preds: dict[str, dict]) -> dict[str, dict]:
+    """``preds`` with every line that has no ``shapes`` (a model's raw answer) parsed from its ``text`` in its record's
+    format and frame (:func:`llava_getok.records.parse_answer`); lines of records that are not scored stay as they
+    are."""
+    out = dict(preds)
+    for r in records:
+        rid = str(r.get("id"))
+        p = preds.get(rid)
+        if p is not None and "shapes" not in p and (r.get("getok") or {}).get("task") in TASKS:
+            out[rid] = parse_answer(r, p.get("text", ""), p.get("id", p.get("question_id")))
+    return out
+
+
+def formats_by_split(records: list[dict], metrics: dict) -> dict:
+    """{task: {split: the location format(s) of its records' answers}} for the rows of ``metrics``."""
+    seen: dict = {}
+    for r in records:
+        g = r.get("getok") or {}
+        if g.get("task") in TASKS:
+            name = describe(check_format(g, f"record {r.get('id')}: getok"))
+            for split in (split_name(r), "all"):
+                seen.setdefault(g["task"], {}).setdefault(split, set()).add(name)
+    return {task: {split: "; ".join(sorted(seen[task].get(split, ()))) for split in rows}
+            for task, rows in metrics.items() if task in seen}
+
+
 def _fmt(v, pct=True):
     if v is None:
         return "–"
@@ -85,15 +118,16 @@ COLUMNS = {  # task -> (title, [(header, key)])
 }
 
 
-def markdown(metrics: dict, ceiling: dict | None) -> str:
-    """One table per task, one row per split; metrics in percent, counts as numbers."""
+def markdown(metrics: dict, ceiling: dict | None, formats: dict | None = None) -> str:
+    """One table per task, one row per split; metrics in percent, counts as numbers; with the ceiling, the
+    answers' location format (``formats``: :func:`formats_by_split`)."""
     parts = []
     for task, (title, cols) in COLUMNS.items():
         if task not in metrics:
             continue
         head = ["split", "n"] + [h for h, _ in cols] + ["unparseable", "no shape", "missing", "skipped"]
         if ceiling is not None:
-            head += [f"ceiling {h}" for h, _ in cols]
+            head += [f"ceiling {h}" for h, _ in cols] + (["format"] if formats else [])
         lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for split, row in metrics[task].items():
             cells = [split, str(row["n"])] + [_fmt(row[k]) for _, k in cols]
@@ -101,6 +135,7 @@ def markdown(metrics: dict, ceiling: dict | None) -> str:
             if ceiling is not None:
                 crow = ceiling.get(task, {}).get(split, {})
                 cells += [_fmt(crow.get(k)) for _, k in cols]
+                cells += [formats.get(task, {}).get(split, "–")] if formats else []
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n" if parts else "No record of a scored task (rec, res, point).\n"
@@ -111,7 +146,7 @@ def evaluate(predictions: Path, annotations: Path, image_root: Path | None = Non
     """Score, write the three outputs, return ``{"metrics", "ceiling", "counts", "files"}``."""
     records = read_records(annotations, one_question=True)
     check_annotations(records, annotations, ceiling)
-    preds = read_predictions(predictions)
+    preds = answers_parsed(records, read_predictions(predictions))
     ids = {str(r["id"]) for r in records}
     unknown = sorted(set(preds) - ids)
     if only_predicted:
@@ -133,14 +168,15 @@ def evaluate(predictions: Path, annotations: Path, image_root: Path | None = Non
                          "no_getok": sum(not r.get("getok") for r in records)}}
     if ceiling:
         result["ceiling"] = aggregate(ceiling_scores)
+        result["formats"] = formats_by_split(records, result["ceiling"])
     out_dir = Path(output_dir) if output_dir else Path(predictions).parent
     stem = Path(predictions).stem
     files = {k: out_dir / f"{stem}.{k}" for k in ("metrics.json", "metrics.md", "scores.jsonl")}
-    md = markdown(result["metrics"], result["ceiling"])
+    md = markdown(result["metrics"], result["ceiling"], result.get("formats"))
     notes = []
     if result["ceiling"] is not None and md.startswith("###"):
         notes.append("ceiling: the ground-truth answer as its tokens carry it, scored like a prediction: the best "
-                     "this grid, offset scheme, frame (and, for RES, proposal generator) allow.")
+                     "this location format (column format), frame (and, for RES, proposal generator) allow.")
     other = Counter(str((r.get("getok") or {}).get("task")) for r in records
                     if r.get("getok") and (r.get("getok") or {}).get("task") not in COLUMNS)
     if other:
@@ -161,7 +197,8 @@ def evaluate(predictions: Path, annotations: Path, image_root: Path | None = Non
 
 def _parser():
     p = argparse.ArgumentParser(prog="llava-getok eval", description=__doc__.split("\n")[0])
-    p.add_argument("--predictions", type=Path, required=True, help="JSONL from llava-getok predict")
+    p.add_argument("--predictions", type=Path, required=True,
+                   help="JSONL from llava-getok predict, or raw answers {id or question_id, text} (LLaVA's model_vqa)")
     p.add_argument("--annotations", type=Path, required=True, help="the converted file (JSON list or JSONL)")
     p.add_argument("--image-root", type=Path, help="images (RES: masks from proposals at the predicted anchors)")
     p.add_argument("--output-dir", type=Path, help="where to write STEM.metrics.json/.md and STEM.scores.jsonl "

@@ -2,9 +2,10 @@
 
 One small file per seam: ``compat`` (fixes for current transformers), ``tokens`` (tokenizer + embedding
 rows), ``rows`` (GETok-only trainable rows), ``templates`` (``getok_*`` conversation templates), ``builder``
-(checkpoint loading), ``box_loss`` (the spec's box-token loss, torch only), ``trainer`` (LLaVA's trainer with
-the loss and the checkpoint files), ``sidecar`` (``getok_config.json``), ``check`` (``llava-getok
-check-data``). :func:`register` applies them all, is idempotent and returns what it changed.
+(checkpoint loading), ``box_loss`` (the spec's box-token loss, torch only), ``bins_loss`` (its 1D analogue for the
+bins location format), ``trainer`` (LLaVA's trainer with the loss and the checkpoint files), ``sidecar``
+(``getok_config.json``), ``check`` (``llava-getok check-data``). :func:`register` applies them all, is idempotent
+and returns what it changed.
 """
 from __future__ import annotations
 

@@ -84,6 +84,11 @@ class TokenTable:
         """(m*m, 2) (dx, dy) of every offset class."""
         return np.asarray(self.cfg.offset_values, dtype=np.float64)
 
+    def loss(self, logits, labels, sigma: float = 1.0, with_box: bool = True, offset_sigma: float = 0.0):
+        """:func:`box_token_loss` with this table (the bins format's table has the same method: the trainer asks
+        the table, whatever the format)."""
+        return box_token_loss(logits, labels, self, sigma=sigma, with_box=with_box, offset_sigma=offset_sigma)
+
     @functools.lru_cache(maxsize=16)
     def on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cols, anchors, offsets) on ``device`` in ``dtype``, made once: a copy per step costs more than the loss."""

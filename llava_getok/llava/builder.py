@@ -98,7 +98,7 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
     """Load a GETok (or plain LLaVA) checkpoint; returns LLaVA's tuple (tokenizer, model, processor, ctx)."""
     from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
     from llava.model import LlavaLlamaForCausalLM
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .tokens import resize_embeddings, use_non_legacy
 
@@ -116,7 +116,9 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
     if sidecar is not None:
         use_non_legacy(tokenizer, str(path))  # a tokenizer_config.json without "legacy" (copied in by hand)
         sidecar.check_tokenizer(tokenizer, str(path))
-    config = AutoConfig.from_pretrained(path)
+    # LLaVA's own config class, as LLaVA's builder loads it: a stock checkpoint's config.json may say model_type
+    # "llava" (liuhaotian/llava-v1.5-7b), which AutoConfig maps to transformers' own, differently shaped LlavaConfig
+    config = LlavaLlamaForCausalLM.config_class.from_pretrained(path)
     kind = sidecar.kind if sidecar is not None else "full"
     tower_state = {}
 
@@ -129,7 +131,7 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
         base = model_base or sidecar.base_model
         if not base:
             raise ValueError(f"{path}: a {kind} checkpoint needs model_base (none given, none recorded)")
-        base_vocab = AutoConfig.from_pretrained(base).vocab_size
+        base_vocab = LlavaLlamaForCausalLM.config_class.from_pretrained(base).vocab_size
         config.vocab_size = base_vocab  # the base weights have this many rows; resized right after
         if hasattr(config, "quantization_config"):  # how a QLoRA run loaded its base, not how to load it now
             del config.quantization_config

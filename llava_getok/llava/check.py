@@ -12,6 +12,7 @@ Answers cut by ``model_max_length`` are counted and reported, not failed. A reco
 ``python -m llava_getok.train`` runs the same check on its training data before it trains.
 
 Usage: ``llava-getok check-data DATA.json --model-path CKPT_OR_TOKENIZER [--version getok_v1] [--grid 32 ...]``
+(a tokenizer without a sidecar gets the tokens of ``--grid``, or of the data's own format when it is text or bins)
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..vocab import TOKEN_RE, GETokConfig
+from ..formats import LOCATION_TOKEN_RE
+from ..vocab import GETokConfig
 
 MISMATCH = "tokenization mismatch"
 
@@ -50,7 +52,7 @@ class CheckReport:
 
     def table(self) -> str:
         rows = [("records", self.records), ("repeats (checked once)", self.repeats), ("checked", self.checked),
-                ("supervised tokens", self.supervised_tokens), ("GETok tokens in answers", self.getok_tokens), ("truncated (max length)", self.truncated),
+                ("supervised tokens", self.supervised_tokens), ("location tokens in answers", self.getok_tokens), ("truncated (max length)", self.truncated),
                 ("problems", len(self.problems))]
         return "| quantity | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
@@ -64,8 +66,9 @@ class _DataArgs:
 
 
 def _getok_ids(tokenizer) -> set[int]:
+    """The ids of every location token the tokenizer has (GETok's and the bins')."""
     vocab = tokenizer.get_vocab()
-    return {i for t, i in vocab.items() if TOKEN_RE.fullmatch(t)}
+    return {i for t, i in vocab.items() if LOCATION_TOKEN_RE.fullmatch(t)}
 
 
 @contextlib.contextmanager
@@ -135,15 +138,15 @@ def check_records(records, tokenizer, version: str | None = None, mm_use_im_star
                 report.problems.append(f"{where}: no supervised token (every label masked)")
                 continue
             answers = "".join(m["value"] for m in convs if m.get("from") == "gpt")
-            want = len(TOKEN_RE.findall(answers))
+            want = sum(1 for m in LOCATION_TOKEN_RE.finditer(answers) if m.group(0).isascii())
             report.getok_tokens += want
             got = sum(1 for t in supervised if t in getok_ids)
             if got != want:
                 if len(input_ids) >= tokenizer.model_max_length:
                     report.truncated += 1
                 else:
-                    report.problems.append(f"{where}: {want} GETok tokens in the answers but {got} supervised "
-                                           f"GETok label ids (split, merged or masked)")
+                    report.problems.append(f"{where}: {want} location tokens in the answers but {got} supervised "
+                                           f"location token label ids (split, merged or masked)")
     return report
 
 
@@ -181,24 +184,30 @@ def main(argv=None) -> int:
                                               padding_side="right")
     use_non_legacy(tokenizer, args.model_path)  # as training will use it
     tokenizer.pad_token = tokenizer.unk_token  # what LLaVA's train() does for every template but v0
-    sidecar = read_sidecar(args.model_path)
-    if sidecar is not None:
-        sidecar.check_tokenizer(tokenizer, args.model_path)
-        check_token_ids(tokenizer, sidecar.config)
-    elif args.grid:
-        cfg = GETokConfig(grid=args.grid, rounds=args.rounds, offset_levels=args.offset_levels, mode=args.mode)
-        add_getok_tokens(tokenizer, cfg)
-        check_token_ids(tokenizer, cfg)
-    elif not _getok_ids(tokenizer):
-        print(f"{args.model_path}: no GETok tokens in the tokenizer and no --grid: GETok tokens would be split",
-              file=sys.stderr)
-        return 2
+    from ..formats import data_formats
     from ..records import RecordsError, read_records
 
     try:
         records = read_records(args.data, require_id=False)
-    except RecordsError as e:
+        formats = data_formats(records)
+    except (RecordsError, ValueError) as e:
         print(e, file=sys.stderr)
+        return 2
+    sidecar = read_sidecar(args.model_path)
+    if sidecar is not None:
+        sidecar.check_tokenizer(tokenizer, args.model_path)
+        check_token_ids(tokenizer, sidecar.location_format)
+    elif args.grid:
+        cfg = GETokConfig(grid=args.grid, rounds=args.rounds, offset_levels=args.offset_levels, mode=args.mode)
+        add_getok_tokens(tokenizer, cfg)
+        check_token_ids(tokenizer, cfg)
+    elif formats and not isinstance(formats[0], GETokConfig):  # the data's own format: text adds nothing, bins K
+        for fmt in formats:
+            add_getok_tokens(tokenizer, fmt)
+            check_token_ids(tokenizer, fmt)
+    elif not _getok_ids(tokenizer):
+        print(f"{args.model_path}: no GETok tokens in the tokenizer and no --grid: GETok tokens would be split",
+              file=sys.stderr)
         return 2
     report = check_records(records, tokenizer, version=args.version, mm_use_im_start_end=args.mm_use_im_start_end,
                            limit=args.limit, source=str(args.data))

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .box_loss import IGNORE_INDEX, TokenTable, box_token_loss, shifted_targets
+from .bins_loss import BinsTable
+from .box_loss import IGNORE_INDEX, TokenTable, shifted_targets
 from .settings import GETokSettings
 
 LEAN = "lean"
@@ -86,8 +87,9 @@ class LossCapture:
 
 
 def getok_loss(head, labels: torch.Tensor, hidden: torch.Tensor | None, lm: torch.Tensor | None, logits,
-               table: TokenTable, settings: GETokSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(total, parts) of one step: LLaVA's LM loss plus the weighted box-token loss, and the parts to log.
+               table: TokenTable | BinsTable, settings: GETokSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(total, parts) of one step: LLaVA's LM loss plus the weighted box-token loss (GETok's, or its 1D analogue for
+    the bins format: ``table.loss``), and the parts to log.
 
     labels: (B, T) as LLaVA built them inside the forward; hidden: the LM head's input there (None: score the
     forward's own ``logits``); lm: the forward's LM loss, or None in the lean mode, where it is computed here on the
@@ -103,7 +105,7 @@ def getok_loss(head, labels: torch.Tensor, hidden: torch.Tensor | None, lm: torc
     else:
         scores = logits
     s = settings
-    parts = box_token_loss(scores, host, table, sigma=s.sigma, with_box=s.box_weight > 0, offset_sigma=s.offset_sigma)
+    parts = table.loss(scores, host, sigma=s.sigma, with_box=s.box_weight > 0, offset_sigma=s.offset_sigma)
     total = lm
     if s.grid_weight > 0:
         total = total + s.grid_weight * parts["grid"]
@@ -115,7 +117,7 @@ def getok_loss(head, labels: torch.Tensor, hidden: torch.Tensor | None, lm: torc
 def labelled_lm_loss(head, hidden: torch.Tensor, labels):
     """LLaVA's LM loss (transformers' ``ForCausalLMLoss``: ``hidden[:, t]`` predicts ``labels[:, t + 1]``, mean
     cross-entropy over the targets that are not -100) with the LM ``head`` applied to the positions that have a
-    target only, and a function ``rows -> logits`` over those positions for :func:`box_token_loss`.
+    target only, and a function ``rows -> logits`` over those positions for the table's loss.
 
     Most positions of a LLaVA sequence (image, prompt, padding) have no target: the full (B, T, V) logits, their
     log-softmax and their gradient were most of the head's cost and, for a 7B vocabulary, gigabytes of memory

@@ -1,6 +1,7 @@
-"""Before the first step: the GETok tokens added, the rows resized and initialised, what trains chosen, the data
-checked (:func:`prepare_for_getok`), on the model LLaVA's ``train()`` built (after LoRA, so the GETok rows are added
-after any LoRA injection, as they must be)."""
+"""Before the first step: the location format chosen (the settings' or the data's), its tokens added (GETok's; the
+bins' ``<loc_k>``; none for text), the rows resized and initialised, what trains chosen, the data checked
+(:func:`prepare_for_getok`), on the model LLaVA's ``train()`` built (after LoRA, so the GETok rows are added after any
+LoRA injection, as they must be)."""
 from __future__ import annotations
 
 import types
@@ -8,20 +9,23 @@ from dataclasses import dataclass
 
 import torch
 
+from ..formats import BinsFormat, LocationFormat, data_formats, format_name
 from ..vocab import GETokConfig
+from .bins_loss import BinsTable
 from .box_loss import TokenTable
 from .rows import attach_trainable_rows
-from .settings import GETokSettings
+from .settings import FormatError, GETokSettings
 from .tokens import add_getok_tokens, check_token_ids, init_getok_rows, resize_embeddings
 
 
 @dataclass
 class GETokState:
-    """What :func:`prepare_for_getok` set up, kept by the trainer."""
+    """What :func:`prepare_for_getok` set up, kept by the trainer. ``format``: the location format trained on;
+    ``ids``: its tokens' ids (none for text); ``table``: what the format's loss indexes (None for text)."""
 
-    config: GETokConfig
+    format: LocationFormat
     ids: list[int]
-    table: TokenTable
+    table: TokenTable | BinsTable | None
     rows_mode: str
     new_rows: int
     vocab_size: int
@@ -111,8 +115,13 @@ def match_deepspeed_dtype(model, args) -> None:
 
 
 def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dataset=None) -> GETokState:
-    """Add the GETok tokens, resize and initialise the rows, choose what trains, check the data."""
-    cfg = settings.config()
+    """Choose the location format (``settings.location_format`` with the data's), add its tokens, resize and
+    initialise the rows, choose what trains, check the data."""
+    try:
+        have = data_formats(getattr(train_dataset, "list_data_dict", None))
+    except ValueError as e:
+        raise FormatError(f"training data: {e}") from None
+    cfg = settings.location_format(have)
     base = unwrap_llava(model)
     check_projector(base)
     embeddings_frozen = not base.get_input_embeddings().weight.requires_grad
@@ -130,6 +139,9 @@ def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dat
         init_getok_rows(base, ids, cfg, settings.init, n_old=n_old)
     mode = rows_mode(settings, args, embeddings_frozen)
     if settings.rows == "factored":
+        if not isinstance(cfg, GETokConfig):
+            raise ValueError(f"--getok_rows factored factors the grid rows of GETok; the {format_name(cfg)} format has "
+                             f"none")
         if mode == "full" and getattr(args, "weight_decay", 0.0):
             raise ValueError("--getok_rows factored with full fine-tuning needs --weight_decay 0: the GETok rows of "
                              "the matrices get no gradient (their deltas train them), but AdamW would still decay "
@@ -137,7 +149,8 @@ def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dat
         attach_trainable_rows(base, ids, grid=cfg.grid, freeze_matrices=mode == "delta")
         mode = f"factored ({'matrices frozen' if mode == 'delta' else 'other rows train'})"
     elif mode == "delta":
-        attach_trainable_rows(base, ids)
+        if ids:  # text adds no rows: only LLaVA's own parameters (LoRA, projector) train
+            attach_trainable_rows(base, ids)
     else:
         base.get_input_embeddings().weight.requires_grad_(True)
         base.get_output_embeddings().weight.requires_grad_(True)
@@ -163,4 +176,6 @@ def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dat
                                mm_use_im_start_end=getattr(data_args, "mm_use_im_start_end", False),
                                limit=settings.check_data, source=source)
         raise_on_problems(report, source)
-    return GETokState(cfg, ids, TokenTable.from_ids(cfg, ids), mode, len(new), size)
+    table = (TokenTable.from_ids(cfg, ids) if isinstance(cfg, GETokConfig)
+             else BinsTable.from_ids(cfg, ids) if isinstance(cfg, BinsFormat) else None)
+    return GETokState(cfg, ids, table, mode, len(new), size)

@@ -1,8 +1,8 @@
 """``getok_config.json`` and ``getok_rows.safetensors``: what every GETok checkpoint records about itself.
 
-The sidecar says how the checkpoint was built (GETok config, token list and ids, vocabulary size, tokenizer
-``legacy`` flag, frame / ``image_aspect_ratio``, base model, kind of checkpoint), so the builder hook can load
-it back exactly, whatever the folder is called. The rows file holds the effective GETok rows of the input
+The sidecar says how the checkpoint was built (location format, GETok config, token list and ids, vocabulary size,
+tokenizer ``legacy`` flag, frame / ``image_aspect_ratio``, base model, kind of checkpoint), so the builder hook can
+load it back exactly, whatever the folder is called, and ``predict`` and ``eval`` know the format without a flag. The rows file holds the effective GETok rows of the input
 embeddings and the LM head (k x dim each), small enough to write at every save step.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_path, write_text_atomic
+from ..formats import LocationFormat, format_from_dict, format_name
 from ..vocab import GETokConfig
 
 SIDECAR = "getok_config.json"
@@ -25,7 +26,10 @@ KINDS = ("full", "lora", "projector")
 class Sidecar:
     """Contents of ``getok_config.json``. ``tokenizer_legacy``: the flag the checkpoint's tokenizer was trained
     with; False for every GETok training (a legacy tokenizer is switched, ``tokens.use_non_legacy``), and the
-    builder loads the tokenizer with ``legacy=False`` whatever its folder says."""
+    builder loads the tokenizer with ``legacy=False`` whatever its folder says. ``format``: the location format the
+    model answers in (``formats.format_to_dict``: ``{"name": "bins", "bins": 1000}``, ...); a sidecar without it
+    (written before formats existed) is GETok with ``getok`` as its config. ``getok``: the GETok config (``{}`` for
+    the text and bins formats); ``tokens`` / ``token_ids``: the format's added tokens (none for text)."""
 
     getok: dict
     tokens: list[str]
@@ -39,6 +43,7 @@ class Sidecar:
     init: str = "sincos2d"
     loss: dict = field(default_factory=dict)
     vision_tower_trained: bool = False
+    format: dict | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -46,10 +51,21 @@ class Sidecar:
             raise ValueError(f"{SIDECAR}: kind must be one of {KINDS}, got {self.kind!r}")
         if len(self.tokens) != len(self.token_ids):
             raise ValueError(f"{SIDECAR}: {len(self.tokens)} tokens but {len(self.token_ids)} token_ids")
+        if self.format is not None:
+            format_from_dict(self.format)  # ValueError for a format that does not parse: not a valid sidecar
+
+    @property
+    def location_format(self) -> LocationFormat:
+        """The format the checkpoint answers in (GETok's config when the sidecar predates formats)."""
+        return format_from_dict(self.format) if self.format is not None else GETokConfig.from_dict(self.getok)
 
     @property
     def config(self) -> GETokConfig:
-        return GETokConfig.from_dict(self.getok)
+        """The GETok config; ValueError for a checkpoint trained on another location format."""
+        fmt = self.location_format
+        if not isinstance(fmt, GETokConfig):
+            raise ValueError(f"{SIDECAR}: this checkpoint answers in the {format_name(fmt)} location format, not GETok")
+        return fmt
 
     def check_tokenizer(self, tokenizer, where: str) -> None:
         """Refuse a tokenizer whose ids for the GETok tokens differ from the recorded ones."""
@@ -58,7 +74,7 @@ class Sidecar:
         if bad:
             t, want, got = bad[0]
             raise ValueError(f"{where}: tokenizer gives {t!r} id {got}, {SIDECAR} records {want} "
-                             f"({len(bad)} of {len(self.tokens)} GETok tokens disagree); refusing to load")
+                             f"({len(bad)} of {len(self.tokens)} location tokens disagree); refusing to load")
         if len(tokenizer) > self.vocab_size:
             raise ValueError(f"{where}: tokenizer has {len(tokenizer)} tokens, more than the recorded "
                              f"vocabulary size {self.vocab_size}")
@@ -92,7 +108,7 @@ def read_sidecar(folder) -> Sidecar | None:
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format_version {data.get('format_version')!r}, this version reads {FORMAT_VERSION}")
         return Sidecar(**data)
-    except (TypeError, ValueError, json.JSONDecodeError) as e:
+    except (TypeError, ValueError, json.JSONDecodeError) as e:  # a sidecar of an unknown format included
         raise ValueError(f"{path}: not a valid GETok sidecar: {e}") from None
 
 

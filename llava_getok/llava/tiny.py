@@ -158,11 +158,12 @@ class _VisionArgs:
 
 def make_grounding_data(out_dir, coco_dir, cfg, n_records: int = 4, frame: str = "pad") -> Path:
     """A small LLaVA-format REC file from real COCO boxes (``coco_dir``: instances_val2017.json + val2017/):
-    the largest object of the first ``n_records`` images that are present, its box encoded with ``cfg``.
+    the largest object of the first ``n_records`` images that are present, its box encoded with ``cfg`` (any location
+    format: a GETokConfig, formats.TextFormat or BinsFormat).
     Copies those images to ``out_dir/images``; returns the path of ``out_dir/data.json``."""
     import shutil
 
-    from ..codec import encode_box
+    from ..formats import encode_boxes, record_format_dict
     from ..geometry import boxes_to_frame, xywh_to_xyxy
 
     coco_dir, out = Path(coco_dir), Path(out_dir)
@@ -186,10 +187,10 @@ def make_grounding_data(out_dir, coco_dir, cfg, n_records: int = 4, frame: str =
             "image": img["file_name"],
             "conversations": [
                 {"from": "human", "value": f"<image>\nWhere is the {names[a['category_id']]}? Answer with a box."},
-                {"from": "gpt", "value": encode_box(box.clip(0, 1).tolist(), cfg)},
+                {"from": "gpt", "value": encode_boxes([box.clip(0, 1).tolist()], cfg)[0]},
             ],
             "getok": {"source": "coco", "task": "rec", "frame": frame, "size": [img["width"], img["height"]],
-                      "config": cfg.to_dict(), "shapes": [{"kind": "box", "points": [a["bbox"][:2], [
+                      **record_format_dict(cfg), "shapes": [{"kind": "box", "points": [a["bbox"][:2], [
                           a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]]}]},
         })
         if len(records) == n_records:

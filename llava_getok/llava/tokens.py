@@ -6,8 +6,12 @@
   without ``"legacy": false``) is switched to ``legacy=False`` in place, once, with one line saying so.
 - :func:`resize_embeddings`: resize to an explicit size (never shrink), keep ``config.vocab_size`` right.
 - :func:`init_getok_rows`: ``mean`` (what LLaVA does for its own new tokens) or ``sincos2d`` (the mean plus a
-  fixed 2D sinusoidal code of the cell's position, scaled to the spread of the existing rows), for the input
-  embeddings and the LM head alike (LLaMA does not tie them). Works under ZeRO-3 (gathers the matrices).
+  fixed 2D sinusoidal code of the cell's position, scaled to the spread of the existing rows; for the bins format a
+  1D code of the bin centre), for the input embeddings and the LM head alike (LLaMA does not tie them). Works under
+  ZeRO-3 (gathers the matrices).
+
+Every function takes a location format (:mod:`llava_getok.formats`): GETok's config, or the bins' (its ``<loc_k>``
+tokens go through the same hooks); the text format adds no token, so there is nothing to add, check or initialise.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import sys
 
 import torch
 
+from ..formats import BinsFormat, LocationFormat
 from ..vocab import DELETE, TAG_TOKENS, GETokConfig
 
 INITS = ("mean", "sincos2d")
@@ -58,7 +63,7 @@ def use_non_legacy(tokenizer, where: str | None = None) -> bool:
     return True
 
 
-def add_getok_tokens(tokenizer, cfg: GETokConfig) -> list[int]:
+def add_getok_tokens(tokenizer, cfg: LocationFormat) -> list[int]:
     """Add every token of ``cfg`` as an unnormalised, unstripped special token; return their ids in
     ``cfg.tokens()`` order. Tokens already present keep their ids (idempotent). A legacy slow tokenizer is
     switched to ``legacy=False`` first (:func:`use_non_legacy`)."""
@@ -66,6 +71,8 @@ def add_getok_tokens(tokenizer, cfg: GETokConfig) -> list[int]:
 
     use_non_legacy(tokenizer)
     tokens = cfg.tokens()
+    if not tokens:
+        return []
     vocab = tokenizer.get_vocab()  # once: a slow tokenizer builds it anew on every call (32k pieces: ~60 ms)
     new = [t for t in tokens if t not in vocab]
     if new:
@@ -80,7 +87,7 @@ def add_getok_tokens(tokenizer, cfg: GETokConfig) -> list[int]:
     return ids
 
 
-def check_token_ids(tokenizer, cfg: GETokConfig, tokens=None) -> None:
+def check_token_ids(tokenizer, cfg: LocationFormat, tokens=None) -> None:
     """Raise ValueError unless every GETok token is exactly one id, in every context of :data:`CONTEXTS`,
     and no context produces two word-boundary pieces ('▁') in a row where the text has one space (the slow
     LlamaTokenizer with ``legacy=True`` does, after added tokens: transformers#25073). A text that starts with
@@ -103,8 +110,11 @@ def check_token_ids(tokenizer, cfg: GETokConfig, tokens=None) -> None:
                         f"{legacy}); load the tokenizer with legacy=False (transformers#25073)")
 
 
-def _probe_tokens(cfg: GETokConfig) -> list[str]:
+def _probe_tokens(cfg: LocationFormat) -> list[str]:
     """A few tokens of each kind; all of them share one code path in the tokenizer."""
+    if not isinstance(cfg, GETokConfig):
+        t = cfg.tokens()
+        return [t[0], t[len(t) // 2], t[-1]] if t else []
     n = cfg.grid
     return [cfg.grid_token(0, 0), cfg.grid_token(n - 1, n - 1), cfg.grid_token(n // 2, 0), *cfg.offset_tokens[:2],
             DELETE, *TAG_TOKENS]
@@ -148,11 +158,23 @@ def sincos2d_code(points: torch.Tensor, dim: int) -> torch.Tensor:
     >>> c.shape, bool(torch.equal(c[0], c[1])), round(float(c[2].pow(2).mean()), 4)
     (torch.Size([3, 8]), True, 1.0)
     """
-    quarter = max(dim // 4, 1)
+    return sincos_code(points, dim)
+
+
+def sincos_code(points: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal code of points (N, D) (D axes, the channels shared out equally: sine and cosine per frequency and
+    axis); rows scaled to unit RMS. D = 2 is :func:`sincos2d_code`; D = 1 codes a bin centre (bins format).
+
+    >>> c = sincos_code(torch.tensor([[0.1], [0.11], [0.9]]), 8)
+    >>> c.shape, bool((c[0] - c[1]).norm() < (c[0] - c[2]).norm())
+    (torch.Size([3, 8]), True)
+    """
+    axes = points.shape[1]
+    count = max(dim // (2 * axes), 1)
     # Wavelengths from 1/4 of the frame down to a small fraction of a cell: neighbours get close codes.
-    freqs = 2 * math.pi * torch.logspace(0, math.log10(max(dim, 2) * 2.0), quarter, dtype=torch.float64) / 4
+    freqs = 2 * math.pi * torch.logspace(0, math.log10(max(dim, 2) * 2.0), count, dtype=torch.float64) / 4
     parts = []
-    for axis in range(2):
+    for axis in range(axes):
         angle = points[:, axis : axis + 1].double() * freqs
         parts += [angle.sin(), angle.cos()]
     code = torch.cat(parts, dim=1)
@@ -160,13 +182,18 @@ def sincos2d_code(points: torch.Tensor, dim: int) -> torch.Tensor:
     return (code / code.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)).float()
 
 
-def getok_row_targets(cfg: GETokConfig, init: str, mean: torch.Tensor, spread: float) -> torch.Tensor:
-    """Initial rows (len(cfg.tokens()), dim) for one matrix from the mean row and the spread of old rows."""
+def getok_row_targets(cfg: LocationFormat, init: str, mean: torch.Tensor, spread: float) -> torch.Tensor:
+    """Initial rows (len(cfg.tokens()), dim) for one matrix from the mean row and the spread of old rows: the mean,
+    plus with ``sincos2d`` the spread times a sinusoidal code of each token's position (GETok: 2D, of the cell's
+    anchor and of the offset's direction; bins: 1D, of the bin centre)."""
     if init not in INITS:
         raise ValueError(f"embedding init must be one of {INITS}, got {init!r}")
     dim = mean.shape[-1]
     rows = mean.reshape(1, dim).repeat(len(cfg.tokens()), 1).float()
-    if init == "sincos2d":
+    if init == "sincos2d" and isinstance(cfg, BinsFormat):
+        centres = torch.from_numpy(cfg.centres(range(cfg.bins))).float()[:, None]
+        rows += spread * sincos_code(centres, dim)
+    elif init == "sincos2d":
         n, h = cfg.grid, max(cfg.half, 1)
         cells = torch.from_numpy(cfg.grid_anchors).float()
         dirs = torch.tensor([[dx / h, dy / h] for dx, dy in cfg.offset_values], dtype=torch.float32)
@@ -175,7 +202,7 @@ def getok_row_targets(cfg: GETokConfig, init: str, mean: torch.Tensor, spread: f
     return rows
 
 
-def init_getok_rows(model, ids: list[int], cfg: GETokConfig, init: str = "sincos2d", n_old: int | None = None) -> None:
+def init_getok_rows(model, ids: list[int], cfg: LocationFormat, init: str = "sincos2d", n_old: int | None = None) -> None:
     """Initialise the GETok rows of the input embeddings and the LM head from the rows before ``n_old``
     (default: every row that is not a GETok row)."""
     matrices = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]

@@ -17,6 +17,8 @@ apply_compat_fixes()  # fix 3 before llava.train is imported
 
 from llava.train.llava_trainer import LLaVATrainer  # noqa: E402
 
+from ..formats import describe, format_to_dict  # noqa: E402
+from ..vocab import GETokConfig  # noqa: E402
 from .checkpoint import (  # noqa: E402
     check_same_on_all_ranks, load_getok_files, tower_weights, write_getok_files)
 from .loss import LossCapture, getok_loss  # noqa: E402
@@ -34,16 +36,26 @@ class GETokTrainer(LLaVATrainer):
             tokenizer = kwargs.pop("processing_class", None)
         self.settings = settings = settings or GETokSettings()
         self.getok = prepare_for_getok(model, tokenizer, args, settings, kwargs.get("train_dataset"))
+        g = self.getok
         if getattr(args, "local_rank", -1) in (-1, 0):
-            g = self.getok
-            print(f"GETok: grid {g.config.grid}, rounds {g.config.rounds}, mode {g.config.mode}: {len(g.ids)} tokens "
-                  f"(ids {min(g.ids)}-{max(g.ids)}, {g.new_rows} new rows, init {settings.init}), "
-                  f"vocabulary {g.vocab_size}, trainable rows: {g.rows_mode}, loss weights grid "
-                  f"{settings.grid_weight} box {settings.box_weight}")
+            f = g.format
+            what = (f"grid {f.grid}, rounds {f.rounds}, mode {f.mode}" if isinstance(f, GETokConfig)
+                    else f"location format {describe(f)}")
+            ids = f"ids {min(g.ids)}-{max(g.ids)}, {g.new_rows} new rows, init {settings.init}" if g.ids else "none added"
+            loss = (f"loss weights grid {settings.grid_weight} box {settings.box_weight}" if self.loss_on
+                    else "LLaVA's plain loss")
+            print(f"GETok: {what}: {len(g.ids)} tokens ({ids}), vocabulary {g.vocab_size}, trainable rows: "
+                  f"{g.rows_mode}, {loss}")
         self._getok_tokenizer = tokenizer
         self._getok_sums: dict[str, torch.Tensor | int] = {}
-        self.loss_capture = LossCapture(unwrap_llava(model)) if settings.loss_on else None
+        self.loss_capture = LossCapture(unwrap_llava(model)) if self.loss_on else None
         super().__init__(model=model, processing_class=tokenizer, args=args, **kwargs)
+
+    @property
+    def loss_on(self) -> bool:
+        """The box-token loss (or the bins' 1D loss) is on: weights > 0 and a format that adds tokens (text coordinates
+        add none: LLaVA's plain loss, whatever the weights say)."""
+        return self.settings.loss_on and self.getok.table is not None
 
     def _get_train_sampler(self, *args, **kwargs):
         if self.settings.data_order == "file" and self.train_dataset is not None:
@@ -55,7 +67,7 @@ class GETokTrainer(LLaVATrainer):
 
     # -- the loss of one step -----------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self.settings.loss_on:  # LLaVA's own loss path, untouched: plain LLaVA training bit for bit
+        if not self.loss_on:  # LLaVA's own loss path, untouched: plain LLaVA training bit for bit
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         # In training nobody reads the full logits: LLaMA's forward then computes neither them nor its loss, and
@@ -167,7 +179,8 @@ class GETokTrainer(LLaVATrainer):
         s, g = self.settings, self.getok
         aspect = getattr(base.config, "image_aspect_ratio", "square")
         return Sidecar(
-            getok=g.config.to_dict(), tokens=list(g.config.tokens()), token_ids=list(g.ids), vocab_size=g.vocab_size,
+            getok=g.format.to_dict() if isinstance(g.format, GETokConfig) else {}, format=format_to_dict(g.format),
+            tokens=list(g.format.tokens()), token_ids=list(g.ids), vocab_size=g.vocab_size,
             tokenizer_legacy=getattr(self._getok_tokenizer, "legacy", None), image_aspect_ratio=aspect,
             frame="pad" if aspect == "pad" else "orig", kind=kind,
             base_model=getattr(base.config, "_name_or_path", None) or None, init=s.init,

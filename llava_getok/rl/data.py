@@ -33,6 +33,9 @@ def build_rows(records, stage: str, image_folder, conv_mode: str, source="<recor
         g = rec.get("getok")
         if not isinstance(g, dict) or "task" not in g:
             raise ValueError(f"{where}: field 'getok' with a 'task' is missing; convert the data with convert-datasets")
+        if isinstance(g.get("format"), dict) and g["format"].get("name", "getok") != "getok":
+            raise ValueError(f"{where}: field 'getok.format' is {g['format'].get('name')!r}: GRPO's rewards read GETok "
+                             f"answers (convert the data with --format getok)")
         if frame is not None and g.get("frame") != frame:
             raise ValueError(f"{where}: field 'getok.frame' is {g.get('frame')!r}, the model's frame is {frame!r}")
         if config is not None:

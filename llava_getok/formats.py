@@ -1,0 +1,335 @@
+"""Location formats: how a shape becomes answer text, for GETok and for the two baselines a user compares it with.
+
+- ``getok`` (:class:`llava_getok.vocab.GETokConfig`): grid and offset tokens (spec sections 2-5).
+- ``text`` (:class:`TextFormat`): LLaVA-1.5's own boxes, ``[0.12, 0.34, 0.56, 0.78]`` (x1, y1, x2, y2 as Python
+  writes floats rounded to ``decimals``), points ``[0.12, 0.34]``; no added tokens.
+- ``bins`` (:class:`BinsFormat`): Pix2Seq / PaliGemma-style 1D location tokens ``<loc_k>``, K bins per axis,
+  ``min(floor(x K), K - 1)``, decoded to the bin centre ``(k + 0.5) / K``; a box is 4 adjacent tokens
+  ``x1 y1 x2 y2`` (no tags), a point 2.
+
+Every reader and writer asks a format object instead of branching on the format's name: :func:`encode_boxes`,
+:func:`encode_point`, :func:`render`, :func:`parse`, :func:`parse_ids`, ``fmt.tokens()`` (the tokens training adds),
+``fmt.max_error``; :func:`format_to_dict` / :func:`format_from_dict` are what records (``getok.format``) and the
+checkpoint sidecar store, :func:`record_format` reads a converted record's. Coordinates are normalised to [0, 1]
+in the model's frame (:mod:`llava_getok.geometry`), as for GETok. Text and bins have no form for polylines and
+masks: encoding one is a ValueError naming the format. ``parse`` never raises, whatever the string.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+import numpy as np
+
+from . import codec
+from .codec import Shape, check_boxes, check_points
+from .parse import ParseError, ParseResult
+from .parse import parse as parse_getok
+from .parse import parse_ids as parse_getok_ids
+from .vocab import TOKEN_RE, GETokConfig
+
+FORMAT_NAMES = ("getok", "text", "bins")
+LOC_FORMAT = "<loc_{k}>"
+# A bin index is written without leading zeros (the token's one spelling); ASCII digits only, as for GETok tokens.
+LOC_RE = re.compile(r"<loc_(0|[1-9][0-9]*)>")
+# Every token any format adds: GETok's and the bins' (llava-getok check-data counts them in answers).
+LOCATION_TOKEN_RE = re.compile(TOKEN_RE.pattern + r"|" + LOC_RE.pattern)
+_MAX_DIGITS = 9  # more digits than this cannot be a bin index: out of range without converting (as parse._int)
+
+
+@dataclass(frozen=True)
+class TextFormat:
+    """LLaVA-1.5's text coordinates: ``[x1, y1, x2, y2]`` / ``[x, y]``, each number rounded to ``decimals`` and
+    written as Python writes a float (``0.6``, not ``0.60``; ``1.0``), as llava_v1_5_mix665k holds them.
+
+    >>> TextFormat().encode_boxes([(0.1234, 0.6, 0.5, 1.0)])
+    ['[0.12, 0.6, 0.5, 1.0]']
+    """
+
+    decimals: int = 2
+    name: ClassVar[str] = "text"
+
+    def __post_init__(self):
+        if not isinstance(self.decimals, int) or isinstance(self.decimals, bool) or not 1 <= self.decimals <= 10:
+            raise ValueError(f"text format: decimals must be an integer in [1, 10], got {self.decimals!r}")
+
+    def tokens(self) -> tuple[str, ...]:
+        """Text coordinates are ordinary text: no token is added."""
+        return ()
+
+    @property
+    def max_error(self) -> float:
+        """Largest per-axis error of a written coordinate: half the last decimal."""
+        return 0.5 * 10.0 ** -self.decimals
+
+    def number(self, v: float) -> str:
+        """One coordinate: rounded to ``decimals``, trailing zeros dropped but one digit kept after the point."""
+        s = f"{float(v):.{self.decimals}f}".rstrip("0")
+        return s + "0" if s.endswith(".") else s
+
+    def encode_points(self, points) -> list[str]:
+        return ["[" + ", ".join(self.number(v) for v in p) + "]" for p in check_points(points, "point").tolist()]
+
+    def encode_boxes(self, boxes) -> list[str]:
+        return ["[" + ", ".join(self.number(v) for v in b) + "]" for b in check_boxes(boxes).tolist()]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "decimals": self.decimals}
+
+    def describe(self) -> str:
+        return f"text, {self.decimals} decimals"
+
+    def parse(self, text: str) -> ParseResult:
+        """Every bracketed pair (a point) or quadruple (a box) of numbers in ``text``, in order, as LLaVA-1.5 writes
+        them in free text. As in the ``llava`` converter (spec section 10), a group whose numbers are all integers
+        (``[0, 0, 0, 1]``, ``[1, 2]``) is free text, not a location; a group with a decimal that lies outside
+        [0, 1] (beyond codec.CLIP_TOLERANCE) is a ParseError, as are pixel coordinates. Box corners are sorted."""
+        res = ParseResult()
+        for m in _TEXT_GROUP.finditer(text):
+            nums = [g for g in m.groups() if g is not None]
+            if not any("." in g for g in nums):
+                continue
+            values = [float(g) if len(g) <= 40 else float("inf") for g in nums]
+            start, end = m.span()
+            try:
+                if len(values) == 4:
+                    x1, y1, x2, y2 = values
+                    box = check_boxes([[min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]])[0].tolist()
+                    res.shapes.append(Shape("box", ((box[0], box[1]), (box[2], box[3])), (start, end)))
+                else:
+                    p = check_points([values])[0].tolist()
+                    res.shapes.append(Shape("point", ((p[0], p[1]),), (start, end)))
+            except ValueError as e:
+                res.errors.append(ParseError(start, f"{_cut(m.group(0))} at {start} is not a location in [0, 1]: {e}"))
+        return res
+
+
+_NUM = r"([-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
+_TEXT_GROUP = re.compile(r"\[\s*" + _NUM + r"\s*,\s*" + _NUM + r"(?:\s*,\s*" + _NUM + r"\s*,\s*" + _NUM + r")?\s*\]")
+
+
+def _cut(s: str) -> str:
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+@dataclass(frozen=True)
+class BinsFormat:
+    """1D location tokens: ``<loc_k>``, k = min(floor(x K), K - 1) per coordinate after clipping to [0, 1], decoded
+    to the bin centre (k + 0.5) / K. A box is 4 adjacent tokens x1 y1 x2 y2, a point 2; nothing wraps them
+    (Pix2Seq, PaliGemma): a run of adjacent location tokens is one shape.
+
+    >>> BinsFormat(bins=10).encode_boxes([(0.05, 0.5, 0.99, 1.0)])
+    ['<loc_0><loc_5><loc_9><loc_9>']
+    """
+
+    bins: int = 1000
+    name: ClassVar[str] = "bins"
+
+    def __post_init__(self):
+        if not isinstance(self.bins, int) or isinstance(self.bins, bool) or not 2 <= self.bins <= 100_000:
+            raise ValueError(f"bins format: bins must be an integer in [2, 100000], got {self.bins!r}")
+
+    def tokens(self) -> tuple[str, ...]:
+        """``<loc_0>`` .. ``<loc_{K-1}>``, in bin order (token ids follow it)."""
+        return tuple(LOC_FORMAT.format(k=k) for k in range(self.bins))
+
+    @property
+    def max_error(self) -> float:
+        """Largest per-axis decoding error: half a bin."""
+        return 0.5 / self.bins
+
+    def quantize(self, values) -> np.ndarray:
+        """Normalised coordinates -> bin indices, min(floor(x K), K - 1) after clipping to [0, 1]."""
+        v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+        return np.minimum(np.floor(v * self.bins), self.bins - 1).astype(np.int64)
+
+    def centres(self, bins) -> np.ndarray:
+        """Bin indices -> the normalised bin centres (k + 0.5) / K."""
+        return (np.asarray(bins, dtype=np.float64) + 0.5) / self.bins
+
+    def _write(self, rows) -> list[str]:
+        return ["".join(LOC_FORMAT.format(k=k) for k in row) for row in self.quantize(rows).tolist()]
+
+    def encode_points(self, points) -> list[str]:
+        return self._write(check_points(points, "point"))
+
+    def encode_boxes(self, boxes) -> list[str]:
+        return self._write(check_boxes(boxes))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "bins": self.bins}
+
+    def describe(self) -> str:
+        return f"bins, K = {self.bins}"
+
+    def parse(self, text: str) -> ParseResult:
+        """Runs of adjacent ``<loc_k>`` in ``text``: 2 a point, 4 a box (corners sorted); any other length, or an
+        index outside the K bins, is a ParseError and the run is dropped. Free text is skipped."""
+        return self._parse_runs((m.start(), m.end(), m.group(1)) for m in LOC_RE.finditer(text))
+
+    def parse_ids(self, ids, id_to_token: dict[int, str]) -> ParseResult:
+        """The same over generated token ids (strict: only real token ids count); positions are token indices."""
+        out = []
+        for k, t in enumerate(ids):
+            m = LOC_RE.fullmatch(id_to_token.get(int(t), ""))
+            if m:
+                out.append((k, k + 1, m.group(1)))
+        return self._parse_runs(out)
+
+    def _parse_runs(self, found) -> ParseResult:
+        res, run = ParseResult(), []
+
+        def close():
+            if not run:
+                return
+            start, end = run[0][0], run[-1][1]
+            idx = [int(d) if len(d) <= _MAX_DIGITS else self.bins for _, _, d in run]
+            if len(run) not in (2, 4):
+                res.errors.append(ParseError(start, f"{len(run)} location tokens at {start}: a point is 2, a box 4"))
+            elif max(idx) >= self.bins:
+                res.errors.append(ParseError(start, f"a location token at {start} is outside the {self.bins} bins"))
+            else:
+                v = self.centres(idx).tolist()
+                if len(v) == 2:
+                    res.shapes.append(Shape("point", ((v[0], v[1]),), (start, end)))
+                else:
+                    x1, x2, y1, y2 = min(v[0], v[2]), max(v[0], v[2]), min(v[1], v[3]), max(v[1], v[3])
+                    res.shapes.append(Shape("box", ((x1, y1), (x2, y2)), (start, end)))
+            run.clear()
+
+        for item in found:
+            if run and item[0] != run[-1][1]:
+                close()
+            run.append(item)
+        close()
+        return res
+
+
+LocationFormat = Union[GETokConfig, TextFormat, BinsFormat]
+
+
+# -- one call for every format ---------------------------------------------------------------------------------
+
+def format_name(fmt: LocationFormat) -> str:
+    return "getok" if isinstance(fmt, GETokConfig) else fmt.name
+
+
+def format_to_dict(fmt: LocationFormat) -> dict:
+    """``{"name": ..., ...}``: what the sidecar stores (and a text / bins record's ``getok.format``).
+
+    >>> format_to_dict(BinsFormat(bins=64)), format_to_dict(GETokConfig(grid=4))["name"]
+    ({'name': 'bins', 'bins': 64}, 'getok')
+    """
+    return {"name": "getok", **fmt.to_dict()} if isinstance(fmt, GETokConfig) else fmt.to_dict()
+
+
+def format_from_dict(d: dict) -> LocationFormat:
+    """The inverse of :func:`format_to_dict`; a dict without ``name`` is a GETok config (old sidecars, ``getok.config``).
+    ValueError (or TypeError) for an unknown name or bad values."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a location format must be an object like {{\"name\": \"bins\", \"bins\": 1000}}, got {d!r}")
+    d = dict(d)
+    name = d.pop("name", "getok")
+    if name == "getok":
+        return GETokConfig.from_dict(d)
+    if name == "text":
+        return TextFormat(**d)
+    if name == "bins":
+        return BinsFormat(**d)
+    raise ValueError(f"unknown location format {name!r}; one of {', '.join(FORMAT_NAMES)}")
+
+
+def record_format(getok: dict) -> LocationFormat:
+    """The format of a converted record's ``getok`` field: ``format`` (text, bins) or ``config`` (GETok, as every
+    GETok record since the first version writes it). ValueError when it has neither or they are not valid."""
+    if "format" in getok:
+        return format_from_dict(getok["format"])
+    if "config" in getok:
+        if not isinstance(getok["config"], dict):
+            raise ValueError(f"'config' must be an object like {{\"grid\": 32, \"mode\": \"inline\"}}, got {getok['config']!r}")
+        return GETokConfig.from_dict(getok["config"])
+    raise ValueError("no 'format' (text, bins) or 'config' (getok)")
+
+
+def data_formats(records) -> list[LocationFormat]:
+    """The distinct location formats of converted records (those whose ``getok`` field says one), in order of first
+    appearance; ValueError naming the record for one that does not parse."""
+    out, seen = [], set()
+    for k, r in enumerate(records or ()):
+        g = r.get("getok") if isinstance(r, dict) else None
+        if not isinstance(g, dict) or not ("format" in g or "config" in g):
+            continue
+        key = repr(g.get("format", g.get("config")))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            out.append(record_format(g))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"record {k} (id {r.get('id')!r}): getok: {e}") from None
+    return out
+
+
+def record_format_dict(fmt: LocationFormat) -> dict:
+    """What a converted record's ``getok`` field says about its format: ``{"config": ...}`` for GETok (unchanged
+    since the first version), ``{"format": ...}`` for the others."""
+    return {"config": fmt.to_dict()} if isinstance(fmt, GETokConfig) else {"format": fmt.to_dict()}
+
+
+def describe(fmt: LocationFormat) -> str:
+    """One phrase for tables and messages, e.g. ``getok, grid 32, 1 round`` or ``bins, K = 1000``."""
+    if isinstance(fmt, GETokConfig):
+        return f"getok, grid {fmt.grid}, {fmt.rounds} round{'s' if fmt.rounds != 1 else ''}, m = {fmt.offset_levels}"
+    return fmt.describe()
+
+
+def same_tokens(a: LocationFormat, b: LocationFormat) -> bool:
+    """Whether a model trained on format ``a`` writes format ``b``: the same name and the same tokens (GETok: grid,
+    offset levels and schedule; its mode and rounds are the data's; text: any decimals)."""
+    if format_name(a) != format_name(b):
+        return False
+    if isinstance(a, GETokConfig):
+        return a.with_mode("grid") == b.with_mode("grid")
+    return a.tokens() == b.tokens()
+
+
+def encode_boxes(boxes, fmt: LocationFormat) -> list[str]:
+    """Normalised boxes (N, 4) -> one answer string per box."""
+    return codec.encode_boxes(boxes, fmt) if isinstance(fmt, GETokConfig) else fmt.encode_boxes(boxes)
+
+
+def encode_point(xy, fmt: LocationFormat) -> str:
+    """A normalised point (x, y) -> its answer string."""
+    return codec.encode_point(xy, fmt) if isinstance(fmt, GETokConfig) else fmt.encode_points([xy])[0]
+
+
+def encode_shape(shape: Shape, fmt: LocationFormat) -> str:
+    """A normalised shape -> its answer string; text and bins have no form for polylines and masks (ValueError)."""
+    if isinstance(fmt, GETokConfig):
+        return codec.encode_shape(shape, fmt)
+    if shape.kind == "box":
+        return fmt.encode_boxes([shape.box])[0]
+    if shape.kind == "point":
+        return fmt.encode_points([shape.points[0]])[0]
+    raise ValueError(f"the {fmt.name} format has no form for a {shape.kind} (only boxes and points); use the getok format")
+
+
+def render(shapes, fmt: LocationFormat, sep: str = " ") -> str:
+    """Shapes -> one answer string; the inverse of ``parse(...).shapes``."""
+    return sep.join(encode_shape(s, fmt) for s in shapes)
+
+
+def parse(text: str, fmt: LocationFormat) -> ParseResult:
+    """Generated (or written) text -> shapes normalised in the model's frame, and errors; never raises."""
+    return parse_getok(text, fmt) if isinstance(fmt, GETokConfig) else fmt.parse(text)
+
+
+def parse_ids(ids, id_to_token: dict[int, str], fmt: LocationFormat) -> ParseResult:
+    """Generated token ids -> shapes, strictly by id (``id_to_token``: the format's tokens only). Text coordinates
+    are ordinary text: for ``text`` decode the ids and call :func:`parse`."""
+    if isinstance(fmt, GETokConfig):
+        return parse_getok_ids(ids, id_to_token, fmt)
+    if isinstance(fmt, BinsFormat):
+        return fmt.parse_ids(ids, id_to_token)
+    raise ValueError("text coordinates are parsed from the decoded text: call formats.parse")
