@@ -1,126 +1,117 @@
-"""Does GETok help a model learn to ground? The paper's claim at small scale, measured honestly.
+"""Does GETok help a model learn to ground? The paper's claim at small scale, through the product itself.
 
-Same tiny LLaVA, same `shapes` data, same steps and seeds; only the location representation changes:
+Every run is ``llava-getok demo`` (python -m llava_getok.demo): ``convert-datasets shapes --format ...``, training
+with ``python -m llava_getok.train``, ``llava-getok predict`` and ``llava-getok eval``; nothing here encodes or
+parses a location. Same tiny LLaVA recipe, same shapes data, same steps and seeds; only the location
+representation changes, each with its best settings in the trainer:
 
-  getok-inline-R1   GETok grid + one offset round (the default), box = <box> g o g o </box>
-  getok-grid-R0     GETok grid tokens only
-  getok-m5-R1       GETok with a larger offset alphabet (offset_levels = 5, spec section 2)
-  text-2dec         LLaVA-1.5 style text coordinates, "[0.12, 0.34, 0.56, 0.78]"
-  bins-1d           Pix2Seq / PaliGemma style: 4 tokens from 2n bins per axis (the precision of GETok R1)
-  getok-R1-boxloss  GETok inline with the box-token loss (grid 0.5, box 0.5; spec section 7)
-  getok-R1-sincos2d GETok inline with sincos2d initialisation of the new rows (instead of mean)
-  getok-R1-trainer  both: the defaults of `python -m llava_getok.train` (box-token loss + sincos2d rows)
+  getok           GETok grid 8 + one offset round, the trainer's defaults (box-token loss, sincos2d rows)
+  getok-factored  the same with --getok_rows factored (grid rows = column part + row part + per-cell residual)
+  bins            Pix2Seq / PaliGemma 1D tokens <loc_k>, 16 bins per axis (the precision of GETok with one round),
+                  with their 1D distance-aware loss and sincos initialisation (the trainer's defaults for bins)
+  text            LLaVA-1.5's text coordinates "[0.12, 0.34, 0.56, 0.78]" (2 decimals; plain LM loss)
 
-For each: Acc@0.5, Acc@0.8, mean IoU, parse failures, tokens per answer, wall time per run, as mean ± spread
-(standard deviation) over the seeds; a learning curve (Acc@0.5 on held-out scenes against steps) as a PNG.
-The recipe (trainable tower with sine-cosine positions, last layer, no clipping, constant lr) comes from
-bench/learning_trials.py; see bench/results/learning_trials.md.
+A constant learning rate, so a flat curve means the representation stopped learning, not that the schedule
+stopped it. Every ``--eval-every`` steps a checkpoint is scored on the first ``--curve-n`` held-out expressions;
+the final model on all of them. For each representation: Acc@0.5, Acc@0.8, mean IoU, tokens per answer, train
+and eval time (mean ± standard deviation over seeds), the step where its mean curve plateaus, and the curves
+(PNG).
 
-    .venv/bin/python bench/learning.py                        # the full configuration (hours on 2 cores)
-    .venv/bin/python bench/learning.py --steps 300 --seeds 0,1,2 --n-eval 100   # a reduced one
+    .venv/bin/python bench/learning.py                                  # 4 representations x seeds 0,1,2
+    .venv/bin/python bench/learning.py --conditions getok,bins --seeds 0 --steps 600 --eval-every 200   # a quick one
 
-Writes bench/results/learning.md (table), learning.json (every run), learning_curve.png.
+Runs go to --work/<representation>/s<seed> (summary.json, log); a rerun reuses the finished ones, so an
+interrupted sweep loses only its unfinished runs. Writes bench/results/learning.md, learning.json and
+learning_curve.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learning_trials import Trial, run  # noqa: E402
-
-from llava_getok.atomic import atomic_path, write_text_atomic  # noqa: E402
+from llava_getok.atomic import atomic_path, write_text_atomic
 
 CONDITIONS = {
-    "getok-inline-R1": {},
-    "getok-grid-R0": {"rounds": 0},
-    "getok-m5-R1": {"offset_levels": 5},
-    "text-2dec": {"repr": "text"},
-    "bins-1d": {"repr": "bins"},  # bins = 2 * grid, set below
-    "getok-R1-boxloss": {"grid_weight": 0.5, "box_weight": 0.5},
-    "getok-R1-sincos2d": {"init": "sincos2d"},
-    "getok-R1-trainer": {"grid_weight": 0.5, "box_weight": 0.5, "init": "sincos2d"},
+    "getok": [],
+    "getok-factored": ["--rows", "factored"],
+    "bins": ["--format", "bins", "--bins", "16"],
+    "text": ["--format", "text", "--decimals", "2"],
 }
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
+FLAT = 0.03  # a curve is flat when its last third moves less than this (Acc@0.5)
 
 
-def base_trial(a) -> Trial:
-    """The shared recipe; only the representation fields change between conditions."""
-    return Trial(steps=a.steps, batch=a.batch, lr=a.lr, train_tower=True, select_layer=-1, tower_pos="sincos",
-                 clip=0.0, schedule="constant", image_size=a.image_size, patch=a.patch, grid=a.grid, rounds=1,
-                 bins=2 * a.grid, n_min=a.objects[0], n_max=a.objects[1], n_eval=a.n_eval, eval_every=a.eval_every,
-                 threads=a.threads)
+def demo_args(a, condition: str, seed: int, out: Path) -> list[str]:
+    """The demo's command line of one run: one shape per image (the location alone is learned, not which shape
+    is named), one expression per image, no curriculum, a constant learning rate."""
+    return [sys.executable, "-m", "llava_getok.demo", "--out", str(out), "--seed", str(seed), "--threads", "1",
+            "--steps", str(a.steps), "--eval-every", str(a.eval_every), "--curve-n", str(a.curve_n),
+            "--schedule", "constant", "--objects", a.objects, "--val-objects", a.objects, "--turns", "1",
+            "--colour-steps", "0", "--colour-share", "0", "--kind-share", "0",
+            "--train-images", str(a.train_images), "--val-images", str(a.val_images), "--sheet", "8",
+            *CONDITIONS[condition]]
+
+
+def run_one(a, condition: str, seed: int) -> dict:
+    """One finished run's numbers (reused when its summary.json was written with the same command)."""
+    out = Path(a.work) / condition / f"s{seed}"
+    cmd = demo_args(a, condition, seed, out)
+    done = out / "run.json"
+    if done.exists() and json.loads(done.read_text())["cmd"] == cmd[1:]:
+        return json.loads(done.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(out.parent / f"s{seed}.log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    if rc:
+        raise SystemExit(f"bench/learning.py: {condition} seed {seed} failed (exit {rc}); see {out.parent}/s{seed}.log")
+    s = json.loads((out / "summary.json").read_text())
+    stage = lambda word: sum(v for k, v in s["stage_seconds"].items() if k.startswith(word))
+    run = {"cmd": cmd[1:], "condition": condition, "seed": seed, "acc50": s["metrics"]["acc@0.5"],
+           "acc80": s["metrics"]["acc@0.8"], "miou": s["metrics"]["miou"], "n": s["metrics"]["n"],
+           "unparseable": s["metrics"].get("unparseable", 0), "tokens": s["tokens_per_answer"],
+           "train_s": stage("fine-tuning"), "eval_s": stage("predicting") + stage("evaluating"),
+           "curve": [(p["step"], p["acc@0.5"]) for p in s["curve"]], "wall_s": round(time.time() - t0, 1)}
+    write_text_atomic(done, json.dumps(run) + "\n")
+    return run
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--patch", type=int, default=8)
-    ap.add_argument("--grid", type=int, default=8)
-    ap.add_argument("--objects", default="1-1", help="shapes per image MIN-MAX (1-1: the stage that learns first)")
-    ap.add_argument("--n-eval", type=int, default=300)
-    ap.add_argument("--eval-every", type=int, default=0, help="learning-curve points (default: steps / 6)")
     ap.add_argument("--conditions", default=",".join(CONDITIONS))
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--note", default="", help="written under the table header (e.g. 'reduced configuration')")
-    ap.add_argument("--work", default=os.environ.get("GETOK_TRIALS_WORK", "/tmp/getok_trials"))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--curve-n", type=int, default=200, help="held-out expressions scored at each curve point")
+    ap.add_argument("--objects", default="1-1", help="shapes per image MIN-MAX")
+    ap.add_argument("--train-images", type=int, default=16000)
+    ap.add_argument("--val-images", type=int, default=500)
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each trains on one thread)")
+    ap.add_argument("--note", default="", help="written under the table header")
+    ap.add_argument("--work", default=os.environ.get("GETOK_LEARNING_WORK", "/tmp/getok_learning"))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--merge", nargs="+", type=Path, help="no training: combine the runs of these learning.json "
-                    "files (e.g. seeds run in parallel) into one table, curve and json under --out")
     a = ap.parse_args(argv)
-    if a.merge:
-        return merge(a)
-    a.objects = tuple(int(v) for v in a.objects.split("-"))
-    a.eval_every = a.eval_every or max(1, a.steps // 6)
-    seeds = [int(s) for s in a.seeds.split(",")]
-    names = a.conditions.split(",")
+    names, seeds = a.conditions.split(","), [int(s) for s in a.seeds.split(",")]
     unknown = [n for n in names if n not in CONDITIONS]
     if unknown:
         ap.error(f"unknown condition(s) {unknown}; known: {', '.join(CONDITIONS)}")
-    work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
     runs = []
-    for name in names:
-        for seed in seeds:
-            t = replace(base_trial(a), name=f"{name}/s{seed}", seed=seed, curve=[], **CONDITIONS[name])
-            t0 = time.time()
-            m = run(t, work, log=None, verbose=False)
-            runs.append({"condition": name, "seed": seed, **m, "curve": t.curve, "wall_s": time.time() - t0})
-            print(f"{name} seed {seed}: Acc@0.5 {m['acc50']:.3f} Acc@0.8 {m['acc80']:.3f} mIoU {m['miou']:.3f} "
-                  f"parse fail {m['parse_fail']:.3f} tokens {m['tokens']:.1f} train {m['train_s']:.0f} s", flush=True)
+    jobs = [(n, s) for s in seeds for n in names]  # seed-major: an interrupted sweep has every representation
+    with ThreadPoolExecutor(a.jobs) as pool:
+        for run in pool.map(lambda job: run_one(a, *job), jobs):
+            runs.append(run)
+            print(f"{run['condition']} seed {run['seed']}: Acc@0.5 {run['acc50']:.3f} Acc@0.8 {run['acc80']:.3f} "
+                  f"mIoU {run['miou']:.3f} tokens {run['tokens']:.1f} train {run['train_s']:.0f} s", flush=True)
             write(a, names, seeds, runs)  # after every run, so an interrupted sweep keeps what it measured
-    print((a.out / "learning.md").read_text())
-
-
-def merge(a):
-    """Re-render the table from earlier runs; settings come from the first file (they must agree)."""
-    runs, names, seeds, settings = [], [], [], None
-    for path in a.merge:
-        d = json.loads(Path(path).read_text())
-        settings = settings or d["settings"]
-        runs += d["runs"]
-    for r in runs:
-        names += [r["condition"]] if r["condition"] not in names else []
-        seeds += [r["seed"]] if r["seed"] not in seeds else []
-    s = settings
-    a.steps, a.batch, a.lr, a.n_eval = int(s["steps"]), int(s["batch"]), float(s["lr"]), int(s["n_eval"])
-    a.image_size, a.patch, a.grid, a.threads = int(s["image_size"]), int(s["patch"]), int(s["grid"]), int(s["threads"])
-    a.objects = tuple(int(v) for v in s["objects"].strip("()").split(","))
-    a.note = a.note or s.get("note", "")
-    a.out.mkdir(parents=True, exist_ok=True)
-    write(a, names, sorted(seeds), runs)
     print((a.out / "learning.md").read_text())
 
 
@@ -129,58 +120,60 @@ def _ms(values, fmt="{:.3f}"):
     return (fmt + " ± " + fmt).format(v.mean(), v.std()) if len(v) > 1 else fmt.format(v.mean())
 
 
+def mean_curve(rs) -> list[tuple[int, float]]:
+    """[(step, mean Acc@0.5 over the runs)] on the steps every run has."""
+    by_step: dict[int, list[float]] = {}
+    for r in rs:
+        for step, acc in r["curve"]:
+            by_step.setdefault(step, []).append(acc)
+    return [(s, float(np.mean(v))) for s, v in sorted(by_step.items()) if len(v) == len(rs)]
+
+
+def plateau(curve) -> tuple[int | None, bool]:
+    """(first step whose mean Acc@0.5 is within FLAT of the best point, whether the last third is flat)."""
+    if not curve:
+        return None, False
+    best = max(acc for _, acc in curve)
+    tail = [acc for _, acc in curve[len(curve) - max(2, len(curve) // 3):]]
+    return next(s for s, acc in curve if acc >= best - FLAT), max(tail) - min(tail) < FLAT
+
+
 def write(a, names, seeds, runs):
     header = (f"# Location representations on `shapes` (bench/learning.py)\n\n"
-              f"Tiny LLaVA (LLaMA 64 x 2, CLIP 32 x 2, {a.image_size} px / {a.patch} px patches, trainable tower with "
-              f"sine-cosine positions), {a.steps} steps x batch {a.batch}, lr {a.lr} constant, {a.objects[0]}-{a.objects[1]} "
-              f"shapes per image, grid {a.grid}, seeds {','.join(map(str, seeds))}, {a.n_eval} held-out scenes, "
-              f"{a.threads} CPU thread(s). Mean ± standard deviation over seeds.\n")
+              f"`llava-getok demo` runs (convert-datasets --format, python -m llava_getok.train, predict, eval): tiny "
+              f"random LLaVA (LLaMA 64 x 3, CLIP 32 x 2, 64 px / 8 px patches, trainable tower with sine-cosine positions), "
+              f"{a.steps} steps x batch 16, lr 0.001 constant, {a.objects} shapes per image, {a.train_images} training "
+              f"images, grid 8, seeds {','.join(map(str, seeds))}; final scores on {a.val_images} held-out expressions, "
+              f"curve points every {a.eval_every} steps on the first {a.curve_n}; {a.jobs} runs at a time on a 2-core "
+              f"CPU, one thread each. Mean ± standard deviation over seeds.\n")
     if a.note:
         header += f"\n**{a.note}**\n"
-    rows = ["| representation | seeds | Acc@0.5 | Acc@0.8 | mean IoU | parse failures | tokens / answer | train s / run | eval s | chance (random shape / mean box) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| representation | seeds | Acc@0.5 | Acc@0.8 | mean IoU | unparseable | tokens / answer | train s / run | "
+            "eval s | plateau (step) | flat at the end |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    curves = {}
     for name in names:
         rs = [r for r in runs if r["condition"] == name]
         if not rs:
             continue
         g = lambda k: [r[k] for r in rs]
+        curves[name] = mean_curve(rs)
+        step, flat = plateau(curves[name])
         rows.append(f"| {name} | {len(rs)} | {_ms(g('acc50'))} | {_ms(g('acc80'))} | {_ms(g('miou'))} | "
-                    f"{_ms(g('parse_fail'))} | {_ms(g('tokens'), '{:.1f}')} | {_ms(g('train_s'), '{:.0f}')} | "
-                    f"{_ms(g('eval_s'), '{:.1f}')} | {np.mean(g('chance_random_shape')):.3f} / {np.mean(g('chance_mean_box')):.3f} |")
-    text_final = [r["acc50"] for r in runs if r["condition"] == "text-2dec"]
-    notes = []
-    if text_final:
-        goal = float(np.mean(text_final))
-        for name in names:
-            curve = mean_curve([r for r in runs if r["condition"] == name])
-            hit = next((s for s, acc in curve if acc >= goal and goal > 0), None)
-            notes.append(f"- {name}: first curve point with mean Acc@0.5 >= text-2dec's final {goal:.3f}: "
-                         f"{'step ' + str(hit) if hit else 'not reached' if goal > 0 else 'n/a (text final is 0)'}")
-    curves = {n: dict(mean_curve([r for r in runs if r["condition"] == n])) for n in names}
-    steps = sorted({s for c in curves.values() for s in c})
-    curve_rows = ["| representation | " + " | ".join(f"step {s}" for s in steps) + " |",
-                  "|---|" + "---|" * len(steps)]
-    curve_rows += [f"| {n} | " + " | ".join(f"{curves[n][s]:.3f}" if s in curves[n] else "-" for s in steps) + " |"
-                   for n in names if curves[n]]
-    md = header + "\n" + "\n".join(rows) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
-    md += ("\nMean Acc@0.5 along training (intermediate points on the first 200 held-out scenes; wall times "
-           "above were measured on a machine shared with other jobs, so compare them only loosely):\n\n"
-           + "\n".join(curve_rows) + "\n")
+                    f"{_ms(g('unparseable'), '{:.0f}')} | {_ms(g('tokens'), '{:.1f}')} | {_ms(g('train_s'), '{:.0f}')} | "
+                    f"{_ms(g('eval_s'), '{:.0f}')} | {step} | {'yes' if flat else 'no'} |")
+    steps = sorted({s for c in curves.values() for s, _ in c})
+    curve_rows = ["| representation | " + " | ".join(f"{s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    curve_rows += [f"| {n} | " + " | ".join(f"{dict(c)[s]:.3f}" if s in dict(c) else "-" for s in steps) + " |"
+                   for n, c in curves.items()]
+    md = header + "\n" + "\n".join(rows) + "\n"
+    md += (f"\nplateau: the first curve point within {FLAT} of the curve's best; flat at the end: the last third of "
+           f"the curve moves less than {FLAT}.\n\nMean Acc@0.5 along training (step; first {a.curve_n} held-out "
+           "expressions; the last point is the final model on them):\n\n" + "\n".join(curve_rows) + "\n")
     md += "\nLearning curves (mean Acc@0.5 over seeds): learning_curve.png\n"
     write_text_atomic(a.out / "learning.md", md)
-    write_text_atomic(a.out / "learning.json", json.dumps({"settings": {k: str(v) for k, v in vars(a).items()}, "runs": runs}, indent=1))
-    plot({n: mean_curve([r for r in runs if r["condition"] == n]) for n in names}, a.out / "learning_curve.png")
-
-
-def mean_curve(rs):
-    """[(step, mean Acc@0.5 over the runs)] on the steps every run has."""
-    if not rs:
-        return []
-    by_step = {}
-    for r in rs:
-        for step, _, acc, _ in r["curve"]:
-            by_step.setdefault(step, []).append(acc)
-    return [(s, float(np.mean(v))) for s, v in sorted(by_step.items()) if len(v) == len(rs)]
+    write_text_atomic(a.out / "learning.json", json.dumps({"settings": {k: str(v) for k, v in vars(a).items()},
+                                                          "runs": runs}, indent=1))
+    plot(curves, a.out / "learning_curve.png")
 
 
 def plot(curves: dict, path: Path, w=720, h=440):

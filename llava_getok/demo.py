@@ -3,7 +3,7 @@
     llava-getok demo [--out runs/demo] [--steps 4000] [--quick]
 
 1. draw the procedural ``shapes`` dataset (PNG images + annotations.jsonl),
-2. ``convert-datasets shapes`` -> GETok conversations (train: every shape of an image asked about in one
+2. ``convert-datasets shapes`` -> LLaVA conversations in GETok (or, ``--format``, text or bin) locations (train: every shape of an image asked about in one
    conversation, ``--group-turns``; val: one expression per image),
 3. build a tiny random LLaVA (LLaMA 64 x 3 layers, CLIP tower 64 px / 8 px patches),
 4. fine-tune it with ``python -m llava_getok.train`` (LLaVA's own train() with the GETok hooks),
@@ -30,6 +30,7 @@ import argparse
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -81,6 +82,15 @@ def _parser():
     p.add_argument("--schedule", default="cosine", help="learning-rate schedule after 50 warm-up steps "
                    "(transformers' lr_scheduler_type: cosine, constant_with_warmup, linear, ...)")
     p.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: none)")
+    p.add_argument("--format", choices=("getok", "text", "bins"), default="getok",
+                   help="location format of the answers (convert-datasets --format): GETok tokens, LLaVA-1.5's text "
+                   "coordinates, or 1D bin tokens <loc_k>")
+    p.add_argument("--bins", type=int, default=16, help="--format bins: bins per axis (16 = 2 x grid 8: the "
+                   "precision of GETok with one offset round)")
+    p.add_argument("--decimals", type=int, default=2, help="--format text: decimals per coordinate")
+    p.add_argument("--eval-every", type=int, default=0, help="also save a checkpoint every N steps and score it on "
+                   "the first --curve-n val records: the learning curve in summary.json (0: none)")
+    p.add_argument("--curve-n", type=int, default=200, help="val records scored at each --eval-every checkpoint")
     p.add_argument("--rows", default="auto", help="--getok_rows of the training run (auto; factored: the grid rows "
                                                   "as column + row + cell parts)")
     p.add_argument("--template", default="getok_mistral_instruct", help="conversation template (training and prediction)")
@@ -132,7 +142,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     quiet.install()  # messages that tell a CPU user nothing (llava_getok/quiet.py), before the libraries load
-    st = Stages(7)
+    st = Stages(8 if a.eval_every else 7)
 
     st.start(f"drawing the shapes dataset: {a.train_images} train ({a.objects} shapes) + {a.val_images} val "
              f"({a.val_objects} shapes) images of {a.image_size} px")
@@ -150,7 +160,7 @@ def main(argv=None) -> int:
     shapes.generate(data, splits, seed=a.seed, image_size=a.image_size, n_objects=n_objects, refs_per_image=refs,
                     progress=True, attributes={"colour": ("color",), "kind": ("kind",)}, workers=os.cpu_count() or 1)
 
-    st.start("convert-datasets shapes -> GETok conversations")
+    st.start(f"convert-datasets shapes --format {a.format} -> LLaVA conversations")
     from data_converters.cli import main as convert
 
     conv = {}
@@ -158,6 +168,7 @@ def main(argv=None) -> int:
         conv[split] = out / f"{split}.json"
         rc = convert(["shapes", "--input", str(data), "--image-root", str(data), "--output", str(conv[split]),
                       "--split", split, "--grid", str(a.grid), "--rounds", str(a.rounds), "--seed", str(a.seed),
+                      "--format", a.format, "--bins", str(a.bins), "--decimals", str(a.decimals),
                       "--group-turns", str(a.turns if split != "val" else 1), "--no-resume",
                       "--workers", str(os.cpu_count() or 1)])
         if rc:
@@ -183,6 +194,7 @@ def main(argv=None) -> int:
 
     st.start(f"fine-tuning with python -m llava_getok.train: {a.steps} steps x batch {a.batch}, {a.threads} thread(s)")
     ckpt = out / "llava-getok-demo"
+    shutil.rmtree(ckpt, ignore_errors=True)  # LLaVA's train() would resume from an earlier run's checkpoint-* there
     cmd = [sys.executable, "-m", "llava_getok.train",
            *train_args(model_dir, train_file, data, ckpt, a, file_order=train_file != conv["train"])]
     print("$ " + " ".join(cmd), flush=True)
@@ -197,9 +209,7 @@ def main(argv=None) -> int:
     from .viz import main as show
 
     preds = out / "predictions.jsonl"
-    rc = predict(["--model-path", str(ckpt), "--data", str(conv["val"]), "--image-root", str(data),
-                  "--output", str(preds), "--constrained", "--shape-only", "--batch-size", "32", "--conv-mode", a.template,
-                  "--max-new-tokens", "16", "--device", "cpu"])
+    rc = predict(predict_args(ckpt, conv["val"], data, preds, a))
     if rc:
         print(f"demo: prediction failed (exit {rc})", file=sys.stderr)
         return rc
@@ -212,13 +222,19 @@ def main(argv=None) -> int:
     chance = chance_levels(records)
     selection = selection_rate(preds, records["val"])
 
+    answer_tokens = tokens_per_answer(ckpt, conv["val"])
+    curve = []
+    if a.eval_every:
+        st.start(f"scoring the checkpoints saved every {a.eval_every} steps on {a.curve_n} val expressions")
+        curve = learning_curve(ckpt, conv["val"], data, out, a)
+
     st.start("drawing the contact sheet")
     sheet = out / "contact_sheet.png"
     show(["--annotations", str(conv["val"]), "--image-root", str(data), "--output", str(sheet),
           "--limit", str(a.sheet), "--no-masks", "--predictions", str(preds)])
     st.end()
 
-    summary = report(metrics, chance, st, a, sheet, selection)
+    summary = report(metrics, chance, st, a, sheet, selection) | {"curve": curve, "tokens_per_answer": answer_tokens}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return 0
 
@@ -318,7 +334,8 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
         "--output_dir", str(ckpt), "--max_steps", str(a.steps), "--per_device_train_batch_size", str(a.batch),
         "--learning_rate", str(a.lr), "--lr_scheduler_type", a.schedule, "--warmup_steps", "50",
         "--max_grad_norm", str(a.max_grad_norm), "--weight_decay", "0",
-        "--save_strategy", "no", "--logging_steps", str(log_every(a.steps)), "--report_to", "none",
+        *(["--save_strategy", "steps", "--save_steps", str(a.eval_every), "--save_only_model", "True"]
+          if a.eval_every else ["--save_strategy", "no"]), "--logging_steps", str(log_every(a.steps)), "--report_to", "none",
         "--disable_tqdm", "True",  # the demo shows its own bar from the logged losses (run_training)
         # one worker prepares batches (LLaVA's image processing and tokenisation, ~12 % of a step) on the
         # second core while the main process trains on one thread
@@ -329,6 +346,45 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
         "--getok_check_data", "1000",
         *(["--getok_data_order", "file"] if file_order else []),
     ]
+
+
+def predict_args(model: Path, data_json: Path, image_root: Path, preds: Path, a, limit: int | None = None) -> list[str]:
+    """``llava-getok predict`` arguments: constrained decoding for GETok and bins (text answers are free), room for
+    the longest answer of the format (a text box is ~24 tokens of the demo's tokenizer, a GETok or bins box <= 10)."""
+    return ["--model-path", str(model), "--data", str(data_json), "--image-root", str(image_root),
+            "--output", str(preds), "--constrained", "--shape-only", "--batch-size", "32", "--conv-mode", a.template,
+            "--max-new-tokens", "40" if a.format == "text" else "16", "--device", "cpu",
+            *(["--limit", str(limit)] if limit else [])]
+
+
+def learning_curve(ckpt: Path, val_json: Path, image_root: Path, out: Path, a) -> list[dict]:
+    """Acc@0.5, Acc@0.8 and mIoU of every ``checkpoint-N`` the training run saved (``--eval-every``), on the
+    first ``--curve-n`` val records, in step order; the last point is the final model on the same records."""
+    from .eval.cli import evaluate
+    from .predict import main as predict
+
+    points = sorted((int(d.name.split("-")[1]), d) for d in ckpt.glob("checkpoint-*") if d.is_dir())
+    curve = []
+    for step, model in [*points, (a.steps, ckpt)]:
+        if curve and curve[-1]["step"] == step:
+            continue
+        preds = out / "curve" / f"step-{step}.jsonl"
+        if predict(predict_args(model, val_json, image_root, preds, a, limit=a.curve_n)):
+            raise RuntimeError(f"demo: prediction of {model} failed")
+        row = split_row(evaluate(preds, val_json, image_root, None, True, False, None)["metrics"]["rec"])
+        curve.append({"step": step, "acc@0.5": row["acc@0.5"], "acc@0.8": row["acc@0.8"], "miou": row["miou"],
+                      "n": row["n"]})
+        print(f"curve: step {step}: Acc@0.5 {row['acc@0.5']:.3f} (n = {row['n']})", flush=True)
+    return curve
+
+
+def tokens_per_answer(ckpt: Path, val_json: Path) -> float:
+    """Mean number of tokens of the val answers, with the trained tokenizer (its GETok / bin tokens added)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt, use_fast=False)
+    answers = [r["conversations"][1]["value"] for r in json.loads(val_json.read_text())]
+    return float(np.mean([len(tok(t, add_special_tokens=False).input_ids) for t in answers]))
 
 
 def curriculum_file(out: Path, stages: list[tuple[int, dict[Path, float]]], seed: int) -> Path:
@@ -414,10 +470,15 @@ def selection_rate(predictions: Path, val: list[dict]) -> dict[str, float]:
     return {k: float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
 
 
+def split_row(metrics: dict) -> dict:
+    """The val split's row of eval's REC metrics (the one split there is; "all" when eval names none)."""
+    return next((v for k, v in metrics.items() if k != "all"), None) or metrics["all"]
+
+
 def report(metrics, chance, st: Stages, a, sheet: Path, selection: dict) -> dict:
     """Print the summary block; return what OUT/summary.json holds."""
     total = time.time() - st.t0
-    row = next((v for k, v in metrics.items() if k != "all"), None) or metrics["all"]
+    row = split_row(metrics)
     acc = row["acc@0.5"]
     best_chance = max(chance["random_shape"], chance["mean_box"])
     ok = acc >= TARGET_ACC and acc >= TARGET_FACTOR * chance["mean_box"]

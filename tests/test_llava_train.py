@@ -232,6 +232,24 @@ def test_lora_resume_restores_getok_rows_and_projector(lora_run, tiny_llava_dir,
     assert torch.equal(proj(resumed), proj(trainer))
 
 
+def test_resuming_a_checkpoint_of_another_format_is_refused_in_one_line(lora_run, tiny_llava_dir, shared_data, tmp_path):
+    """LLaVA's train() resumes from any checkpoint-* in --output_dir: a rerun of another location format into the
+    same folder names both formats instead of stopping in torch's load_state_dict on the embedding's size."""
+    import shutil
+
+    from llava_getok.formats import BinsFormat
+    from llava_getok.llava.tiny import make_grounding_data
+
+    _, out = lora_run
+    shutil.copytree(out / "checkpoint-6", tmp_path / "out" / "checkpoint-6")
+    data = make_grounding_data(tmp_path / "data", shared_data / "coco_mini", BinsFormat(bins=32), n_records=2)
+    with pytest.raises(SystemExit) as e:
+        train_in_process(train_argv(tiny_llava_dir, data, tmp_path / "out", "--lora_enable", "True", steps=8))
+    message = str(e.value)
+    assert "\n" not in message and "checkpoint-6 was trained on getok, grid 8" in message, message
+    assert "this run trains bins, K = 32" in message and "use a new --output_dir" in message, message
+
+
 def getok_rows_values_of(trainer):
     from llava_getok.llava.rows import getok_rows_values
 

@@ -13,8 +13,8 @@ ROW_MODES = ("auto", "full", "delta", "factored")
 
 
 class FormatError(ValueError):
-    """The location format asked for and the training data's disagree (or the data mixes formats); ``python -m
-    llava_getok.train`` prints it as one line."""
+    """The location format asked for and the training data's disagree (or the data mixes formats, or a checkpoint to
+    resume is of another format); ``python -m llava_getok.train`` prints it as one line."""
 
 DATA_ORDERS = ("shuffle", "file")
 

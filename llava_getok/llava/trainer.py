@@ -17,15 +17,15 @@ apply_compat_fixes()  # fix 3 before llava.train is imported
 
 from llava.train.llava_trainer import LLaVATrainer  # noqa: E402
 
-from ..formats import describe, format_to_dict  # noqa: E402
+from ..formats import describe, format_to_dict, same_tokens  # noqa: E402
 from ..vocab import GETokConfig  # noqa: E402
 from .checkpoint import (  # noqa: E402
     check_same_on_all_ranks, load_getok_files, tower_weights, write_getok_files)
 from .loss import LossCapture, getok_loss  # noqa: E402
 from .prepare import prepare_for_getok, unwrap_llava  # noqa: E402
 from .rows import ROWS_ATTR, fold_rows_into_state, getok_rows_values  # noqa: E402
-from .settings import GETokSettings  # noqa: E402
-from .sidecar import ROWS_FILE, Sidecar  # noqa: E402
+from .settings import FormatError, GETokSettings  # noqa: E402
+from .sidecar import ROWS_FILE, SIDECAR, Sidecar, read_sidecar  # noqa: E402
 
 
 class GETokTrainer(LLaVATrainer):
@@ -139,9 +139,26 @@ class GETokTrainer(LLaVATrainer):
         self.save_getok_files(folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self.check_resumable(resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         peft_model = self.model if hasattr(self.model, "peft_config") else None
         load_getok_files(unwrap_llava(model if model is not None else self.model), peft_model, resume_from_checkpoint)
+
+    def check_resumable(self, folder) -> None:
+        """Refuse, in one line, a checkpoint of another location format or vocabulary. LLaVA's train() resumes from
+        any ``checkpoint-*`` in ``--output_dir``, so rerunning another configuration into the same folder would
+        otherwise stop in torch's load_state_dict with a size mismatch of the embedding matrix."""
+        saved = read_sidecar(folder)
+        if saved is None:
+            raise FormatError(f"GETok: {folder} has no {SIDECAR}: a checkpoint of a run without GETok, which this "
+                             "run cannot resume (LLaVA resumes from any checkpoint-* in --output_dir: use a new "
+                             "--output_dir or remove that folder)")
+        fmt, g = saved.location_format, self.getok
+        if not same_tokens(fmt, g.format) or saved.vocab_size != g.vocab_size:
+            raise FormatError(f"GETok: {folder} was trained on {describe(fmt)} with a vocabulary of {saved.vocab_size}, "
+                             f"this run trains {describe(g.format)} with {g.vocab_size}: it cannot resume it (LLaVA "
+                             "resumes from any checkpoint-* in --output_dir: use a new --output_dir or remove that "
+                             "folder)")
 
     def train(self, *args, **kwargs):
         out = super().train(*args, **kwargs)
