@@ -3,8 +3,9 @@
     llava-getok demo [--out runs/demo] [--steps 4000] [--quick]
 
 1. draw the procedural ``shapes`` dataset (PNG images + annotations.jsonl),
-2. ``convert-datasets shapes`` -> LLaVA conversations in GETok (or, ``--format``, text or bin) locations (train: every shape of an image asked about in one
-   conversation, ``--group-turns``; val: one expression per image),
+2. ``convert-datasets shapes`` -> LLaVA conversations with GETok locations (``--format text|bins``: LLaVA-1.5's text
+   coordinates or 1D bin tokens; train: every shape of an image asked about in one conversation, ``--group-turns``;
+   val: one expression per image),
 3. build a tiny random LLaVA (LLaMA 64 x 3 layers, CLIP tower 64 px / 8 px patches),
 4. fine-tune it with ``python -m llava_getok.train`` (LLaVA's own train() with the GETok hooks),
 5. predict on the held-out split with constrained decoding, 6. evaluate (Acc@0.5 / 0.8, mIoU),
