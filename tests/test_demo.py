@@ -1,6 +1,6 @@
 """`llava-getok demo --quick`: the whole job runs end to end (data, convert, tiny LLaVA, `python -m
 llava_getok.train`, constrained prediction, eval, contact sheet) and reports Acc@0.5 beside its chance levels.
-Two training steps: this checks the plumbing, not the learning (bench/learning_trials.py measures that)."""
+Two training steps: this checks the plumbing, not the learning (bench/learning.py measures that)."""
 from __future__ import annotations
 
 import json
@@ -133,3 +133,24 @@ def test_sincos_positions_fill_the_given_dimensions_and_leave_the_rest_to_conten
     assert len({tuple(r.tolist()) for r in pe[1:, :16].round(decimals=4)}) == 16  # every patch its own code
     set_sincos_positions(tower)
     assert (tower.vision_model.embeddings.position_embedding.weight[1:, 16:].abs().sum(1) > 0).all()
+
+
+def test_demo_with_a_baseline_format_and_a_learning_curve_reruns_into_the_same_folder(tmp_path, capsys):
+    """--format text: the same job with LLaVA-1.5's text boxes (free decoding, parsed by eval); --eval-every: each
+    saved checkpoint scored; a second run into the same folder with another format starts afresh instead of
+    resuming the first run's checkpoint (LLaVA's train() resumes from any checkpoint-* in its output folder)."""
+    from llava_getok.demo import main
+
+    out = tmp_path / "demo"
+    assert main(["--quick", "--out", str(out), "--format", "text", "--eval-every", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    answer = json.loads((out / "val.json").read_text())[0]["conversations"][1]["value"]
+    assert answer.startswith("[0.") and answer.count(", ") == 3 and summary["tokens_per_answer"] > 10
+    assert json.loads((out / "llava-getok-demo" / "getok_config.json").read_text())["format"]["name"] == "text"
+    assert [p["step"] for p in summary["curve"]] == [1, 2] and all(p["n"] == 4 for p in summary["curve"])
+    assert summary["metrics"]["n"] == 4
+    assert main(["--quick", "--out", str(out), "--format", "bins", "--bins", "16"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["curve"] == [] and summary["tokens_per_answer"] == 4.0 and summary["metrics"]["unparseable"] == 0
+    assert json.loads((out / "llava-getok-demo" / "getok_config.json").read_text())["format"] == {"name": "bins", "bins": 16}
+    assert "checkpoint-1" not in {p.name for p in (out / "llava-getok-demo").iterdir()}
