@@ -46,7 +46,7 @@ CONDITIONS = {
     "text": ["--format", "text", "--decimals", "2"],
 }
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
-FLAT = 0.03  # a curve is flat when its last third moves less than this (Acc@0.5)
+FLAT = 0.03  # a curve is flat when its last third (at least 3 points) moves less than this
 
 
 def demo_args(a, condition: str, seed: int, out: Path) -> list[str]:
@@ -61,27 +61,30 @@ def demo_args(a, condition: str, seed: int, out: Path) -> list[str]:
 
 
 def run_one(a, condition: str, seed: int) -> dict:
-    """One finished run's numbers (reused when its summary.json was written with the same command)."""
+    """One run's numbers, from the demo's summary.json and eval's metrics file. A finished run (its run.json holds
+    the same command) is read, not rerun."""
     out = Path(a.work) / condition / f"s{seed}"
     cmd = demo_args(a, condition, seed, out)
     done = out / "run.json"
-    if done.exists() and json.loads(done.read_text())["cmd"] == cmd[1:]:
-        return json.loads(done.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(out.parent / f"s{seed}.log", "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
-    if rc:
-        raise SystemExit(f"bench/learning.py: {condition} seed {seed} failed (exit {rc}); see {out.parent}/s{seed}.log")
+    if not (done.exists() and json.loads(done.read_text())["cmd"] == cmd[1:]):
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(out.parent / f"s{seed}.log", "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+        if rc:
+            raise SystemExit(f"bench/learning.py: {condition} seed {seed} failed (exit {rc}); see {out.parent}/s{seed}.log")
+        write_text_atomic(done, json.dumps({"cmd": cmd[1:], "wall_s": round(time.time() - t0, 1)}) + "\n")
     s = json.loads((out / "summary.json").read_text())
     stage = lambda word: sum(v for k, v in s["stage_seconds"].items() if k.startswith(word))
-    run = {"cmd": cmd[1:], "condition": condition, "seed": seed, "acc50": s["metrics"]["acc@0.5"],
-           "acc80": s["metrics"]["acc@0.8"], "miou": s["metrics"]["miou"], "n": s["metrics"]["n"],
-           "unparseable": s["metrics"].get("unparseable", 0), "tokens": s["tokens_per_answer"],
-           "train_s": stage("fine-tuning"), "eval_s": stage("predicting") + stage("evaluating"),
-           "curve": [(p["step"], p["acc@0.5"]) for p in s["curve"]], "wall_s": round(time.time() - t0, 1)}
-    write_text_atomic(done, json.dumps(run) + "\n")
-    return run
+    rows = json.loads((out / "predictions.metrics.json").read_text())["ceiling"]["rec"]
+    return {"condition": condition, "seed": seed, "acc50": s["metrics"]["acc@0.5"], "acc80": s["metrics"]["acc@0.8"],
+            "miou": s["metrics"]["miou"], "n": s["metrics"]["n"], "unparseable": s["metrics"]["unparseable"],
+            "tokens": s["tokens_per_answer"], "train_s": stage("fine-tuning"),
+            "eval_s": stage("predicting") + stage("evaluating"), "curve": s["curve"],
+            # eval's ceiling: the ground truth as the format carries it, scored like a prediction
+            "ceiling": next(v for k, v in rows.items() if k != "all"),
+            "wall_s": json.loads(done.read_text())["wall_s"]}
 
 
 def main(argv=None):
@@ -120,22 +123,25 @@ def _ms(values, fmt="{:.3f}"):
     return (fmt + " ± " + fmt).format(v.mean(), v.std()) if len(v) > 1 else fmt.format(v.mean())
 
 
-def mean_curve(rs) -> list[tuple[int, float]]:
-    """[(step, mean Acc@0.5 over the runs)] on the steps every run has."""
+def mean_curve(rs, key: str) -> list[tuple[int, float]]:
+    """[(step, mean of the curve metric ``key`` over the runs)] on the steps every run has."""
     by_step: dict[int, list[float]] = {}
     for r in rs:
-        for step, acc in r["curve"]:
-            by_step.setdefault(step, []).append(acc)
+        for point in r["curve"]:
+            by_step.setdefault(point["step"], []).append(point[key])
     return [(s, float(np.mean(v))) for s, v in sorted(by_step.items()) if len(v) == len(rs)]
 
 
 def plateau(curve) -> tuple[int | None, bool]:
-    """(first step whose mean Acc@0.5 is within FLAT of the best point, whether the last third is flat)."""
+    """(first step whose value is within FLAT of the curve's best, whether the curve's last third is flat)."""
     if not curve:
         return None, False
-    best = max(acc for _, acc in curve)
-    tail = [acc for _, acc in curve[len(curve) - max(2, len(curve) // 3):]]
-    return next(s for s, acc in curve if acc >= best - FLAT), max(tail) - min(tail) < FLAT
+    best = max(v for _, v in curve)
+    tail = [v for _, v in curve[len(curve) - max(3, len(curve) // 3):]]
+    return next(s for s, v in curve if v >= best - FLAT), max(tail) - min(tail) < FLAT
+
+
+CURVES = {"acc@0.5": "Acc@0.5", "miou": "mean IoU", "acc@0.8": "Acc@0.8"}
 
 
 def write(a, names, seeds, runs):
@@ -149,35 +155,40 @@ def write(a, names, seeds, runs):
     if a.note:
         header += f"\n**{a.note}**\n"
     rows = ["| representation | seeds | Acc@0.5 | Acc@0.8 | mean IoU | unparseable | tokens / answer | train s / run | "
-            "eval s | plateau (step) | flat at the end |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    curves = {}
-    for name in names:
-        rs = [r for r in runs if r["condition"] == name]
-        if not rs:
-            continue
+            "eval s | plateau step: Acc@0.5 / mIoU | flat at the end | ceiling Acc@0.5 / 0.8 / mIoU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_name = {n: [r for r in runs if r["condition"] == n] for n in names}
+    by_name = {n: rs for n, rs in by_name.items() if rs}
+    curves = {key: {n: mean_curve(rs, key) for n, rs in by_name.items()} for key in CURVES}
+    for name, rs in by_name.items():
         g = lambda k: [r[k] for r in rs]
-        curves[name] = mean_curve(rs)
-        step, flat = plateau(curves[name])
+        (s50, flat50), (s_iou, flat_iou) = plateau(curves["acc@0.5"][name]), plateau(curves["miou"][name])
         rows.append(f"| {name} | {len(rs)} | {_ms(g('acc50'))} | {_ms(g('acc80'))} | {_ms(g('miou'))} | "
                     f"{_ms(g('unparseable'), '{:.0f}')} | {_ms(g('tokens'), '{:.1f}')} | {_ms(g('train_s'), '{:.0f}')} | "
-                    f"{_ms(g('eval_s'), '{:.0f}')} | {step} | {'yes' if flat else 'no'} |")
-    steps = sorted({s for c in curves.values() for s, _ in c})
-    curve_rows = ["| representation | " + " | ".join(f"{s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
-    curve_rows += [f"| {n} | " + " | ".join(f"{dict(c)[s]:.3f}" if s in dict(c) else "-" for s in steps) + " |"
-                   for n, c in curves.items()]
+                    f"{_ms(g('eval_s'), '{:.0f}')} | {s50} / {s_iou} | {'yes' if flat50 and flat_iou else 'no'} | "
+                    + " / ".join(f"{np.mean([r['ceiling'][k] for r in rs]):.3f}" for k in ("acc@0.5", "acc@0.8", "miou"))
+                    + " |")
     md = header + "\n" + "\n".join(rows) + "\n"
-    md += (f"\nplateau: the first curve point within {FLAT} of the curve's best; flat at the end: the last third of "
-           f"the curve moves less than {FLAT}.\n\nMean Acc@0.5 along training (step; first {a.curve_n} held-out "
-           "expressions; the last point is the final model on them):\n\n" + "\n".join(curve_rows) + "\n")
-    md += "\nLearning curves (mean Acc@0.5 over seeds): learning_curve.png\n"
+    md += ("\nceiling: the ground-truth answers as the format carries them, scored like predictions (eval's ceiling): "
+           f"what the format's quantisation alone allows. plateau: the first curve point within {FLAT} of the curve's "
+           f"best; flat at the end: the last third (at least 3 points) of both curves moves less than {FLAT}.\n")
+    for key, label in CURVES.items():
+        steps = sorted({s for c in curves[key].values() for s, _ in c})
+        md += (f"\nMean {label} along training (step; first {a.curve_n} held-out expressions; the last point is the final "
+               "model on them):\n\n| representation | " + " | ".join(f"{s}" for s in steps) + " |\n|---|"
+               + "---|" * len(steps) + "\n")
+        md += "".join(f"| {n} | " + " | ".join(f"{dict(c)[s]:.3f}" if s in dict(c) else "-" for s in steps) + " |\n"
+                      for n, c in curves[key].items())
+    md += "\nLearning curves (mean over seeds): learning_curve.png (Acc@0.5), learning_curve_miou.png (mean IoU)\n"
     write_text_atomic(a.out / "learning.md", md)
     write_text_atomic(a.out / "learning.json", json.dumps({"settings": {k: str(v) for k, v in vars(a).items()},
                                                           "runs": runs}, indent=1))
-    plot(curves, a.out / "learning_curve.png")
+    plot(curves["acc@0.5"], a.out / "learning_curve.png", "Acc@0.5 (held-out)")
+    plot(curves["miou"], a.out / "learning_curve_miou.png", "mean IoU (held-out)")
 
 
-def plot(curves: dict, path: Path, w=720, h=440):
-    """A small line plot with PIL (no plotting library in the stack): Acc@0.5 against steps."""
+def plot(curves: dict, path: Path, label: str, w=720, h=440):
+    """A small line plot with PIL (no plotting library in the stack): ``label`` against steps."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (w, h), "white")
@@ -198,7 +209,7 @@ def plot(curves: dict, path: Path, w=720, h=440):
         d.line([X(s), bottom, X(s), bottom + 4], fill="black")
         d.text((X(s) - 12, bottom + 8), f"{s:.0f}", fill="black")
     d.text(((left + right) // 2 - 20, h - 22), "step", fill="black")
-    d.text((8, 2), "Acc@0.5 (held-out)", fill="black")
+    d.text((8, 2), label, fill="black")
     for k, (name, c) in enumerate(curves.items()):
         col = COLORS[k % len(COLORS)]
         pts = [(X(0), Y(0))] + [(X(s), Y(v)) for s, v in c]

@@ -235,7 +235,8 @@ def main(argv=None) -> int:
           "--limit", str(a.sheet), "--no-masks", "--predictions", str(preds)])
     st.end()
 
-    summary = report(metrics, chance, st, a, sheet, selection) | {"curve": curve, "tokens_per_answer": answer_tokens}
+    summary = report(metrics, chance, st, a, sheet, selection) | {
+        "curve": curve, "tokens_per_answer": answer_tokens, "ceiling": split_row(result["ceiling"]["rec"])}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return 0
 
