@@ -39,8 +39,13 @@ from .vocab import DELETE, KIND_TAGS, TAG_KINDS, TAGS, GETokConfig
 # Token classes. NEVER: ids the model may never write (BOS, ids beyond the tokenizer in a padded head).
 CLASSES = (
     "text", "eos", "grid", "off", "delete",
-    "<box>", "</box>", "<seg>", "</seg>", "<pl>", "</pl>", "<offset>", "</offset>", "never", "loc",
+    "<box>", "</box>", "<seg>", "</seg>", "<pl>", "</pl>", "<offset>", "</offset>", "never", "loc", "space",
 )
+# A bare word boundary ("▁" in SentencePiece, "Ġ" in byte-level BPE): LLaVA's templates put a space between the
+# assistant's role and its reply, and a tokenizer that splits added tokens off writes it as this token before an
+# answer that starts with a location token. A shape-only answer may start with it (once), as in training;
+# elsewhere it is text.
+SPACE_PIECES = ("▁", "Ġ")
 _C = {c: k for k, c in enumerate(CLASSES)}
 ONLY = {  # answer restrictions -> the ways an answer may start
     None: None,
@@ -82,7 +87,7 @@ class _Automaton:
         while todo:
             s = todo.popleft()
             for c in range(len(CLASSES)):
-                t = self.step(s, CLASSES[c])
+                t = self._step_or_space(s, CLASSES[c])
                 if t is None:
                     continue
                 if t not in index:
@@ -97,6 +102,15 @@ class _Automaton:
         for s, d in enumerate(self.dist):
             if d is None:
                 raise AssertionError(f"grammar bug: {self.states[s]} cannot reach the end of an answer")
+
+    def _step_or_space(self, s: State, cls: str) -> State | None:
+        """``step``, with the word-boundary token (class "space") allowed once before a shape-only answer
+        (state ``spaced``: the start again, without a second space) and read as text everywhere else."""
+        if s.ctx == "spaced":
+            return None if cls == "space" else self.step(State("start"), cls)
+        if cls == "space":
+            return State("spaced") if s.ctx == "start" else self.step(s, "text")
+        return self.step(s, cls)
 
     def step(self, s: State, cls: str) -> State | None:
         raise NotImplementedError
@@ -304,6 +318,12 @@ def getok_token_ids(tokenizer, cfg: LocationFormat) -> dict[str, int]:
     return dict(zip(tokens, ids))
 
 
+def space_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokenizer's bare word-boundary tokens (:data:`SPACE_PIECES`)."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[p] for p in SPACE_PIECES if p in vocab]
+
+
 def token_class_names(cfg: LocationFormat) -> dict[str, str]:
     """Each token of a format -> its class in :data:`CLASSES`."""
     if isinstance(cfg, BinsFormat):
@@ -329,7 +349,7 @@ class GETokLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, token_ids: dict[str, int], cfg: LocationFormat, eos_token_id, text_vocab_size: int,
-                 never_ids=(), only: str | None = None, max_new_tokens: int | None = None):
+                 never_ids=(), only: str | None = None, max_new_tokens: int | None = None, space_ids=()):
         self.cfg = cfg
         self.grammar = grammar_for(cfg, only)
         self.max_new_tokens = max_new_tokens
@@ -341,6 +361,7 @@ class GETokLogitsProcessor(LogitsProcessor):
         if missing:
             raise ValueError(f"token_ids lacks {len(missing)} location token(s), first {missing[0]!r}")
         self._classes = {"text_vocab_size": text_vocab_size, "eos": eos, "never": list(never_ids),
+                         "space": list(space_ids),
                          "getok": [(token_ids[t], _C[cls[t]]) for t in cfg.tokens()]}
         # Host-side tables; device tensors are made on first use (and per vocabulary width).
         self._trans = torch.tensor(self.grammar.trans, dtype=torch.long)
@@ -361,6 +382,7 @@ class GETokLogitsProcessor(LogitsProcessor):
         """Build from a tokenizer holding the format's tokens (ids from :func:`getok_token_ids`)."""
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         never = kwargs.pop("never_ids", [i for i in (tokenizer.bos_token_id,) if i is not None])
+        kwargs.setdefault("space_ids", space_token_ids(tokenizer))
         return cls(getok_token_ids(tokenizer, cfg), cfg, eos, len(tokenizer), never_ids=never, **kwargs)
 
     def token_classes(self, vocab_size: int) -> torch.Tensor:
@@ -368,7 +390,7 @@ class GETokLogitsProcessor(LogitsProcessor):
         c = self._classes
         out = torch.full((vocab_size,), _C["text"], dtype=torch.long)
         out[min(c["text_vocab_size"], vocab_size):] = _C["never"]
-        for ids, k in ((c["never"], _C["never"]), (c["eos"], _C["eos"])):
+        for ids, k in ((c["space"], _C["space"]), (c["never"], _C["never"]), (c["eos"], _C["eos"])):
             ids = [i for i in ids if i < vocab_size]
             out[ids] = k
         ids, ks = zip(*c["getok"])
