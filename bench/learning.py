@@ -87,6 +87,26 @@ def run_one(a, condition: str, seed: int) -> dict:
             "wall_s": json.loads(done.read_text())["wall_s"]}
 
 
+def rescore(a, condition: str, seed: int) -> None:
+    """Predict and evaluate a finished run's saved models again with the current code (its final model and every
+    curve checkpoint), keeping its training: for a fix in decoding or evaluation. Rewrites its summary.json."""
+    from llava_getok import demo, quiet
+    from llava_getok.eval.cli import evaluate
+    from llava_getok.predict import main as predict
+
+    quiet.install()
+    out = Path(a.work) / condition / f"s{seed}"
+    d = demo._parser().parse_args(demo_args(a, condition, seed, out)[3:])
+    ckpt, val, data, preds = out / "llava-getok-demo", out / "val.json", out / "data", out / "predictions.jsonl"
+    if predict(demo.predict_args(ckpt, val, data, preds, d)):
+        raise SystemExit(f"bench/learning.py: predicting {ckpt} failed")
+    metrics = demo.split_row(evaluate(preds, val, data, out, False, True, None)["metrics"]["rec"])
+    summary = json.loads((out / "summary.json").read_text())
+    summary |= {"acc@0.5": metrics["acc@0.5"], "metrics": metrics, "curve": demo.learning_curve(ckpt, val, data, out, d),
+                "rescored": time.strftime("%Y-%m-%d %H:%M")}
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conditions", default=",".join(CONDITIONS))
@@ -101,6 +121,8 @@ def main(argv=None):
     ap.add_argument("--note", default="", help="written under the table header")
     ap.add_argument("--work", default=os.environ.get("GETOK_LEARNING_WORK", "/tmp/getok_learning"))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--rescore", action="store_true", help="predict and evaluate the finished runs' saved models "
+                    "again with the current code (no training), then write the table")
     a = ap.parse_args(argv)
     names, seeds = a.conditions.split(","), [int(s) for s in a.seeds.split(",")]
     unknown = [n for n in names if n not in CONDITIONS]
@@ -109,6 +131,9 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     runs = []
     jobs = [(n, s) for s in seeds for n in names]  # seed-major: an interrupted sweep has every representation
+    if a.rescore:
+        for job in jobs:
+            rescore(a, *job)
     with ThreadPoolExecutor(a.jobs) as pool:
         for run in pool.map(lambda job: run_one(a, *job), jobs):
             runs.append(run)
