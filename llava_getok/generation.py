@@ -458,8 +458,8 @@ class RefinementLogitsProcessor(GETokLogitsProcessor):
     So every refinement applies (``codec.apply_refinement``) without a structure mismatch."""
 
     def __init__(self, token_ids, cfg: GETokConfig, eos_token_id, text_vocab_size: int, first_shapes,
-                 never_ids=()):
-        super().__init__(token_ids, cfg, eos_token_id, text_vocab_size, never_ids)
+                 never_ids=(), space_ids=()):
+        super().__init__(token_ids, cfg, eos_token_id, text_vocab_size, never_ids, space_ids=space_ids)
         plans = [refinement_classes(shapes) for shapes in first_shapes]
         width = max(map(len, plans)) + 1
         table = torch.ones(len(plans), width, len(CLASSES), dtype=torch.bool)  # past the end: anything
@@ -468,13 +468,15 @@ class RefinementLogitsProcessor(GETokLogitsProcessor):
                 table[r, k] = False
                 table[r, k, [_C[c] for c in allowed]] = True
         self._plan = table
-        self.max_new_tokens = width - 1  # the longest plan: pass it to generate as max_new_tokens
+        self._spaced = torch.zeros(len(plans), dtype=torch.long)
+        self.max_new_tokens = width  # the longest plan and a leading space: pass it to generate as max_new_tokens
 
     @classmethod
     def from_tokenizer(cls, tokenizer, cfg: GETokConfig, first_shapes, eos_token_id=None):
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         never = [i for i in (tokenizer.bos_token_id,) if i is not None]
-        return cls(getok_token_ids(tokenizer, cfg), cfg, eos, len(tokenizer), first_shapes, never_ids=never)
+        return cls(getok_token_ids(tokenizer, cfg), cfg, eos, len(tokenizer), first_shapes, never_ids=never,
+                   space_ids=space_token_ids(tokenizer))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._to(scores.device, scores.shape[-1], scores.dtype)
@@ -484,6 +486,14 @@ class RefinementLogitsProcessor(GETokLogitsProcessor):
         if rows != self._rows or length != self._last_len + 1:
             self._rows, self._prompt_len = rows, length
         self._last_len = length
-        pos = min(length - self._prompt_len, self._plan.shape[1] - 1)
-        allowed = self._plan[:, pos].to(scores.device)[:, self._cls]  # (rows, vocab)
+        step = length - self._prompt_len
+        if step == 0:  # a row may first write the word-boundary token training put before the answer (once)
+            self._spaced = torch.zeros(rows, dtype=torch.long)
+        elif step == 1:
+            self._spaced = (self._cls[input_ids[:, -1]] == _C["space"]).long().cpu()
+        pos = (step - self._spaced).clamp(max=self._plan.shape[1] - 1)
+        plan = self._plan[torch.arange(rows), pos]  # (rows, classes)
+        if step == 0:
+            plan[:, _C["space"]] = True
+        allowed = plan.to(scores.device)[:, self._cls]  # (rows, vocab)
         return scores.masked_fill(~allowed, float("-inf"))

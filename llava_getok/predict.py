@@ -125,7 +125,7 @@ class Predictor:
 
             texts = [self.decode(a) for a in answers]
             firsts = [parse_ids(a, self.id_to_token, self.first_cfg) for a in answers]
-            second = [t + [{"from": "gpt", "value": a}, {"from": "human", "value": REFINE_PROMPT.format(answer=a)}]
+            second = [t + [{"from": "gpt", "value": a.strip()}, {"from": "human", "value": REFINE_PROMPT.format(answer=a.strip())}]
                       for t, a in zip(first_turns, texts)]
             procs = self._processors(self.cfg, first_shapes=[f.shapes for f in firsts])
             budget = procs[0].max_new_tokens if procs else None

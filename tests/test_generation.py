@@ -241,3 +241,47 @@ def test_a_shape_only_answer_may_start_as_training_tokenised_it(tiny_tokenizer_d
     proc.reset()  # ... the space once: not a second time
     proc(torch.tensor([prompt]), scores)
     assert not torch.isfinite(proc(torch.tensor([prompt + reply[:1]]), scores)[0][reply[0]])
+
+
+def test_a_refinement_may_start_as_training_tokenised_it(tiny_tokenizer_dir):
+    """Refine mode's second answer follows the first answer's plan position by position; the template's space
+    before it (its own token in training) shifts the plan by one for that row instead of being forbidden."""
+    import numpy as np
+    from transformers import AddedToken, AutoTokenizer
+
+    import llava_getok
+    from llava.conversation import conv_templates
+    from llava_getok.codec import Refinement, Shape, encode_refinement, render
+    from llava_getok.generation import RefinementLogitsProcessor
+    from llava_getok.llava import inputs
+    from llava_getok.records import REFINE_PROMPT
+
+    llava_getok.register()
+    cfg = GETokConfig(grid=4, rounds=1, mode="refine")
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir, use_fast=False, legacy=False)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in cfg.tokens()], special_tokens=True)
+    shapes = [Shape("box", ((0.1, 0.2), (0.6, 0.7)))]
+    first = render(shapes, cfg.with_mode("grid"))
+    refinement = encode_refinement([Refinement("box", ((1, 0), None))], cfg)
+    turns = [{"from": "human", "value": "<image>\nWhere is the dog?"}, {"from": "gpt", "value": first},
+             {"from": "human", "value": REFINE_PROMPT.format(answer=first)}]
+    conv = conv_templates["getok_mistral_instruct"].copy()
+    for t in turns + [{"from": "gpt", "value": refinement}]:
+        conv.append_message(conv.roles[0] if t["from"] == "human" else conv.roles[1], t["value"])
+    trained = inputs.prompt_ids(conv.get_prompt(), tok)
+    prompt = inputs.prompt_ids(inputs.render_prompt(turns, "getok_mistral_instruct"), tok)
+    assert trained[: len(prompt)] == prompt
+    location_ids = set(getok_token_ids(tok, cfg).values())
+    reply = trained[len(prompt): max(k for k, i in enumerate(trained) if i in location_ids) + 1]
+    assert tok.convert_ids_to_tokens(reply[0]) == "▁" and reply[1] not in (tok.eos_token_id,)
+    proc = RefinementLogitsProcessor.from_tokenizer(tok, cfg, [shapes])
+    scores = torch.zeros(1, len(tok))
+    for k, want in enumerate(reply + [tok.eos_token_id]):
+        allowed = proc(torch.tensor([prompt + reply[:k]]), scores)[0]
+        assert torch.isfinite(allowed[want]), f"step {k}: {tok.convert_ids_to_tokens(want)!r} is forbidden"
+    assert len(reply) + 1 <= proc.max_new_tokens  # the budget holds the space, the plan and EOS
+    # ... and a row that starts without the space follows the plan from its first token
+    proc = RefinementLogitsProcessor.from_tokenizer(tok, cfg, [shapes])
+    for k, want in enumerate(reply[1:] + [tok.eos_token_id]):
+        allowed = proc(torch.tensor([prompt + reply[1:k + 1]]), scores)[0]
+        assert torch.isfinite(allowed[want]), f"step {k}: {tok.convert_ids_to_tokens(want)!r} is forbidden"

@@ -181,7 +181,7 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from ..generation import GETokLogitsProcessor
+    from ..generation import GETokLogitsProcessor, space_token_ids
     from ..llava import register
     from ..llava.sidecar import read_sidecar
     from ..records import read_records
@@ -220,7 +220,7 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
         token_ids = dict(zip(sidecar.tokens, ids))
         processors = [GETokLogitsProcessor(token_ids, gen_cfg, tokenizer.eos_token_id, len(tokenizer),
                                            never_ids=[tokenizer.bos_token_id], only=args.constrain_only,
-                                           max_new_tokens=args.max_new_tokens)]
+                                           max_new_tokens=args.max_new_tokens, space_ids=space_token_ids(tokenizer))]
     first_answers = None
     if args.stage == "refine" and args.first_answer == "policy":
         first_answers = PolicyFirstAnswers(args.conv_mode, cfg, dict(zip(sidecar.tokens, ids)), args.max_new_tokens)

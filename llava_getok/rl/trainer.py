@@ -239,7 +239,7 @@ class PolicyFirstAnswers:
 
         from transformers import GenerationConfig
 
-        from ..generation import GETokLogitsProcessor
+        from ..generation import GETokLogitsProcessor, space_token_ids
 
         tok = trainer.processing_class
         first_of = {}  # prompt -> index of its first row (a group's G rows share a prompt)
@@ -257,7 +257,8 @@ class PolicyFirstAnswers:
             prompts = [model_inputs.render_prompt(t[: self._first_gpt(t, rows[k])], self.conv_mode)
                        for t, k in zip(turns, ks)]
             proc = GETokLogitsProcessor(self.token_ids, self.grid_cfg, tok.eos_token_id, len(tok),
-                                        never_ids=[tok.bos_token_id], only=only, max_new_tokens=self.max_new_tokens)
+                                        never_ids=[tok.bos_token_id], only=only, max_new_tokens=self.max_new_tokens,
+                                        space_ids=space_token_ids(tok))
             ids = trainer._llava_generate([model_inputs.prompt_ids(p, tok) for p in prompts],
                                           trainer._rollout_images[ks], greedy, [proc])
             for k, t, a in zip(ks, turns, ids):
@@ -269,7 +270,11 @@ class PolicyFirstAnswers:
         return out
 
     def _text(self, tok, ids, eos) -> str:
+        from ..generation import space_token_ids
+
         ids = [i for i in ids if i not in eos]
+        if ids and ids[0] in space_token_ids(tok):  # the template's space before the answer, not part of it
+            ids = ids[1:]
         if all(i in self.getok_ids for i in ids):  # the GETok tokens exactly, as the converter writes them
             return "".join(tok.convert_ids_to_tokens(ids))
         return tok.decode(ids, skip_special_tokens=False)
