@@ -372,7 +372,7 @@ def learning_curve(ckpt: Path, val_json: Path, image_root: Path, out: Path, a) -
             continue
         preds = out / "curve" / f"step-{step}.jsonl"
         if predict(predict_args(model, val_json, image_root, preds, a, limit=a.curve_n)):
-            raise RuntimeError(f"demo: prediction of {model} failed")
+            raise SystemExit(f"demo: prediction of {model} failed")  # predict printed why
         row = split_row(evaluate(preds, val_json, image_root, None, True, False, None)["metrics"]["rec"])
         curve.append({"step": step, "acc@0.5": row["acc@0.5"], "acc@0.8": row["acc@0.8"], "miou": row["miou"],
                       "n": row["n"]})
