@@ -38,6 +38,12 @@ LOCATION_TOKEN_RE = re.compile(TOKEN_RE.pattern + r"|" + LOC_RE.pattern)
 _MAX_DIGITS = 9  # more digits than this cannot be a bin index: out of range without converting (as parse._int)
 
 
+def _check_int_in(what: str, value, lo: int, hi: int) -> None:
+    """ValueError naming ``what`` unless ``value`` is an int (not a bool) in [lo, hi]."""
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
 @dataclass(frozen=True)
 class TextFormat:
     """LLaVA-1.5's text coordinates: ``[x1, y1, x2, y2]`` / ``[x, y]``, each number rounded to ``decimals`` and
@@ -51,8 +57,7 @@ class TextFormat:
     name: ClassVar[str] = "text"
 
     def __post_init__(self):
-        if not isinstance(self.decimals, int) or isinstance(self.decimals, bool) or not 1 <= self.decimals <= 10:
-            raise ValueError(f"text format: decimals must be an integer in [1, 10], got {self.decimals!r}")
+        _check_int_in("text format: decimals", self.decimals, 1, 10)
 
     def tokens(self) -> tuple[str, ...]:
         """Text coordinates are ordinary text: no token is added."""
@@ -127,8 +132,7 @@ class BinsFormat:
     name: ClassVar[str] = "bins"
 
     def __post_init__(self):
-        if not isinstance(self.bins, int) or isinstance(self.bins, bool) or not 2 <= self.bins <= 100_000:
-            raise ValueError(f"bins format: bins must be an integer in [2, 100000], got {self.bins!r}")
+        _check_int_in("bins format: bins", self.bins, 2, 100_000)
 
     def tokens(self) -> tuple[str, ...]:
         """``<loc_0>`` .. ``<loc_{K-1}>``, in bin order (token ids follow it)."""

@@ -320,8 +320,9 @@ def getok_token_ids(tokenizer, cfg: LocationFormat) -> dict[str, int]:
 
 def space_token_ids(tokenizer) -> list[int]:
     """Ids of the tokenizer's bare word-boundary tokens (:data:`SPACE_PIECES`)."""
-    vocab = tokenizer.get_vocab()
-    return [vocab[p] for p in SPACE_PIECES if p in vocab]
+    ids = tokenizer.convert_tokens_to_ids(list(SPACE_PIECES))  # cheap: no whole-vocabulary dict per call
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return [i for i in ids if i is not None and i != unk]
 
 
 def token_class_names(cfg: LocationFormat) -> dict[str, str]:
