@@ -121,6 +121,8 @@ def main(argv=None):
     ap.add_argument("--note", default="", help="written under the table header")
     ap.add_argument("--work", default=os.environ.get("GETOK_LEARNING_WORK", "/tmp/getok_learning"))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--name", default="learning", help="stem of the files written in --out (NAME.md, NAME.json, "
+                    "NAME_curve.png, NAME_curve_miou.png): a longer run of some representations beside the main table")
     ap.add_argument("--rescore", action="store_true", help="predict and evaluate the finished runs' saved models "
                     "again with the current code (no training), then write the table")
     a = ap.parse_args(argv)
@@ -140,7 +142,7 @@ def main(argv=None):
             print(f"{run['condition']} seed {run['seed']}: Acc@0.5 {run['acc50']:.3f} Acc@0.8 {run['acc80']:.3f} "
                   f"mIoU {run['miou']:.3f} tokens {run['tokens']:.1f} train {run['train_s']:.0f} s", flush=True)
             write(a, names, seeds, runs)  # after every run, so an interrupted sweep keeps what it measured
-    print((a.out / "learning.md").read_text())
+    print((a.out / f"{a.name}.md").read_text())
 
 
 def _ms(values, fmt="{:.3f}"):
@@ -204,12 +206,12 @@ def write(a, names, seeds, runs):
                + "---|" * len(steps) + "\n")
         md += "".join(f"| {n} | " + " | ".join(f"{dict(c)[s]:.3f}" if s in dict(c) else "-" for s in steps) + " |\n"
                       for n, c in curves[key].items())
-    md += "\nLearning curves (mean over seeds): learning_curve.png (Acc@0.5), learning_curve_miou.png (mean IoU)\n"
-    write_text_atomic(a.out / "learning.md", md)
-    write_text_atomic(a.out / "learning.json", json.dumps({"settings": {k: str(v) for k, v in vars(a).items()},
+    md += f"\nLearning curves (mean over seeds): {a.name}_curve.png (Acc@0.5), {a.name}_curve_miou.png (mean IoU)\n"
+    write_text_atomic(a.out / f"{a.name}.md", md)
+    write_text_atomic(a.out / f"{a.name}.json", json.dumps({"settings": {k: str(v) for k, v in vars(a).items()},
                                                           "runs": runs}, indent=1))
-    plot(curves["acc@0.5"], a.out / "learning_curve.png", "Acc@0.5 (held-out)")
-    plot(curves["miou"], a.out / "learning_curve_miou.png", "mean IoU (held-out)")
+    plot(curves["acc@0.5"], a.out / f"{a.name}_curve.png", "Acc@0.5 (held-out)")
+    plot(curves["miou"], a.out / f"{a.name}_curve_miou.png", "mean IoU (held-out)")
 
 
 def plot(curves: dict, path: Path, label: str, w=720, h=440):

@@ -69,6 +69,9 @@ def _parser():
                    help="first steps on images of their own whose expressions name the shape by colour alone "
                         "(\"the red shape\"), then the full mix: a curriculum written into the training file and "
                         "trained in file order (--getok_data_order file); 0: the full mix throughout")
+    p.add_argument("--single-steps", type=int, default=0,
+                   help="first steps, before the colour-only ones, on images of their own that hold one shape: where "
+                        "the shape is, learned before which shape is named")
     p.add_argument("--kind-steps", type=int, default=0,
                    help="steps after the colour-only ones on images asked about by kind alone (\"the circle\"), "
                         "before the full mix")
@@ -126,11 +129,13 @@ class Stages:
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     if a.quick:
-        a.colour_steps, a.kind_steps = min(a.colour_steps, 1), min(a.kind_steps, 1)
-        a.train_images, a.val_images, a.steps, a.sheet = 32, 4, 1 + a.colour_steps + a.kind_steps, 4
-    if min(a.colour_steps, a.kind_steps) < 0 or a.colour_steps + a.kind_steps >= a.steps:
-        print(f"demo: --colour-steps and --kind-steps must be >= 0 and leave steps of the full mix (--steps "
-              f"{a.steps}), got {a.colour_steps} and {a.kind_steps}", file=sys.stderr)
+        a.single_steps, a.colour_steps, a.kind_steps = (min(n, 1) for n in (a.single_steps, a.colour_steps, a.kind_steps))
+        a.train_images, a.val_images, a.sheet = 32, 4, 4
+        a.steps = 1 + a.single_steps + a.colour_steps + a.kind_steps
+    staged = a.single_steps + a.colour_steps + a.kind_steps
+    if min(a.single_steps, a.colour_steps, a.kind_steps) < 0 or staged >= a.steps:
+        print(f"demo: --single-steps, --colour-steps and --kind-steps must be >= 0 and leave steps of the full mix "
+              f"(--steps {a.steps}), got {a.single_steps}, {a.colour_steps} and {a.kind_steps}", file=sys.stderr)
         return 2
     if min(a.colour_share, a.kind_share) < 0 or a.colour_share + a.kind_share > 1:
         print(f"demo: --colour-share and --kind-share must be >= 0 and sum to at most 1, got {a.colour_share} and "
@@ -152,12 +157,13 @@ def main(argv=None) -> int:
     data = out / "data"
     n_objects = {"train": shapes.parse_range(a.objects), "val": shapes.parse_range(a.val_objects)}
     splits, refs = {"train": a.train_images, "val": a.val_images}, {"train": a.turns, "val": 1}
-    n_mixed = (a.steps - a.colour_steps - a.kind_steps) * a.batch
-    extra = {"colour": a.colour_steps * a.batch or round(a.colour_share * n_mixed),
+    n_mixed = (a.steps - staged) * a.batch
+    extra = {"single": a.single_steps * a.batch, "colour": a.colour_steps * a.batch or round(a.colour_share * n_mixed),
              "kind": a.kind_steps * a.batch or round(a.kind_share * n_mixed)}
     for split, n in extra.items():  # one image per record of a stage, so no image is seen twice in it
         if n:
-            splits[split], refs[split], n_objects[split] = n, a.turns, n_objects["train"]
+            splits[split], refs[split] = n, a.turns
+            n_objects[split] = (1, 1) if split == "single" else n_objects["train"]
     shapes.generate(data, splits, seed=a.seed, image_size=a.image_size, n_objects=n_objects, refs_per_image=refs,
                     progress=True, attributes={"colour": ("color",), "kind": ("kind",)}, workers=os.cpu_count() or 1)
 
@@ -179,13 +185,15 @@ def main(argv=None) -> int:
     if any(extra.values()):
         mixed = {"colour": a.colour_share, "kind": a.kind_share}
         mixed = {conv[k]: v for k, v in mixed.items() if v} | {conv["train"]: 1 - sum(mixed.values())}
-        stages = [(n * a.batch, {conv[split]: 1.0}) for split, n in (("colour", a.colour_steps), ("kind", a.kind_steps)) if n]
+        stages = [(n * a.batch, {conv[split]: 1.0})
+                  for split, n in (("single", a.single_steps), ("colour", a.colour_steps), ("kind", a.kind_steps)) if n]
         try:
             train_file = curriculum_file(out / "train_curriculum.json", [*stages, (n_mixed, mixed)], a.seed)
         except ValueError as e:  # the converter rejected records (its rejects file says which and why)
             print(f"demo: {e}", file=sys.stderr)
             return 1
-        print(f"curriculum: {a.colour_steps} steps of colour-only expressions, {a.kind_steps} of kind-only ones, then "
+        print(f"curriculum: {a.single_steps} steps on one-shape images, {a.colour_steps} of colour-only expressions, "
+              f"{a.kind_steps} of kind-only ones, then "
               f"{n_mixed // a.batch} of the full mix ({a.colour_share:.0%} colour-only, {a.kind_share:.0%} kind-only) "
               f"-> {train_file.name}")
     print(f"example answer: {json.loads(conv['val'].read_text())[0]['conversations'][1]['value']}")

@@ -65,18 +65,23 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
         assert noise not in everything, noise
 
 
-def test_demo_kind_steps_put_a_kind_only_stage_between_the_colour_stage_and_the_mix(tmp_path, capsys):
+def test_demo_stages_run_one_shape_then_colour_only_then_kind_only_images_before_the_mix(tmp_path, capsys):
     from llava_getok.demo import main
 
     out = tmp_path / "demo"
-    assert main(["--quick", "--kind-steps", "5", "--out", str(out)]) == 0  # quick: one step of each stage
-    assert "1 steps of colour-only expressions, 1 of kind-only ones, then 1 of the full mix" in capsys.readouterr().out
+    assert main(["--quick", "--single-steps", "5", "--kind-steps", "5", "--out", str(out)]) == 0  # quick: 1 step a stage
+    assert ("1 steps on one-shape images, 1 of colour-only expressions, 1 of kind-only ones, then 1 of the full mix"
+            in capsys.readouterr().out)
     order = json.loads((out / "train_curriculum.json").read_text())
-    assert [r["image"].split("/")[1] for r in order[:32]] == ["colour"] * 16 + ["kind"] * 16
+    assert [r["image"].split("/")[1] for r in order[:48]] == ["single"] * 16 + ["colour"] * 16 + ["kind"] * 16
+    scenes = {r["image"]: r["scene_boxes"] for r in map(json.loads, (out / "data" / "annotations.jsonl").open())}
+    assert all(len(scenes[r["image"]]) == 1 for r in order[:16])
+    assert all(len(scenes[r["image"]]) >= 2 for r in order[16:32])
     kinds = {"the circle.", "the square.", "the triangle."}
-    assert all(r["conversations"][0]["value"].rsplit(": ", 1)[1] in kinds for r in order[16:32])
-    assert len(order) == 48 and {r["image"].split("/")[1] for r in order[32:]} <= {"colour", "kind", "train"}
+    assert all(r["conversations"][0]["value"].rsplit(": ", 1)[1] in kinds for r in order[32:48])
+    assert len(order) == 64 and {r["image"].split("/")[1] for r in order[48:]} <= {"colour", "kind", "train"}
     assert main(["--kind-steps", "100000", "--out", str(out)]) == 2  # no steps left for the mix
+    assert main(["--single-steps", "-1", "--out", str(out)]) == 2
 
 
 def test_curriculum_file_writes_each_stage_in_order_and_every_record_once_a_pass(tmp_path):
