@@ -7,6 +7,7 @@ representation changes, each with its best settings in the trainer:
 
   getok           GETok grid 8 + one offset round, the trainer's defaults (box-token loss, sincos2d rows)
   getok-factored  the same with --getok_rows factored (grid rows = column part + row part + per-cell residual)
+  getok-2rounds   GETok grid 8 + two offset rounds (a quarter-cell step: 32 positions per axis, 2 px at 64 px)
   bins            Pix2Seq / PaliGemma 1D tokens <loc_k>, 16 bins per axis (the precision of GETok with one round),
                   with their 1D distance-aware loss and sincos initialisation (the trainer's defaults for bins)
   text            LLaVA-1.5's text coordinates "[0.12, 0.34, 0.56, 0.78]" (2 decimals; plain LM loss)
@@ -42,6 +43,7 @@ from llava_getok.atomic import atomic_path, write_text_atomic
 CONDITIONS = {
     "getok": [],
     "getok-factored": ["--rows", "factored"],
+    "getok-2rounds": ["--rounds", "2"],
     "bins": ["--format", "bins", "--bins", "16"],
     "text": ["--format", "text", "--decimals", "2"],
 }
