@@ -22,8 +22,9 @@ and eval time (mean ± standard deviation over seeds), the step where its mean c
     .venv/bin/python bench/learning.py --conditions getok,bins --seeds 0 --steps 600 --eval-every 200   # a quick one
 
 Runs go to --work/<representation>/s<seed> (summary.json, log); a rerun reuses the finished ones, so an
-interrupted sweep loses only its unfinished runs. Writes bench/results/learning.md, learning.json and
-learning_curve.png.
+interrupted sweep loses only its unfinished runs. Writes bench/results/NAME.md, NAME.json, NAME_curve.png and
+NAME_curve_miou.png (--name, default learning; learning_long: ``--conditions getok,getok-2rounds,text --steps 8000
+--eval-every 1000 --name learning_long``).
 """
 from __future__ import annotations
 
