@@ -57,6 +57,7 @@ def _parser():
     p.add_argument("--turns", type=int, default=3, help="expressions per training image, one conversation "
                    "(convert-datasets --group-turns, LLaVA-1.5's own REC layout); val images get one each")
     p.add_argument("--layers", type=int, default=3, help="LLaMA layers of the tiny model")
+    p.add_argument("--heads", type=int, default=4, help="attention heads of the tiny LLaMA (head size 64 / heads)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch", type=int, default=8, help="vision tower patch size: (image/patch)^2 image tokens")
     p.add_argument("--vision-width", type=int, default=32, help="width of the random CLIP tower (head size 16)")
@@ -258,7 +259,8 @@ def build_model(out: Path, a) -> Path:
 
     torch.set_num_threads(a.threads)
     tok = train_tokenizer(out / "tokenizer", seed=a.seed)
-    cfg = TinyLlavaConfig(image_size=a.image_size, patch_size=a.patch, num_layers=a.layers, mm_vision_select_layer=-1,
+    cfg = TinyLlavaConfig(image_size=a.image_size, patch_size=a.patch, num_layers=a.layers, num_heads=a.heads,
+                          mm_vision_select_layer=-1,
                           vision_hidden_size=a.vision_width, vision_heads=max(1, a.vision_width // 16), seed=a.seed)
     model_dir = build_tiny_llava(out / "tiny-llava", tok, cfg)
     tower_dir = model_dir / "vision_tower"
