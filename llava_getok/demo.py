@@ -193,10 +193,10 @@ def main(argv=None) -> int:
         except ValueError as e:  # the converter rejected records (its rejects file says which and why)
             print(f"demo: {e}", file=sys.stderr)
             return 1
-        print(f"curriculum: {a.single_steps} steps on one-shape images, {a.colour_steps} of colour-only expressions, "
-              f"{a.kind_steps} of kind-only ones, then "
-              f"{n_mixed // a.batch} of the full mix ({a.colour_share:.0%} colour-only, {a.kind_share:.0%} kind-only) "
-              f"-> {train_file.name}")
+        stage_words = [f"{n} steps {what}" for n, what in ((a.single_steps, "on one-shape images"),
+                       (a.colour_steps, "of colour-only expressions"), (a.kind_steps, "of kind-only ones")) if n]
+        print(f"curriculum: {''.join(w + ', ' for w in stage_words)}{'then ' if stage_words else ''}{n_mixed // a.batch} "
+              f"steps of the full mix ({a.colour_share:.0%} colour-only, {a.kind_share:.0%} kind-only) -> {train_file.name}")
     print(f"example answer: {json.loads(conv['val'].read_text())[0]['conversations'][1]['value']}")
 
     st.start("building a tiny random LLaVA (no weights downloaded)")

@@ -70,8 +70,8 @@ def test_demo_stages_run_one_shape_then_colour_only_then_kind_only_images_before
 
     out = tmp_path / "demo"
     assert main(["--quick", "--single-steps", "5", "--kind-steps", "5", "--out", str(out)]) == 0  # quick: 1 step a stage
-    assert ("1 steps on one-shape images, 1 of colour-only expressions, 1 of kind-only ones, then 1 of the full mix"
-            in capsys.readouterr().out)
+    assert ("curriculum: 1 steps on one-shape images, 1 steps of colour-only expressions, 1 steps of kind-only ones, "
+            "then 1 steps of the full mix" in capsys.readouterr().out)
     order = json.loads((out / "train_curriculum.json").read_text())
     assert [r["image"].split("/")[1] for r in order[:48]] == ["single"] * 16 + ["colour"] * 16 + ["kind"] * 16
     scenes = {r["image"]: r["scene_boxes"] for r in map(json.loads, (out / "data" / "annotations.jsonl").open())}
