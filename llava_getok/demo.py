@@ -45,6 +45,15 @@ from .atomic import write_text_atomic
 TARGET_ACC, TARGET_FACTOR = 0.5, 5.0  # what "it grounds" means here: Acc@0.5 and its ratio to the mean-box chance
 
 
+# the stages before the full mix, in training order: the split their images are drawn into -> what they hold
+FIRST_STAGES = {"single": "on one-shape images", "colour": "of colour-only expressions", "kind": "of kind-only ones"}
+
+
+def first_stages(a) -> dict[str, int]:
+    """Steps of each of the :data:`FIRST_STAGES`, in training order."""
+    return {"single": a.single_steps, "colour": a.colour_steps, "kind": a.kind_steps}
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="llava-getok demo", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
@@ -130,11 +139,12 @@ class Stages:
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     if a.quick:
-        a.single_steps, a.colour_steps, a.kind_steps = (min(n, 1) for n in (a.single_steps, a.colour_steps, a.kind_steps))
+        a.single_steps, a.colour_steps, a.kind_steps = (min(n, 1) for n in first_stages(a).values())
         a.train_images, a.val_images, a.sheet = 32, 4, 4
-        a.steps = 1 + a.single_steps + a.colour_steps + a.kind_steps
-    staged = a.single_steps + a.colour_steps + a.kind_steps
-    if min(a.single_steps, a.colour_steps, a.kind_steps) < 0 or staged >= a.steps:
+        a.steps = 1 + sum(first_stages(a).values())
+    first = first_stages(a)
+    staged = sum(first.values())
+    if min(first.values()) < 0 or staged >= a.steps:
         print(f"demo: --single-steps, --colour-steps and --kind-steps must be >= 0 and leave steps of the full mix "
               f"(--steps {a.steps}), got {a.single_steps}, {a.colour_steps} and {a.kind_steps}", file=sys.stderr)
         return 2
@@ -186,17 +196,16 @@ def main(argv=None) -> int:
     if any(extra.values()):
         mixed = {"colour": a.colour_share, "kind": a.kind_share}
         mixed = {conv[k]: v for k, v in mixed.items() if v} | {conv["train"]: 1 - sum(mixed.values())}
-        stages = [(n * a.batch, {conv[split]: 1.0})
-                  for split, n in (("single", a.single_steps), ("colour", a.colour_steps), ("kind", a.kind_steps)) if n]
+        stages = [(n * a.batch, {conv[split]: 1.0}) for split, n in first.items() if n]
         try:
             train_file = curriculum_file(out / "train_curriculum.json", [*stages, (n_mixed, mixed)], a.seed)
         except ValueError as e:  # the converter rejected records (its rejects file says which and why)
             print(f"demo: {e}", file=sys.stderr)
             return 1
-        stage_words = [f"{n} steps {what}" for n, what in ((a.single_steps, "on one-shape images"),
-                       (a.colour_steps, "of colour-only expressions"), (a.kind_steps, "of kind-only ones")) if n]
-        print(f"curriculum: {''.join(w + ', ' for w in stage_words)}{'then ' if stage_words else ''}{n_mixed // a.batch} "
-              f"steps of the full mix ({a.colour_share:.0%} colour-only, {a.kind_share:.0%} kind-only) -> {train_file.name}")
+        words = [f"{n} steps {FIRST_STAGES[split]}" for split, n in first.items() if n]
+        mix = f"{n_mixed // a.batch} steps of the full mix"
+        print(f"curriculum: {', '.join([*words, 'then ' + mix] if words else [mix])} "
+              f"({a.colour_share:.0%} colour-only, {a.kind_share:.0%} kind-only) -> {train_file.name}")
     print(f"example answer: {json.loads(conv['val'].read_text())[0]['conversations'][1]['value']}")
 
     st.start("building a tiny random LLaVA (no weights downloaded)")
