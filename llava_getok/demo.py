@@ -49,6 +49,11 @@ TARGET_ACC, TARGET_FACTOR = 0.5, 5.0  # what "it grounds" means here: Acc@0.5 an
 FIRST_STAGES = {"single": "on one-shape images", "colour": "of colour-only expressions", "kind": "of kind-only ones"}
 
 
+# transformers' lr_scheduler_type values that need nothing but the step counts (warmup_stable_decay: --decay-steps)
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+             "inverse_sqrt", "warmup_stable_decay")
+
+
 def first_stages(a) -> dict[str, int]:
     """Steps of each of the :data:`FIRST_STAGES`, in training order."""
     return {"single": a.single_steps, "colour": a.colour_steps, "kind": a.kind_steps}
@@ -93,8 +98,10 @@ def _parser():
                         "(\"the circle\")")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--schedule", default="cosine", help="learning-rate schedule after 50 warm-up steps "
-                   "(transformers' lr_scheduler_type: cosine, constant_with_warmup, linear, ...)")
+    p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="learning-rate schedule "
+                   "(transformers' lr_scheduler_type; every one but constant starts with 50 warm-up steps)")
+    p.add_argument("--decay-steps", type=int, default=None, help="--schedule warmup_stable_decay: the last N steps "
+                   "decay (cosine) to 0 after a constant learning rate (default: a quarter of --steps)")
     p.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: none)")
     p.add_argument("--format", choices=("getok", "text", "bins"), default="getok",
                    help="location format of the answers (convert-datasets --format): GETok tokens, LLaVA-1.5's text "
@@ -147,6 +154,10 @@ def main(argv=None) -> int:
     if min(first.values()) < 0 or staged >= a.steps:
         print(f"demo: --single-steps, --colour-steps and --kind-steps must be >= 0 and leave steps of the full mix "
               f"(--steps {a.steps}), got {a.single_steps}, {a.colour_steps} and {a.kind_steps}", file=sys.stderr)
+        return 2
+    if a.decay_steps is not None and (a.schedule != "warmup_stable_decay" or not 0 < a.decay_steps <= a.steps - 50):
+        print(f"demo: --decay-steps goes with --schedule warmup_stable_decay and must be between 1 and --steps - 50 "
+              f"warm-up steps ({a.steps - 50}), got {a.decay_steps} with --schedule {a.schedule}", file=sys.stderr)
         return 2
     if min(a.colour_share, a.kind_share) < 0 or a.colour_share + a.kind_share > 1:
         print(f"demo: --colour-share and --kind-share must be >= 0 and sum to at most 1, got {a.colour_share} and "
@@ -354,6 +365,8 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
         "--getok_grid", str(a.grid), "--getok_rounds", str(a.rounds), "--getok_rows", a.rows,
         "--output_dir", str(ckpt), "--max_steps", str(a.steps), "--per_device_train_batch_size", str(a.batch),
         "--learning_rate", str(a.lr), "--lr_scheduler_type", a.schedule, "--warmup_steps", "50",
+        *(["--lr_scheduler_kwargs", json.dumps({"num_decay_steps": a.decay_steps or a.steps // 4})]
+          if a.schedule == "warmup_stable_decay" else []),
         "--max_grad_norm", str(a.max_grad_norm), "--weight_decay", "0",
         *(["--save_strategy", "steps", "--save_steps", str(a.eval_every), "--save_only_model", "True"]
           if a.eval_every else ["--save_strategy", "no"]), "--logging_steps", str(log_every(a.steps)), "--report_to", "none",

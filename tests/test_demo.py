@@ -159,3 +159,39 @@ def test_demo_with_a_baseline_format_and_a_learning_curve_reruns_into_the_same_f
     assert summary["curve"] == [] and summary["tokens_per_answer"] == 4.0 and summary["metrics"]["unparseable"] == 0
     assert json.loads((out / "llava-getok-demo" / "getok_config.json").read_text())["format"] == {"name": "bins", "bins": 16}
     assert "checkpoint-1" not in {p.name for p in (out / "llava-getok-demo").iterdir()}
+
+
+def test_every_schedule_the_demo_offers_parses_and_builds_and_wsd_holds_then_decays(tmp_path):
+    """Each --schedule choice goes through the Trainer's own argument parser and transformers' get_scheduler with
+    the arguments the demo passes (warmup_stable_decay needs num_decay_steps: without it the training process
+    died with a TypeError deep inside transformers)."""
+    import torch
+    from transformers import HfArgumentParser, TrainingArguments, get_scheduler
+
+    from llava_getok.demo import SCHEDULES, _parser, main, train_args
+
+    def args_of(flags):
+        a = _parser().parse_args(["--steps", "400", *flags])
+        argv = train_args(tmp_path / "m", tmp_path / "t.json", tmp_path, tmp_path / "c", a)
+        keep = {"--output_dir", "--max_steps", "--learning_rate", "--lr_scheduler_type", "--lr_scheduler_kwargs", "--warmup_steps"}
+        pairs = [argv[k:k + 2] for k in range(len(argv) - 1) if argv[k] in keep]
+        return HfArgumentParser(TrainingArguments).parse_args_into_dataclasses([v for p in pairs for v in p] + ["--use_cpu", "True"])[0]
+
+    for name in SCHEDULES:
+        t = args_of(["--schedule", name])
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.learning_rate)
+        sched = get_scheduler(t.lr_scheduler_type, opt, num_warmup_steps=t.warmup_steps,
+                              num_training_steps=t.max_steps, scheduler_specific_kwargs=t.lr_scheduler_kwargs)
+        lrs = []
+        for _ in range(t.max_steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert max(lrs) == t.learning_rate and (lrs[0] < t.learning_rate) == (name != "constant"), name
+        if name == "warmup_stable_decay":  # constant from the warm-up to the last quarter, then down to 0
+            assert t.lr_scheduler_kwargs == {"num_decay_steps": 100}
+            assert lrs[50] == lrs[299] == t.learning_rate and lrs[350] < t.learning_rate and lrs[-1] < 1e-5
+    assert args_of(["--schedule", "warmup_stable_decay", "--decay-steps", "40"]).lr_scheduler_kwargs == {"num_decay_steps": 40}
+    for bad in (["--decay-steps", "40"], ["--schedule", "warmup_stable_decay", "--decay-steps", "0"],
+                ["--schedule", "warmup_stable_decay", "--decay-steps", "3951"]):
+        assert main(["--steps", "4000", "--out", str(tmp_path / "x"), *bad]) == 2, bad
