@@ -58,7 +58,8 @@ def demo_args(a, condition: str, seed: int, out: Path) -> list[str]:
     return [sys.executable, "-m", "llava_getok.demo", "--out", str(out), "--seed", str(seed), "--threads", "1",
             "--steps", str(a.steps), "--eval-every", str(a.eval_every), "--curve-n", str(a.curve_n),
             "--schedule", "constant", "--objects", a.objects, "--val-objects", a.objects, "--turns", "1",
-            "--colour-steps", "0", "--colour-share", "0", "--kind-share", "0",
+            "--single-steps", "0", "--colour-steps", "0", "--colour-share", "0", "--kind-share", "0",
+            "--position-dims", "16",  # the demo's default when these tables were measured (8 since 2026-12-03)
             "--train-images", str(a.train_images), "--val-images", str(a.val_images), "--sheet", "8",
             *CONDITIONS[condition]]
 

@@ -15,12 +15,13 @@ It prints Acc@0.5 next to two chance levels computed on the same split (the box 
 image, and the mean training box), how often the box lands on the named shape, and whether the target is met
 (Acc@0.5 >= 0.5 and >= 5x the mean-box chance); OUT/summary.json holds the same numbers. Training shows as a
 progress bar with the loss and the time left. The recipe: a trainable vision tower (``--unfreeze_mm_vision_tower``;
-LLaVA freezes it and runs it under no_grad) with 2D sine-cosine patch positions in half its dimensions (the other
-half left to patch content), the tower's last layer, no gradient clipping, cosine learning-rate decay,
-``getok_mistral_instruct`` (no system prompt), the GETok trainer's defaults (box-token loss, sincos2d rows), shapes
-that span several patches, 2-3 shapes per training image with all their expressions in one conversation, 3 LM
-layers, and a curriculum written in order into the training file and trained in file order
-(``--getok_data_order file``): the first ``--colour-steps`` steps on other images asked about by colour alone, then
+LLaVA freezes it and runs it under no_grad) with 2D sine-cosine patch positions in a quarter of its dimensions (the
+rest left to patch content), the tower's last layer, no gradient clipping, a constant learning rate decayed over the
+last quarter (warmup_stable_decay), ``getok_mistral_instruct`` (no system prompt), the GETok trainer's defaults
+(box-token loss, sincos2d rows), shapes that span several patches, 2-3 shapes per training image with all their
+expressions in one conversation, 3 LM layers, and a curriculum written in order into the training file and trained
+in file order (``--getok_data_order file``): ``--single-steps`` on one-shape images (where, before which), then
+``--colour-steps`` on other images of 3-4 shapes, each shape of its own colour asked about by colour alone, then
 the full mix with colour-only and kind-only records again, so that neither skill is lost. What each choice gave,
 and what the defaults measure (accuracy over seeds, wall time), is in bench/results/learning_trials.md and
 bench/results/learning_demo.md.
@@ -68,6 +69,10 @@ def _parser():
                    "Acc@0.5 within about +-0.02, one standard error)")
     p.add_argument("--objects", default="2-3", help="shapes per training image, MIN-MAX")
     p.add_argument("--val-objects", default="2-3", help="shapes per val image, MIN-MAX")
+    p.add_argument("--colour-objects", default="3-4", help="shapes per image of the colour-only records, MIN-MAX: more "
+                   "shapes to choose among, and more of them asked about, in each record that teaches the colour words")
+    p.add_argument("--colour-turns", type=int, default=4, help="expressions per colour-only image (as many as have a "
+                   "colour no other shape of the image has)")
     p.add_argument("--turns", type=int, default=3, help="expressions per training image, one conversation "
                    "(convert-datasets --group-turns, LLaVA-1.5's own REC layout); val images get one each")
     p.add_argument("--layers", type=int, default=3, help="LLaMA layers of the tiny model")
@@ -75,16 +80,16 @@ def _parser():
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch", type=int, default=8, help="vision tower patch size: (image/patch)^2 image tokens")
     p.add_argument("--vision-width", type=int, default=32, help="width of the random CLIP tower (head size 16)")
-    p.add_argument("--position-dims", type=int, default=16, help="dimensions of the vision tower's width that "
+    p.add_argument("--position-dims", type=int, default=8, help="dimensions of the vision tower's width that "
                    "hold its 2D sine-cosine patch positions (the rest: patch content alone); 0: all")
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--colour-steps", type=int, default=800,
+    p.add_argument("--colour-steps", type=int, default=1600,
                    help="first steps on images of their own whose expressions name the shape by colour alone "
                         "(\"the red shape\"), then the full mix: a curriculum written into the training file and "
                         "trained in file order (--getok_data_order file); 0: the full mix throughout")
-    p.add_argument("--single-steps", type=int, default=0,
+    p.add_argument("--single-steps", type=int, default=400,
                    help="first steps, before the colour-only ones, on images of their own that hold one shape: where "
                         "the shape is, learned before which shape is named")
     p.add_argument("--kind-steps", type=int, default=0,
@@ -98,7 +103,7 @@ def _parser():
                         "(\"the circle\")")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="learning-rate schedule "
+    p.add_argument("--schedule", default="warmup_stable_decay", choices=SCHEDULES, help="learning-rate schedule "
                    "(transformers' lr_scheduler_type; every one but constant starts with 50 warm-up steps)")
     p.add_argument("--decay-steps", type=int, default=None, help="--schedule warmup_stable_decay: the last N steps "
                    "decay (cosine) to 0 after a constant learning rate (default: a quarter of --steps)")
@@ -159,6 +164,17 @@ def main(argv=None) -> int:
         print(f"demo: --decay-steps goes with --schedule warmup_stable_decay and must be between 1 and --steps - 50 "
               f"warm-up steps ({a.steps - 50}), got {a.decay_steps} with --schedule {a.schedule}", file=sys.stderr)
         return 2
+    from data_converters.shapes import parse_range
+
+    try:
+        n_objects = {"train": parse_range(a.objects), "val": parse_range(a.val_objects)}
+        colour_objects = parse_range(a.colour_objects)
+    except ValueError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
+    if min(a.turns, a.colour_turns) < 1:
+        print(f"demo: --turns and --colour-turns must be >= 1, got {a.turns} and {a.colour_turns}", file=sys.stderr)
+        return 2
     if min(a.colour_share, a.kind_share) < 0 or a.colour_share + a.kind_share > 1:
         print(f"demo: --colour-share and --kind-share must be >= 0 and sum to at most 1, got {a.colour_share} and "
               f"{a.kind_share}", file=sys.stderr)
@@ -177,15 +193,14 @@ def main(argv=None) -> int:
     from data_converters import shapes
 
     data = out / "data"
-    n_objects = {"train": shapes.parse_range(a.objects), "val": shapes.parse_range(a.val_objects)}
     splits, refs = {"train": a.train_images, "val": a.val_images}, {"train": a.turns, "val": 1}
     n_mixed = (a.steps - staged) * a.batch
     extra = {"single": a.single_steps * a.batch, "colour": a.colour_steps * a.batch or round(a.colour_share * n_mixed),
              "kind": a.kind_steps * a.batch or round(a.kind_share * n_mixed)}
     for split, n in extra.items():  # one image per record of a stage, so no image is seen twice in it
         if n:
-            splits[split], refs[split] = n, a.turns
-            n_objects[split] = (1, 1) if split == "single" else n_objects["train"]
+            splits[split], refs[split] = n, a.colour_turns if split == "colour" else a.turns
+            n_objects[split] = {"single": (1, 1), "colour": colour_objects}.get(split, n_objects["train"])
     shapes.generate(data, splits, seed=a.seed, image_size=a.image_size, n_objects=n_objects, refs_per_image=refs,
                     progress=True, attributes={"colour": ("color",), "kind": ("kind",)}, workers=os.cpu_count() or 1)
 
@@ -198,7 +213,7 @@ def main(argv=None) -> int:
         rc = convert(["shapes", "--input", str(data), "--image-root", str(data), "--output", str(conv[split]),
                       "--split", split, "--grid", str(a.grid), "--rounds", str(a.rounds), "--seed", str(a.seed),
                       "--format", a.format, "--bins", str(a.bins), "--decimals", str(a.decimals),
-                      "--group-turns", str(a.turns if split != "val" else 1), "--no-resume",
+                      "--group-turns", str(refs[split]), "--no-resume",
                       "--workers", str(os.cpu_count() or 1)])
         if rc:
             print(f"demo: convert-datasets failed for {split} (exit {rc})", file=sys.stderr)

@@ -44,14 +44,14 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     assert sum(by_type[t] * types.count(t) for t in set(types)) == pytest.approx(4 * summary["selection"])
     assert "on the named shape" in printed
     assert f"Acc@0.5 {summary['acc@0.5']:.3f}" in printed and "chance:" in printed
-    # the colour-first curriculum: its records first, in file order, then the full mix
+    # the curriculum: one-shape records, then colour-only ones, in file order, then the full mix
     order = json.loads((out / "train_curriculum.json").read_text())
-    assert len(order) == 2 * 16 and all(r["image"].startswith("images/colour/") for r in order[:16])
+    assert len(order) == 3 * 16 and [r["image"].split("/")[1] for r in order[:32]] == ["single"] * 16 + ["colour"] * 16
     # ... then the mix with its default shares of colour-only (0.3) and kind-only (0.2) images again
-    folders = [r["image"].split("/")[1] for r in order[16:]]
+    folders = [r["image"].split("/")[1] for r in order[32:]]
     assert [folders.count(f) for f in ("colour", "kind", "train")] == [5, 3, 8]
     assert all("shape." in r["conversations"][0]["value"] for r in order if "/colour/" in r["image"])
-    assert "curriculum: 1 steps of colour-only expressions" in printed
+    assert "curriculum: 1 steps on one-shape images, 1 steps of colour-only expressions, then 1 steps" in printed
     # the trained tower was saved with the checkpoint (LLaVA would otherwise reload the random one)
     assert (out / "llava-getok-demo" / "getok_config.json").is_file()
     sheet = Image.open(out / "contact_sheet.png")
@@ -76,12 +76,20 @@ def test_demo_stages_run_one_shape_then_colour_only_then_kind_only_images_before
     assert [r["image"].split("/")[1] for r in order[:48]] == ["single"] * 16 + ["colour"] * 16 + ["kind"] * 16
     scenes = {r["image"]: r["scene_boxes"] for r in map(json.loads, (out / "data" / "annotations.jsonl").open())}
     assert all(len(scenes[r["image"]]) == 1 for r in order[:16])
-    assert all(len(scenes[r["image"]]) >= 2 for r in order[16:32])
+    assert all(3 <= len(scenes[r["image"]]) <= 4 for r in order[16:32])  # --colour-objects 3-4
+    settings = json.loads((out / "data" / "shapes.json").read_text())  # up to --colour-turns 4 expressions a record
+    assert settings["refs_per_image"]["colour"] == 4 and settings["n_objects"]["colour"] == [3, 4]
     kinds = {"the circle.", "the square.", "the triangle."}
     assert all(r["conversations"][0]["value"].rsplit(": ", 1)[1] in kinds for r in order[32:48])
     assert len(order) == 64 and {r["image"].split("/")[1] for r in order[48:]} <= {"colour", "kind", "train"}
     assert main(["--kind-steps", "100000", "--out", str(out)]) == 2  # no steps left for the mix
     assert main(["--single-steps", "-1", "--out", str(out)]) == 2
+    for bad in (["--colour-objects", "0-2"], ["--objects", "two"], ["--colour-turns", "0"]):
+        assert main([*bad, "--out", str(out)]) == 2, bad
+    assert capsys.readouterr().err.splitlines()[-3:] == [
+        "demo: shapes per image needs 1 <= MIN <= MAX, got '0-2'",
+        "demo: shapes per image must be MIN-MAX, e.g. 2-4, got 'two'",
+        "demo: --turns and --colour-turns must be >= 1, got 3 and 0"]
 
 
 def test_curriculum_file_writes_each_stage_in_order_and_every_record_once_a_pass(tmp_path):
@@ -152,7 +160,7 @@ def test_demo_with_a_baseline_format_and_a_learning_curve_reruns_into_the_same_f
     answer = json.loads((out / "val.json").read_text())[0]["conversations"][1]["value"]
     assert answer.startswith("[0.") and answer.count(", ") == 3 and summary["tokens_per_answer"] > 10
     assert json.loads((out / "llava-getok-demo" / "getok_config.json").read_text())["format"]["name"] == "text"
-    assert [p["step"] for p in summary["curve"]] == [1, 2] and all(p["n"] == 4 for p in summary["curve"])
+    assert [p["step"] for p in summary["curve"]] == [1, 2, 3] and all(p["n"] == 4 for p in summary["curve"])
     assert summary["metrics"]["n"] == 4
     assert main(["--quick", "--out", str(out), "--format", "bins", "--bins", "16"]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -192,6 +200,6 @@ def test_every_schedule_the_demo_offers_parses_and_builds_and_wsd_holds_then_dec
             assert t.lr_scheduler_kwargs == {"num_decay_steps": 100}
             assert lrs[50] == lrs[299] == t.learning_rate and lrs[350] < t.learning_rate and lrs[-1] < 1e-5
     assert args_of(["--schedule", "warmup_stable_decay", "--decay-steps", "40"]).lr_scheduler_kwargs == {"num_decay_steps": 40}
-    for bad in (["--decay-steps", "40"], ["--schedule", "warmup_stable_decay", "--decay-steps", "0"],
+    for bad in (["--schedule", "cosine", "--decay-steps", "40"], ["--schedule", "warmup_stable_decay", "--decay-steps", "0"],
                 ["--schedule", "warmup_stable_decay", "--decay-steps", "3951"]):
         assert main(["--steps", "4000", "--out", str(tmp_path / "x"), *bad]) == 2, bad
