@@ -182,6 +182,18 @@ def main(argv=None) -> None:
         llava_train.train(attn_implementation=ours.attn_implementation)
     except FormatError as e:  # the data's location format and the flags disagree: one line, not a traceback
         raise SystemExit(f"python -m llava_getok.train: {e}") from None
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Shut the distributed process group down before the interpreter does: a ZeRO-3 run on 2 CPU ranks (gloo) once
+    died at exit with "terminate called without an active exception" (exit 250) after it had saved everything,
+    its communication threads still running; PyTorch asks for destroy_process_group() at the end of a run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
