@@ -43,6 +43,7 @@ import numpy as np
 from . import quiet
 from .atomic import write_text_atomic
 
+WARMUP_STEPS = 50  # linear warm-up before every schedule but constant
 TARGET_ACC, TARGET_FACTOR = 0.5, 5.0  # what "it grounds" means here: Acc@0.5 and its ratio to the mean-box chance
 
 
@@ -104,7 +105,8 @@ def _parser():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--schedule", default="warmup_stable_decay", choices=SCHEDULES, help="learning-rate schedule "
-                   "(transformers' lr_scheduler_type; every one but constant starts with 50 warm-up steps)")
+                   "(transformers' lr_scheduler_type; every one but constant starts with "
+                   f"{WARMUP_STEPS} warm-up steps)")
     p.add_argument("--decay-steps", type=int, default=None, help="--schedule warmup_stable_decay: the last N steps "
                    "decay (cosine) to 0 after a constant learning rate (default: a quarter of --steps)")
     p.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: none)")
@@ -160,15 +162,16 @@ def main(argv=None) -> int:
         print(f"demo: --single-steps, --colour-steps and --kind-steps must be >= 0 and leave steps of the full mix "
               f"(--steps {a.steps}), got {a.single_steps}, {a.colour_steps} and {a.kind_steps}", file=sys.stderr)
         return 2
-    if a.decay_steps is not None and (a.schedule != "warmup_stable_decay" or not 0 < a.decay_steps <= a.steps - 50):
-        print(f"demo: --decay-steps goes with --schedule warmup_stable_decay and must be between 1 and --steps - 50 "
-              f"warm-up steps ({a.steps - 50}), got {a.decay_steps} with --schedule {a.schedule}", file=sys.stderr)
+    stable_max = a.steps - WARMUP_STEPS
+    if a.decay_steps is not None and (a.schedule != "warmup_stable_decay" or not 0 < a.decay_steps <= stable_max):
+        print(f"demo: --decay-steps goes with --schedule warmup_stable_decay and must be between 1 and --steps - "
+              f"{WARMUP_STEPS} warm-up steps ({stable_max}), got {a.decay_steps} with --schedule {a.schedule}", file=sys.stderr)
         return 2
-    from data_converters.shapes import parse_range
+    from data_converters import shapes
 
     try:
-        n_objects = {"train": parse_range(a.objects), "val": parse_range(a.val_objects)}
-        colour_objects = parse_range(a.colour_objects)
+        n_objects = {"train": shapes.parse_range(a.objects), "val": shapes.parse_range(a.val_objects)}
+        colour_objects = shapes.parse_range(a.colour_objects)
     except ValueError as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2
@@ -190,8 +193,6 @@ def main(argv=None) -> int:
 
     st.start(f"drawing the shapes dataset: {a.train_images} train ({a.objects} shapes) + {a.val_images} val "
              f"({a.val_objects} shapes) images of {a.image_size} px")
-    from data_converters import shapes
-
     data = out / "data"
     splits, refs = {"train": a.train_images, "val": a.val_images}, {"train": a.turns, "val": 1}
     n_mixed = (a.steps - staged) * a.batch
@@ -379,7 +380,7 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
         "--image_aspect_ratio", "pad", "--unfreeze_mm_vision_tower", "True",
         "--getok_grid", str(a.grid), "--getok_rounds", str(a.rounds), "--getok_rows", a.rows,
         "--output_dir", str(ckpt), "--max_steps", str(a.steps), "--per_device_train_batch_size", str(a.batch),
-        "--learning_rate", str(a.lr), "--lr_scheduler_type", a.schedule, "--warmup_steps", "50",
+        "--learning_rate", str(a.lr), "--lr_scheduler_type", a.schedule, "--warmup_steps", str(WARMUP_STEPS),
         *(["--lr_scheduler_kwargs", json.dumps({"num_decay_steps": a.decay_steps or a.steps // 4})]
           if a.schedule == "warmup_stable_decay" else []),
         "--max_grad_norm", str(a.max_grad_norm), "--weight_decay", "0",
