@@ -109,6 +109,8 @@ def _parser():
                    f"{WARMUP_STEPS} warm-up steps)")
     p.add_argument("--decay-steps", type=int, default=None, help="--schedule warmup_stable_decay: the last N steps "
                    "decay (cosine) to 0 after a constant learning rate (default: a quarter of --steps)")
+    p.add_argument("--sigma", type=float, default=1.0, help="--getok_sigma of the training run: width of the box-token "
+                   "loss's soft target, in grid cells (bins: in bins); 0: one-hot")
     p.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: none)")
     p.add_argument("--format", choices=("getok", "text", "bins"), default="getok",
                    help="location format of the answers (convert-datasets --format): GETok tokens, LLaVA-1.5's text "
@@ -175,6 +177,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2
+    if a.sigma < 0:
+        print(f"demo: --sigma must be >= 0 (0: one-hot), got {a.sigma}", file=sys.stderr)
+        return 2
     if min(a.turns, a.colour_turns) < 1:
         print(f"demo: --turns and --colour-turns must be >= 1, got {a.turns} and {a.colour_turns}", file=sys.stderr)
         return 2
@@ -208,10 +213,10 @@ def main(argv=None) -> int:
     st.start(f"convert-datasets shapes --format {a.format} -> LLaVA conversations")
     from data_converters.cli import main as convert
 
-    conv = {}
+    conv, inputs = {}, split_annotations(data)
     for split in splits:
         conv[split] = out / f"{split}.json"
-        rc = convert(["shapes", "--input", str(data), "--image-root", str(data), "--output", str(conv[split]),
+        rc = convert(["shapes", "--input", str(inputs[split]), "--image-root", str(data), "--output", str(conv[split]),
                       "--split", split, "--grid", str(a.grid), "--rounds", str(a.rounds), "--seed", str(a.seed),
                       "--format", a.format, "--bins", str(a.bins), "--decimals", str(a.decimals),
                       "--group-turns", str(refs[split]), "--no-resume",
@@ -378,7 +383,7 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
         "--vision_tower", str(model_dir / "vision_tower"), "--mm_projector_type", "mlp2x_gelu",
         "--mm_vision_select_layer", "-1", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
         "--image_aspect_ratio", "pad", "--unfreeze_mm_vision_tower", "True",
-        "--getok_grid", str(a.grid), "--getok_rounds", str(a.rounds), "--getok_rows", a.rows,
+        "--getok_grid", str(a.grid), "--getok_rounds", str(a.rounds), "--getok_rows", a.rows, "--getok_sigma", str(a.sigma),
         "--output_dir", str(ckpt), "--max_steps", str(a.steps), "--per_device_train_batch_size", str(a.batch),
         "--learning_rate", str(a.lr), "--lr_scheduler_type", a.schedule, "--warmup_steps", str(WARMUP_STEPS),
         *(["--lr_scheduler_kwargs", json.dumps({"num_decay_steps": a.decay_steps or a.steps // 4})]
@@ -466,6 +471,22 @@ def curriculum_file(out: Path, stages: list[tuple[int, dict[Path, float]]], seed
         order += stage if len(shares) == 1 else [stage[i] for i in rng.permutation(len(stage))]
     write_text_atomic(out, json.dumps(order))
     return out
+
+
+def split_annotations(data: Path) -> dict[str, Path]:
+    """The shapes dataset's annotation lines, one file per split beside its own (``annotations.{split}.jsonl``, the
+    lines as they are), so each split's conversion reads its records alone: from the one file, every conversion
+    read all ~86,000 lines of the five splits and wrote a skip reason for each line of another split."""
+    from data_converters.shapes import ANNOTATIONS
+
+    lines: dict[str, list[str]] = {}
+    with open(data / ANNOTATIONS) as f:
+        for line in f:
+            lines.setdefault(json.loads(line)["split"], []).append(line)
+    paths = {split: data / f"annotations.{split}.jsonl" for split in lines}
+    for split, path in paths.items():
+        write_text_atomic(path, "".join(lines[split]))
+    return paths
 
 
 def shapes_records(data: Path) -> dict[str, list[dict]]:

@@ -52,6 +52,10 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     assert [folders.count(f) for f in ("colour", "kind", "train")] == [5, 3, 8]
     assert all("shape." in r["conversations"][0]["value"] for r in order if "/colour/" in r["image"])
     assert "curriculum: 1 steps on one-shape images, 1 steps of colour-only expressions, then 1 steps" in printed
+    # each split was converted from its own annotation lines: nothing read twice, no other split's lines skipped
+    for split in ("single", "colour", "kind", "train", "val"):
+        conversion = json.loads((out / f"{split}.summary.json").read_text())
+        assert conversion["skipped"] == 0 and conversion["read"] == len(shapes_records(out / "data")[split]), split
     # the trained tower was saved with the checkpoint (LLaVA would otherwise reload the random one)
     assert (out / "llava-getok-demo" / "getok_config.json").is_file()
     sheet = Image.open(out / "contact_sheet.png")
@@ -203,3 +207,21 @@ def test_every_schedule_the_demo_offers_parses_and_builds_and_wsd_holds_then_dec
     for bad in (["--schedule", "cosine", "--decay-steps", "40"], ["--schedule", "warmup_stable_decay", "--decay-steps", "0"],
                 ["--schedule", "warmup_stable_decay", "--decay-steps", "3951"]):
         assert main(["--steps", "4000", "--out", str(tmp_path / "x"), *bad]) == 2, bad
+
+
+def test_demo_sigma_reaches_the_box_token_loss_settings_of_the_training_run(tmp_path):
+    """--sigma is the training run's --getok_sigma: the demo's argv, parsed by python -m llava_getok.train's own
+    parser, gives the settings the loss is built from (1.0, the trainer's default, unless asked; 0 is one-hot)."""
+    from llava_getok.demo import _parser, train_args
+    from llava_getok.llava.settings import GETokSettings
+    from llava_getok.train import getok_parser, settings_from
+
+    def sigma_of(flags):
+        argv = train_args(tmp_path / "m", tmp_path / "t.json", tmp_path, tmp_path / "c", _parser().parse_args(flags))
+        return settings_from(getok_parser().parse_known_args(argv)[0]).sigma
+
+    assert sigma_of([]) == GETokSettings().sigma == 1.0
+    assert sigma_of(["--sigma", "0"]) == 0.0 and sigma_of(["--sigma", "0.5"]) == 0.5
+    from llava_getok.demo import main
+
+    assert main(["--sigma", "-1", "--out", str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
