@@ -60,6 +60,7 @@ def demo_args(a, condition: str, seed: int, out: Path) -> list[str]:
             "--schedule", "constant", "--objects", a.objects, "--val-objects", a.objects, "--turns", "1",
             "--single-steps", "0", "--colour-steps", "0", "--colour-share", "0", "--kind-share", "0",
             "--position-dims", "16",  # the demo's default when these tables were measured (8 since 2026-12-03)
+            "--sigma", "1",  # the trainer's --getok_sigma, which these tables were measured with (the demo's is 0)
             "--train-images", str(a.train_images), "--val-images", str(a.val_images), "--sheet", "8",
             *CONDITIONS[condition]]
 

@@ -56,6 +56,26 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     for split in ("single", "colour", "kind", "train", "val"):
         conversion = json.loads((out / f"{split}.summary.json").read_text())
         assert conversion["skipped"] == 0 and conversion["read"] == len(shapes_records(out / "data")[split]), split
+    # bench/demo_errors.py reads the finished folder: the same selection as the demo's, offsets from the answers
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("demo_errors", Path(__file__).parents[1] / "bench" / "demo_errors.py")
+    demo_errors = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_errors)
+    assert demo_errors.run_errors(out)["selection"] == pytest.approx(summary["selection"])
+    # ... and an oracle whose answers are the ground truth's tokens scores no error at all
+    oracle = tmp_path / "oracle"
+    oracle.mkdir()
+    (oracle / "data").symlink_to(out / "data")
+    val = json.loads((out / "val.json").read_text())
+    (oracle / "val.json").write_text(json.dumps(val))
+    (oracle / "predictions.jsonl").write_text("".join(json.dumps(
+        {"id": r["id"], "text": r["conversations"][1]["value"], "shapes": r["getok"]["shapes"]}) + "\n" for r in val))
+    errors = demo_errors.run_errors(oracle)
+    assert errors["n"] == 4 and errors["selection"] == errors["precision"] == errors["right_cell"] == 1.0
+    assert errors["corner_error_px"] == 0 and errors["keep_offset_predicted"] == errors["keep_offset_truth"]
+    assert [len(demo_errors.corners(r["conversations"][1]["value"])) for r in val] == [2] * 4
     # the trained tower was saved with the checkpoint (LLaVA would otherwise reload the random one)
     assert (out / "llava-getok-demo" / "getok_config.json").is_file()
     sheet = Image.open(out / "contact_sheet.png")
@@ -211,7 +231,8 @@ def test_every_schedule_the_demo_offers_parses_and_builds_and_wsd_holds_then_dec
 
 def test_demo_sigma_reaches_the_box_token_loss_settings_of_the_training_run(tmp_path):
     """--sigma is the training run's --getok_sigma: the demo's argv, parsed by python -m llava_getok.train's own
-    parser, gives the settings the loss is built from (1.0, the trainer's default, unless asked; 0 is one-hot)."""
+    parser, gives the settings the loss is built from (by default one-hot targets on the demo's 8 x 8 grid, not the
+    trainer's default of 1 cell)."""
     from llava_getok.demo import _parser, train_args
     from llava_getok.llava.settings import GETokSettings
     from llava_getok.train import getok_parser, settings_from
@@ -220,8 +241,8 @@ def test_demo_sigma_reaches_the_box_token_loss_settings_of_the_training_run(tmp_
         argv = train_args(tmp_path / "m", tmp_path / "t.json", tmp_path, tmp_path / "c", _parser().parse_args(flags))
         return settings_from(getok_parser().parse_known_args(argv)[0]).sigma
 
-    assert sigma_of([]) == GETokSettings().sigma == 1.0
-    assert sigma_of(["--sigma", "0"]) == 0.0 and sigma_of(["--sigma", "0.5"]) == 0.5
+    assert sigma_of([]) == 0.0 and GETokSettings().sigma == 1.0
+    assert sigma_of(["--sigma", "1"]) == 1.0 and sigma_of(["--sigma", "0.5"]) == 0.5
     from llava_getok.demo import main
 
     assert main(["--sigma", "-1", "--out", str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
