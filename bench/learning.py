@@ -8,6 +8,9 @@ representation changes, each with its best settings in the trainer:
   getok           GETok grid 8 + one offset round, the trainer's defaults (box-token loss, sincos2d rows)
   getok-factored  the same with --getok_rows factored (grid rows = column part + row part + per-cell residual)
   getok-2rounds   GETok grid 8 + two offset rounds (a quarter-cell step: 32 positions per axis, 2 px at 64 px)
+  getok-sigma-half, getok-onehot
+                  GETok with the box-token loss's soft grid target 0.5 cell wide (4 px: the bins' 1 bin) or one-hot;
+                  every other condition runs with the trainer's default, 1 (a GETok cell: 8 px; a bin: 4 px)
   bins            Pix2Seq / PaliGemma 1D tokens <loc_k>, 16 bins per axis (the precision of GETok with one round),
                   with their 1D distance-aware loss and sincos initialisation (the trainer's defaults for bins)
   text            LLaVA-1.5's text coordinates "[0.12, 0.34, 0.56, 0.78]" (2 decimals; plain LM loss)
@@ -45,6 +48,8 @@ CONDITIONS = {
     "getok": [],
     "getok-factored": ["--rows", "factored"],
     "getok-2rounds": ["--rounds", "2"],
+    "getok-sigma-half": ["--sigma", "0.5"],  # the soft grid target as wide in pixels as the bins' (1 bin = half a cell)
+    "getok-onehot": ["--sigma", "0"],  # one-hot grid targets (the demo's default)
     "bins": ["--format", "bins", "--bins", "16"],
     "text": ["--format", "text", "--decimals", "2"],
 }
