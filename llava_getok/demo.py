@@ -110,8 +110,8 @@ def _parser():
     p.add_argument("--decay-steps", type=int, default=None, help="--schedule warmup_stable_decay: the last N steps "
                    "decay (cosine) to 0 after a constant learning rate (default: a quarter of --steps)")
     p.add_argument("--sigma", type=float, default=0.0, help="--getok_sigma of the training run: width of the box-token "
-                   "loss's soft target, in grid cells (bins: in bins); 0: one-hot. The trainer's default, 1, is for "
-                   "fine lattices (grid 32); on the demo's 8 x 8 it puts 84 %% of an inner cell's target on other cells")
+                   "loss's soft target, in grid cells (bins: in bins); 0: one-hot, which on these multi-shape scenes puts more "
+                   "box corners in the right cell than the trainer's default of 1 (bench/results/learning_trials.md)")
     p.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: none)")
     p.add_argument("--format", choices=("getok", "text", "bins"), default="getok",
                    help="location format of the answers (convert-datasets --format): GETok tokens, LLaVA-1.5's text "
