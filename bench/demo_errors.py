@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llava_getok.demo import on_named_shape, predicted_box
 from llava_getok.geometry import box_iou
 from llava_getok.parse import lex
 
@@ -43,12 +44,8 @@ def run_errors(folder: Path) -> dict:
         p = json.loads(line)
         n += 1
         rec = truth[p["id"].rsplit("-", 1)[0]]
-        box = next((s for s in p["shapes"] if s["kind"] == "box"), None)
-        if box is None:
-            continue
-        pred = np.asarray([*box["points"][0], *box["points"][1]], float)
-        scene = np.asarray(rec["scene_boxes"], float)
-        if int(np.argmax(np.asarray(box_iou(scene, pred[None])).reshape(-1))) != rec["scene_boxes"].index(rec["box"]):
+        pred = predicted_box(p)
+        if pred is None or not on_named_shape(pred, rec):
             continue
         on_shape += 1
         gt = np.asarray(rec["box"], float)

@@ -17,9 +17,10 @@ image, and the mean training box), how often the box lands on the named shape, a
 progress bar with the loss and the time left. The recipe: a trainable vision tower (``--unfreeze_mm_vision_tower``;
 LLaVA freezes it and runs it under no_grad) with 2D sine-cosine patch positions in a quarter of its dimensions (the
 rest left to patch content), the tower's last layer, no gradient clipping, a constant learning rate decayed over the
-last quarter (warmup_stable_decay), ``getok_mistral_instruct`` (no system prompt), the GETok trainer's defaults
-(box-token loss, sincos2d rows), shapes that span several patches, 2-3 shapes per training image with all their
-expressions in one conversation, 3 LM layers, and a curriculum written in order into the training file and trained
+last quarter (warmup_stable_decay), ``getok_mistral_instruct`` (no system prompt), the box-token loss with one-hot
+grid targets (``--sigma 0``; the trainer's default is a Gaussian one cell wide), sincos2d rows, shapes that span
+several patches, 2-3 shapes per training image with all their expressions in one conversation, 3 LM layers, and a
+curriculum written in order into the training file and trained
 in file order (``--getok_data_order file``): ``--single-steps`` on one-shape images (where, before which), then
 ``--colour-steps`` on other images of 3-4 shapes, each shape of its own colour asked about by colour alone, then
 the full mix with colour-only and kind-only records again, so that neither skill is lost. What each choice gave,
@@ -214,7 +215,8 @@ def main(argv=None) -> int:
     st.start(f"convert-datasets shapes --format {a.format} -> LLaVA conversations")
     from data_converters.cli import main as convert
 
-    conv, inputs = {}, split_annotations(data)
+    records = shapes_records(data)
+    conv, inputs = {}, split_annotations(data, records)
     for split in splits:
         conv[split] = out / f"{split}.json"
         rc = convert(["shapes", "--input", str(inputs[split]), "--image-root", str(data), "--output", str(conv[split]),
@@ -270,7 +272,6 @@ def main(argv=None) -> int:
     result = evaluate(preds, conv["val"], data, out, False, True, None)
     print(result["markdown"], end="")
     metrics = result["metrics"]["rec"]
-    records = shapes_records(data)
     chance = chance_levels(records)
     selection = selection_rate(preds, records["val"])
 
@@ -474,19 +475,14 @@ def curriculum_file(out: Path, stages: list[tuple[int, dict[Path, float]]], seed
     return out
 
 
-def split_annotations(data: Path) -> dict[str, Path]:
-    """The shapes dataset's annotation lines, one file per split beside its own (``annotations.{split}.jsonl``, the
-    lines as they are), so each split's conversion reads its records alone: from the one file, every conversion
-    read all ~86,000 lines of the five splits and wrote a skip reason for each line of another split."""
-    from data_converters.shapes import ANNOTATIONS
-
-    lines: dict[str, list[str]] = {}
-    with open(data / ANNOTATIONS) as f:
-        for line in f:
-            lines.setdefault(json.loads(line)["split"], []).append(line)
-    paths = {split: data / f"annotations.{split}.jsonl" for split in lines}
+def split_annotations(data: Path, records: dict[str, list[dict]]) -> dict[str, Path]:
+    """The shapes dataset's annotation lines (``records``, :func:`shapes_records`), one file per split beside its own
+    (``annotations.{split}.jsonl``, written as ``shapes.generate`` writes them), so each split's conversion reads its
+    records alone: from the one file, every conversion read all ~86,000 lines of the five splits and wrote a skip
+    reason for each line of another split."""
+    paths = {split: data / f"annotations.{split}.jsonl" for split in records}
     for split, path in paths.items():
-        write_text_atomic(path, "".join(lines[split]))
+        write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records[split]))
     return paths
 
 
@@ -525,21 +521,33 @@ def selection_rate(predictions: Path, val: list[dict]) -> dict[str, float]:
     one share per expression type (``shapes.expression_type``: "color", "kind", "relation", ...)}."""
     from data_converters.shapes import expression_type
 
-    from .geometry import box_iou
-
-    scenes = {r["id"]: (np.asarray(r["scene_boxes"], float), [list(b) for b in r["scene_boxes"]].index(r["box"]),
-                        expression_type(r["expression"])) for r in val}
+    scenes = {r["id"]: (r, expression_type(r["expression"])) for r in val}
     hits: dict[str, list[bool]] = {"all": []}
     with open(predictions) as f:
         for line in f:
             p = json.loads(line)
-            boxes, target, kind = scenes[p["id"].rsplit("-", 1)[0]]
-            shape = next((s for s in p["shapes"] if s["kind"] == "box"), None)
-            hit = shape is not None and int(np.argmax(np.asarray(box_iou(
-                boxes, np.asarray([[*shape["points"][0], *shape["points"][1]]], float))).reshape(-1))) == target
+            record, kind = scenes[p["id"].rsplit("-", 1)[0]]
+            box = predicted_box(p)
+            hit = box is not None and on_named_shape(box, record)
             hits["all"].append(hit)
             hits.setdefault(kind, []).append(hit)
     return {k: float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
+
+
+def predicted_box(prediction: dict) -> np.ndarray | None:
+    """[x1, y1, x2, y2] (pixels) of the first box of a ``llava-getok predict`` line, None when it has none."""
+    shape = next((s for s in prediction["shapes"] if s["kind"] == "box"), None)
+    return None if shape is None else np.asarray([*shape["points"][0], *shape["points"][1]], float)
+
+
+def on_named_shape(box: np.ndarray, record: dict) -> bool:
+    """Whether ``box`` overlaps the shape a shapes annotation ``record`` names (its ``box``) more than any other shape
+    of its image (``scene_boxes``): the right shape picked, however precisely it is boxed."""
+    from .geometry import box_iou
+
+    scene = np.asarray(record["scene_boxes"], float)
+    target = [list(b) for b in record["scene_boxes"]].index(list(record["box"]))
+    return int(np.argmax(np.asarray(box_iou(scene, box[None])).reshape(-1))) == target
 
 
 def split_row(metrics: dict) -> dict:
