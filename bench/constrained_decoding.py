@@ -35,7 +35,7 @@ def tiny_getok_llava(tmp: Path, cfg: GETokConfig):
     import llava_getok
     from llava_getok.llava import inputs as llava_inputs
     from llava_getok.llava.tiny import build_tiny_llava, train_tokenizer
-    from llava_getok.llava.tokens import add_getok_tokens, resize_embeddings
+    from llava_getok.training.tokens import add_getok_tokens, resize_embeddings
 
     llava_getok.register()
     from llava.model.builder import load_pretrained_model

@@ -73,8 +73,8 @@ class Trial:
     rounds: int = 1
     offset_levels: int = 3
     bins: int = 32
-    init: str = "mean"  # mean | sincos2d (llava_getok.llava.tokens.init_getok_rows: input and output rows)
-    grid_weight: float = 0.0  # box-token loss (llava_getok.llava.box_loss), as in the GETok trainer
+    init: str = "mean"  # mean | sincos2d (llava_getok.training.tokens.init_getok_rows: input and output rows)
+    grid_weight: float = 0.0  # box-token loss (llava_getok.training.box_loss), as in the GETok trainer
     box_weight: float = 0.0
     sigma: float = 1.0
     # eval
@@ -164,7 +164,7 @@ def build(trial: Trial, work: Path):
                        special_tokens=True)
         model.resize_token_embeddings(len(tok), mean_resizing=False)
         if trial.repr == "getok":
-            from llava_getok.llava.tokens import init_getok_rows
+            from llava_getok.training.tokens import init_getok_rows
 
             init_getok_rows(model, tok.convert_tokens_to_ids(toks), cfg, trial.init, n_old=old)
         else:
@@ -348,7 +348,7 @@ def lm_loss(model, ids, mask, labels, images, table, trial: Trial):
     logits = model.lm_head(model.get_model()(inputs_embeds=emb, attention_mask=att).last_hidden_state)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
     if table is not None:
-        from llava_getok.llava.box_loss import box_token_loss
+        from llava_getok.training.box_loss import box_token_loss
 
         parts = box_token_loss(logits, lab, table, sigma=trial.sigma, with_box=trial.box_weight > 0)
         loss = loss + trial.grid_weight * parts["grid"] + trial.box_weight * parts["box"]
@@ -375,7 +375,7 @@ def run(trial: Trial, work: Path, log: Path | None = None, verbose=True):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     table = None
     if trial.repr == "getok" and (trial.grid_weight or trial.box_weight):
-        from llava_getok.llava.box_loss import TokenTable
+        from llava_getok.training.box_loss import TokenTable
 
         table = TokenTable.from_ids(cfg, tok.convert_tokens_to_ids(list(cfg.tokens())))
     proj_only = [p for n, p in model.named_parameters() if "mm_projector" in n or "vision_tower" in n]

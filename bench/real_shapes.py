@@ -140,10 +140,10 @@ def worker(job: dict) -> dict:
     from llava.train.train import TrainingArguments, find_all_linear_names
     from transformers import AutoTokenizer
 
-    from llava_getok.llava.sidecar import ROWS_FILE, save_tensors_atomic
-    from llava_getok.llava.rows import getok_rows_values
-    from llava_getok.llava.tokens import add_getok_tokens, init_getok_rows, resize_embeddings
-    from llava_getok.llava.settings import GETokSettings
+    from llava_getok.training.sidecar import ROWS_FILE, save_tensors_atomic
+    from llava_getok.training.rows import getok_rows_values
+    from llava_getok.training.tokens import add_getok_tokens, init_getok_rows, resize_embeddings
+    from llava_getok.training.settings import GETokSettings
     from llava_getok.llava.tiny import supervised_data_module
     from llava_getok.llava.trainer import GETokTrainer
 

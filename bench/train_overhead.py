@@ -6,7 +6,7 @@ in this one run. A step is forward + backward (LLaVA's compute_loss, then loss.b
 time of this process (wall time on a shared machine is dominated by other jobs).
 
 With the box-token loss on, the GETok trainer scores the LM loss on the labelled positions only and LLaMA's
-forward skips its full-length logits (llava_getok.llava.loss.labelled_lm_loss), which saves more than the box-token loss costs.
+forward skips its full-length logits (llava_getok.training.step.labelled_lm_loss), which saves more than the box-token loss costs.
 The "full logits kept" row runs the GETok trainer on LLaVA's full logits instead (its path when the outputs are
 returned, as in evaluation): that ratio is the cost of the hooks and the box-token loss alone.
 
@@ -90,7 +90,7 @@ def measure(tmp: Path, steps: int, batch: int, lora: bool, weights: tuple[float,
     gt.register()  # before llava.train is imported (compat fix for transformers >= 4.53)
     from llava.train.llava_trainer import LLaVATrainer
 
-    from llava_getok.llava.settings import GETokSettings
+    from llava_getok.training.settings import GETokSettings
     from llava_getok.llava.trainer import GETokTrainer
 
     model, tok, module, args, cfg = build(tmp, batch, lora, size)

@@ -189,7 +189,7 @@ def load_model(model_path: str, model_base: str | None = None, device: str = "cp
 def model_getok_config(model_path: str) -> LocationFormat | None:
     """The location format recorded in the checkpoint's sidecar (GETok's config for sidecars written before formats
     were recorded); None without a sidecar (a stock LLaVA checkpoint)."""
-    from .llava.sidecar import read_sidecar
+    from .training.sidecar import read_sidecar
 
     sidecar = read_sidecar(model_path)
     return sidecar.location_format if sidecar is not None else None

@@ -45,7 +45,7 @@ import json
 import sys
 
 from .formats import FORMAT_NAMES
-from .llava.settings import DATA_ORDERS, ROW_MODES, GETokSettings
+from .training.settings import DATA_ORDERS, ROW_MODES, GETokSettings
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
@@ -175,7 +175,7 @@ def main(argv=None) -> None:
 
     import llava.train.train as llava_train
 
-    from .llava.settings import FormatError
+    from .training.settings import FormatError
 
     sys.argv = [sys.argv[0]] + with_default_checkpointing(cpu_ranks(rest))  # LLaVA's HfArgumentParser reads sys.argv
     try:

@@ -47,7 +47,7 @@ def test_existing_target_survives_a_failed_write(tmp_path, umask_022):
 
 
 def test_sidecar_json_is_readable_by_others(tmp_path, umask_022):
-    from llava_getok.llava.sidecar import write_json_atomic
+    from llava_getok.training.sidecar import write_json_atomic
 
     path = tmp_path / "getok_config.json"
     write_json_atomic(path, {"a": 1})

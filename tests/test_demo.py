@@ -234,7 +234,7 @@ def test_demo_sigma_reaches_the_box_token_loss_settings_of_the_training_run(tmp_
     parser, gives the settings the loss is built from (by default one-hot targets on the demo's 8 x 8 grid, not the
     trainer's default of 1 cell)."""
     from llava_getok.demo import _parser, train_args
-    from llava_getok.llava.settings import GETokSettings
+    from llava_getok.training.settings import GETokSettings
     from llava_getok.train import getok_parser, settings_from
 
     def sigma_of(flags):

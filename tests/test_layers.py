@@ -23,10 +23,11 @@ ENTRY = {"llava_getok", "llava_getok.cli", "llava_getok.predict", "llava_getok.t
 MAY_IMPORT = {  # layer -> the layers it may import from, besides its own
     "core": set(),
     "data_converters": {"core"},
-    "llava": {"core"},
+    "training": {"core"},
+    "llava": {"core", "training"},
     "eval": {"core"},
-    "rl": {"core", "llava"},
-    "entry": {"core", "data_converters", "llava", "eval", "rl", "entry"},
+    "rl": {"core", "training", "llava"},
+    "entry": {"core", "data_converters", "training", "llava", "eval", "rl", "entry"},
 }
 KNOWN_CYCLES: list[set[str]] = []  # a new cycle fails test_no_import_cycles
 
@@ -78,7 +79,7 @@ def layer(name: str) -> str:
         return "core"
     if name.startswith("data_converters"):
         return "data_converters"
-    for sub in ("llava", "eval", "rl"):
+    for sub in ("training", "llava", "eval", "rl"):
         if name == f"llava_getok.{sub}" or name.startswith(f"llava_getok.{sub}."):
             return sub
     raise AssertionError(f"{name}: no layer; add it to CORE or ENTRY in {Path(__file__).name}")
@@ -139,3 +140,16 @@ def test_the_graph_sees_function_local_imports_and_cycles():
     assert "llava_getok.llava.trainer" in graph()["llava_getok.llava"]  # register() imports it inside the function
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
     assert layer("llava_getok.rl.rewards") == "rl" and layer("llava_getok.records") == "core"
+
+
+def test_the_training_core_never_imports_llava():
+    """A second backend reuses llava_getok.training without LLaVA installed: no module of it imports ``llava``."""
+    found = []
+    for name, path in MODULES.items():
+        if layer(name) != "training":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            found += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "llava"]
+    assert not found, "\n".join(found)

@@ -67,7 +67,7 @@ def load(folder, **kw):
 
 
 def test_a_legacy_llama_tokenizer_is_switched_once_and_every_getok_token_stays_one_id(llama_dir, capsys):
-    from llava_getok.llava.tokens import add_getok_tokens, check_token_ids
+    from llava_getok.training.tokens import add_getok_tokens, check_token_ids
 
     tok = load(llama_dir)
     assert tok.legacy is True and len(tok) == 32000  # what transformers does with such a folder
@@ -104,7 +104,7 @@ def test_check_data_on_a_legacy_folder_switches_it_and_llava_preprocessing_has_n
 
 
 def test_training_from_a_legacy_folder_records_it_and_the_checkpoint_reloads_non_legacy(llama_dir, records, tmp_path):
-    from llava_getok.llava.sidecar import read_sidecar
+    from llava_getok.training.sidecar import read_sidecar
     from llava_getok.llava.tiny import build_tiny_llava
 
     model_dir = build_tiny_llava(tmp_path / "tiny-llava-32k", llama_dir)

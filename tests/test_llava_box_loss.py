@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from llava_getok.llava.box_loss import TokenTable, box_token_loss, find_boxes, soft_targets
+from llava_getok.training.box_loss import TokenTable, box_token_loss, find_boxes, soft_targets
 from llava_getok.vocab import GETokConfig
 
 CFG = GETokConfig(grid=2, rounds=1)  # 4 grid tokens, 9 offset tokens
@@ -259,7 +259,7 @@ def test_ids_out_of_order_give_the_same_loss_as_one_run_of_ids():
     assert torch.allclose(logits.grad, logits2.grad[..., torch.from_numpy(to_shuffled)], rtol=1e-10, atol=1e-14)
 
 
-# -- the bins format's 1D analogue (llava_getok.llava.bins_loss) ----------------------------------------------------
+# -- the bins format's 1D analogue (llava_getok.training.bins_loss) ----------------------------------------------------
 
 def reference_bins_loss(logits, labels, ids, bins, sigma):
     """The 1D loss written plainly with torch autograd: soft cross-entropy against a 1D Gaussian over bins at every
@@ -296,7 +296,7 @@ def reference_bins_loss(logits, labels, ids, bins, sigma):
 
 def test_bins_loss_value_and_gradient_match_a_plain_autograd_computation():
     from llava_getok.formats import BinsFormat
-    from llava_getok.llava.bins_loss import BinsTable, bins_token_loss
+    from llava_getok.training.bins_loss import BinsTable, bins_token_loss
 
     bins, base = 12, 5
     fmt = BinsFormat(bins=bins)
@@ -325,7 +325,7 @@ def test_bins_loss_value_and_gradient_match_a_plain_autograd_computation():
 
 def test_bins_loss_is_float32_under_bf16_autocast_and_zero_without_location_targets():
     from llava_getok.formats import BinsFormat
-    from llava_getok.llava.bins_loss import BinsTable, bins_token_loss
+    from llava_getok.training.bins_loss import BinsTable, bins_token_loss
 
     table = BinsTable.from_ids(BinsFormat(bins=8), list(range(3, 11)))
     labels = torch.tensor([[-100, 1, 3, 4, 9, 10, 2]])

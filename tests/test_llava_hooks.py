@@ -39,7 +39,7 @@ def getok_setup(registered, tiny_llava_dir, data, tmp_path_factory):
     from llava.model import LlavaLlamaForCausalLM
     from transformers import AutoTokenizer
 
-    from llava_getok.llava.settings import GETokSettings
+    from llava_getok.training.settings import GETokSettings
     from llava_getok.llava.tiny import supervised_data_module
     from llava_getok.llava.trainer import GETokTrainer
 
@@ -87,7 +87,7 @@ def test_compat_forward_accepts_cache_position_and_text_only_generate_works(regi
 def test_getok_tokens_are_one_id_everywhere_and_legacy_tokenizers_are_refused(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from llava_getok.llava.tokens import add_getok_tokens, check_token_ids
+    from llava_getok.training.tokens import add_getok_tokens, check_token_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir, use_fast=False)
     ids = add_getok_tokens(tok, CFG)
@@ -109,7 +109,7 @@ def test_getok_tokens_are_one_id_everywhere_and_legacy_tokenizers_are_refused(ti
 def test_row_init_mean_and_sincos2d(registered, tiny_llava_dir):
     from llava.model import LlavaLlamaForCausalLM
 
-    from llava_getok.llava.tokens import init_getok_rows, resize_embeddings
+    from llava_getok.training.tokens import init_getok_rows, resize_embeddings
 
     model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava_dir)
     n_old = model.get_input_embeddings().weight.shape[0]
@@ -134,7 +134,7 @@ def test_row_init_mean_and_sincos2d(registered, tiny_llava_dir):
 
 def test_the_location_format_comes_from_the_data_or_must_agree_with_it():
     from llava_getok.formats import BinsFormat, TextFormat
-    from llava_getok.llava.settings import FormatError, GETokSettings
+    from llava_getok.training.settings import FormatError, GETokSettings
 
     assert GETokSettings(grid=8).location_format([]) == CFG.with_mode("inline")  # no data format: GETok, the flags'
     assert GETokSettings(grid=8).location_format([GETokConfig(grid=8, mode="refine"), GETokConfig(grid=8)]) == GETokConfig(grid=8)
@@ -152,7 +152,7 @@ def test_the_location_format_comes_from_the_data_or_must_agree_with_it():
 
 def test_bin_rows_get_the_mean_plus_a_1d_code_of_the_bin_centre():
     from llava_getok.formats import BinsFormat
-    from llava_getok.llava.tokens import getok_row_targets
+    from llava_getok.training.tokens import getok_row_targets
 
     fmt, mean = BinsFormat(bins=50), torch.randn(64)
     rows = getok_row_targets(fmt, "sincos2d", mean, spread=0.5)
@@ -166,8 +166,8 @@ def test_bin_rows_get_the_mean_plus_a_1d_code_of_the_bin_centre():
 def test_trainable_rows_change_only_getok_rows_even_with_weight_decay(registered, tiny_llava_dir):
     from llava.model import LlavaLlamaForCausalLM
 
-    from llava_getok.llava.rows import attach_trainable_rows, getok_rows_values
-    from llava_getok.llava.tokens import init_getok_rows, resize_embeddings
+    from llava_getok.training.rows import attach_trainable_rows, getok_rows_values
+    from llava_getok.training.tokens import init_getok_rows, resize_embeddings
 
     model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava_dir)
     n_old = model.get_input_embeddings().weight.shape[0]
@@ -200,8 +200,8 @@ def test_factored_grid_rows_share_what_one_cell_learns_and_leave_the_matrix_rows
     while their GETok rows get no gradient; the effective rows save, restore and fold like plain deltas."""
     from llava.model import LlavaLlamaForCausalLM
 
-    from llava_getok.llava.rows import attach_trainable_rows, fold_rows_into_state, getok_rows_values, set_rows
-    from llava_getok.llava.tokens import init_getok_rows, resize_embeddings
+    from llava_getok.training.rows import attach_trainable_rows, fold_rows_into_state, getok_rows_values, set_rows
+    from llava_getok.training.tokens import init_getok_rows, resize_embeddings
 
     model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava_dir)
     n_old = model.get_input_embeddings().weight.shape[0]
@@ -275,7 +275,7 @@ def test_zero_weights_reproduce_plain_llava_loss_bit_for_bit(getok_setup):
 def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_setup, training):
     """The trainer applies the LM head to the scored positions' hidden states only (in training also for the
     LM loss, on the labelled positions); value and gradients must be those of the loss on the full logits."""
-    from llava_getok.llava.box_loss import box_token_loss
+    from llava_getok.training.box_loss import box_token_loss
 
     trainer, batch, _ = getok_setup
     model, s = trainer.model, trainer.settings
@@ -287,7 +287,7 @@ def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_se
         loss.backward()
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
-    from llava_getok.llava.box_loss import TokenTable
+    from llava_getok.training.box_loss import TokenTable
 
     seen, table_loss = [], TokenTable.loss
     with pytest.MonkeyPatch.context() as mp:  # the trainer asks the format's table for its loss

@@ -251,7 +251,7 @@ def test_resuming_a_checkpoint_of_another_format_is_refused_in_one_line(lora_run
 
 
 def getok_rows_values_of(trainer):
-    from llava_getok.llava.rows import getok_rows_values
+    from llava_getok.training.rows import getok_rows_values
 
     return getok_rows_values(trainer.model.get_base_model(), trainer.getok.ids)
 
@@ -276,7 +276,7 @@ def test_bins_training_takes_the_format_from_the_data_and_predict_needs_no_flag(
     from llava_getok.cli import main
     from llava_getok.formats import BinsFormat
     from llava_getok.llava.tiny import make_grounding_data
-    from llava_getok.llava.tokens import getok_row_targets
+    from llava_getok.training.tokens import getok_row_targets
 
     fmt = BinsFormat(bins=32)
     data = make_grounding_data(tmp_path / "data", shared_data / "coco_mini", fmt, n_records=2)

@@ -16,7 +16,7 @@ CFG = GETokConfig(grid=8, rounds=1)
 def tiny_getok(tiny_llava_dir):
     """The tiny LLaVA through LLaVA's builder (hooks registered), GETok tokens added, random new rows."""
     import llava_getok
-    from llava_getok.llava.tokens import add_getok_tokens, resize_embeddings
+    from llava_getok.training.tokens import add_getok_tokens, resize_embeddings
 
     llava_getok.register()
     from llava.model.builder import load_pretrained_model
@@ -193,7 +193,7 @@ def tiny_bins(tiny_llava_dir):
     """The tiny LLaVA with 16 bin tokens added through the same hook as GETok's, random rows."""
     import llava_getok
     from llava_getok.formats import BinsFormat
-    from llava_getok.llava.tokens import add_getok_tokens, resize_embeddings
+    from llava_getok.training.tokens import add_getok_tokens, resize_embeddings
 
     llava_getok.register()
     from llava.model.builder import load_pretrained_model

@@ -16,8 +16,8 @@ def getok_ckpt(tiny_llava_dir, tmp_path_factory):
     """The tiny LLaVA made a GETok checkpoint (grid 4, refine-capable vocabulary) as SFT would leave it."""
     from llava_getok.llava import register
     from llava_getok.llava.builder import load_getok_checkpoint
-    from llava_getok.llava.sidecar import Sidecar
-    from llava_getok.llava.tokens import add_getok_tokens, init_getok_rows, resize_embeddings
+    from llava_getok.training.sidecar import Sidecar
+    from llava_getok.training.tokens import add_getok_tokens, init_getok_rows, resize_embeddings
     from llava_getok.rl.checkpoint import save_getok_checkpoint
     from llava_getok.vocab import GETokConfig
 
@@ -144,7 +144,7 @@ def test_two_grpo_steps_then_refine_stage(getok_ckpt, data, tmp_path):
     """Two steps with images (LoRA + GETok rows, KL against the adapter-free model), a loadable checkpoint
     at every save, only adapters and rows changed; then the refine stage starts from the grid-stage output."""
     from llava_getok.llava.builder import load_getok_checkpoint
-    from llava_getok.llava.sidecar import read_sidecar
+    from llava_getok.training.sidecar import read_sidecar
     from llava_getok.rl.run import run
 
     args = _args(getok_ckpt, data, tmp_path / "grid", beta=0.04, save_steps=1, constrained=True,

@@ -162,7 +162,7 @@ def test_group_turns_makes_one_conversation_per_image_that_llava_preprocesses(tm
     from transformers import AutoTokenizer
 
     from llava_getok.llava.check import check_records
-    from llava_getok.llava.tokens import add_getok_tokens
+    from llava_getok.training.tokens import add_getok_tokens
     from llava_getok.vocab import GETokConfig
 
     gt.register()

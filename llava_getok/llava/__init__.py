@@ -30,7 +30,7 @@ def register(settings=None, **kwargs) -> RegisterReport:
     """Apply every LLaVA hook: compat fixes, ``getok_*`` templates, the builder hook and the GETok trainer
     (as ``llava.train.train.LLaVATrainer``, so LLaVA's own ``train()`` uses it). Idempotent.
 
-    settings: a :class:`llava_getok.llava.settings.GETokSettings` for training (grid, init, loss weights, ...);
+    settings: a :class:`llava_getok.training.settings.GETokSettings` for training (grid, init, loss weights, ...);
         keyword arguments build one (``register(grid=16, grid_weight=0.5)``). Without either, the trainer
         keeps the settings of an earlier call, or the defaults.
     """
@@ -39,7 +39,7 @@ def register(settings=None, **kwargs) -> RegisterReport:
     report = RegisterReport()
     report.compat_fixes = apply_compat_fixes()  # first: fix 3 must precede any import of llava.train
     from .builder import install_builder_hook
-    from .settings import GETokSettings
+    from ..training.settings import GETokSettings
     from .templates import register_templates
     from .trainer import install_trainer_hook
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .rows import ROWS_ATTR, set_rows
-from .sidecar import TOWER_FILE, read_rows, read_sidecar
+from ..training.rows import ROWS_ATTR, set_rows
+from ..training.sidecar import TOWER_FILE, read_rows, read_sidecar
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 DEFAULT_CONTEXT_LEN = 2048
@@ -100,7 +100,7 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
     from llava.model import LlavaLlamaForCausalLM
     from transformers import AutoTokenizer
 
-    from .tokens import resize_embeddings, use_non_legacy
+    from ..training.tokens import resize_embeddings, use_non_legacy
 
     path = Path(model_path)
     sidecar = sidecar if sidecar is not None else read_sidecar(path)

@@ -174,9 +174,9 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from .compat import apply_compat_fixes
-    from .sidecar import read_sidecar
+    from ..training.sidecar import read_sidecar
     from .templates import register_templates
-    from .tokens import add_getok_tokens, check_token_ids, use_non_legacy
+    from ..training.tokens import add_getok_tokens, check_token_ids, use_non_legacy
 
     apply_compat_fixes()  # what LLaVA's preprocessing needs on this stack, and the getok_* templates: no trainer
     register_templates()

@@ -13,9 +13,9 @@ import os
 import torch
 
 from ..atomic import atomic_path
-from .rows import ROWS_ATTR
-from .sidecar import ROWS_FILE, TOWER_FILE, Sidecar, read_rows, save_tensors_atomic, write_sidecar
-from .tokens import _gathered
+from ..training.rows import ROWS_ATTR
+from ..training.sidecar import ROWS_FILE, TOWER_FILE, Sidecar, read_rows, save_tensors_atomic, write_sidecar
+from ..training.tokens import _gathered
 
 NON_LORA_FILE = "non_lora_trainables.bin"
 
@@ -53,7 +53,7 @@ def write_getok_files(folder, tokenizer, sidecar: Sidecar, rows: dict[str, torch
                       non_lora: dict | None = None, tower: dict | None = None) -> None:
     """Write the GETok files of one checkpoint into ``folder`` (one process: gather first, on every rank).
 
-    rows: :func:`llava_getok.llava.rows.getok_rows_values`; non_lora: for a LoRA checkpoint, the weights that train
+    rows: :func:`llava_getok.training.rows.getok_rows_values`; non_lora: for a LoRA checkpoint, the weights that train
     besides the adapter (LLaVA's projector; may be empty), written with ``llava_config``; tower: a trained tower's
     weights (:func:`tower_weights`)."""
     os.makedirs(folder, exist_ok=True)
@@ -74,7 +74,7 @@ def load_getok_files(llava, peft_model, folder) -> None:
     from safetensors.torch import load_file
 
     from .builder import copy_into_parameters
-    from .sidecar import read_sidecar
+    from ..training.sidecar import read_sidecar
 
     rows = getattr(llava, ROWS_ATTR, None)
     sidecar = read_sidecar(folder)

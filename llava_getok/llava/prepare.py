@@ -11,11 +11,11 @@ import torch
 
 from ..formats import BinsFormat, LocationFormat, data_formats, format_name
 from ..vocab import GETokConfig
-from .bins_loss import BinsTable
-from .box_loss import TokenTable
-from .rows import attach_trainable_rows
-from .settings import FormatError, GETokSettings
-from .tokens import add_getok_tokens, check_token_ids, init_getok_rows, resize_embeddings
+from ..training.bins_loss import BinsTable
+from ..training.box_loss import TokenTable
+from ..training.rows import attach_trainable_rows
+from ..training.settings import FormatError, GETokSettings
+from ..training.tokens import add_getok_tokens, check_token_ids, init_getok_rows, resize_embeddings
 
 
 @dataclass

@@ -21,11 +21,11 @@ from ..formats import describe, format_to_dict, same_tokens  # noqa: E402
 from ..vocab import GETokConfig  # noqa: E402
 from .checkpoint import (  # noqa: E402
     check_same_on_all_ranks, load_getok_files, tower_weights, write_getok_files)
-from .loss import LossCapture, getok_loss  # noqa: E402
+from ..training.step import LossCapture, getok_loss  # noqa: E402
 from .prepare import prepare_for_getok, unwrap_llava  # noqa: E402
-from .rows import ROWS_ATTR, fold_rows_into_state, getok_rows_values  # noqa: E402
-from .settings import FormatError, GETokSettings  # noqa: E402
-from .sidecar import ROWS_FILE, SIDECAR, Sidecar, read_sidecar  # noqa: E402
+from ..training.rows import ROWS_ATTR, fold_rows_into_state, getok_rows_values  # noqa: E402
+from ..training.settings import FormatError, GETokSettings  # noqa: E402
+from ..training.sidecar import ROWS_FILE, SIDECAR, Sidecar, read_sidecar  # noqa: E402
 
 
 class GETokTrainer(LLaVATrainer):
@@ -71,7 +71,7 @@ class GETokTrainer(LLaVATrainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         # In training nobody reads the full logits: LLaMA's forward then computes neither them nor its loss, and
-        # both losses are scored on the positions that have a target (llava_getok.llava.loss).
+        # both losses are scored on the positions that have a target (llava_getok.training.step).
         lean = (model.training and not return_outputs and self.label_smoother is None
                 and self.compute_loss_func is None and not self.model_accepts_loss_kwargs)
         with self.loss_capture.recording(lean):

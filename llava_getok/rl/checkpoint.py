@@ -19,8 +19,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ..llava.checkpoint import write_getok_files
-from ..llava.rows import fold_rows_into_state, getok_rows_values
-from ..llava.sidecar import Sidecar
+from ..training.rows import fold_rows_into_state, getok_rows_values
+from ..training.sidecar import Sidecar
 
 
 def _is_peft(model) -> bool:

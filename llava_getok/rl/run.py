@@ -119,8 +119,8 @@ def load_policy(args: RLArgs):
 
     from ..llava import register
     from ..llava.builder import load_getok_checkpoint
-    from ..llava.rows import attach_trainable_rows
-    from ..llava.sidecar import read_sidecar
+    from ..training.rows import attach_trainable_rows
+    from ..training.sidecar import read_sidecar
 
     register()
     sidecar = read_sidecar(args.model_path)
@@ -183,7 +183,7 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
 
     from ..generation import GETokLogitsProcessor, space_token_ids
     from ..llava import register
-    from ..llava.sidecar import read_sidecar
+    from ..training.sidecar import read_sidecar
     from ..records import read_records
     from .checkpoint import GETokCheckpointCallback
     from .data import build_rows
@@ -238,8 +238,8 @@ def run(args: RLArgs, policy=None):
     trainer = build_trainer(args, policy)
     if args.resume_from_checkpoint:
         # trl's Trainer restores the adapter, optimiser and schedule; the GETok rows live in their own file
-        from ..llava.rows import set_rows
-        from ..llava.sidecar import read_rows, read_sidecar
+        from ..training.rows import set_rows
+        from ..training.sidecar import read_rows, read_sidecar
         from ..llava.prepare import unwrap_llava
 
         folder = args.resume_from_checkpoint

@@ -35,7 +35,7 @@ from trl.trainer.utils import entropy_from_logits, pad, selective_log_softmax
 
 from ..llava import inputs as model_inputs
 from ..llava.prepare import unwrap_llava
-from ..llava.rows import ROWS_ATTR
+from ..training.rows import ROWS_ATTR
 
 
 def _reference_without_getok_rows(peft_model) -> None:
@@ -178,7 +178,7 @@ class LlavaGRPOTrainer(GRPOTrainer):
         LLaVA splices the image features in (``prepare_inputs_labels_for_multimodal``, left-padded so that
         every row's completion ends at the last position), then the model's ordinary forward runs on the
         embeddings. Not trl's fused LM head: it reads ``lm_head.weight`` directly and would bypass the hooks
-        that add the trainable GETok rows (llava_getok.llava.rows) to the head.
+        that add the trainable GETok rows (llava_getok.training.rows) to the head.
         """
         images = pixel_values if pixel_values is not None else self._rollout_images
         if images is None or len(images) != len(input_ids):
