@@ -32,7 +32,7 @@ not support it (LLaVA#1692); use one GPU or ZeRO-2.
 On a CPU (tests, the demo, the recipes' ``DEVICE=cpu`` smoke test) add ``--use_cpu True`` and drop ``--tf32``:
 ``--bf16 True`` / ``--fp16 True`` then train under CPU autocast; ``torchrun --nproc_per_node N ... --ddp_backend
 gloo`` runs data parallel, and ``deepspeed --num_gpus N --module llava_getok.train ... --deepspeed zero3.json
---use_cpu True`` runs ZeRO with N ranks (llava_getok.llava.cpu_ranks). Gradient checkpointing is non-reentrant
+--use_cpu True`` runs ZeRO with N ranks (llava_getok.training.cpu_ranks). Gradient checkpointing is non-reentrant
 unless ``--gradient_checkpointing_kwargs`` says otherwise. Every checkpoint folder holds ``getok_config.json``,
 ``getok_rows.safetensors`` and the tokenizer; ``llava.model.builder.load_pretrained_model`` loads it back
 after ``llava_getok.register()``.
@@ -115,7 +115,7 @@ def with_default_checkpointing(argv: list[str]) -> list[str]:
 
 
 def cpu_ranks(argv: list[str]) -> list[str]:
-    """With ``--use_cpu True``: training ranks on the CPU (llava_getok.llava.cpu_ranks), DeepSpeed's included; returns
+    """With ``--use_cpu True``: training ranks on the CPU (llava_getok.training.cpu_ranks), DeepSpeed's included; returns
     ``argv``, without ``--use_cpu`` under ``--deepspeed`` (it would make accelerate drop DeepSpeed silently)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--use_cpu", type=_bool, nargs="?", const=True, default=False)
@@ -130,7 +130,7 @@ def cpu_ranks(argv: list[str]) -> list[str]:
             raise SystemExit("--use_cpu True with --deepspeed: DeepSpeed on CPU ranks is the smoke test for machines "
                              "without a GPU; on this one drop --use_cpu (or --deepspeed)")
         return argv
-    from .llava.cpu_ranks import enable
+    from .training.cpu_ranks import enable
 
     enable(deepspeed=deepspeed)
     return others if deepspeed else argv

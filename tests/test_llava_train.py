@@ -381,7 +381,7 @@ def test_entry_refuses_flash_attention_without_the_package_and_unknown_templates
 
 def test_zero2_full_bf16_through_the_deepspeed_launcher_on_two_cpu_ranks(tiny_llava_dir, train_data, tmp_path):
     """ZeRO-2 full fine-tuning as the GPU recipe runs it (bf16 weights, gradient checkpointing), with two ranks on
-    the CPU (llava_getok.llava.cpu_ranks); the shipped scripts' ZeRO-3 and LoRA runs are in test_recipes.py."""
+    the CPU (llava_getok.training.cpu_ranks); the shipped scripts' ZeRO-3 and LoRA runs are in test_recipes.py."""
     out = tmp_path / "zero2"
     deepspeed = Path(sys.executable).parent / "deepspeed"
     with socket.socket() as sock:  # a free port: a fixed one collides with any other run on the machine

@@ -149,7 +149,7 @@ def load_policy(args: RLArgs):
 
 def process_device(device: str | None) -> str:
     """This process's device: under a multi-process launcher (accelerate launch, torchrun) each rank takes the
-    GPU of its local rank, not cuda:0; CPU ranks get what a CPU needs (llava_getok.llava.cpu_ranks)."""
+    GPU of its local rank, not cuda:0; CPU ranks get what a CPU needs (llava_getok.training.cpu_ranks)."""
     import os
 
     import torch
@@ -161,7 +161,7 @@ def process_device(device: str | None) -> str:
     if device == "cuda":
         return f"cuda:{int(rank)}"
     if device == "cpu":
-        from ..llava.cpu_ranks import enable
+        from ..training.cpu_ranks import enable
 
         enable()
     return device
