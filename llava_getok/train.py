@@ -45,6 +45,8 @@ import json
 import sys
 
 from .formats import FORMAT_NAMES
+from .training.cpu_ranks import close_process_group as _close_process_group
+from .training.cpu_ranks import launch_argv as cpu_ranks
 from .training.settings import DATA_ORDERS, ROW_MODES, GETokSettings
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -114,28 +116,6 @@ def with_default_checkpointing(argv: list[str]) -> list[str]:
     return argv + ["--gradient_checkpointing_kwargs", json.dumps({"use_reentrant": False})]
 
 
-def cpu_ranks(argv: list[str]) -> list[str]:
-    """With ``--use_cpu True``: training ranks on the CPU (llava_getok.training.cpu_ranks), DeepSpeed's included; returns
-    ``argv``, without ``--use_cpu`` under ``--deepspeed`` (it would make accelerate drop DeepSpeed silently)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--use_cpu", type=_bool, nargs="?", const=True, default=False)
-    ns, others = p.parse_known_args(argv)
-    if not ns.use_cpu:
-        return argv
-    import torch
-
-    deepspeed = bool(_peek(argv, "deepspeed"))
-    if torch.cuda.is_available():
-        if deepspeed:
-            raise SystemExit("--use_cpu True with --deepspeed: DeepSpeed on CPU ranks is the smoke test for machines "
-                             "without a GPU; on this one drop --use_cpu (or --deepspeed)")
-        return argv
-    from .training.cpu_ranks import enable
-
-    enable(deepspeed=deepspeed)
-    return others if deepspeed else argv
-
-
 def settings_from(ours) -> GETokSettings:
     """The GETok settings of the parsed --getok_* flags (ValueError for a bad value)."""
     return GETokSettings(
@@ -183,17 +163,6 @@ def main(argv=None) -> None:
     except FormatError as e:  # the data's location format and the flags disagree: one line, not a traceback
         raise SystemExit(f"python -m llava_getok.train: {e}") from None
     _close_process_group()
-
-
-def _close_process_group() -> None:
-    """Shut the distributed process group down before the interpreter does: a ZeRO-3 run on 2 CPU ranks (gloo) once
-    died at exit with "terminate called without an active exception" (exit 250) after it had saved everything,
-    its communication threads still running; PyTorch asks for destroy_process_group() at the end of a run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ ROWS_FILE = "getok_rows.safetensors"
 TOWER_FILE = "getok_vision_tower.safetensors"
 FORMAT_VERSION = 1
 KINDS = ("full", "lora", "projector")
+BACKENDS = ("llava", "hf")
 
 
 @dataclass
@@ -29,14 +30,15 @@ class Sidecar:
     builder loads the tokenizer with ``legacy=False`` whatever its folder says. ``format``: the location format the
     model answers in (``formats.format_to_dict``: ``{"name": "bins", "bins": 1000}``, ...); a sidecar without it
     (written before formats existed) is GETok with ``getok`` as its config. ``getok``: the GETok config (``{}`` for
-    the text and bins formats); ``tokens`` / ``token_ids``: the format's added tokens (none for text)."""
+    the text and bins formats); ``tokens`` / ``token_ids``: the format's added tokens (none for text).
+    ``image_aspect_ratio``: LLaVA's setting (None for the hf backend, whose ``processor`` settings say the same)."""
 
     getok: dict
     tokens: list[str]
     token_ids: list[int]
     vocab_size: int
     tokenizer_legacy: bool | None
-    image_aspect_ratio: str
+    image_aspect_ratio: str | None
     frame: str
     kind: str
     base_model: str | None = None
@@ -45,8 +47,16 @@ class Sidecar:
     vision_tower_trained: bool = False
     format: dict | None = None
     format_version: int = FORMAT_VERSION
+    # --- the backend that wrote the checkpoint: "llava" (LLaVA 1.2.x) or "hf" (llava_getok.hf, transformers-native
+    # models), its model family there ("qwen2.5-vl", "llava-hf") and the image processor's settings that decide the
+    # frame and the image tokens; a sidecar without them is LLaVA's ---
+    backend: str = "llava"
+    model_family: str | None = None
+    processor: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"{SIDECAR}: backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.kind not in KINDS:
             raise ValueError(f"{SIDECAR}: kind must be one of {KINDS}, got {self.kind!r}")
         if len(self.tokens) != len(self.token_ids):

@@ -1,0 +1,185 @@
+"""trl's ``SFTTrainer`` with GETok: the box-token loss added to trl's LM loss, and GETok checkpoints.
+
+The loss of a step reads, top to bottom (:meth:`GETokSFTTrainer.compute_loss`)::
+
+    with capture.recording():                  # trl's own step: its fused LM head, DDP / DeepSpeed / peft around it
+        lm = super().compute_loss(...)
+    hidden = capture.take()                    # what the language model handed the LM head in that forward
+    total, parts = getok_loss(head, labels, hidden, lm, ...)   # + the box-token (or bins) loss on its targets
+
+trl computes the log-probabilities by multiplying the hidden states with ``lm_head.weight`` (no logits, no call of the
+head's module), so what trains the GETok rows must live in that weight: with LoRA, peft's trainable tokens
+(``llava_getok.hf.prepare``). The labels are the batch's own (the processor expands each image into its tokens, so
+they line up with the hidden states). The box-token loss calls the head module on its target positions only.
+
+Checkpoints (``checkpoint-N`` and the final folder): the model as the Trainer saves it (LoRA: the adapter, with the
+GETok rows as trainable-token values and never the full embedding matrices; full: the whole model), the processor
+with the GETok tokens, ``getok_rows.safetensors`` (the effective rows, compared across ranks) and the sidecar
+(backend ``hf``, model family, frame, processor settings).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import asdict
+
+import torch
+from trl import SFTTrainer
+
+from ..formats import format_to_dict
+from ..training.rows import check_same_on_all_ranks, getok_rows_values
+from ..training.settings import GETokSettings
+from ..training.sidecar import ROWS_FILE, Sidecar, save_tensors_atomic, write_sidecar
+from ..training.step import getok_loss
+from ..vocab import GETokConfig
+from .family import Family, processor_frame, processor_settings, save_processor
+from .prepare import GETokState, float32_rows
+
+LOSS_SETTINGS = ("grid_weight", "box_weight", "sigma", "offset_sigma")
+
+
+class HiddenCapture:
+    """A forward hook on the language model (``get_decoder()``) that keeps its last hidden states, the LM head's input,
+    while :meth:`recording`; the first forward of a recording is kept (trl runs a second one, without gradients,
+    only when asked for logits)."""
+
+    def __init__(self, model):
+        self.hidden = None
+        self._on = False
+        self._handle = model.get_decoder().register_forward_hook(self._record)
+
+    def _record(self, module, args, output):
+        if self._on and self.hidden is None:
+            self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    @contextlib.contextmanager
+    def recording(self):
+        self._on, self.hidden = True, None
+        try:
+            yield self
+        finally:
+            self._on = False
+
+    def take(self):
+        hidden, self.hidden = self.hidden, None
+        return hidden
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def unwrap(model):
+    """The transformers model inside DDP / DeepSpeed / peft wrappers (the same parameters)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class GETokSFTTrainer(SFTTrainer):
+    """SFTTrainer + GETok, configured by ``settings`` and the ``getok`` state that
+    :func:`llava_getok.hf.prepare.add_location_tokens` set up; ``family``: the model family; ``base_model``: where the
+    model was loaded from (recorded in the sidecar, where a LoRA checkpoint finds its base)."""
+
+    def __init__(self, *args, getok: GETokState, settings: GETokSettings, family: Family,
+                 base_model: str | None = None, **kwargs):
+        self.getok, self.settings, self.family, self.base_model_path = getok, settings, family, base_model
+        super().__init__(*args, **kwargs)
+        if getattr(unwrap(self.model), "is_loaded_in_4bit", False) or getattr(unwrap(self.model), "is_loaded_in_8bit",
+                                                                              False):
+            float32_rows(self.model)
+        self.capture = HiddenCapture(unwrap(self.model)) if self.loss_on else None
+
+    @property
+    def loss_on(self) -> bool:
+        """The box-token loss (or the bins' 1D loss) is on: weights > 0 and a format that adds tokens."""
+        return self.settings.loss_on and self.getok.table is not None
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if self.settings.data_order == "file" and self.train_dataset is not None:
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+        return super()._get_train_sampler(*args, **kwargs)
+
+    # -- the loss of one step ------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.loss_on:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        with self.capture.recording():
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        lm, outputs = result if return_outputs else (result, None)
+        hidden = self.capture.take()
+        # trl's LM loss is already divided over the whole accumulated batch (the Trainer then leaves it as it is);
+        # the box-token loss is a mean over this micro-batch, so it takes its share of the accumulation here
+        k = (self.current_gradient_accumulation_steps
+             if num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.compute_loss_func is None
+             else 1)
+        head = unwrap(model).get_output_embeddings()
+        total, parts = getok_loss(head, inputs["labels"], hidden, lm * k, None, self.getok.table, self.settings)
+        self._log_parts({"loss_lm": lm, "loss_grid": parts["loss_grid"], "loss_box": parts["loss_box"]})
+        return (total / k, outputs) if return_outputs else total / k
+
+    def _log_parts(self, parts: dict) -> None:
+        mode = "train" if self.model.training else "eval"
+        for name, value in parts.items():
+            value = torch.as_tensor(value).detach().float().to(self.accelerator.device)
+            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value).mean().item())
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = output_dir or self.args.output_dir
+        if hasattr(self.model, "peft_config"):
+            # peft's save_embedding_layers="auto" sees the resized vocabulary and would write both full matrices;
+            # the GETok rows are in the adapter (as trainable tokens) and in getok_rows.safetensors
+            peft_model = self.model
+            peft_model.save_pretrained = functools.partial(type(peft_model).save_pretrained, peft_model,
+                                                           save_embedding_layers=False)
+            try:
+                super()._save(output_dir, state_dict=state_dict)
+            finally:
+                del peft_model.save_pretrained
+        else:
+            super()._save(output_dir, state_dict=state_dict)
+        save_processor(self.processing_class, output_dir)  # under the family's own processor class name
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        super()._save_checkpoint(model, trial, *args, **kwargs)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.save_getok_files(folder)
+
+    def save_final(self, folder=None) -> None:
+        """The final checkpoint: the model and processor (``save_model``), then the GETok files. Every rank calls it."""
+        folder = folder or self.args.output_dir
+        self.save_model(folder)
+        ranks = self.save_getok_files(folder)
+        if self.args.should_save:
+            same = f", identical on all {ranks} ranks" if ranks > 1 else ""
+            print(f"GETok: rows of {len(self.getok.ids)} tokens saved in {folder}/{ROWS_FILE}{same}", flush=True)
+
+    def checkpoint_kind(self) -> str:
+        return "lora" if hasattr(self.model, "peft_config") else "full"
+
+    def save_getok_files(self, folder) -> int:
+        """``getok_rows.safetensors`` and the sidecar of checkpoint ``folder``; every rank calls it (the rows are
+        gathered and compared across ranks first). Returns the number of ranks."""
+        rows = getok_rows_values(unwrap(self.model), self.getok.ids)
+        ranks = check_same_on_all_ranks(rows, folder)
+        if self.args.should_save:
+            os.makedirs(folder, exist_ok=True)
+            save_tensors_atomic(os.path.join(folder, ROWS_FILE), rows)
+            write_sidecar(folder, self.sidecar())
+        return ranks
+
+    def sidecar(self) -> Sidecar:
+        s, g = self.settings, self.getok
+        return Sidecar(
+            getok=g.format.to_dict() if isinstance(g.format, GETokConfig) else {}, format=format_to_dict(g.format),
+            tokens=list(g.format.tokens()), token_ids=list(g.ids), vocab_size=g.vocab_size, tokenizer_legacy=None,
+            image_aspect_ratio=None, frame=processor_frame(self.processing_class), kind=self.checkpoint_kind(),
+            base_model=self.base_model_path, init=s.init,
+            loss={k: v for k, v in asdict(s).items() if k in LOSS_SETTINGS},
+            vision_tower_trained=s.train_vision_tower, backend="hf", model_family=self.family.name,
+            processor=processor_settings(self.processing_class))
