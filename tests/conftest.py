@@ -40,3 +40,30 @@ def tiny_llava_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     from llava_getok.llava.tiny import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava", tiny_tokenizer_dir)
+
+
+# --- tiny transformers-native models of llava_getok.hf (Qwen2.5-VL, llava-hf), built offline; read-only ---
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL (Qwen2 text 64 x 2 layers, ViT 32 wide, 8 px patches merged 2 x 2), its byte-level
+    BPE tokenizer and processor, saved to disk."""
+    from llava_getok.hf.tiny import build_tiny_qwen
+
+    return build_tiny_qwen(tmp_path_factory.mktemp("models") / "tiny-qwen")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_tied_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen2.5-VL with tied input and output embeddings (as Qwen2.5-VL-3B)."""
+    from llava_getok.hf.tiny import TinyQwenConfig, build_tiny_qwen
+
+    return build_tiny_qwen(tmp_path_factory.mktemp("models") / "tiny-qwen-tied", TinyQwenConfig(tie=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_hf_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny random llava-hf (LLaMA 64 x 2 layers, CLIP 32 px / 8 px patches, LlavaImageProcessor(do_pad=True))."""
+    from llava_getok.hf.tiny import build_tiny_llava_hf
+
+    return build_tiny_llava_hf(tmp_path_factory.mktemp("models") / "tiny-llava-hf", tiny_tokenizer_dir)

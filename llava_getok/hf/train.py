@@ -94,7 +94,10 @@ def load_base(model_args: ModelArguments, args):
 
     from .family import family_of
 
-    family = family_of(model_args.model_name_or_path) if _is_folder(model_args.model_name_or_path) else None
+    try:
+        family = family_of(model_args.model_name_or_path) if _is_folder(model_args.model_name_or_path) else None
+    except ValueError as e:
+        raise SystemExit(f"python -m llava_getok.hf.train: {e}") from None
     kwargs = {"attn_implementation": model_args.attn_implementation, "dtype": torch.float32}
     if model_args.bits in (4, 8):
         if not model_args.lora_enable:
@@ -108,12 +111,14 @@ def load_base(model_args: ModelArguments, args):
             llm_int8_skip_modules=["lm_head", "visual", "vision_tower", "multi_modal_projector"])
     elif model_args.bits != 16:
         raise SystemExit(f"--bits must be 4, 8 or 16, got {model_args.bits}")
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
-    family = family or family_of(AutoConfig.from_pretrained(model_args.model_name_or_path))
-    model = family.load_class().from_pretrained(model_args.model_name_or_path, **kwargs) \
-        if family else AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, **kwargs)
-    return model, family
+    try:
+        family = family or family_of(AutoConfig.from_pretrained(model_args.model_name_or_path))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"python -m llava_getok.hf.train: --model_name_or_path {model_args.model_name_or_path}: "
+                         f"{str(e).splitlines()[0]}") from None
+    return family.load_class().from_pretrained(model_args.model_name_or_path, **kwargs), family
 
 
 def _is_folder(path: str) -> bool:

@@ -95,6 +95,14 @@ class GETokSFTTrainer(SFTTrainer):
         """The box-token loss (or the bins' 1D loss) is on: weights > 0 and a format that adds tokens."""
         return self.settings.loss_on and self.getok.table is not None
 
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        # LoRA with the GETok rows leaves the Trainer's no-decay group empty; DeepSpeed drops empty groups after the
+        # learning-rate scheduler was built over both (ZeRO-2: "zip() argument 2 is longer than argument 1" at the
+        # first step). Dropped here, before the scheduler sees them.
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        return optimizer
+
     def _get_train_sampler(self, *args, **kwargs):
         if self.settings.data_order == "file" and self.train_dataset is not None:
             return torch.utils.data.SequentialSampler(self.train_dataset)
