@@ -160,6 +160,63 @@ class Predictor:
         return inputs.image_tensor(path, self.image_processor, self.model.config)
 
 
+# --- the transformers-native backend (llava_getok.hf: Qwen2.5-VL, llava-hf): its checkpoints say so in their sidecar;
+# a model folder without one is this backend's when its config is one of its model families ---
+class HFPredictor(Predictor):
+    """:class:`Predictor` for a model of ``llava_getok.hf``: the same grammar, parsing and refine turns, with prompts
+    from the model's chat template and inputs from its processor (``llava_getok.hf.generate.Generator``)."""
+
+    def __init__(self, generator, cfg: LocationFormat, constrained: bool = True, shape_only: bool = False,
+                 max_new_tokens: int = 64):
+        super().__init__(generator.tokenizer, generator.model, generator.processor, cfg, None, constrained, shape_only,
+                         max_new_tokens)
+        self.generator = generator
+
+    def generate(self, conversations, images, processors=(), max_new_tokens=None):
+        return self.generator.generate(conversations, images, processors, max_new_tokens or self.max_new_tokens)
+
+    def _image(self, record, image_root):
+        from .hf.data import load_image
+
+        return load_image(record, image_root)
+
+
+def backend_of(model_path: str) -> str:
+    """"hf" or "llava": the checkpoint's sidecar says; without one, a transformers-native model of a supported family
+    (its config.json) is "hf", anything else LLaVA's."""
+    from .training.sidecar import read_sidecar
+
+    sidecar = read_sidecar(model_path)
+    if sidecar is not None:
+        return sidecar.backend
+    try:
+        from .hf.family import family_of
+
+        family_of(model_path)
+    except ValueError:
+        return "llava"
+    return "hf"
+
+
+def load_hf(model_path: str, model_base: str | None, device: str):
+    """(generator, frame) of an hf-backend checkpoint or of a stock model of one of its families."""
+    from .hf.checkpoint import load_checkpoint
+    from .hf.family import family_of, load_processor, processor_frame
+    from .hf.generate import Generator
+    from .training.sidecar import read_sidecar
+
+    if read_sidecar(model_path) is not None:
+        processor, model, sidecar = load_checkpoint(model_path, model_base, device)
+        return Generator(processor, model), sidecar.frame
+    import torch
+
+    family = family_of(model_path)
+    processor = load_processor(model_path, family)
+    model = family.load_class().from_pretrained(model_path, dtype=torch.float32).to(device).eval()
+    return Generator(processor, model), processor_frame(processor)
+# --- end of the transformers-native backend ---
+
+
 def batches(records: list[dict], size: int):
     """Consecutive records of the same task (and with / without image), at most ``size`` per batch."""
     batch, key = [], None
@@ -262,18 +319,32 @@ def main(argv=None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if backend_of(args.model_path) == "hf":  # --- the transformers-native backend ---
+        try:
+            generator, seen = load_hf(args.model_path, args.model_base, device)
+        except ValueError as e:
+            print(f"llava-getok predict: {e}", file=sys.stderr)
+            return 1
+        return _predict(args, records, cfg, seen, f"the model's processor sees frame {seen!r}",
+                        lambda: HFPredictor(generator, cfg, args.constrained, args.shape_only, args.max_new_tokens))
     tokenizer, model, processor = load_model(args.model_path, args.model_base, device)
     # the frame the model sees: LLaVA pads to a square only with image_aspect_ratio "pad" (spec section 1)
-    seen = "pad" if getattr(model.config, "image_aspect_ratio", None) == "pad" else "orig"
+    aspect = getattr(model.config, "image_aspect_ratio", None)
+    seen = "pad" if aspect == "pad" else "orig"
+    return _predict(args, records, cfg, seen, f"the model sees frame {seen!r} (image_aspect_ratio={aspect!r})",
+                    lambda: Predictor(tokenizer, model, processor, cfg, args.conv_mode, args.constrained,
+                                      args.shape_only, args.max_new_tokens))
+
+
+def _predict(args, records, cfg, seen: str, why: str, make_predictor) -> int:
+    """The frame check and the prediction file, for either backend's predictor."""
     frames = {(r.get("getok") or {}).get("frame") for r in records}
     if frames != {seen}:
-        print(f"llava-getok predict: {args.data}: records are in frame(s) {sorted(map(str, frames))}, but the model "
-              f"sees frame {seen!r} (image_aspect_ratio={getattr(model.config, 'image_aspect_ratio', None)!r})",
+        print(f"llava-getok predict: {args.data}: records are in frame(s) {sorted(map(str, frames))}, but {why}",
               file=sys.stderr)
         return 1
     try:
-        predictor = Predictor(tokenizer, model, processor, cfg, args.conv_mode, args.constrained, args.shape_only,
-                              args.max_new_tokens)
+        predictor = make_predictor()
         n = predict_file(predictor, records, args.image_root, args.output, args.batch_size)
     except (FileNotFoundError, ValueError) as e:
         print(f"llava-getok predict: {e}", file=sys.stderr)

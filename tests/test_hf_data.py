@@ -4,26 +4,14 @@ import json
 
 import pytest
 import torch
+from hf_helpers import CFG
 
-import llava_getok as gt
-
-GRID = 8
-CFG = gt.GETokConfig(grid=GRID)
 FRAMES = {"qwen": "orig", "llava": "pad"}
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tiny_qwen_dir, tiny_llava_hf_dir):
     return {"qwen": tiny_qwen_dir, "llava": tiny_llava_hf_dir}
-
-
-@pytest.fixture(scope="module")
-def grounding(tmp_path_factory, shared_data):
-    """Two REC records of real COCO boxes per frame (``orig`` for Qwen2.5-VL, ``pad`` for llava-hf)."""
-    from llava_getok.llava.tiny import make_grounding_data
-
-    return {frame: make_grounding_data(tmp_path_factory.mktemp(frame), shared_data / "coco_mini", CFG, n_records=2,
-                                       frame=frame) for frame in set(FRAMES.values())}
 
 
 def with_getok(model_dir):
@@ -71,18 +59,19 @@ def test_tiny_models_load_through_transformers_auto_classes(tiny_qwen_dir, tiny_
     assert tok.convert_tokens_to_ids("<|image_pad|>") == qwen.config.image_token_id
     assert tok("<|im_start|>user\nhi<|im_end|>").input_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
     saved = json.loads((tiny_qwen_dir / "preprocessor_config.json").read_text())
-    assert saved["processor_class"] == "Qwen2_5_VLProcessor" and saved["image_processor_type"] == "Qwen2VLImageProcessor"
+    assert saved["processor_class"] == "Qwen2_5_VLProcessor"
+    assert saved["image_processor_type"] == "Qwen2VLImageProcessor"
     llava_processor = AutoProcessor.from_pretrained(tiny_llava_hf_dir)
     assert type(llava_processor).__name__ == "LlavaProcessor" and llava_processor.image_processor.do_pad
     assert [processor_frame(load_processor(d)) for d in (tiny_qwen_dir, tiny_llava_hf_dir)] == ["orig", "pad"]
 
 
 @pytest.mark.parametrize("family", ["qwen", "llava"])
-def test_labels_are_exactly_the_assistant_answers_of_every_turn(family, model_dirs, grounding):
+def test_labels_are_exactly_the_assistant_answers_of_every_turn(family, model_dirs, hf_grounding):
     from llava_getok.hf.data import encode
 
     processor, ids = with_getok(model_dirs[family])
-    data = grounding[FRAMES[family]]
+    data = hf_grounding[FRAMES[family]]
     record = multi_turn(json.loads(data.read_text())[0])
     item = encode(processor, record, data.parent / "images")
     answers = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
@@ -119,27 +108,28 @@ def test_bad_records_are_refused_in_one_line(tiny_qwen_dir):
         assert f"record {record['id']}: " in str(e.value) and message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_missing_image_names_the_record(tiny_llava_hf_dir, grounding, tmp_path):
+def test_missing_image_names_the_record(tiny_llava_hf_dir, hf_grounding, tmp_path):
     from llava_getok.hf.data import encode
 
     processor, _ = with_getok(tiny_llava_hf_dir)
-    record = json.loads(grounding["pad"].read_text())[0]
+    record = json.loads(hf_grounding["pad"].read_text())[0]
     with pytest.raises(FileNotFoundError, match=f"record {record['id']}: field 'image'"):
         encode(processor, record, tmp_path)
 
 
-def test_collator_pads_right_and_concatenates_the_images(model_dirs, grounding):
+def test_collator_pads_right_and_concatenates_the_images(model_dirs, hf_grounding):
     from llava_getok.hf.data import Collator, encode
 
     for family, model_dir in model_dirs.items():
         processor, _ = with_getok(model_dir)
-        data = grounding[FRAMES[family]]
+        data = hf_grounding[FRAMES[family]]
         records = json.loads(data.read_text())
         items = [encode(processor, multi_turn(records[0]), data.parent / "images"),
                  encode(processor, records[1], data.parent / "images")]
         batch = Collator(processor.tokenizer.pad_token_id)(items)
         n = [len(x["input_ids"]) for x in items]
         assert batch["input_ids"].shape == (2, max(n)) and batch["attention_mask"][1].sum() == n[1]
-        assert (batch["labels"][1, n[1]:] == -100).all() and (batch["input_ids"][1, n[1]:] == processor.tokenizer.pad_token_id).all()
+        assert (batch["labels"][1, n[1]:] == -100).all()
+        assert (batch["input_ids"][1, n[1]:] == processor.tokenizer.pad_token_id).all()
         assert torch.equal(batch["pixel_values"], torch.cat([x["pixel_values"] for x in items]))
 

@@ -12,88 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_helpers import CFG, LOGIT_TOL, base_matrices, logits_of, losses, probe, rows_file, train_argv, train_here
 
-import llava_getok as gt
-
-GRID = 8
-CFG = gt.GETokConfig(grid=GRID)
 REPO = Path(__file__).resolve().parents[1]
-LOGIT_TOL = 1e-5  # float32 on CPU; the same weights through another load path
 SAME_ROWS = "identical on all 2 ranks"
-
-
-@pytest.fixture(scope="module")
-def grounding(tmp_path_factory, shared_data):
-    from llava_getok.llava.tiny import make_grounding_data
-
-    return {frame: make_grounding_data(tmp_path_factory.mktemp(frame), shared_data / "coco_mini", CFG, n_records=2,
-                                       frame=frame) for frame in ("orig", "pad")}
-
-
-def train_argv(model_dir, data, out, *extra, steps=6):
-    return ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--image_folder", str(data.parent / "images"),
-            "--output_dir", str(out), "--max_steps", str(steps), "--per_device_train_batch_size", "2",
-            "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--logging_steps", "1",
-            "--save_strategy", "steps", "--save_steps", "3", "--report_to", "none", "--getok_grid", str(GRID),
-            "--seed", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "True", *extra]
-
-
-def train_here(argv):
-    """The entry point's run in this process (build, train, final save); the trainer is returned."""
-    from llava_getok.hf.train import build
-
-    trainer = build(argv + ["--use_cpu", "True", "--bf16", "False"])
-    trainer.train()
-    trainer.save_final()
-    return trainer
-
-
-def losses(out):
-    """The logged losses, from the last checkpoint's trainer state."""
-    last = max(Path(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return [h for h in json.loads((last / "trainer_state.json").read_text())["log_history"] if "loss" in h]
-
-
-def rows_file(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "getok_rows.safetensors"))
-
-
-def probe(processor, data):
-    """Model inputs of the first record, as the processor (with the GETok tokens) makes them."""
-    from llava_getok.hf.data import encode
-
-    item = encode(processor, json.loads(data.read_text())[0], data.parent / "images")
-    item.pop("labels")
-    return {k: v[None] if k in ("input_ids", "attention_mask") else v for k, v in item.items()}
-
-
-def logits_of(model, inputs):
-    model.eval()
-    with torch.no_grad():
-        return model(**inputs).logits.float()
-
-
-def base_matrices(model_dir):
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(model_dir) / "model.safetensors"))
-    emb = next(v for k, v in state.items() if k.endswith("embed_tokens.weight"))
-    head = next((v for k, v in state.items() if k.endswith("lm_head.weight")), emb)  # tied: the embedding
-    return emb, head
 
 
 # -- full fine-tuning (Qwen2.5-VL) ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def full_run(tiny_qwen_dir, grounding, tmp_path_factory):
-    out = tmp_path_factory.mktemp("full") / "out"
-    return train_here(train_argv(tiny_qwen_dir, grounding["orig"], out)), out
-
-
-def test_full_training_learns_and_records_backend_family_and_frame(full_run, tiny_qwen_dir):
-    trainer, out = full_run
+def test_full_training_learns_and_records_backend_family_and_frame(hf_full_run, tiny_qwen_dir):
+    trainer, out = hf_full_run
     history = losses(out)
     assert {"loss_lm", "loss_grid", "loss_box"} <= set(history[0]) and history[-1]["loss"] < history[0]["loss"] * 0.9
     sidecar = json.loads((out / "getok_config.json").read_text())
@@ -110,13 +38,13 @@ def test_full_training_learns_and_records_backend_family_and_frame(full_run, tin
     assert torch.equal(before[tower], after[tower]) and not torch.equal(before[merger], after[merger])
 
 
-def test_full_checkpoint_round_trip_same_ids_and_logits(full_run, grounding):
+def test_full_checkpoint_round_trip_same_ids_and_logits(hf_full_run, hf_grounding):
     from llava_getok.hf.checkpoint import load_checkpoint
 
-    trainer, out = full_run
+    trainer, out = hf_full_run
     processor, model, _ = load_checkpoint(out)
     assert processor.tokenizer.convert_tokens_to_ids(list(CFG.tokens())) == trainer.getok.ids
-    inputs = probe(processor, grounding["orig"])
+    inputs = probe(processor, hf_grounding["orig"])
     assert (logits_of(trainer.model, inputs) - logits_of(model, inputs)).abs().max() <= LOGIT_TOL
     _, mid, _ = load_checkpoint(out / "checkpoint-3")  # an intermediate checkpoint loads on its own
     assert mid.get_input_embeddings().weight.shape == model.get_input_embeddings().weight.shape
@@ -124,17 +52,10 @@ def test_full_checkpoint_round_trip_same_ids_and_logits(full_run, grounding):
 
 # -- LoRA (llava-hf): the GETok rows beside the adapter ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def lora_run(tiny_llava_hf_dir, grounding, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lora") / "out"
-    return train_here(train_argv(tiny_llava_hf_dir, grounding["pad"], out, "--lora_enable", "True", "--lora_r", "8",
-                                 "--lora_alpha", "16")), out
-
-
-def test_lora_trains_only_the_getok_rows_and_saves_no_full_matrix(lora_run, tiny_llava_hf_dir):
+def test_lora_trains_only_the_getok_rows_and_saves_no_full_matrix(hf_lora_run, tiny_llava_hf_dir):
     from safetensors import safe_open
 
-    trainer, out = lora_run
+    trainer, out = hf_lora_run
     assert losses(out)[-1]["loss"] < losses(out)[0]["loss"]
     base_emb, base_head = base_matrices(tiny_llava_hf_dir)
     llava = trainer.model.get_base_model()
@@ -151,23 +72,23 @@ def test_lora_trains_only_the_getok_rows_and_saves_no_full_matrix(lora_run, tiny
     assert json.loads((out / "getok_config.json").read_text())["kind"] == "lora"
 
 
-def test_lora_checkpoint_round_trip_same_ids_and_logits(lora_run, grounding):
+def test_lora_checkpoint_round_trip_same_ids_and_logits(hf_lora_run, hf_grounding):
     from llava_getok.hf.checkpoint import load_checkpoint
 
-    trainer, out = lora_run
+    trainer, out = hf_lora_run
     processor, merged, _ = load_checkpoint(out)  # the base model from the sidecar, LoRA and rows merged
     assert processor.tokenizer.convert_tokens_to_ids(list(CFG.tokens())) == trainer.getok.ids
-    inputs = probe(processor, grounding["pad"])
+    inputs = probe(processor, hf_grounding["pad"])
     before = logits_of(trainer.model, inputs)  # the adapter and trainable rows as trained, unmerged
     assert (before - logits_of(merged, inputs)).abs().max() <= LOGIT_TOL
     _, unmerged, _ = load_checkpoint(out / "checkpoint-6", merge=False)
     assert (before - logits_of(unmerged, inputs)).abs().max() <= LOGIT_TOL
 
 
-def test_seed_reproduces_a_run(lora_run, tiny_llava_hf_dir, grounding, tmp_path):
+def test_seed_reproduces_a_run(hf_lora_run, tiny_llava_hf_dir, hf_grounding, tmp_path):
     """--seed seeds the set-up too (LoRA's initialisation): the same command trains the same rows and losses."""
-    _, out = lora_run
-    train_here(train_argv(tiny_llava_hf_dir, grounding["pad"], tmp_path / "again", "--lora_enable", "True",
+    _, out = hf_lora_run
+    train_here(train_argv(tiny_llava_hf_dir, hf_grounding["pad"], tmp_path / "again", "--lora_enable", "True",
                           "--lora_r", "8", "--lora_alpha", "16"))
     assert [h["loss"] for h in losses(out)] == [h["loss"] for h in losses(tmp_path / "again")]
     first, again = rows_file(out), rows_file(tmp_path / "again")
@@ -176,11 +97,11 @@ def test_seed_reproduces_a_run(lora_run, tiny_llava_hf_dir, grounding, tmp_path)
 
 # -- tied embeddings (Qwen2.5-VL-3B's layout) ----------------------------------------------------------------------
 
-def test_tied_model_trains_one_set_of_rows_and_round_trips(tiny_qwen_tied_dir, grounding, tmp_path):
+def test_tied_model_trains_one_set_of_rows_and_round_trips(tiny_qwen_tied_dir, hf_grounding, tmp_path):
     from llava_getok.hf.checkpoint import load_checkpoint
 
     out = tmp_path / "tied"
-    trainer = train_here(train_argv(tiny_qwen_tied_dir, grounding["orig"], out, "--lora_enable", "True",
+    trainer = train_here(train_argv(tiny_qwen_tied_dir, hf_grounding["orig"], out, "--lora_enable", "True",
                                     "--lora_r", "8", "--save_strategy", "no", steps=3))
     rows = rows_file(out)
     assert torch.equal(rows["input_rows"], rows["output_rows"])  # one matrix, one set of rows
@@ -189,31 +110,31 @@ def test_tied_model_trains_one_set_of_rows_and_round_trips(tiny_qwen_tied_dir, g
     processor, model, _ = load_checkpoint(out)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert torch.equal(model.get_input_embeddings().weight[: base_emb.shape[0]], base_emb)
-    inputs = probe(processor, grounding["orig"])
+    inputs = probe(processor, hf_grounding["orig"])
     assert (logits_of(trainer.model, inputs) - logits_of(model, inputs)).abs().max() <= LOGIT_TOL
 
 
 # -- refusals, in one line ---------------------------------------------------------------------------------------
 
-def test_records_in_another_frame_and_unsupported_combinations_are_refused(tiny_qwen_dir, grounding, tmp_path):
+def test_records_in_another_frame_and_unsupported_combinations_are_refused(tiny_qwen_dir, hf_grounding, tmp_path):
     from llava_getok.hf.family import QWEN25_VL
     from llava_getok.hf.prepare import GETokState, LoraSettings, lora_model
 
     with pytest.raises(SystemExit) as e:
-        train_here(train_argv(tiny_qwen_dir, grounding["pad"], tmp_path / "x"))
+        train_here(train_argv(tiny_qwen_dir, hf_grounding["pad"], tmp_path / "x"))
     assert "is in frame 'pad', the model's processor sees frame 'orig'" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(SystemExit, match="--getok_train_vision_tower goes with full fine-tuning"):
-        train_here(train_argv(tiny_qwen_dir, grounding["orig"], tmp_path / "y", "--lora_enable", "True",
+        train_here(train_argv(tiny_qwen_dir, hf_grounding["orig"], tmp_path / "y", "--lora_enable", "True",
                               "--getok_train_vision_tower", "True"))
     with pytest.raises(ValueError, match="under DeepSpeed ZeRO-3 is not supported"):
         lora_model(torch.nn.Linear(2, 2), QWEN25_VL, GETokState(CFG, [1], None, 1, 3), LoraSettings(), quantized=False,
                    zero3=True)
 
 
-def test_an_empty_parameter_group_never_reaches_deepspeed(lora_run):
+def test_an_empty_parameter_group_never_reaches_deepspeed(hf_lora_run):
     """LoRA with the GETok rows trains nothing without weight decay: the Trainer's empty no-decay group is dropped
     before the scheduler is built (DeepSpeed drops it after, and ZeRO-2 then failed at its first step)."""
-    trainer, _ = lora_run
+    trainer, _ = hf_lora_run
     assert trainer.optimizer.param_groups and all(g["params"] for g in trainer.optimizer.param_groups)
 
 
@@ -238,6 +159,7 @@ def bin_(name):
 
 
 def two_ranks_trained(out, proc, model_dir, data, kind):
+    """Both ranks saved the same rows, the losses are finite and the checkpoint loads with its ids."""
     from llava_getok.hf.checkpoint import load_checkpoint
 
     assert SAME_ROWS in proc.stdout, proc.stdout[-2000:]
@@ -248,24 +170,26 @@ def two_ranks_trained(out, proc, model_dir, data, kind):
     assert torch.isfinite(logits_of(model, probe(processor, data))).all()
 
 
-def test_data_parallel_lora_bf16_on_two_cpu_ranks(tiny_llava_hf_dir, grounding, tmp_path):
+def test_data_parallel_lora_bf16_on_two_cpu_ranks(tiny_llava_hf_dir, hf_grounding, tmp_path):
     out = tmp_path / "ddp"
+    argv = train_argv(tiny_llava_hf_dir, hf_grounding["pad"], out, "--lora_enable", "True", "--lora_r", "8",
+                      "--per_device_train_batch_size", "1", "--save_steps", "4", "--bf16", "True",
+                      "--gradient_checkpointing", "True", "--use_cpu", "True", "--ddp_backend", "gloo", steps=4)
     proc = launch([bin_("torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), "-m", "llava_getok.hf.train",
-                   *train_argv(tiny_llava_hf_dir, grounding["pad"], out, "--lora_enable", "True", "--lora_r", "8",
-                               "--per_device_train_batch_size", "1", "--save_steps", "4", "--bf16", "True",
-                               "--gradient_checkpointing", "True", "--use_cpu", "True", "--ddp_backend", "gloo", steps=4)])
-    two_ranks_trained(out, proc, tiny_llava_hf_dir, grounding["pad"], "lora")
+                   *argv])
+    two_ranks_trained(out, proc, tiny_llava_hf_dir, hf_grounding["pad"], "lora")
 
 
 @pytest.mark.parametrize("zero", ["zero3", "zero2"])
-def test_deepspeed_on_two_cpu_ranks(zero, tiny_qwen_dir, tiny_qwen_tied_dir, grounding, tmp_path):
+def test_deepspeed_on_two_cpu_ranks(zero, tiny_qwen_dir, tiny_qwen_tied_dir, hf_grounding, tmp_path):
     """ZeRO-3: full fine-tuning of Qwen2.5-VL; ZeRO-2: 4-bit QLoRA of the tied Qwen2.5-VL (LoRA with GETok rows under
     ZeRO-3 is refused: see the refusals above)."""
     model_dir, extra, kind = ((tiny_qwen_dir, [], "full") if zero == "zero3" else
                               (tiny_qwen_tied_dir, ["--lora_enable", "True", "--lora_r", "8", "--bits", "4"], "lora"))
     out = tmp_path / zero
-    proc = launch([bin_("deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "--module", "llava_getok.hf.train",
-                   *train_argv(model_dir, grounding["orig"], out, *extra, "--deepspeed", str(REPO / "scripts" / f"{zero}.json"),
-                               "--per_device_train_batch_size", "1", "--save_steps", "4", "--bf16", "True",
-                               "--gradient_checkpointing", "True", "--use_cpu", "True", steps=4)])
-    two_ranks_trained(out, proc, model_dir, grounding["orig"], kind)
+    argv = train_argv(model_dir, hf_grounding["orig"], out, *extra, "--deepspeed", str(REPO / "scripts" / f"{zero}.json"),
+                      "--per_device_train_batch_size", "1", "--save_steps", "4", "--bf16", "True",
+                      "--gradient_checkpointing", "True", "--use_cpu", "True", steps=4)
+    proc = launch([bin_("deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "--module",
+                   "llava_getok.hf.train", *argv])
+    two_ranks_trained(out, proc, model_dir, hf_grounding["orig"], kind)

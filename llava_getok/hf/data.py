@@ -41,6 +41,14 @@ def record_messages(record: dict) -> list[dict]:
     if n_image != (1 if record.get("image") else 0):
         raise RecordsError(f"record {rid}: field 'conversations': {n_image} '{IMAGE}' placeholders for "
                            f"{'one image' if record.get('image') else 'no image'}")
+    messages = turn_messages(turns, rid)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordsError(f"record {rid}: field 'conversations': no gpt turn to train on")
+    return messages
+
+
+def turn_messages(turns: list, rid=None) -> list[dict]:
+    """LLaVA conversation turns -> chat messages (the image first in the turn that holds ``<image>``)."""
     messages = []
     for k, turn in enumerate(turns):
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
@@ -53,8 +61,6 @@ def record_messages(record: dict) -> list[dict]:
             text = text.replace(IMAGE, "").strip()
         content.append({"type": "text", "text": text})
         messages.append({"role": ROLES[turn["from"]], "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RecordsError(f"record {rid}: field 'conversations': no gpt turn to train on")
     return messages
 
 

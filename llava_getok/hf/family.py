@@ -63,9 +63,12 @@ def family_of(model_or_path) -> Family:
             config = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: cannot read the model's config ({e})") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    model_type = get("model_type")
+    # LLaVA 1.2.x's own checkpoints say model_type "llava" too (liuhaotian/llava-v1.5-7b), with a LLaMA config and
+    # mm_vision_tower; a transformers-native model holds its vision tower's config
     for f in FAMILIES:
-        if f.model_type == model_type:
+        if f.model_type == model_type and get("vision_config") is not None:
             return f
     raise ValueError(f"model type {model_type!r} is not one of this backend's families "
                      f"({', '.join(f'{f.name}: {f.model_type}' for f in FAMILIES)})")

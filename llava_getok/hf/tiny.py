@@ -98,8 +98,8 @@ def qwen_tokenizer(vocab_size: int = 600, seed: int = 0):
     fast = Qwen2TokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                               unk_token=None, errors="replace", clean_up_tokenization_spaces=False,
                               model_max_length=32768)
-    fast.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
-                                                           for t in QWEN_SPECIAL]}, replace_additional_special_tokens=False)
+    special = [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL]
+    fast.add_special_tokens({"additional_special_tokens": special}, replace_additional_special_tokens=False)
     fast.chat_template = QWEN_CHAT_TEMPLATE
     return fast
 

@@ -194,10 +194,10 @@ def build(argv):
         print(describe_state(state, mode, settings), flush=True)
     zero3 = args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3
     if model_args.lora_enable:
+        lora = LoraSettings(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
+                            model_args.lora_target_modules)
         try:
-            model = lora_model(model, family, state, LoraSettings(model_args.lora_r, model_args.lora_alpha,
-                                                                  model_args.lora_dropout, model_args.lora_target_modules),
-                               quantized=model_args.bits in (4, 8), zero3=zero3,
+            model = lora_model(model, family, state, lora, quantized=model_args.bits in (4, 8), zero3=zero3,
                                gradient_checkpointing=args.gradient_checkpointing)
         except ValueError as e:
             raise SystemExit(f"python -m llava_getok.hf.train: {e}") from None
