@@ -57,7 +57,8 @@ def test_unconstrained_answers_and_a_frame_mismatch(hf_full_run, hf_grounding, t
     preds = tmp_path / "free.jsonl"
     assert main(["predict", "--model-path", str(out), "--data", str(data), "--image-root", str(data.parent / "images"),
                  "--output", str(preds), "--no-constrained", "--device", "cpu", "--max-new-tokens", "6"]) == 0
-    assert [json.loads(x)["id"] for x in preds.read_text().splitlines()] == [r["id"] for r in json.loads(data.read_text())]
+    ids = [json.loads(x)["id"] for x in preds.read_text().splitlines()]
+    assert ids == [r["id"] for r in json.loads(data.read_text())]
     padded = hf_grounding["pad"]
     assert main(["predict", "--model-path", str(out), "--data", str(padded), "--image-root",
                  str(padded.parent / "images"), "--output", str(tmp_path / "x.jsonl"), "--device", "cpu"]) == 1

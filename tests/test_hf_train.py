@@ -175,8 +175,8 @@ def test_data_parallel_lora_bf16_on_two_cpu_ranks(tiny_llava_hf_dir, hf_groundin
     argv = train_argv(tiny_llava_hf_dir, hf_grounding["pad"], out, "--lora_enable", "True", "--lora_r", "8",
                       "--per_device_train_batch_size", "1", "--save_steps", "4", "--bf16", "True",
                       "--gradient_checkpointing", "True", "--use_cpu", "True", "--ddp_backend", "gloo", steps=4)
-    proc = launch([bin_("torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), "-m", "llava_getok.hf.train",
-                   *argv])
+    proc = launch([bin_("torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), "-m",
+                   "llava_getok.hf.train", *argv])
     two_ranks_trained(out, proc, tiny_llava_hf_dir, hf_grounding["pad"], "lora")
 
 
@@ -187,7 +187,8 @@ def test_deepspeed_on_two_cpu_ranks(zero, tiny_qwen_dir, tiny_qwen_tied_dir, hf_
     model_dir, extra, kind = ((tiny_qwen_dir, [], "full") if zero == "zero3" else
                               (tiny_qwen_tied_dir, ["--lora_enable", "True", "--lora_r", "8", "--bits", "4"], "lora"))
     out = tmp_path / zero
-    argv = train_argv(model_dir, hf_grounding["orig"], out, *extra, "--deepspeed", str(REPO / "scripts" / f"{zero}.json"),
+    config = str(REPO / "scripts" / f"{zero}.json")
+    argv = train_argv(model_dir, hf_grounding["orig"], out, *extra, "--deepspeed", config,
                       "--per_device_train_batch_size", "1", "--save_steps", "4", "--bf16", "True",
                       "--gradient_checkpointing", "True", "--use_cpu", "True", steps=4)
     proc = launch([bin_("deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "--module",

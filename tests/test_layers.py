@@ -18,8 +18,8 @@ PACKAGES = ("llava_getok", "data_converters")
 CORE = {f"llava_getok.{m}" for m in ("vocab", "geometry", "codec", "parse", "formats", "masks", "generation", "records", "viz",
                                      "atomic", "quiet")}
 # What users run: each may import any layer.
-ENTRY = {"llava_getok", "llava_getok.cli", "llava_getok.predict", "llava_getok.train", "llava_getok.demo",
-         "llava_getok.tiny_model", "llava_getok.recipes"}
+ENTRY = {"llava_getok", "llava_getok.cli", "llava_getok.predict", "llava_getok.export", "llava_getok.train",
+         "llava_getok.demo", "llava_getok.tiny_model", "llava_getok.recipes"}
 MAY_IMPORT = {  # layer -> the layers it may import from, besides its own
     "core": set(),
     "data_converters": {"core"},

@@ -17,6 +17,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .templates import VICUNA_SYSTEM, two_separator_template
+
 QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -35,31 +37,6 @@ QWEN_CHAT_TEMPLATE = (
     "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}"
 )
-# LLaVA-1.5's own conversation (LLaVA's conv_vicuna_v1, SeparatorStyle.TWO) as a chat template: the system prompt,
-# "USER: <image>\n..." and "ASSISTANT: ...</s>", so the model learns to stop as LLaVA's models do.
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-                 "detailed, and polite answers to the user's questions.")
-
-
-def two_separator_template(system: str, roles=("USER", "ASSISTANT"), sep: str = " ", sep2: str = "</s>") -> str:
-    """A chat template that renders LLaVA's ``SeparatorStyle.TWO`` conversations exactly as LLaVA's
-    ``Conversation.get_prompt`` does: ``system + sep``, then ``ROLE: text`` followed by ``sep`` after a user turn and
-    ``sep2`` after an assistant turn; a message's images come first, each as ``<image>\\n``."""
-    user, assistant = (json.dumps(r) for r in roles)
-    return (
-        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-        "{% set messages = messages[1:] %}{% else %}{% set system = " + json.dumps(system) + " %}{% endif %}"
-        "{{ system }}{{ " + json.dumps(sep) + " }}"
-        "{% for message in messages %}{% if message['role'] == 'user' %}{{ " + user + " }}{% else %}{{ " + assistant +
-        " }}{% endif %}{{ ': ' }}"
-        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-        "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}{% endfor %}"
-        "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-        "{% endif %}{% if message['role'] == 'user' %}{{ " + json.dumps(sep) + " }}{% else %}{{ " + json.dumps(sep2) +
-        " }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ " + assistant + " + ':' }}{% endif %}"
-    )
-
-
 _WORDS = (
     "the a an of to in on at by for with from and or not is are where what which who please give answer box region "
     "point object image left right top bottom middle center above below next near small large big red green blue "
