@@ -276,6 +276,7 @@ def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_se
     """The trainer applies the LM head to the scored positions' hidden states only (in training also for the
     LM loss, on the labelled positions); value and gradients must be those of the loss on the full logits."""
     from llava_getok.training.box_loss import box_token_loss
+    from llava_getok.training.loss_parts import Targets
 
     trainer, batch, _ = getok_setup
     model, s = trainer.model, trainer.settings
@@ -304,7 +305,8 @@ def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_se
         out = model(**dict(batch))
     finally:
         model.prepare_inputs_labels_for_multimodal = original
-    parts = box_token_loss(out.logits, captured["out"][-1], trainer.getok.table, sigma=s.sigma, offset_sigma=s.offset_sigma)
+    parts = box_token_loss(out.logits, Targets.of(captured["out"][-1]), trainer.getok.table, sigma=s.sigma,
+                           offset_sigma=s.offset_sigma)
     assert parts["n_box"] == 2 and float(parts["grid"]) == pytest.approx(logged["loss_grid"], rel=1e-5)
     assert float(parts["box"]) == pytest.approx(logged["loss_box"], rel=1e-5)
     assert float(lm) == pytest.approx(float(out.loss), rel=1e-6)

@@ -55,7 +55,7 @@ def unregister() -> RegisterReport:
     """Undo :func:`register`: LLaVA's own trainer and model builder again, the ``getok_*`` templates removed; returns
     what it removed. The compat fixes stay: LLaVA 1.2.2 does not run on the current stack without them, and each
     changes only code that would fail (docs/llava-compat.md). A model's own hooks go with it:
-    ``GETokRows.remove()``, ``LossCapture.remove()``."""
+    ``GETokRows.remove()``."""
     from .builder import uninstall_builder_hook
     from .templates import unregister_templates
     from .trainer import uninstall_trainer_hook

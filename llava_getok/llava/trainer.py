@@ -21,7 +21,8 @@ from ..formats import describe, format_to_dict, same_tokens  # noqa: E402
 from ..vocab import GETokConfig  # noqa: E402
 from .checkpoint import (  # noqa: E402
     check_same_on_all_ranks, load_getok_files, tower_weights, write_getok_files)
-from ..training.step import LossCapture, getok_loss  # noqa: E402
+from ..training.step import step_loss  # noqa: E402
+from .capture import capture  # noqa: E402
 from .prepare import prepare_for_getok, unwrap_llava  # noqa: E402
 from ..training.rows import ROWS_ATTR, fold_rows_into_state, getok_rows_values  # noqa: E402
 from ..training.settings import FormatError, GETokSettings  # noqa: E402
@@ -48,7 +49,6 @@ class GETokTrainer(LLaVATrainer):
                   f"{g.rows_mode}, {loss}")
         self._getok_tokenizer = tokenizer
         self._getok_sums: dict[str, torch.Tensor | int] = {}
-        self.loss_capture = LossCapture(unwrap_llava(model)) if self.loss_on else None
         super().__init__(model=model, processing_class=tokenizer, args=args, **kwargs)
 
     @property
@@ -74,21 +74,16 @@ class GETokTrainer(LLaVATrainer):
         # both losses are scored on the positions that have a target (llava_getok.training.step).
         lean = (model.training and not return_outputs and self.label_smoother is None
                 and self.compute_loss_func is None and not self.model_accepts_loss_kwargs)
-        with self.loss_capture.recording(lean):
+        llava = unwrap_llava(model)
+        with capture(llava, lean) as forward:
             if lean:
                 outputs = model(**inputs)
                 lm = outputs.loss  # None unless LLaVA's multimodal preparation did not run
             else:
                 lm, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                    num_items_in_batch=num_items_in_batch)
-        labels, hidden = self.loss_capture.take()
-        if labels is None:  # the forward did not go through LLaVA's multimodal preparation
-            labels = inputs.get("labels")
-        if labels is None or labels.shape[:2] != (hidden if hidden is not None else outputs.logits).shape[:2]:
-            raise ValueError("box-token loss: no labels aligned with the logits (LLaVA's "
-                             "prepare_inputs_labels_for_multimodal was not called in this forward)")
-        head = unwrap_llava(model).get_output_embeddings()
-        total, parts = getok_loss(head, labels, hidden, lm, outputs.logits, self.getok.table, self.settings)
+        captured = forward.captured(outputs, lm, labels=inputs.get("labels"))
+        total, parts = step_loss(captured, llava.get_output_embeddings(), self.getok.table, self.settings)
         self._accumulate(parts)
         return (total, outputs) if return_outputs else total
 
