@@ -21,13 +21,14 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from llava_getok.atomic import atomic_path
-from llava_getok.formats import FORMAT_NAMES, BinsFormat, TextFormat
+from llava_getok.formats import LocationOptions
 from llava_getok.geometry import FRAMES
+from llava_getok.options import add_flags, from_flags
 from llava_getok.records import RecordsError, decode_record, one_line, read_records
-from llava_getok.vocab import MODES, SCHEDULES, GETokConfig
 
 from . import registry
 from .base import Options
@@ -45,16 +46,7 @@ def _parser():
     p.add_argument("--task", default=None, help="rec, reg, point, res, det, refine (= rec in refine mode); llava: rewrite. Default: the source's first")
     p.add_argument("--frame", choices=FRAMES, default="pad", help="frame of the output coordinates: pad (LLaVA-1.5 image_aspect_ratio=pad) or orig")
     p.add_argument("--input-frame", choices=FRAMES, default="pad", help="llava: the frame the input's normalised boxes are in")
-    p.add_argument("--format", choices=FORMAT_NAMES, default="getok",
-                   help="how answers write locations: getok (grid + offset tokens), text (LLaVA-1.5's [0.12, 0.34, 0.56, 0.78]) "
-                        "or bins (1D tokens <loc_k>, 4 a box); text and bins: boxes and points only")
-    p.add_argument("--decimals", type=int, default=2, help="--format text: decimals per coordinate (LLaVA-1.5: 2)")
-    p.add_argument("--bins", type=int, default=1000, help="--format bins: K bins per axis, tokens <loc_0> .. <loc_{K-1}>")
-    p.add_argument("--grid", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=None, help="offset rounds (default: 0 for grid mode, else 1)")
-    p.add_argument("--offset-levels", type=int, default=3)
-    p.add_argument("--schedule", choices=SCHEDULES, default="halving")
-    p.add_argument("--mode", choices=MODES, default="inline")
+    add_flags(p, LocationOptions, dash=True)  # --format, --decimals, --bins, --grid, --rounds, --offset-levels, ...
     p.add_argument("--split", help="keep only this split (refcoco: train/val/test/testA/testB; vg, flickr30k)")
     p.add_argument("--dataset", help="refcoco: refcoco | refcoco+ | refcocog (default: the input folder's name)")
     p.add_argument("--split-by", help="refcoco: unc | umd | google (default: unc, refcocog: umd)")
@@ -140,12 +132,7 @@ def build_job(argv):
         error("convert-datasets", f"--format {a.format} has no form for {what}: only --format getok writes them")
         raise SystemExit(2)  # one line, without the usage block: the arguments are fine, the combination is not
     try:
-        if a.format == "text":
-            cfg = TextFormat(decimals=a.decimals)
-        elif a.format == "bins":
-            cfg = BinsFormat(bins=a.bins)
-        else:
-            cfg = GETokConfig(grid=a.grid, rounds=a.rounds, offset_levels=a.offset_levels, schedule=a.schedule, mode=mode)
+        cfg = replace(LocationOptions(**from_flags(a, LocationOptions, dash=True)), mode=mode).build()
     except ValueError as e:
         p.error(str(e))
     if a.output.suffix not in (".json", ".jsonl"):

@@ -27,6 +27,7 @@ from .codec import Shape, check_boxes, check_points
 from .parse import ParseError, ParseResult
 from .parse import parse as parse_getok
 from .parse import parse_ids as parse_getok_ids
+from .options import option, same_option
 from .vocab import TOKEN_RE, GETokConfig
 
 FORMAT_NAMES = ("getok", "text", "bins")
@@ -53,7 +54,7 @@ class TextFormat:
     ['[0.12, 0.6, 0.5, 1.0]']
     """
 
-    decimals: int = 2
+    decimals: int = option(2, "text format: decimals per coordinate (LLaVA-1.5: 2)")
     name: ClassVar[str] = "text"
 
     def __post_init__(self):
@@ -128,7 +129,7 @@ class BinsFormat:
     ['<loc_0><loc_5><loc_9><loc_9>']
     """
 
-    bins: int = 1000
+    bins: int = option(1000, "bins format: K bins per axis, tokens <loc_0> .. <loc_{K-1}>")
     name: ClassVar[str] = "bins"
 
     def __post_init__(self):
@@ -211,6 +212,31 @@ class BinsFormat:
 
 
 LocationFormat = Union[GETokConfig, TextFormat, BinsFormat]
+
+
+@dataclass(frozen=True)
+class LocationOptions:
+    """The options that choose a location format, as every command takes them (``convert-datasets --format bins
+    --bins 64``, ``python -m llava_getok.train --getok_grid 16``, ...): the format's name and the parameters of each
+    format, declared where the formats declare them."""
+
+    format: str = option("getok", "how answers write locations: getok (grid + offset tokens), text (LLaVA-1.5's "
+                         "[0.12, 0.34, 0.56, 0.78]) or bins (1D tokens <loc_k>, 4 a box)", choices=FORMAT_NAMES)
+    decimals: int = same_option(TextFormat, "decimals")
+    bins: int = same_option(BinsFormat, "bins")
+    grid: int = same_option(GETokConfig, "grid")
+    rounds: int | None = same_option(GETokConfig, "rounds")
+    offset_levels: int = same_option(GETokConfig, "offset_levels")
+    schedule: str = same_option(GETokConfig, "schedule")
+    mode: str = same_option(GETokConfig, "mode")
+
+    def build(self) -> LocationFormat:
+        """The format these options name (ValueError for bad values)."""
+        if self.format == "text":
+            return TextFormat(decimals=self.decimals)
+        if self.format == "bins":
+            return BinsFormat(bins=self.bins)
+        return GETokConfig.from_dict(self.__dict__)
 
 
 # -- one call for every format ---------------------------------------------------------------------------------

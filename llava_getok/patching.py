@@ -47,16 +47,6 @@ def _label(owner) -> str:
     return f"{type(owner).__name__} instance"
 
 
-def original(owner, attr: str):
-    """What ``owner.attr`` was before any patch of this module replaced it (itself when never patched)."""
-    value = owner.__dict__.get(attr, _MISSING) if hasattr(owner, "__dict__") else _MISSING
-    value = getattr(owner, attr) if value is _MISSING else value
-    func = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
-    while hasattr(func, "__getok_original__"):
-        func = func.__getok_original__
-    return func
-
-
 @dataclass
 class Patches:
     """An ordered list of patches; :meth:`undo` takes them off in reverse order."""
@@ -64,15 +54,9 @@ class Patches:
     patches: list[Patch] = field(default_factory=list)
 
     def replace(self, owner, attr: str, new: Any, why: str, permanent: bool = False) -> Patch:
-        """Set ``owner.attr = new`` (a class, module or instance attribute); ``new`` remembers what it replaced as
-        ``__getok_original__`` when it is a function. Undo restores the attribute exactly (deletes an instance
-        attribute that was not there)."""
+        """Set ``owner.attr = new`` (a class, module or instance attribute). Undo restores the attribute exactly as it
+        was in ``owner``'s own namespace (an instance attribute that was not there is deleted again)."""
         had = owner.__dict__.get(attr, _MISSING) if hasattr(owner, "__dict__") else getattr(owner, attr, _MISSING)
-        if callable(new) and not isinstance(new, type):
-            try:
-                new.__getok_original__ = had if had is not _MISSING else getattr(owner, attr, None)
-            except (AttributeError, TypeError):  # a bound method or a builtin: nothing to mark
-                pass
         setattr(owner, attr, new)
 
         def undo():
@@ -91,15 +75,30 @@ class Patches:
         self.patches.append(patch)
         return patch
 
-    def names(self) -> list[str]:
-        return [p.name for p in self.patches]
+    def names(self, permanent: bool | None = None) -> list[str]:
+        """Names of the patches held (only the permanent ones, or only the others, if ``permanent`` is given)."""
+        return [p.name for p in self.patches if permanent is None or p.permanent == permanent]
 
-    def undo(self, keep_permanent: bool = False) -> list[str]:
-        """Undo every patch that can be undone (not the permanent ones with ``keep_permanent``), newest first; return
-        their names in the order they were made."""
+    def item(self, mapping: dict, key, value, name: str, why: str) -> Patch:
+        """Set ``mapping[key] = value`` (a registry of someone else's, e.g. LLaVA's template table); undo deletes it
+        again, or puts back what it replaced."""
+        had = mapping.get(key, _MISSING)
+        mapping[key] = value
+
+        def undo():
+            if had is _MISSING:
+                mapping.pop(key, None)
+            else:
+                mapping[key] = had
+
+        return self.add(Patch(name, why, undo))
+
+    def undo(self, keep_permanent: bool = False, where: Callable[[Patch], bool] | None = None) -> list[str]:
+        """Undo every patch that can be undone (not the permanent ones with ``keep_permanent``; only those ``where``
+        accepts, if given), newest first; return their names in the order they were made."""
         done, kept = [], []
         for p in reversed(self.patches):
-            if p.undo is None or (keep_permanent and p.permanent):
+            if p.undo is None or (keep_permanent and p.permanent) or (where is not None and not where(p)):
                 kept.append(p)
                 continue
             p.undo()
@@ -120,3 +119,15 @@ class Patches:
 
 
 PROCESS = Patches()  # the patches this process holds: compat fixes, builder and trainer hooks, CPU training ranks
+
+
+MODEL_ATTR = "_getok_patches"
+
+
+def model_patches(model) -> Patches:
+    """The patches kept on ``model`` (an ``nn.Module``): created on first use, stored outside its parameters and
+    submodules so that saving and ``state_dict`` never see them."""
+    patches = model.__dict__.get(MODEL_ATTR)
+    if patches is None:
+        patches = model.__dict__[MODEL_ATTR] = Patches()
+    return patches

@@ -140,7 +140,9 @@ def test_full_training_loss_falls_and_rows_and_tower_train(full_run, tiny_llava_
     assert values[-1] < values[0] * 0.8, values
     assert {"loss_lm", "loss_grid", "loss_box"} <= set(history[0])
     sidecar = json.loads((out / "getok_config.json").read_text())
-    assert sidecar["kind"] == "full" and sidecar["vision_tower_trained"] and sidecar["getok"]["grid"] == GRID
+    assert sidecar["kind"] == "full" and sidecar["vision_tower_trained"] and sidecar["format"]["grid"] == GRID
+    assert sidecar["template"] == "getok_v1" and sidecar["settings"]["grid"] == GRID  # every option of the run
+    assert sidecar["settings"]["train_vision_tower"] and sidecar["processor"] == {"image_aspect_ratio": "pad"}
     ids = sidecar["token_ids"]
     assert ids == trainer.getok.ids and sidecar["vocab_size"] == trainer.model.get_input_embeddings().weight.shape[0]
     # GETok rows moved away from their initialisation (checkpoint-8 vs the end) and the CLIP tower trained

@@ -28,9 +28,8 @@ def getok_ckpt(tiny_llava_dir, tmp_path_factory):
     ids = add_getok_tokens(tok, cfg)
     n_old = resize_embeddings(model, len(tok))
     init_getok_rows(model, ids, cfg, n_old=n_old)
-    sidecar = Sidecar(getok=cfg.to_dict(), tokens=list(cfg.tokens()), token_ids=ids, vocab_size=len(tok),
-                      tokenizer_legacy=getattr(tok, "legacy", None), image_aspect_ratio="pad", frame="pad",
-                      kind="full")
+    sidecar = Sidecar.of(cfg, ids, vocab_size=len(tok), tokenizer_legacy=getattr(tok, "legacy", None), frame="pad",
+                         kind="full", template="getok_v1", processor={"image_aspect_ratio": "pad"})
     out = tmp_path_factory.mktemp("ckpt") / "getok-tiny"
     return save_getok_checkpoint(model, tok, out, sidecar, None, quantized=False, final=True)
 

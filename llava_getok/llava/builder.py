@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..patching import PROCESS
 from ..training.rows import ROWS_ATTR, set_rows
 from ..training.sidecar import TOWER_FILE, read_rows, read_sidecar
 
@@ -192,8 +193,12 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
     return tokenizer, model, tower.image_processor, context_len
 
 
+HOOK_WHY = "load GETok checkpoints from their sidecar (llava_getok.llava.builder)"
+
+
 def install_builder_hook() -> bool:
-    """Wrap ``llava.model.builder.load_pretrained_model``; return True if this call installed it."""
+    """Replace ``llava.model.builder.load_pretrained_model``, and the same function in every LLaVA module imported
+    before (llava.eval.*, llava.serve.*: they hold it under their own name); True if this call installed it."""
     import llava.model.builder as builder
 
     original = builder.load_pretrained_model
@@ -214,24 +219,13 @@ def install_builder_hook() -> bool:
                         device_map=device_map, device=device, use_flash_attn=use_flash_attn, **kwargs)
 
     load_pretrained_model.__getok_hook__ = True
-    load_pretrained_model.__getok_original__ = original
     load_pretrained_model.__doc__ = (original.__doc__ or "") + "\n(GETok hook: see llava_getok.llava.builder)"
-    builder.load_pretrained_model = load_pretrained_model
-    # LLaVA modules imported before register() hold the original under their own name (llava.eval.*, serve).
     for name, module in list(sys.modules.items()):
-        if name.startswith("llava.") and getattr(module, "load_pretrained_model", None) is original:
-            module.load_pretrained_model = load_pretrained_model
+        if (name == "llava" or name.startswith("llava.")) and getattr(module, "load_pretrained_model", None) is original:
+            PROCESS.replace(module, "load_pretrained_model", load_pretrained_model, why=HOOK_WHY)
     return True
 
 
 def uninstall_builder_hook() -> bool:
     """Give every LLaVA module that holds the hook its ``load_pretrained_model`` back; True if one was installed."""
-    import llava.model.builder as builder
-
-    hook = builder.load_pretrained_model
-    if not getattr(hook, "__getok_hook__", False):
-        return False
-    for name, module in list(sys.modules.items()):
-        if (name == "llava" or name.startswith("llava.")) and getattr(module, "load_pretrained_model", None) is hook:
-            module.load_pretrained_model = hook.__getok_original__
-    return True
+    return bool(PROCESS.undo(where=lambda p: p.why == HOOK_WHY))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import sys
@@ -26,8 +27,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..formats import LOCATION_TOKEN_RE
+from ..formats import LOCATION_TOKEN_RE, LocationOptions
+from ..options import add_flags, from_flags
 from ..vocab import GETokConfig
+
+GETOK_FLAGS = tuple(f.name for f in dataclasses.fields(GETokConfig))  # the GETok config's options
 
 MISMATCH = "tokenization mismatch"
 
@@ -162,10 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("data", help="converted data (LLaVA JSON list or JSONL)")
     p.add_argument("--model-path", required=True, help="a checkpoint or tokenizer folder (slow LlamaTokenizer)")
     p.add_argument("--version", default="getok_v1", help="LLaVA conversation template (default getok_v1)")
-    p.add_argument("--grid", type=int, help="add GETok tokens of this grid if the tokenizer has none yet")
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--offset-levels", type=int, default=3)
-    p.add_argument("--mode", default="inline")
+    add_flags(p, LocationOptions, dash=True, only=GETOK_FLAGS, defaults={"grid": None})  # --grid: add GETok tokens
     p.add_argument("--model-max-length", type=int, default=2048)
     p.add_argument("--mm-use-im-start-end", action="store_true")
     p.add_argument("--limit", type=int, default=-1, help="check only N distinct records, spread evenly over the file (-1: all)")
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
         sidecar.check_tokenizer(tokenizer, args.model_path)
         check_token_ids(tokenizer, sidecar.location_format)
     elif args.grid:
-        cfg = GETokConfig(grid=args.grid, rounds=args.rounds, offset_levels=args.offset_levels, mode=args.mode)
+        cfg = GETokConfig.from_dict(from_flags(args, LocationOptions, dash=True, only=GETOK_FLAGS))
         add_getok_tokens(tokenizer, cfg)
         check_token_ids(tokenizer, cfg)
     elif formats and not isinstance(formats[0], GETokConfig):  # the data's own format: text adds nothing, bins K

@@ -3,7 +3,9 @@
 Each fix is a :class:`Fix`: a name, a ``needed()`` test that looks at the installed code (not at version
 numbers where a feature test is possible) and an ``apply()`` that wraps LLaVA's function, keeping the
 original reachable as ``__getok_original__``. :func:`apply_compat_fixes` applies those that are needed, once, and
-returns the names it applied this call (peft style: it says what it changed).
+returns the names it applied this call (peft style: it says what it changed). Each wrapper is a permanent patch of
+the process (:data:`llava_getok.patching.PROCESS`): LLaVA does not run on the current stack without it, so
+``unregister()`` leaves it and says so.
 
 Fix 3 must run before ``llava.train`` is imported; nothing here imports ``llava.train`` before it.
 """
@@ -13,6 +15,8 @@ import importlib.util
 import inspect
 from dataclasses import dataclass
 from typing import Callable
+
+from ..patching import PROCESS
 
 _APPLIED: dict[str, bool] = {}  # fix name -> whether it was needed (and so applied)
 
@@ -48,7 +52,8 @@ def _wrap(owner, attr, make, tag="compat"):
     # Not __wrapped__: inspect.signature would follow it, and fix 1 needs generate() to see the new signature.
     new.__getok_original__ = func
     new.__getok_tags__ = (tag,)
-    setattr(owner, attr, classmethod(new) if isinstance(original, classmethod) else new)
+    PROCESS.replace(owner, attr, classmethod(new) if isinstance(original, classmethod) else new, why=f"compat: {tag}",
+                    permanent=True)
 
 
 # 1 -- cache_position ----------------------------------------------------------------------------------
@@ -140,7 +145,7 @@ def _fix_layernorm_name():
     import transformers.trainer
     from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 
-    transformers.trainer.ALL_LAYERNORM_LAYERS = ALL_LAYERNORM_LAYERS
+    PROCESS.replace(transformers.trainer, "ALL_LAYERNORM_LAYERS", ALL_LAYERNORM_LAYERS, why="compat", permanent=True)
 
 
 # 4 -- _get_train_sampler(dataset) ------------------------------------------------------------------------
@@ -305,7 +310,10 @@ def apply_compat_fixes(names=None) -> list[str]:
             continue
         needed = fix.needed()
         if needed:
+            start = len(PROCESS.patches)
             fix.apply()
+            for patch in PROCESS.patches[start:]:
+                patch.why = f"compat fix {fix.name}: {fix.symptom}"
             applied.append(fix.name)
         _APPLIED[fix.name] = needed
     return applied

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..patching import model_patches
 from ..formats import BinsFormat, LocationFormat, data_formats, format_name
 from ..vocab import GETokConfig
 from ..training.bins_loss import BinsTable
 from ..training.box_loss import TokenTable
 from ..training.rows import attach_trainable_rows
-from ..training.settings import FormatError, GETokSettings
+from ..training.settings import FormatError, GETokSettings, TrainingDataError
 from ..training.tokens import add_getok_tokens, check_token_ids, init_getok_rows, resize_embeddings
 
 
@@ -71,7 +72,8 @@ def enable_vision_tower_training(model, dtype) -> None:
     plain = getattr(type(tower).forward, "__wrapped__", None)
     if plain is None:
         raise TypeError(f"{type(tower).__name__}.forward has no __wrapped__: cannot run it with gradients")
-    tower.forward = types.MethodType(plain, tower)
+    model_patches(model).replace(tower, "forward", types.MethodType(plain, tower),
+                                 why="the vision tower trains: its forward without LLaVA's no_grad")
 
 
 def check_projector(model) -> None:
@@ -117,6 +119,10 @@ def match_deepspeed_dtype(model, args) -> None:
 def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dataset=None) -> GETokState:
     """Choose the location format (``settings.location_format`` with the data's), add its tokens, resize and
     initialise the rows, choose what trains, check the data."""
+    if train_dataset is not None and len(train_dataset) == 0:
+        source = getattr(getattr(train_dataset, "data_args", None), "data_path", "the training data")
+        raise TrainingDataError(f"{source}: no records to train on (a conversion that skipped every record writes an "
+                                f"empty file: its .rejects.jsonl says why)")
     try:
         have = data_formats(getattr(train_dataset, "list_data_dict", None))
     except ValueError as e:

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import os
 
+from ..patching import PROCESS
+
 _DONE: set[str] = set()
+WHY = "training ranks on a CPU (llava_getok.training.cpu_ranks)"
 
 
 def enable(deepspeed: bool = False) -> None:
@@ -43,7 +46,7 @@ def enable(deepspeed: bool = False) -> None:
             if self.device is not None and self.device.type == "cpu":
                 self.device = torch.device("cpu")  # not cpu:N: an index means an accelerator to the loaders
 
-        accelerate.state.PartialState.set_device = plain_cpu
+        PROCESS.replace(accelerate.state.PartialState, "set_device", plain_cpu, why=WHY)
         _DONE.add("device")
     if deepspeed and "deepspeed" not in _DONE:
         import transformers.training_args
@@ -65,6 +68,6 @@ def enable(deepspeed: bool = False) -> None:
 
             return bool(get_accelerator().is_bf16_supported())
 
-        accelerate.state.PartialState._prepare_backend = _prepare_backend
-        transformers.training_args.is_torch_bf16_gpu_available = bf16_available
+        PROCESS.replace(accelerate.state.PartialState, "_prepare_backend", _prepare_backend, why=WHY)
+        PROCESS.replace(transformers.training_args, "is_torch_bf16_gpu_available", bf16_available, why=WHY)
         _DONE.add("deepspeed")
