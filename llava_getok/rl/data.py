@@ -22,7 +22,7 @@ def build_rows(records, stage: str, image_folder, conv_mode: str, source="<recor
     grid is an error: its ground truth would be compared with coordinates the model does not mean.
     """
     from ..llava.inputs import render_prompt
-    from .rewards import record_task
+    from .scores import record_task
 
     if stage not in STAGE_TASKS:
         raise ValueError(f"stage must be one of {sorted(STAGE_TASKS)}, got {stage!r}")
