@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_getok.records import MAX_MASK_PIXELS, rle_problem
+from llava_getok.rle import MAX_MASK_PIXELS, rle_problem
 
 from .inputs import ConvertError, check_numbers, is_number
 
@@ -192,7 +192,7 @@ class Sample:
         RLE; None if neither."""
         if self.polygons is None and self.rle is None:
             return None
-        from llava_getok.records import segmentation_to_rle
+        from llava_getok.rle import segmentation_to_rle
 
         w, h = (int(round(v)) for v in self.size)
         return segmentation_to_rle(self.polygons if self.polygons is not None else self.rle, h, w)

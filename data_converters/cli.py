@@ -28,7 +28,8 @@ from llava_getok.atomic import atomic_path
 from llava_getok.formats import LocationOptions
 from llava_getok.geometry import FRAMES
 from llava_getok.options import add_flags, from_flags
-from llava_getok.records import RecordsError, decode_record, one_line, read_records
+from llava_getok.messages import one_line
+from llava_getok.records import RecordsError, decode_record, read_records
 
 from . import registry
 from .base import Options

@@ -29,7 +29,8 @@ import numpy as np
 from llava_getok.codec import Refinement, Shape, apply_refinement, encode_mask_points, encode_refinement, refinement_offsets
 from llava_getok.formats import LocationFormat, encode_boxes, encode_point, format_name, record_format_dict
 from llava_getok.geometry import boxes_to_frame, points_to_frame
-from llava_getok.records import NO_MATCH, PROMPTS, REFINE_PROMPT, json_shape, rle_to_mask, round_pixels, shapes_to_pixels
+from llava_getok.records import NO_MATCH, PROMPTS, REFINE_PROMPT, json_shape, round_pixels, shapes_to_pixels
+from llava_getok.rle import rle_to_mask
 
 from .base import Sample
 from .inputs import ConvertError, Filtered

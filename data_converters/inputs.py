@@ -24,7 +24,7 @@ import math
 import pickle
 from pathlib import Path
 
-from llava_getok.records import short
+from llava_getok.messages import short
 
 class ConvertError(ValueError):
     """Bad input: names the file and record (``where``), the source's field (None: the record or file as a

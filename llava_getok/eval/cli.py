@@ -27,7 +27,8 @@ import numpy as np
 
 from ..atomic import write_text_atomic
 from ..formats import describe
-from ..records import (RecordsError, check_format, check_getok, decode_record, one_line, parse_answer, read_predictions,
+from ..messages import one_line
+from ..records import (RecordsError, check_format, check_getok, decode_record, parse_answer, read_predictions,
                        read_records, short)
 from .metrics import TASKS, THRESHOLDS, aggregate, score_all, scores_as_dicts, split_name
 
