@@ -19,6 +19,7 @@ CORE = {f"llava_getok.{m}" for m in ("vocab", "geometry", "codec", "parse", "for
                                      "atomic", "quiet", "patching", "options", "grammar", "rle", "messages")}
 # What users run: each may import any layer.
 ENTRY = {"llava_getok", "llava_getok.cli", "llava_getok.predict", "llava_getok.train", "llava_getok.demo",
+         *(f"llava_getok.demo.{m}" for m in ("run", "data", "model", "scoring", "training")),
          "llava_getok.tiny_model", "llava_getok.recipes"}
 MAY_IMPORT = {  # layer -> the layers it may import from, besides its own
     "core": set(),
