@@ -1,7 +1,7 @@
 """``convert-datasets``: grounding datasets -> GETok conversations in LLaVA's format.
 
     convert-datasets SOURCE --input IN --output OUT.json|OUT.jsonl [--image-root DIR] [--task rec]
-                     [--frame pad|orig] [--format getok|text|bins] [--grid 32] [--rounds R]
+                     [--frame pad|crop|orig] [--format getok|text|bins] [--grid 32] [--rounds R]
                      [--mode grid|inline|refine] [--decimals 2] [--bins 1000]
                      [--workers N] [--limit N] [--seed S] [--on-error fail|skip]
     convert-datasets --list                      sources, their tasks and input formats
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from llava_getok.atomic import atomic_path
 from llava_getok.formats import FORMAT_NAMES, BinsFormat, TextFormat
-from llava_getok.geometry import FRAMES
+from llava_getok.geometry import check_frame
 from llava_getok.records import RecordsError, decode_record, one_line, read_records
 from llava_getok.vocab import MODES, SCHEDULES, GETokConfig
 
@@ -43,8 +43,13 @@ def _parser():
     p.add_argument("--image-root", type=Path, help="folder the records' image paths are relative to (sizes from headers, existence checks, RES proposals)")
     p.add_argument("--output", type=Path, help=".json (LLaVA's list) or .jsonl (one record a line)")
     p.add_argument("--task", default=None, help="rec, reg, point, res, det, refine (= rec in refine mode); llava: rewrite. Default: the source's first")
-    p.add_argument("--frame", choices=FRAMES, default="pad", help="frame of the output coordinates: pad (LLaVA-1.5 image_aspect_ratio=pad) or orig")
-    p.add_argument("--input-frame", choices=FRAMES, default="pad", help="llava: the frame the input's normalised boxes are in")
+    p.add_argument("--frame", type=frame_arg, default="pad",
+                   help="frame of the output coordinates, the one the model's image processor gives (llava_getok.frames): "
+                        "pad (LLaVA image_aspect_ratio=pad), crop (LLaVA's default 'square' with CLIP ViT-L/14-336: "
+                        "shortest edge 336, centre crop 336; crop:E for another tower's E, crop:E:WxH), or orig (the "
+                        "whole image: Qwen2-VL, LLaVA-NeXT). With a crop, a shape across its edge is clipped and a "
+                        "record with a shape wholly outside is skipped (counted)")
+    p.add_argument("--input-frame", type=frame_arg, default="pad", help="llava: the frame the input's normalised boxes are in")
     p.add_argument("--format", choices=FORMAT_NAMES, default="getok",
                    help="how answers write locations: getok (grid + offset tokens), text (LLaVA-1.5's [0.12, 0.34, 0.56, 0.78]) "
                         "or bins (1D tokens <loc_k>, 4 a box); text and bins: boxes and points only")
@@ -73,6 +78,14 @@ def _parser():
     p.add_argument("--no-resume", action="store_true", help="start over even if an interrupted run of the same job left OUTPUT.partial")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: when stderr is a terminal)")
     return p
+
+
+def frame_arg(value: str) -> str:
+    """``--frame``'s value in its one spelling; argparse reports a name that is not a frame."""
+    try:
+        return check_frame(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def error(prog: str, e) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .codec import Shape, apply_refinement
 from .formats import LocationFormat, parse, record_format
-from .geometry import FRAMES, points_from_frame, points_to_frame
+from .geometry import FRAME_NAMES, check_frame, points_from_frame, points_to_frame
 from .parse import ParseError, ParseResult
 from .vocab import SHAPE_KINDS, GETokConfig
 
@@ -220,8 +220,8 @@ def check_format(getok: dict, where: str) -> LocationFormat:
 
 
 def check_getok(getok, where: str = "getok field", needs=("task", "frame", "size", "shapes")) -> dict:
-    """A record's ``getok`` field with the keys ``needs`` checked (present; ``task`` a string; ``frame`` one of
-    FRAMES; ``size`` two positive numbers; ``shapes`` valid JSON shapes; ``config``: a valid location format, GETok's
+    """A record's ``getok`` field with the keys ``needs`` checked (present; ``task`` a string; ``frame`` a
+    frame of :mod:`llava_getok.geometry`; ``size`` two positive numbers; ``shapes`` valid JSON shapes; ``config``: a valid location format, GETok's
     ``config`` or the ``format`` of text and bins, :func:`check_format`) and, when
     present, ``mask`` (COCO RLE of ``size``) and ``boxes`` (lists of 4 numbers); returns it, else
     :class:`RecordsError` naming the field."""
@@ -232,8 +232,11 @@ def check_getok(getok, where: str = "getok field", needs=("task", "frame", "size
             raise RecordsError(f"{where} lacks {key!r} (docs/data-format.md); keys: {sorted(getok)}")
     if "task" in needs and not isinstance(getok["task"], str):
         raise RecordsError(f"{where}: 'task' must be a string, got {short(getok['task'])}")
-    if "frame" in needs and (not isinstance(getok["frame"], str) or getok["frame"] not in FRAMES):
-        raise RecordsError(f"{where}: 'frame' must be one of {FRAMES}, got {short(getok['frame'])}")
+    if "frame" in needs:
+        try:
+            check_frame(getok["frame"])
+        except ValueError:
+            raise RecordsError(f"{where}: 'frame' must be one of {FRAME_NAMES}, got {short(getok['frame'])}") from None
     size = getok.get("size")
     if "size" in needs and not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_number(v) and v > 0 for v in size)):
         raise RecordsError(f"{where}: 'size' must be [width, height] in pixels, got {short(size)}")

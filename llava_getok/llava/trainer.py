@@ -18,6 +18,7 @@ apply_compat_fixes()  # fix 3 before llava.train is imported
 from llava.train.llava_trainer import LLaVATrainer  # noqa: E402
 
 from ..formats import describe, format_to_dict, same_tokens  # noqa: E402
+from ..frames import frame_of  # noqa: E402
 from ..vocab import GETokConfig  # noqa: E402
 from .checkpoint import (  # noqa: E402
     check_same_on_all_ranks, load_getok_files, tower_weights, write_getok_files)
@@ -199,7 +200,7 @@ class GETokTrainer(LLaVATrainer):
             getok=g.format.to_dict() if isinstance(g.format, GETokConfig) else {}, format=format_to_dict(g.format),
             tokens=list(g.format.tokens()), token_ids=list(g.ids), vocab_size=g.vocab_size,
             tokenizer_legacy=getattr(self._getok_tokenizer, "legacy", None), image_aspect_ratio=aspect,
-            frame="pad" if aspect == "pad" else "orig", kind=kind,
+            frame=frame_of(base), kind=kind,
             base_model=getattr(base.config, "_name_or_path", None) or None, init=s.init,
             loss={k: v for k, v in asdict(s).items() if k in ("grid_weight", "box_weight", "sigma", "offset_sigma")},
             vision_tower_trained=s.train_vision_tower)
