@@ -87,7 +87,7 @@ class Sample:
     turns: a conversation of the source's own (``llava``): a list of {"from", "value"} whose values hold
         BOX_SLOT placeholders, one per box of ``boxes``, in order; None for every other source.
     source_fields: extra keys of the source record kept on the output record (``llava``: every key).
-    units: "px" (default), or a frame name ("pad" / "orig") when the source gives boxes and points
+    units: "px" (default), or a frame name ("pad", "orig", "crop"...) when the source gives boxes and points
         normalised to [0, 1] in that frame; :meth:`validated` turns them into pixels once the size is known.
     where: the place in the input ("file:record"), for error messages.
     fields: the source's own names, so that errors name its field: "boxes" / "points" -> one name (``[k]`` is
@@ -257,7 +257,7 @@ def _kept(lo, hi, clo, chi) -> bool:
 def frame_to_pixels(size: tuple, frame: str) -> tuple:
     """((a_x, b_x), (a_y, b_y)) with pixel = a * normalised + b, read off ``geometry.points_from_frame``.
 
-    Both frames are affine per axis, so two points fix the map; caching it per image size spares a
+    Every frame is affine per axis, so two points fix the map; caching it per image size spares a
     million-record conversion two numpy round trips per record.
     """
     from llava_getok.geometry import points_from_frame

@@ -25,7 +25,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..codec import Shape, apply_refinement
-from ..geometry import box_area, box_iou, boxes_to_frame, mask_iou, points_from_frame
+from ..geometry import box_area, box_iou, boxes_to_frame, frame_region, mask_iou, points_from_frame
 from ..parse import ParseResult, parse, parse_ids
 from ..records import check_getok, record_mask, shapes_from_pixels
 from ..vocab import TOKEN_RE, GETokConfig
@@ -462,7 +462,7 @@ class BoxReward(GroundingReward):
     def score(self, text, result, target, record):
         if any(s.kind != "box" for s in result.shapes):
             return None  # a non-box shape where boxes were asked for: unparseable for this task
-        image_box = boxes_to_frame([0, 0, *target.size], target.size, target.frame)
+        image_box = boxes_to_frame(frame_region(target.size, target.frame), target.size, target.frame)  # what it sees
         return box_score([s.box for s in result.shapes], target.boxes, self.config, image_box)
 
 
