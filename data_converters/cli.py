@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from llava_getok.atomic import atomic_path
-from llava_getok.formats import FORMAT_NAMES, BinsFormat, TextFormat
+from llava_getok.formats import CONVERT_ONLY, FORMAT_NAMES, BinsFormat, Qwen25Format, TextFormat
 from llava_getok.geometry import check_frame
 from llava_getok.records import RecordsError, decode_record, one_line, read_records
 from llava_getok.vocab import MODES, SCHEDULES, GETokConfig
@@ -43,18 +43,23 @@ def _parser():
     p.add_argument("--image-root", type=Path, help="folder the records' image paths are relative to (sizes from headers, existence checks, RES proposals)")
     p.add_argument("--output", type=Path, help=".json (LLaVA's list) or .jsonl (one record a line)")
     p.add_argument("--task", default=None, help="rec, reg, point, res, det, refine (= rec in refine mode); llava: rewrite. Default: the source's first")
-    p.add_argument("--frame", type=frame_arg, default="pad",
+    p.add_argument("--frame", type=frame_arg, default=None,
                    help="frame of the output coordinates, the one the model's image processor gives (llava_getok.frames): "
                         "pad (LLaVA image_aspect_ratio=pad), crop (LLaVA's default 'square' with CLIP ViT-L/14-336: "
                         "shortest edge 336, centre crop 336; crop:E for another tower's E, crop:E:WxH), or orig (the "
                         "whole image: Qwen2-VL, LLaVA-NeXT). With a crop, a shape across its edge is clipped and a "
-                        "record with a shape wholly outside is skipped (counted)")
+                        "record with a shape wholly outside is skipped (counted). Default: pad (qwen25: orig)")
     p.add_argument("--input-frame", type=frame_arg, default="pad", help="llava: the frame the input's normalised boxes are in")
-    p.add_argument("--format", choices=FORMAT_NAMES, default="getok",
-                   help="how answers write locations: getok (grid + offset tokens), text (LLaVA-1.5's [0.12, 0.34, 0.56, 0.78]) "
-                        "or bins (1D tokens <loc_k>, 4 a box); text and bins: boxes and points only")
+    p.add_argument("--format", choices=FORMAT_NAMES + CONVERT_ONLY, default="getok",
+                   help="how answers write locations: getok (grid + offset tokens), text (LLaVA-1.5's [0.12, 0.34, 0.56, 0.78]), "
+                        "bins (1D tokens <loc_k>, 4 a box) or qwen25 (Qwen2.5-VL's own prompt and JSON {\"bbox_2d\": [...]} "
+                        "in pixels of its smart_resized image: rec and det, --frame orig); text and bins: boxes and points only")
     p.add_argument("--decimals", type=int, default=2, help="--format text: decimals per coordinate (LLaVA-1.5: 2)")
     p.add_argument("--bins", type=int, default=1000, help="--format bins: K bins per axis, tokens <loc_0> .. <loc_{K-1}>")
+    p.add_argument("--min-pixels", type=int, default=Qwen25Format.min_pixels,
+                   help="--format qwen25: the processor's min_pixels, as the model will be run (Qwen2.5-VL-7B-Instruct's: 3136)")
+    p.add_argument("--max-pixels", type=int, default=Qwen25Format.max_pixels,
+                   help="--format qwen25: the processor's max_pixels, as the model will be run (Qwen2.5-VL-7B-Instruct's: 12845056)")
     p.add_argument("--grid", type=int, default=32)
     p.add_argument("--rounds", type=int, default=None, help="offset rounds (default: 0 for grid mode, else 1)")
     p.add_argument("--offset-levels", type=int, default=3)
@@ -152,11 +157,20 @@ def build_job(argv):
         what = "masks (task res)" if task == "res" else "refine mode (two turns of offsets)"
         error("convert-datasets", f"--format {a.format} has no form for {what}: only --format getok writes them")
         raise SystemExit(2)  # one line, without the usage block: the arguments are fine, the combination is not
+    if a.format == "qwen25" and (task not in Qwen25Format.PROMPTS or a.frame not in (None, "orig")):
+        error("convert-datasets", f"--format qwen25 writes Qwen2.5-VL's answers to {' and '.join(Qwen25Format.PROMPTS)} "
+                                  f"questions in the frame it sees, the whole image (--frame orig); got --task {task}"
+                                  f"{'' if a.frame is None else ' --frame ' + a.frame}")
+        raise SystemExit(2)
+    if a.frame is None:
+        a.frame = "orig" if a.format == "qwen25" else "pad"
     try:
         if a.format == "text":
             cfg = TextFormat(decimals=a.decimals)
         elif a.format == "bins":
             cfg = BinsFormat(bins=a.bins)
+        elif a.format == "qwen25":
+            cfg = Qwen25Format(min_pixels=a.min_pixels, max_pixels=a.max_pixels)
         else:
             cfg = GETokConfig(grid=a.grid, rounds=a.rounds, offset_levels=a.offset_levels, schedule=a.schedule, mode=mode)
     except ValueError as e:

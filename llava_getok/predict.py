@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from .atomic import atomic_path
-from .formats import LocationFormat, describe, format_to_dict, parse, parse_ids, same_tokens
+from .formats import LocationFormat, describe, for_image, format_to_dict, parse, parse_ids, same_tokens
 from .frames import frame_of, frames_differ
 from .parse import ParseResult
 from .records import REFINE_PROMPT, RecordsError, check_format, check_getok, prediction_line, read_records
@@ -142,7 +142,8 @@ class Predictor:
             return out
         for r, a in zip(records, answers):
             text = self.decode(a)
-            result = parse_ids(a, self.id_to_token, self.cfg) if self.token_ids else parse(text, self.cfg)
+            result = (parse_ids(a, self.id_to_token, self.cfg) if self.token_ids
+                      else parse(text, for_image(self.cfg, (r.get("getok") or {}).get("size"))))
             out.append(self._line(r, text, result))
         return out
 

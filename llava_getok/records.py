@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .codec import Shape, apply_refinement
-from .formats import LocationFormat, parse, record_format
+from .formats import LocationFormat, for_image, parse, record_format
 from .geometry import FRAME_NAMES, check_frame, points_from_frame, points_to_frame
 from .parse import ParseError, ParseResult
 from .vocab import SHAPE_KINDS, GETokConfig
@@ -323,7 +323,7 @@ def decode_record(record: dict) -> dict:
     if not g:
         return {"id": record.get("id"), "text": "", "shapes": [], "errors": ["no getok field: nothing was converted"]}
     check_getok(g, "getok", needs=("config", "frame", "size"))
-    fmt = check_format(g, "getok")
+    fmt = for_image(check_format(g, "getok"), g["size"])
     refine = getattr(fmt, "mode", None) == "refine"
     turns = record.get("conversations")
     if not isinstance(turns, list):
@@ -358,7 +358,7 @@ def parse_answer(record: dict, text: str, rid=None) -> dict:
     refinement is applied to the first answer's shapes. Parse problems are the line's ``errors``; a record that is
     not a converted one is a :class:`RecordsError`."""
     g = check_getok(record.get("getok"), f"record {record.get('id')}: getok", needs=("config", "frame", "size"))
-    fmt = check_format(g, f"record {record.get('id')}: getok")
+    fmt = for_image(check_format(g, f"record {record.get('id')}: getok"), g["size"])
     r = parse(text, fmt)
     result = ParseResult(shapes=r.shapes, errors=list(r.errors))
     if r.refinements:
