@@ -120,3 +120,10 @@ def test_convert_refuses_what_qwens_format_does_not_write(tmp_path, capsys):
         err = refused(*args)
         assert err.count("\n") == 1 and "--format qwen25 writes Qwen2.5-VL's answers to rec and det questions" in err
     assert "max_pixels must be an integer in [10," in refused("--min-pixels", 10, "--max-pixels", 5)
+
+
+def test_llava_training_refuses_qwen25_data_in_one_line():
+    from llava_getok.llava.settings import FormatError, GETokSettings
+
+    with pytest.raises(FormatError, match=r"the training data is in qwen25, .* which LLaVA does not train on"):
+        GETokSettings().location_format([Qwen25Format(**PIXELS)])

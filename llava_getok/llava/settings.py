@@ -96,6 +96,8 @@ class GETokSettings:
         name = self.format or (format_name(have) if have is not None else "getok")
         if have is not None and format_name(have) != name:
             raise FormatError(f"--getok_format {name}, but the training data is in {describe(have)}")
+        if name not in FORMAT_NAMES:  # qwen25: pixels of Qwen2.5-VL's smart_resized image, which LLaVA never sees
+            raise FormatError(f"the training data is in {describe(have)}, which LLaVA does not train on")
         if name == "text":
             return have if have is not None else TextFormat()
         if name == "bins":
