@@ -157,6 +157,25 @@ def test_crop_frame_repeats_the_processors_rounding_and_names_its_sizes():
     assert boxes_from_frame([0, 0, 1, 1], (640, 426), "crop").tolist() == pytest.approx(list(frame_region((640, 426), "crop")))
 
 
+def test_crop_frame_is_transformers_own_resize_and_crop_arithmetic_for_any_size():
+    """For many image sizes (odd, extreme aspect ratios, crops larger than the resized side), the crop frame's kept
+    region is exactly what get_resize_output_image_size and center_crop compute, in original pixels."""
+    from transformers.image_transforms import get_resize_output_image_size
+
+    rng = np.random.default_rng(0)
+    sizes = [(640, 426), (426, 640), (333, 333), (1, 700), (700, 1), (337, 336)] + [tuple(rng.integers(1, 3000, 2)) for _ in range(60)]
+    for e, cw, ch in ((336, 336, 336), (224, 224, 224), (256, 224, 200), (40, 60, 30)):
+        frame = crop_frame(e, cw, ch)
+        for w, h in sizes:
+            rh, rw = get_resize_output_image_size(np.zeros((h, w, 3), dtype=np.uint8), size=e, default_to_square=False,
+                                                  input_data_format="channels_last")
+            left, top = (rw - cw) // 2, (rh - ch) // 2  # center_crop's offsets (negative: it pads)
+            want = (max(0, left) * w / rw, max(0, top) * h / rh, min(rw, left + cw) * w / rw, min(rh, top + ch) * h / rh)
+            assert frame_region((w, h), frame) == pytest.approx(want, rel=1e-12, abs=1e-9), (frame, w, h)
+            corners = points_to_frame([[want[0], want[1]], [want[2], want[3]]], (w, h), frame)
+            assert np.allclose(corners * [cw, ch], [[max(0, -left), max(0, -top)], [min(cw, rw - left), min(ch, rh - top)]])
+
+
 def test_processors_whose_output_no_frame_describes_are_refused():
     from transformers import CLIPImageProcessor, LlavaImageProcessor, SiglipImageProcessor
 
