@@ -18,6 +18,8 @@ Decisions where the issue and spec are silent (a LLaVA user's expectations):
 - Pointing: the sample's points, else the mask's most interior pixel (largest distance to the border),
   else each box's centre.
 - An expression with no target (``boxes`` empty, e.g. VLM-R1 nulls) is answered with NO_MATCH, no box.
+- A format that writes its whole answer (``qwen25``: Qwen2.5-VL's JSON list) asks with its own prompts
+  (``Qwen25Format.PROMPTS``) and answers with ``fmt.answer``, the expression as each box's label.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Location formats: how a shape becomes answer text, for GETok and for the two baselines a user compares it with.
+"""Location formats: how a shape becomes answer text, for GETok and for the baselines a user compares it with.
 
 - ``getok`` (:class:`llava_getok.vocab.GETokConfig`): grid and offset tokens (spec sections 2-5).
 - ``text`` (:class:`TextFormat`): LLaVA-1.5's own boxes, ``[0.12, 0.34, 0.56, 0.78]`` (x1, y1, x2, y2 as Python
@@ -6,6 +6,9 @@
 - ``bins`` (:class:`BinsFormat`): Pix2Seq / PaliGemma-style 1D location tokens ``<loc_k>``, K bins per axis,
   ``min(floor(x K), K - 1)``, decoded to the bin centre ``(k + 0.5) / K``; a box is 4 adjacent tokens
   ``x1 y1 x2 y2`` (no tags), a point 2.
+- ``qwen25`` (:class:`Qwen25Format`): Qwen2.5-VL's own JSON ``{"bbox_2d": [x1, y1, x2, y2], "label": ...}`` in
+  integer pixels of its ``smart_resize``d image; boxes only, converted and scored (not trained by the LLaVA backend).
+  Its numbers depend on the image: :func:`for_image` binds a record's size before encoding or parsing.
 
 Every reader and writer asks a format object instead of branching on the format's name: :func:`encode_boxes`,
 :func:`encode_point`, :func:`render`, :func:`parse`, :func:`parse_ids`, ``fmt.tokens()`` (the tokens training adds),
