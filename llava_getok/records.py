@@ -220,9 +220,9 @@ def check_format(getok: dict, where: str) -> LocationFormat:
 
 
 def check_getok(getok, where: str = "getok field", needs=("task", "frame", "size", "shapes")) -> dict:
-    """A record's ``getok`` field with the keys ``needs`` checked (present; ``task`` a string; ``frame`` a
-    frame of :mod:`llava_getok.geometry`; ``size`` two positive numbers; ``shapes`` valid JSON shapes; ``config``: a valid location format, GETok's
-    ``config`` or the ``format`` of text and bins, :func:`check_format`) and, when
+    """A record's ``getok`` field with the keys ``needs`` checked (present; ``task`` a string; ``frame`` a frame of
+    :mod:`llava_getok.geometry`; ``size`` two positive numbers; ``shapes`` valid JSON shapes; ``config``: a valid
+    location format, GETok's ``config`` or the ``format`` of the others, :func:`check_format`) and, when
     present, ``mask`` (COCO RLE of ``size``) and ``boxes`` (lists of 4 numbers); returns it, else
     :class:`RecordsError` naming the field."""
     if not isinstance(getok, dict):
