@@ -1,7 +1,7 @@
 """``convert-datasets``: grounding datasets -> GETok conversations in LLaVA's format.
 
     convert-datasets SOURCE --input IN --output OUT.json|OUT.jsonl [--image-root DIR] [--task rec]
-                     [--frame pad|orig] [--format getok|text|bins] [--grid 32] [--rounds R]
+                     [--frame pad|crop|orig] [--format getok|text|bins] [--grid 32] [--rounds R]
                      [--mode grid|inline|refine] [--decimals 2] [--bins 1000]
                      [--workers N] [--limit N] [--seed S] [--on-error fail|skip]
     convert-datasets --list                      sources, their tasks and input formats
@@ -25,10 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from llava_getok.atomic import atomic_path
-from llava_getok.formats import LocationOptions
-from llava_getok.geometry import FRAMES
-from llava_getok.options import add_flags, from_flags
+from llava_getok.formats import LocationOptions, Qwen25Format
+from llava_getok.geometry import check_frame
 from llava_getok.messages import one_line
+from llava_getok.options import add_flags, from_flags
 from llava_getok.records import RecordsError, decode_record, read_records
 
 from . import registry
@@ -45,9 +45,14 @@ def _parser():
     p.add_argument("--image-root", type=Path, help="folder the records' image paths are relative to (sizes from headers, existence checks, RES proposals)")
     p.add_argument("--output", type=Path, help=".json (LLaVA's list) or .jsonl (one record a line)")
     p.add_argument("--task", default=None, help="rec, reg, point, res, det, refine (= rec in refine mode); llava: rewrite. Default: the source's first")
-    p.add_argument("--frame", choices=FRAMES, default="pad", help="frame of the output coordinates: pad (LLaVA-1.5 image_aspect_ratio=pad) or orig")
-    p.add_argument("--input-frame", choices=FRAMES, default="pad", help="llava: the frame the input's normalised boxes are in")
-    add_flags(p, LocationOptions, dash=True)  # --format, --decimals, --bins, --grid, --rounds, --offset-levels, ...
+    p.add_argument("--frame", type=frame_arg, default=None,
+                   help="frame of the output coordinates, the one the model's image processor gives (llava_getok.frames): "
+                        "pad (LLaVA image_aspect_ratio=pad), crop (LLaVA's default 'square' with CLIP ViT-L/14-336: "
+                        "shortest edge 336, centre crop 336; crop:E for another tower's E, crop:E:WxH), or orig (the "
+                        "whole image: Qwen2-VL, LLaVA-NeXT). With a crop, a shape across its edge is clipped and a "
+                        "record with a shape wholly outside is skipped (counted). Default: pad (qwen25: orig)")
+    p.add_argument("--input-frame", type=frame_arg, default="pad", help="llava: the frame the input's normalised boxes are in")
+    add_flags(p, LocationOptions, dash=True)  # --format, --decimals, --bins, --min-pixels, --grid, ...
     p.add_argument("--split", help="keep only this split (refcoco: train/val/test/testA/testB; vg, flickr30k)")
     p.add_argument("--dataset", help="refcoco: refcoco | refcoco+ | refcocog (default: the input folder's name)")
     p.add_argument("--split-by", help="refcoco: unc | umd | google (default: unc, refcocog: umd)")
@@ -66,6 +71,14 @@ def _parser():
     p.add_argument("--no-resume", action="store_true", help="start over even if an interrupted run of the same job left OUTPUT.partial")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: when stderr is a terminal)")
     return p
+
+
+def frame_arg(value: str) -> str:
+    """``--frame``'s value in its one spelling; argparse reports a name that is not a frame."""
+    try:
+        return check_frame(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def error(prog: str, e) -> None:
@@ -132,6 +145,13 @@ def build_job(argv):
         what = "masks (task res)" if task == "res" else "refine mode (two turns of offsets)"
         error("convert-datasets", f"--format {a.format} has no form for {what}: only --format getok writes them")
         raise SystemExit(2)  # one line, without the usage block: the arguments are fine, the combination is not
+    if a.format == "qwen25" and (task not in Qwen25Format.PROMPTS or a.frame not in (None, "orig")):
+        error("convert-datasets", f"--format qwen25 writes Qwen2.5-VL's answers to {' and '.join(Qwen25Format.PROMPTS)} "
+                                  f"questions in the frame it sees, the whole image (--frame orig); got --task {task}"
+                                  f"{'' if a.frame is None else ' --frame ' + a.frame}")
+        raise SystemExit(2)
+    if a.frame is None:
+        a.frame = "orig" if a.format == "qwen25" else "pad"
     try:
         cfg = replace(LocationOptions(**from_flags(a, LocationOptions, dash=True)), mode=mode).build()
     except ValueError as e:

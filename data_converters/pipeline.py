@@ -117,7 +117,7 @@ class Converter:
             _check_text(line, placeholders, raw, where)
             return "W", line, rid
         except Filtered as e:
-            return "R", json.dumps({"where": where, "reason": e.reason, "field": None, "message": e.reason}), None
+            return "R", json.dumps({"where": where, "reason": e.reason, "field": e.field, "message": e.message}), None
         except ConvertError as e:
             return "R", reject_line(e), None
         except Exception as e:  # noqa: BLE001  a shape no check foresaw: one counted line, never a traceback
@@ -149,7 +149,7 @@ class Converter:
             if sample.boxes or sample.points or sample.polygons or sample.rle:
                 raise ConvertError(where, None, "the record gives no image size; pass --image-root to read it from the image header", "image size unknown")
         else:
-            sample = sample.validated(size)
+            sample = sample.validated(size).in_view(job.frame)
         if hasattr(self.source, "load_image"):  # a source that makes its images (shapes) may hand them over
             loader = lambda: self.source.load_image(sample, opts)  # noqa: E731
         else:

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from .atomic import atomic_path
-from .formats import LocationFormat, describe, format_to_dict, parse, parse_ids, same_tokens
+from .formats import LocationFormat, describe, for_image, format_to_dict, parse, parse_ids, same_tokens
+from .frames import frame_of, frames_differ
 from .parse import ParseResult
 from .records import REFINE_PROMPT, RecordsError, check_format, check_getok, prediction_line, read_records
 
@@ -141,7 +142,8 @@ class Predictor:
             return out
         for r, a in zip(records, answers):
             text = self.decode(a)
-            result = parse_ids(a, self.id_to_token, self.cfg) if self.token_ids else parse(text, self.cfg)
+            result = (parse_ids(a, self.id_to_token, self.cfg) if self.token_ids
+                      else parse(text, for_image(self.cfg, (r.get("getok") or {}).get("size"))))
             out.append(self._line(r, text, result))
         return out
 
@@ -263,13 +265,12 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, model, processor = load_model(args.model_path, args.model_base, device)
-    # the frame the model sees: LLaVA pads to a square only with image_aspect_ratio "pad" (spec section 1)
-    seen = "pad" if getattr(model.config, "image_aspect_ratio", None) == "pad" else "orig"
-    frames = {(r.get("getok") or {}).get("frame") for r in records}
-    if frames != {seen}:
-        print(f"llava-getok predict: {args.data}: records are in frame(s) {sorted(map(str, frames))}, but the model "
-              f"sees frame {seen!r} (image_aspect_ratio={getattr(model.config, 'image_aspect_ratio', None)!r})",
-              file=sys.stderr)
+    try:  # the frame the model sees, read off its image_aspect_ratio and its tower's processor (spec section 1)
+        problem = frames_differ(records, frame_of(model), args.data)
+    except ValueError as e:
+        problem = f"{args.model_path}: {e}"
+    if problem:
+        print(f"llava-getok predict: {problem}", file=sys.stderr)
         return 1
     try:
         predictor = Predictor(tokenizer, model, processor, cfg, args.conv_mode, args.constrained, args.shape_only,

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .codec import Shape, apply_refinement
-from .formats import LocationFormat, parse, record_format
-from .geometry import FRAMES, points_from_frame, points_to_frame
+from .formats import LocationFormat, for_image, parse, record_format
+from .geometry import FRAME_NAMES, check_frame, points_from_frame, points_to_frame
 from .messages import short
 from .parse import ParseError, ParseResult
 from .rle import rle_problem, rle_to_mask
@@ -204,9 +204,9 @@ def check_format(getok: dict, where: str) -> LocationFormat:
 
 
 def check_getok(getok, where: str = "getok field", needs=("task", "frame", "size", "shapes")) -> dict:
-    """A record's ``getok`` field with the keys ``needs`` checked (present; ``task`` a string; ``frame`` one of
-    FRAMES; ``size`` two positive numbers; ``shapes`` valid JSON shapes; ``config``: a valid location format, GETok's
-    ``config`` or the ``format`` of text and bins, :func:`check_format`) and, when
+    """A record's ``getok`` field with the keys ``needs`` checked (present; ``task`` a string; ``frame`` a frame of
+    :mod:`llava_getok.geometry`; ``size`` two positive numbers; ``shapes`` valid JSON shapes; ``config``: a valid
+    location format, GETok's ``config`` or the ``format`` of the others, :func:`check_format`) and, when
     present, ``mask`` (COCO RLE of ``size``) and ``boxes`` (lists of 4 numbers); returns it, else
     :class:`RecordsError` naming the field."""
     if not isinstance(getok, dict):
@@ -216,8 +216,11 @@ def check_getok(getok, where: str = "getok field", needs=("task", "frame", "size
             raise RecordsError(f"{where} lacks {key!r} (docs/data-format.md); keys: {sorted(getok)}")
     if "task" in needs and not isinstance(getok["task"], str):
         raise RecordsError(f"{where}: 'task' must be a string, got {short(getok['task'])}")
-    if "frame" in needs and (not isinstance(getok["frame"], str) or getok["frame"] not in FRAMES):
-        raise RecordsError(f"{where}: 'frame' must be one of {FRAMES}, got {short(getok['frame'])}")
+    if "frame" in needs:
+        try:
+            check_frame(getok["frame"])
+        except ValueError:
+            raise RecordsError(f"{where}: 'frame' must be one of {FRAME_NAMES}, got {short(getok['frame'])}") from None
     size = getok.get("size")
     if "size" in needs and not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_number(v) and v > 0 for v in size)):
         raise RecordsError(f"{where}: 'size' must be [width, height] in pixels, got {short(size)}")
@@ -304,7 +307,7 @@ def decode_record(record: dict) -> dict:
     if not g:
         return {"id": record.get("id"), "text": "", "shapes": [], "errors": ["no getok field: nothing was converted"]}
     check_getok(g, "getok", needs=("config", "frame", "size"))
-    fmt = check_format(g, "getok")
+    fmt = for_image(check_format(g, "getok"), g["size"])
     refine = getattr(fmt, "mode", None) == "refine"
     turns = record.get("conversations")
     if not isinstance(turns, list):
@@ -339,7 +342,7 @@ def parse_answer(record: dict, text: str, rid=None) -> dict:
     refinement is applied to the first answer's shapes. Parse problems are the line's ``errors``; a record that is
     not a converted one is a :class:`RecordsError`."""
     g = check_getok(record.get("getok"), f"record {record.get('id')}: getok", needs=("config", "frame", "size"))
-    fmt = check_format(g, f"record {record.get('id')}: getok")
+    fmt = for_image(check_format(g, f"record {record.get('id')}: getok"), g["size"])
     r = parse(text, fmt)
     result = ParseResult(shapes=r.shapes, errors=list(r.errors))
     if r.refinements:

@@ -16,7 +16,7 @@ PACKAGES = ("llava_getok", "data_converters")
 
 # The core: the token language and what every layer above shares (numpy, no LLaVA, no files of other layers).
 CORE = {f"llava_getok.{m}" for m in ("vocab", "geometry", "codec", "parse", "formats", "masks", "generation", "records", "viz",
-                                     "atomic", "quiet", "patching", "options", "grammar", "rle", "messages")}
+                                     "atomic", "quiet", "patching", "options", "grammar", "rle", "messages", "frames")}
 # What users run: each may import any layer.
 ENTRY = {"llava_getok", "llava_getok.cli", "llava_getok.predict", "llava_getok.train", "llava_getok.demo",
          *(f"llava_getok.demo.{m}" for m in ("run", "data", "model", "scoring", "training")),

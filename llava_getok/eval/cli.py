@@ -120,19 +120,23 @@ COLUMNS = {  # task -> (title, [(header, key)])
 
 
 def markdown(metrics: dict, ceiling: dict | None, formats: dict | None = None) -> str:
-    """One table per task, one row per split; metrics in percent, counts as numbers; with the ceiling, the
-    answers' location format (``formats``: :func:`formats_by_split`)."""
+    """One table per task, one row per split; metrics in percent, counts as numbers (``outside`` where a record's
+    every target lies outside the crop the model sees); with the ceiling, the answers' location format (``formats``:
+    :func:`formats_by_split`)."""
     parts = []
     for task, (title, cols) in COLUMNS.items():
         if task not in metrics:
             continue
-        head = ["split", "n"] + [h for h, _ in cols] + ["unparseable", "no shape", "missing", "skipped"]
+        counts = ["unparseable", "no_shape", "missing", "skipped"]
+        if any(row.get("outside") for row in metrics[task].values()):  # a crop frame cut every target of a record
+            counts.append("outside")
+        head = ["split", "n"] + [h for h, _ in cols] + [c.replace("_", " ") for c in counts]
         if ceiling is not None:
             head += [f"ceiling {h}" for h, _ in cols] + (["format"] if formats else [])
         lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for split, row in metrics[task].items():
             cells = [split, str(row["n"])] + [_fmt(row[k]) for _, k in cols]
-            cells += [str(row[k]) for k in ("unparseable", "no_shape", "missing", "skipped")]
+            cells += [str(row[k]) for k in counts]
             if ceiling is not None:
                 crow = ceiling.get(task, {}).get(split, {})
                 cells += [_fmt(crow.get(k)) for _, k in cols]
@@ -182,6 +186,11 @@ def evaluate(predictions: Path, annotations: Path, image_root: Path | None = Non
                     if r.get("getok") and (r.get("getok") or {}).get("task") not in COLUMNS)
     if other:
         notes.append("not scored (no metric for the task): " + ", ".join(f"{t}: {n}" for t, n in sorted(other.items())))
+    outside = sum(row["outside"] for task in result["metrics"].values() for split, row in task.items()
+                  if split != "all" or len(task) == 1)
+    if outside:
+        notes.append(f"outside: {outside} record(s) whose every target lies outside the crop the model sees, counted "
+                     f"apart (not in n, neither a hit nor a miss).")
     if unknown:
         notes.append(f"{len(unknown)} prediction id(s) not in the annotations (first: {unknown[0]!r}), not scored.")
     if result["counts"]["no_getok"]:

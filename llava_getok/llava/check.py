@@ -24,10 +24,13 @@ import io
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ..formats import LOCATION_TOKEN_RE, LocationOptions
+from ..frames import frames_differ, llava_frame
+from ..messages import one_line
 from ..options import add_flags, from_flags
 from ..vocab import GETokConfig
 
@@ -161,6 +164,30 @@ def raise_on_problems(report: CheckReport, source: str, show: int = 5) -> None:
                              f"preprocessing check:\n" + "\n".join(report.problems[:show]) + more)
 
 
+def model_frame(args, sidecar) -> str | None:
+    """The frame the model sees: its sidecar's; else read off ``--image-aspect-ratio`` / ``--vision-tower`` or the
+    model folder's ``config.json`` (``image_aspect_ratio``, ``mm_vision_tower``) and the tower's image processor, as
+    LLaVA's ``CLIPVisionTower`` loads it; None when neither is known (a bare tokenizer)."""
+    if sidecar is not None:
+        return sidecar.frame
+    config = Path(args.model_path) / "config.json"
+    saved = json.loads(config.read_text()) if config.is_file() else {}
+    aspect = args.image_aspect_ratio or saved.get("image_aspect_ratio")
+    tower = args.vision_tower or saved.get("mm_vision_tower")
+    if aspect is None and tower is None:
+        return None
+    if tower is None:
+        raise ValueError("--image-aspect-ratio needs --vision-tower: the tower's image processor decides the frame")
+    from transformers import CLIPImageProcessor
+
+    try:
+        processor = CLIPImageProcessor.from_pretrained(tower)
+    except OSError as e:
+        raise ValueError(f"cannot load the image processor of the vision tower {tower!r}, which decides the frame: "
+                         f"{e}") from None
+    return llava_frame(aspect or "square", processor)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="llava-getok check-data", description=__doc__.split("\n\n")[0])
     p.add_argument("data", help="converted data (LLaVA JSON list or JSONL)")
@@ -170,6 +197,9 @@ def main(argv=None) -> int:
     p.add_argument("--model-max-length", type=int, default=2048)
     p.add_argument("--mm-use-im-start-end", action="store_true")
     p.add_argument("--limit", type=int, default=-1, help="check only N distinct records, spread evenly over the file (-1: all)")
+    p.add_argument("--image-aspect-ratio", help="as training's --image_aspect_ratio: with --vision-tower, the frame the "
+                   "records must be in (default: the checkpoint's sidecar, else its config.json)")
+    p.add_argument("--vision-tower", help="as training's --vision_tower: its image processor decides the frame")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -210,6 +240,17 @@ def main(argv=None) -> int:
         print(f"{args.model_path}: no GETok tokens in the tokenizer and no --grid: GETok tokens would be split",
               file=sys.stderr)
         return 2
+    try:
+        frame = model_frame(args, sidecar)
+        problem = frames_differ(records, frame, args.data) if frame is not None else None
+    except (OSError, ValueError) as e:
+        problem = f"{args.model_path}: {one_line(e)}"
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    if frame is None:
+        print(f"note: frames not checked ({args.model_path} has no sidecar or image_aspect_ratio; pass "
+              f"--image-aspect-ratio and --vision-tower as training will)", file=sys.stderr)
     report = check_records(records, tokenizer, version=args.version, mm_use_im_start_end=args.mm_use_im_start_end,
                            limit=args.limit, source=str(args.data))
     print(report.table())

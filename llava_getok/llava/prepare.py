@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from ..patching import model_patches
-from ..formats import BinsFormat, LocationFormat, data_formats, format_name
+from ..formats import FORMAT_NAMES, BinsFormat, LocationFormat, data_formats, describe, format_name
+from ..frames import frame_of, frames_differ
 from ..vocab import GETokConfig
 from ..training.bins_loss import BinsTable
 from ..training.box_loss import TokenTable
@@ -116,6 +117,21 @@ def match_deepspeed_dtype(model, args) -> None:
             p.data = p.data.to(dtype)
 
 
+def check_data_frame(base, train_dataset) -> None:
+    """FormatError (one line) when the training records' ``getok.frame`` is not the frame the model sees (its
+    ``image_aspect_ratio`` and its tower's processor, :mod:`llava_getok.frames`)."""
+    records = getattr(train_dataset, "list_data_dict", None) or []
+    if not any(isinstance(r, dict) and isinstance(r.get("getok"), dict) for r in records):
+        return
+    source = getattr(getattr(train_dataset, "data_args", None), "data_path", "training data")
+    try:
+        problem = frames_differ(records, frame_of(base), source)
+    except ValueError as e:
+        problem = f"{source}: {e}"
+    if problem:
+        raise FormatError(problem)
+
+
 def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dataset=None) -> GETokState:
     """Choose the location format (``settings.location_format`` with the data's), add its tokens, resize and
     initialise the rows, choose what trains, check the data."""
@@ -128,7 +144,10 @@ def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dat
     except ValueError as e:
         raise FormatError(f"training data: {e}") from None
     cfg = settings.location_format(have)
+    if format_name(cfg) not in FORMAT_NAMES:  # qwen25: pixels of Qwen2.5-VL's smart_resized image, which LLaVA never sees
+        raise FormatError(f"the training data is in {describe(cfg)}, which LLaVA does not train on")
     base = unwrap_llava(model)
+    check_data_frame(base, train_dataset)
     check_projector(base)
     embeddings_frozen = not base.get_input_embeddings().weight.requires_grad
     ids = add_getok_tokens(tokenizer, cfg)

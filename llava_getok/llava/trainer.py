@@ -19,6 +19,7 @@ apply_compat_fixes()  # fix 3 before llava.train is imported
 from llava.train.llava_trainer import LLaVATrainer  # noqa: E402
 
 from ..formats import describe, same_tokens  # noqa: E402
+from ..frames import frame_of  # noqa: E402
 from ..vocab import GETokConfig  # noqa: E402
 from .checkpoint import (  # noqa: E402
     check_same_on_all_ranks, load_getok_files, tower_weights, write_getok_files)
@@ -195,7 +196,7 @@ class GETokTrainer(LLaVATrainer):
         aspect = getattr(base.config, "image_aspect_ratio", "square")
         return Sidecar.of(
             g.format, g.ids, vocab_size=g.vocab_size, tokenizer_legacy=getattr(self._getok_tokenizer, "legacy", None),
-            kind=kind, frame="pad" if aspect == "pad" else "orig", backend="llava",
+            kind=kind, frame=frame_of(base), backend="llava",
             base_model=getattr(base.config, "_name_or_path", None) or None, template=self.template,
             processor={"image_aspect_ratio": aspect}, settings=asdict(self.settings),
             vision_tower_trained=self.settings.train_vision_tower)

@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..codec import Shape, apply_refinement
-from ..geometry import boxes_to_frame
+from ..geometry import boxes_to_frame, frame_region
 from ..parse import parse
 from .scores import (BOX_TASKS, GRID_TASKS, RewardConfig, Target, box_score, format_score, inside_target, mask_score,
                      parse_completion, points_score, refine_score, repetition_score, target_of)
@@ -119,7 +119,7 @@ class BoxReward(GroundingReward):
     def score(self, text, result, target, record):
         if any(s.kind != "box" for s in result.shapes):
             return None  # a non-box shape where boxes were asked for: unparseable for this task
-        image_box = boxes_to_frame([0, 0, *target.size], target.size, target.frame)
+        image_box = boxes_to_frame(frame_region(target.size, target.frame), target.size, target.frame)  # what it sees
         return box_score([s.box for s in result.shapes], target.boxes, self.config, image_box)
 
 

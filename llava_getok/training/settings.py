@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..formats import (BinsFormat, LocationFormat, LocationOptions, TextFormat, describe, format_name,
+from ..formats import (BinsFormat, LocationFormat, LocationOptions, Qwen25Format, TextFormat, describe, format_name,
                        format_to_dict, same_tokens)
 from ..options import check_choices, option, same_option
 from ..vocab import GETokConfig
@@ -87,6 +87,8 @@ class GETokSettings:
             raise FormatError(f"--getok_format {name}, but the training data is in {describe(have)}")
         if name == "text":
             return have if have is not None else TextFormat()
+        if name == "qwen25":  # its numbers are pixels of the image each record was bound to: the data's own
+            return have if have is not None else Qwen25Format()
         if name == "bins":
             k = self.bins or (have.bins if have is not None else BinsFormat().bins)
             if have is not None and have.bins != k:
