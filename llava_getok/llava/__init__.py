@@ -20,10 +20,11 @@ class RegisterReport:
     templates: list[str] = field(default_factory=list)
     builder_hook: bool = False
     trainer_hook: bool = False
+    upright_images: bool = False
 
     @property
     def changed(self) -> bool:
-        return bool(self.compat_fixes or self.templates or self.builder_hook or self.trainer_hook)
+        return bool(self.compat_fixes or self.templates or self.builder_hook or self.trainer_hook or self.upright_images)
 
 
 def register(settings=None, **kwargs) -> RegisterReport:
@@ -48,6 +49,9 @@ def register(settings=None, **kwargs) -> RegisterReport:
     report.templates = register_templates()
     report.builder_hook = install_builder_hook()
     report.trainer_hook = install_trainer_hook(settings)
+    from .upright import install_upright_images
+
+    report.upright_images = install_upright_images()  # LLaVA's dataset reads images upright, as predict does
     return report
 
 
@@ -59,6 +63,7 @@ def unregister() -> RegisterReport:
     from .builder import uninstall_builder_hook
     from .templates import unregister_templates
     from .trainer import uninstall_trainer_hook
+    from .upright import uninstall_upright_images
 
     return RegisterReport(templates=unregister_templates(), builder_hook=uninstall_builder_hook(),
-                          trainer_hook=uninstall_trainer_hook())
+                          trainer_hook=uninstall_trainer_hook(), upright_images=uninstall_upright_images())
