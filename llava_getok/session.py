@@ -90,11 +90,13 @@ class _IdStreamer:
 
 @dataclass
 class Answer:
-    """The last complete answer of a conversation: raw text, token ids, shapes in the model's frame (normalised)."""
+    """The last complete answer of a conversation: raw text, token ids, shapes in the model's frame (normalised) and
+    in pixels of the image (JSON shapes)."""
 
     text: str = ""
     ids: list = field(default_factory=list)
     shapes: list = field(default_factory=list)
+    pixels: list = field(default_factory=list)
     anchors: list = field(default_factory=list)  # (anchor, point) pairs, normalised: where each offset moved a point
 
 
@@ -380,4 +382,4 @@ class Conversation:
         else:
             moves = engine.moves(ids_seen)
         self.turns = turns + [{"from": "gpt", "value": last.text}]
-        self.last = Answer(last.text, list(ids_seen), shapes, moves)
+        self.last = Answer(last.text, list(ids_seen), shapes, last.shapes, moves)
