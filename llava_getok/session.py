@@ -169,10 +169,11 @@ class Engine:
         return parse_ids(ids, self.id_to_token, fmt) if self.token_ids else parse(self.decode(ids), fmt)
 
     def stream(self, prompt: str, picture=None, processors=(), temperature: float = 0.0, top_p: float = 1.0,
-               max_new_tokens: int | None = None, shapes_of=None) -> Iterator[Chunk]:
+               max_new_tokens: int | None = None, shapes_of=None, stop: str | None = None) -> Iterator[Chunk]:
         """Generate the answer to a rendered ``prompt`` (``<image>`` where ``picture``, an upright RGB PIL image,
         goes) and yield it chunk by chunk. ``shapes_of(ids)`` -> normalised shapes (default: the parsed closed
-        groups), mapped to pixels of ``picture``. The last chunk has ``done`` set; its ``text`` is the whole answer."""
+        groups), mapped to pixels of ``picture``; ``stop``: a string that ends the answer besides EOS (LLaVA's
+        worker API). The last chunk has ``done`` set; its ``text`` is the whole answer."""
         import torch
 
         from .llava import inputs
@@ -182,6 +183,10 @@ class Engine:
         if picture is not None:
             dtype = next(self.model.parameters()).dtype
             kwargs["images"] = self.image_tensor(picture)[None].to(self.model.device, dtype=dtype)
+        if stop:
+            from transformers import StopStringCriteria
+
+            kwargs["stopping_criteria"] = [StopStringCriteria(self.tokenizer, [stop])]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.unk_token_id
         streamer, failure = _IdStreamer(), []
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
