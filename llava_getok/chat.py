@@ -20,6 +20,7 @@ Images are read upright (EXIF orientation applied) and the shapes are pixels of 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def _parser():
     p.add_argument("--out", type=Path, default=None, help="PNG: the image with the last answer's shapes drawn")
     p.add_argument("--grid", action="store_true", help="in --out, also the lattice and the cells of the anchors")
     p.add_argument("--offsets", action="store_true", help="in --out, also each point's grid anchor and its offset")
+    p.add_argument("--debug", action="store_true", help="after each answer, print the prompt and the raw answer")
     return p
 
 
@@ -80,6 +82,8 @@ def run(conversation, roles, args, lines, write) -> None:
         write("\n")
         for k, shape in enumerate(last.shapes, 1):
             write(format_shape(k, shape) + "\n")
+        if args.debug:  # as LLaVA's cli --debug
+            write("\n" + json.dumps({"prompt": conversation.last_prompt, "outputs": last.text}) + "\n\n")
         if args.out is not None and conversation.picture is not None:
             picture = conversation.engine.picture(conversation.picture, last.shapes, args.grid,
                                                   conversation.last.anchors if args.offsets else ())

@@ -311,6 +311,7 @@ class Conversation:
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.turns: list[dict] = []
         self.last = Answer()
+        self.last_prompt = ""  # the prompt text of the last answer, as the model read it
 
     def reset(self, picture=None):
         """Forget the turns (and change the image when one is given)."""
@@ -376,7 +377,8 @@ class Conversation:
             return shapes_of(ids) if shapes_of else engine.parse(ids, fmt).shapes
 
         last = None
-        for chunk in engine.stream(engine.prompt(turns), self.picture, processors, self.temperature, self.top_p,
+        self.last_prompt = engine.prompt(turns)
+        for chunk in engine.stream(self.last_prompt, self.picture, processors, self.temperature, self.top_p,
                                    self.max_new_tokens, shapes_of=track):
             last = chunk
             yield chunk
