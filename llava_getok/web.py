@@ -26,6 +26,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 # sanitiser would otherwise swallow <box> and the other tags as unknown elements: gradio-app/gradio#7198)
 TOKEN_RUN = re.compile(r"(?:<(?:/?(?:box|seg|pl|offset)|grid_-?\d+_-?\d+|off_-?\d+_-?\d+|delete|loc_\d+|image)>)+")
 NO_IMAGE = "Upload an image or pick an example first."
+MAX_EXAMPLES = 100  # the dropdown's length; a folder may hold thousands
 
 
 def shown(text: str) -> str:
@@ -42,7 +43,26 @@ def example_images(folder: Path | None) -> list[Path]:
     folder = folder if folder is not None else (CHECKOUT_EXAMPLES if CHECKOUT_EXAMPLES.is_dir() else None)
     if folder is None:
         return []
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_EXAMPLES]
+
+
+def web_command(model: Path, template: str, examples: Path | None = None) -> str:
+    """The shell command that opens ``model`` in the web demo, with this environment's ``llava-getok`` (no
+    activation needed) and paths relative to the working folder where they are inside it."""
+    import shlex
+
+    def rel(p):
+        p = Path(p).resolve()
+        try:
+            return str(p.relative_to(Path.cwd()))
+        except ValueError:
+            return str(p)
+
+    exe = Path(sys.executable).parent / "llava-getok"
+    cmd = [rel(exe) if exe.exists() else "llava-getok", "web", "--model-path", rel(model), "--conv-mode", template]
+    if examples is not None:
+        cmd += ["--examples", rel(examples)]
+    return " ".join(shlex.quote(c) for c in cmd)
 
 
 def build_app(engine, examples: list[Path], temperature: float = 0.0):

@@ -32,12 +32,20 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_getok_checkpoint):
+def server(tiny_getok_checkpoint, shared_data):
+    """The app, started with the command the demo prints for its model (``web_command``: this environment's
+    llava-getok; here run as ``python -m llava_getok.cli`` so that it is this checkout's code), on a free port."""
+    import shlex
+
+    from llava_getok.web import web_command
+
+    command = shlex.split(web_command(tiny_getok_checkpoint, "getok_v1", shared_data / "coco_mini" / "val2017"))
+    assert Path(command[0]).name == "llava-getok" and command[1] == "web"
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO), GRADIO_ANALYTICS_ENABLED="False")
-    proc = subprocess.Popen([sys.executable, "-m", "llava_getok.cli", "web", "--model-path", str(tiny_getok_checkpoint),
-                             "--conv-mode", "getok_v1", "--device", "cpu", "--port", str(port), "--max-new-tokens", "16"],
+    proc = subprocess.Popen([sys.executable, "-m", "llava_getok.cli", *command[1:], "--device", "cpu", "--port",
+                             str(port), "--max-new-tokens", "16"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
