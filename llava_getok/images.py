@@ -83,7 +83,7 @@ def load_image(source) -> Image.Image:
     except FileNotFoundError:
         raise FileNotFoundError(f"{name}: no such file") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file (PIL cannot identify its format)") from None
+        raise ImageError(f"{name}: not an image file (PIL cannot identify image format)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"{name}: cannot decode the image ({_reason(e)})") from None
     if min(picture.size) < MIN_SIDE:

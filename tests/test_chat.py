@@ -101,7 +101,7 @@ def test_chat_stops_in_one_line_on_a_bad_image(tiny_getok_checkpoint, tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        f"llava-getok chat: --image-file {bad}: not an image file (PIL cannot identify its format)"]
+        f"llava-getok chat: --image-file {bad}: not an image file (PIL cannot identify image format)"]
 
 
 def test_refine_turn_moves_the_first_answers_points(tiny_getok_checkpoint, shared_data):

@@ -94,7 +94,7 @@ def test_worker_registers_with_llavas_controller_and_streams_getok_text_and_shap
     assert all(c["shapes"] == [] for c in chunks if "</box>" not in c["text"][len(prompt):])  # only once closed
 
     bad = stream(fleet, prompt=prompt, images=[base64.b64encode(b"no image here").decode()], max_new_tokens=4)
-    assert bad == [{"text": "images[0]: the uploaded image: not an image file (PIL cannot identify its format)",
+    assert bad == [{"text": "images[0]: the uploaded image: not an image file (PIL cannot identify image format)",
                     "error_code": 1}]
     again = stream(fleet, prompt=prompt, images=[image], temperature=0, max_new_tokens=16, getok_only="box")
     assert again[-1]["text"] == chunks[-1]["text"]  # still serving, greedy and deterministic

@@ -45,7 +45,7 @@ def image_loader_for(root: Path | None):
         try:
             return np.asarray(load_image(path))  # upright, as the model saw it
         except ImageError as e:  # not an image, truncated, too big, too small
-            raise RecordsError(f"record {record.get('id')}: field 'image': {e}") from None
+            raise RecordsError(f"record {record.get('id')}: field 'image': cannot read {e}") from None
 
     return load
 
