@@ -305,16 +305,27 @@ def clip_to_image(points: np.ndarray, w: float, h: float, where: str, field: str
 
 @functools.lru_cache(maxsize=100_000)
 def image_size(path: str) -> tuple[int, int] | None:
-    """(W, H) from the image header (PIL opens lazily and decodes no pixels); None if there is no file."""
-    from PIL import Image
+    """(W, H) of the upright image (EXIF orientation applied, as every model input is read: llava_getok.images) from
+    the header (PIL opens lazily and decodes no pixels); None if there is no file."""
+    from llava_getok.images import ImageError, upright_size
 
     try:
-        with Image.open(path) as im:
-            return im.size
+        return upright_size(path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, a truncated header, too big
-        raise ValueError(f"cannot read the image header of {path}: {e}") from None
+    except ImageError as e:  # not an image, a truncated header, too big
+        raise ValueError(f"cannot read the image header of {e}") from None
+
+
+@functools.lru_cache(maxsize=100_000)
+def image_header(path: str) -> tuple[tuple[int, int], int] | None:
+    """((W, H) as stored, EXIF orientation) from the header; None for a file PIL cannot read (other checks say why)."""
+    from llava_getok.images import ImageError, stored_size
+
+    try:
+        return stored_size(path)
+    except (FileNotFoundError, ImageError):
+        return None
 
 
 @functools.lru_cache(maxsize=100_000)

@@ -291,6 +291,9 @@ def run(a, objects: dict) -> int:
     summary = report(result["metrics"]["rec"], chance, st, a, sheet, selection) | {
         "curve": curve, "tokens_per_answer": answer_tokens, "ceiling": split_row(result["ceiling"]["rec"])}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    from ..web import web_command  # the one command that opens this model in the web demo
+
+    print(f"talk to the model, see its boxes: {web_command(ckpt, a.template, data / 'images' / 'val')}")
     return 0
 
 

@@ -37,17 +37,16 @@ def image_loader_for(root: Path | None):
     """record -> (H, W, 3) uint8 array from ``root / record["image"]``; a clear error when it is missing."""
     if root is None:
         return None
-    from PIL import Image
+    from ..images import ImageError, load_image
 
     def load(record):
         path = Path(root) / str(record.get("image"))
         if not isinstance(record.get("image"), str) or not record["image"] or not path.is_file():
             raise RecordsError(f"record {record.get('id')}: field 'image': {path} not found (under --image-root {root})")
         try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, too big
-            raise RecordsError(f"record {record.get('id')}: field 'image': cannot read {path}: {e}") from None
+            return np.asarray(load_image(path))  # upright, as the model saw it
+        except ImageError as e:  # not an image, truncated, too big, too small
+            raise RecordsError(f"record {record.get('id')}: field 'image': cannot read {e}") from None
 
     return load
 

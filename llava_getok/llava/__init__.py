@@ -21,10 +21,11 @@ class RegisterReport:
     builder_hook: bool = False
     trainer_hook: bool = False
     stays: list[str] = field(default_factory=list)  # unregister(): the patches that stay (the compat fixes)
+    upright_images: bool = False
 
     @property
     def changed(self) -> bool:
-        return bool(self.compat_fixes or self.templates or self.builder_hook or self.trainer_hook)
+        return bool(self.compat_fixes or self.templates or self.builder_hook or self.trainer_hook or self.upright_images)
 
 
 def register(settings=None, template: str | None = None, **kwargs) -> RegisterReport:
@@ -50,6 +51,9 @@ def register(settings=None, template: str | None = None, **kwargs) -> RegisterRe
     report.templates = register_templates()
     report.builder_hook = install_builder_hook()
     report.trainer_hook = install_trainer_hook(settings, template)
+    from .upright import install_upright_images
+
+    report.upright_images = install_upright_images()  # LLaVA's dataset reads images upright, as predict does
     return report
 
 
@@ -61,8 +65,10 @@ def unregister() -> RegisterReport:
     from .builder import uninstall_builder_hook
     from .templates import unregister_templates
     from .trainer import uninstall_trainer_hook
+    from .upright import uninstall_upright_images
 
     from ..patching import PROCESS
 
     return RegisterReport(templates=unregister_templates(), builder_hook=uninstall_builder_hook(),
-                          trainer_hook=uninstall_trainer_hook(), stays=PROCESS.names(permanent=True))
+                          trainer_hook=uninstall_trainer_hook(), upright_images=uninstall_upright_images(),
+                          stays=PROCESS.names(permanent=True))

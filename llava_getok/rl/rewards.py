@@ -206,10 +206,9 @@ def _first_answer(record, target: Target) -> list[Shape]:
 
 @lru_cache(maxsize=8)
 def _load_image(path: str) -> np.ndarray:
-    from PIL import Image
+    from ..images import load_image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(load_image(path))  # upright, as the policy saw it
 
 
 class GroundingByTask(GroundingReward):
