@@ -210,7 +210,7 @@ def test_a_tokenizer_with_special_location_tokens_is_refused_and_turned_into_con
     tok = load_tokenizer(tiny_tokenizer_dir)
     add_the_old_way(tok, CFG)
     ids = tok.convert_tokens_to_ids(list(CFG.tokens()))
-    with pytest.raises(ValueError, match="is a special token: decoding .* gives ''.*location_tokens_as_content"):
+    with pytest.raises(ValueError, match="is a special token: decoding it .* gives ''.*location_tokens_as_content"):
         check_token_ids(tok, CFG)
     assert location_tokens_as_content(tok, CFG) == len(CFG.tokens())
     assert location_tokens_as_content(tok, CFG) == 0  # idempotent
