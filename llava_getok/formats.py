@@ -175,8 +175,16 @@ class BinsFormat:
 
     def parse(self, text: str) -> ParseResult:
         """Runs of adjacent ``<loc_k>`` in ``text``: 2 a point, 4 a box (corners sorted); any other length, or an
-        index outside the K bins, is a ParseError and the run is dropped. Free text is skipped."""
-        return self._parse_runs((m.start(), m.end(), m.group(1)) for m in LOC_RE.finditer(text))
+        index outside the K bins, is a ParseError and the run is dropped. Free text is skipped.
+
+        A text in which no two location tokens touch holds no shape as this format writes them; there, tokens one
+        space apart are read as adjacent: decoders that put a space between added tokens (transformers' slow
+        tokenizers, as LLaVA's serve code and trl decode) write a box so (spec section 10)."""
+        found = [(m.start(), m.end(), m.group(1)) for m in LOC_RE.finditer(text)]
+        pairs = list(zip(found, found[1:]))
+        if not any(a[1] == b[0] for a, b in pairs):  # a spaced decoding: one space joins, as nothing does above
+            found = [(a[0], b[0], a[2]) if b[0] == a[1] + 1 and text[a[1]] == " " else a for a, b in pairs] + found[-1:]
+        return self._parse_runs(found)
 
     def parse_ids(self, ids, id_to_token: dict[int, str]) -> ParseResult:
         """The same over generated token ids (strict: only real token ids count); positions are token indices."""

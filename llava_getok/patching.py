@@ -48,6 +48,23 @@ def _label(owner) -> str:
 
 
 @dataclass
+class _Restore:
+    """Undo of :meth:`Patches.replace`: an object, not a closure, so that a patched object (a tokenizer) still
+    pickles and copies with its patches."""
+
+    owner: Any
+    attr: str
+    had: bool
+    value: Any
+
+    def __call__(self):
+        if self.had:
+            setattr(self.owner, self.attr, self.value)
+        else:
+            delattr(self.owner, self.attr)
+
+
+@dataclass
 class Patches:
     """An ordered list of patches; :meth:`undo` takes them off in reverse order."""
 
@@ -58,13 +75,7 @@ class Patches:
         was in ``owner``'s own namespace (an instance attribute that was not there is deleted again)."""
         had = owner.__dict__.get(attr, _MISSING) if hasattr(owner, "__dict__") else getattr(owner, attr, _MISSING)
         setattr(owner, attr, new)
-
-        def undo():
-            if had is _MISSING:
-                delattr(owner, attr)
-            else:
-                setattr(owner, attr, had)
-
+        undo = _Restore(owner, attr, had is not _MISSING, None if had is _MISSING else had)
         return self.add(Patch(f"{_label(owner)}.{attr}", why, undo, permanent))
 
     def hook(self, handle, name: str, why: str) -> Patch:
@@ -125,8 +136,8 @@ MODEL_ATTR = "_getok_patches"
 
 
 def model_patches(model) -> Patches:
-    """The patches kept on ``model`` (an ``nn.Module``): created on first use, stored outside its parameters and
-    submodules so that saving and ``state_dict`` never see them."""
+    """The patches kept on ``model`` (an ``nn.Module``, a tokenizer): created on first use, in its ``__dict__``,
+    outside its parameters and submodules, so that saving and ``state_dict`` never see them."""
     patches = model.__dict__.get(MODEL_ATTR)
     if patches is None:
         patches = model.__dict__[MODEL_ATTR] = Patches()

@@ -44,7 +44,11 @@ def tokens_per_answer(ckpt: Path, val_json: Path) -> float:
     """Mean number of tokens of the val answers, with the trained tokenizer (its GETok / bin tokens added)."""
     from transformers import AutoTokenizer
 
+    from ..training.sidecar import read_sidecar
+    from ..training.tokens import location_tokens_as_content
+
     tok = AutoTokenizer.from_pretrained(ckpt, use_fast=False)
+    location_tokens_as_content(tok, read_sidecar(ckpt).location_format)  # as the builder loads it
     answers = [r["conversations"][1]["value"] for r in json.loads(val_json.read_text())]
     return float(np.mean([len(tok(t, add_special_tokens=False).input_ids) for t in answers]))
 

@@ -5,8 +5,9 @@ LLaVA's builder picks code paths by substrings of the folder name, takes the LoR
 (docs/pitfalls.md "Loading checkpoints"). With the hook, a folder that has ``getok_config.json`` is loaded from
 that sidecar instead, whatever its name:
 
-1. tokenizer from the checkpoint, used with ``legacy=False`` as in training; its GETok ids must equal the
-   recorded ones (else ValueError);
+1. tokenizer from the checkpoint, used with ``legacy=False`` as in training, its location tokens content (not
+   special, also in a checkpoint saved when they were: ``tokens.location_tokens_as_content``, ids unchanged); its
+   GETok ids must equal the recorded ones (else ValueError);
 2. the model at the recorded vocabulary size: a full checkpoint directly, a LoRA or projector-only one from
    ``model_base`` (or the recorded base) resized to the recorded size *before* any checkpoint weight;
 3. strict key accounting: every checkpoint key lands in a parameter, every parameter comes from somewhere;
@@ -101,7 +102,7 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
     from llava.model import LlavaLlamaForCausalLM
     from transformers import AutoTokenizer
 
-    from ..training.tokens import resize_embeddings, use_non_legacy
+    from ..training.tokens import location_tokens_as_content, resize_embeddings, use_non_legacy
 
     path = Path(model_path)
     sidecar = sidecar if sidecar is not None else read_sidecar(path)
@@ -116,6 +117,7 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False)
     if sidecar is not None:
         use_non_legacy(tokenizer, str(path))  # a tokenizer_config.json without "legacy" (copied in by hand)
+        location_tokens_as_content(tokenizer, sidecar.location_format)  # saved when they were special tokens
         sidecar.check_tokenizer(tokenizer, str(path))
     # LLaVA's own config class, as LLaVA's builder loads it: a stock checkpoint's config.json may say model_type
     # "llava" (liuhaotian/llava-v1.5-7b), which AutoConfig maps to transformers' own, differently shaped LlavaConfig

@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     from .compat import apply_compat_fixes
     from ..training.sidecar import read_sidecar
     from .templates import register_templates
-    from ..training.tokens import add_getok_tokens, check_token_ids, use_non_legacy
+    from ..training.tokens import add_getok_tokens, check_token_ids, location_tokens_as_content, use_non_legacy
 
     apply_compat_fixes()  # what LLaVA's preprocessing needs on this stack, and the getok_* templates: no trainer
     register_templates()
@@ -227,6 +227,7 @@ def main(argv=None) -> int:
     sidecar = read_sidecar(args.model_path)
     if sidecar is not None:
         sidecar.check_tokenizer(tokenizer, args.model_path)
+        location_tokens_as_content(tokenizer, sidecar.location_format)  # as the builder loads it
         check_token_ids(tokenizer, sidecar.location_format)
     elif args.grid:
         cfg = GETokConfig.from_dict(from_flags(args, LocationOptions, dash=True, only=GETOK_FLAGS))
