@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_getok.demo import on_named_shape, predicted_box
+from llava_getok.demo.scoring import on_named_shape, predicted_box
 from llava_getok.geometry import box_iou
 from llava_getok.parse import lex
 

@@ -100,19 +100,21 @@ def run_one(a, condition: str, seed: int) -> dict:
 def rescore(a, condition: str, seed: int) -> None:
     """Predict and evaluate a finished run's saved models again with the current code (its final model and every
     curve checkpoint), keeping its training: for a fix in decoding or evaluation. Rewrites its summary.json."""
-    from llava_getok import demo, quiet
+    from llava_getok import quiet
+    from llava_getok.demo import parser
+    from llava_getok.demo.scoring import learning_curve, predict_args, split_row
     from llava_getok.eval.cli import evaluate
     from llava_getok.predict import main as predict
 
     quiet.install()
     out = Path(a.work) / condition / f"s{seed}"
-    d = demo._parser().parse_args(demo_args(a, condition, seed, out)[3:])
+    d = parser().parse_args(demo_args(a, condition, seed, out)[3:])
     ckpt, val, data, preds = out / "llava-getok-demo", out / "val.json", out / "data", out / "predictions.jsonl"
-    if predict(demo.predict_args(ckpt, val, data, preds, d)):
+    if predict(predict_args(ckpt, val, data, preds, d)):
         raise SystemExit(f"bench/learning.py: predicting {ckpt} failed")
-    metrics = demo.split_row(evaluate(preds, val, data, out, False, True, None)["metrics"]["rec"])
+    metrics = split_row(evaluate(preds, val, data, out, False, True, None)["metrics"]["rec"])
     summary = json.loads((out / "summary.json").read_text())
-    summary |= {"acc@0.5": metrics["acc@0.5"], "metrics": metrics, "curve": demo.learning_curve(ckpt, val, data, out, d),
+    summary |= {"acc@0.5": metrics["acc@0.5"], "metrics": metrics, "curve": learning_curve(ckpt, val, data, out, d),
                 "rescored": time.strftime("%Y-%m-%d %H:%M")}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
 

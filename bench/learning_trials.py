@@ -349,8 +349,9 @@ def lm_loss(model, ids, mask, labels, images, table, trial: Trial):
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
     if table is not None:
         from llava_getok.training.box_loss import box_token_loss
+        from llava_getok.training.loss_parts import Targets
 
-        parts = box_token_loss(logits, lab, table, sigma=trial.sigma, with_box=trial.box_weight > 0)
+        parts = box_token_loss(logits, Targets.of(lab), table, sigma=trial.sigma, with_box=trial.box_weight > 0)
         loss = loss + trial.grid_weight * parts["grid"] + trial.box_weight * parts["box"]
     return loss
 

@@ -49,9 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_getok.records import MAX_MASK_PIXELS, rle_problem
+from llava_getok.rle import MAX_MASK_PIXELS, rle_problem, rle_to_mask
 
-from .inputs import ConvertError, check_numbers, is_number
+from .inputs import ConvertError, Filtered, check_numbers, is_number
 
 # Pixel coordinates may stray this far outside the image (fraction of the side, plus one pixel) before
 # they count as "far outside" and are rejected; within it they are clipped. Annotation tools round.
@@ -87,7 +87,7 @@ class Sample:
     turns: a conversation of the source's own (``llava``): a list of {"from", "value"} whose values hold
         BOX_SLOT placeholders, one per box of ``boxes``, in order; None for every other source.
     source_fields: extra keys of the source record kept on the output record (``llava``: every key).
-    units: "px" (default), or a frame name ("pad" / "orig") when the source gives boxes and points
+    units: "px" (default), or a frame name ("pad", "orig", "crop"...) when the source gives boxes and points
         normalised to [0, 1] in that frame; :meth:`validated` turns them into pixels once the size is known.
     where: the place in the input ("file:record"), for error messages.
     fields: the source's own names, so that errors name its field: "boxes" / "points" -> one name (``[k]`` is
@@ -165,6 +165,52 @@ class Sample:
             object.__setattr__(out, name, value)
         return out
 
+    def in_view(self, frame: str) -> "Sample":
+        """This validated sample as a model that sees ``frame`` can see it: for a crop frame every box clipped to the
+        part of the image the crop keeps (``geometry.frame_region``), points checked against it, the mask cut to
+        it. A shape wholly outside raises Filtered (the record is skipped and counted: an answer cannot name what
+        the model never sees, and a record is converted whole or not at all). ``pad`` and ``orig`` see the whole
+        image: the sample itself."""
+        from llava_getok.geometry import crop_sizes, frame_region
+
+        if crop_sizes(frame) is None or self.size is None:
+            return self
+        x0, y0, x1, y1 = region = frame_region(self.size, frame)
+        seen = f"the {frame} frame keeps x {x0:.3f}..{x1:.3f}, y {y0:.3f}..{y1:.3f} of the {self.size[0]:g}x{self.size[1]:g} image"
+        boxes = []
+        for k, b in enumerate(self.boxes):
+            c = (max(b[0], x0), max(b[1], y0), min(b[2], x1), min(b[3], y1))
+            if not (_kept(b[0], b[2], c[0], c[2]) and _kept(b[1], b[3], c[1], c[3])):
+                raise Filtered(OUTSIDE_CROP, self._field("boxes", k), f"box {list(b)} lies outside the crop: {seen}")
+            boxes.append(c)
+        for k, p in enumerate(self.points):
+            if not (x0 <= p[0] <= x1 and y0 <= p[1] <= y1):
+                raise Filtered(OUTSIDE_CROP, self._field("points", k), f"point {list(p)} lies outside the crop: {seen}")
+        out = copy.copy(self)
+        rle = self._mask_in(region)
+        if rle is not None:
+            if not rle_to_mask(rle).any():
+                raise Filtered(OUTSIDE_CROP, self.field_name("segmentation"), f"the mask lies outside the crop: {seen}")
+            object.__setattr__(out, "polygons", None)
+            object.__setattr__(out, "rle", rle)
+        object.__setattr__(out, "boxes", tuple(boxes))
+        if self.normalised is not None and tuple(boxes) != tuple(self.boxes):
+            object.__setattr__(out, "normalised", None)  # clipped: the source's own numbers no longer hold
+        return out
+
+    def _mask_in(self, region) -> dict | None:
+        """The object's mask with every pixel whose centre lies outside ``region`` cleared, as compressed RLE."""
+        rle = self.mask_rle()
+        if rle is None:
+            return None
+        from pycocotools import mask as mask_utils
+
+        from llava_getok.geometry import pixels_in_region
+
+        mask = rle_to_mask(rle)
+        out = mask_utils.encode(np.asfortranarray((mask & pixels_in_region(*mask.shape, region)).astype(np.uint8)))
+        return {"size": [int(v) for v in out["size"]], "counts": out["counts"].decode("ascii")}
+
     _DEFAULT_NAMES = {"boxes": "bbox", "points": "point", "size": "width, height", "segmentation": "segmentation",
                       "image": "image", "expression": "expression"}
 
@@ -192,17 +238,26 @@ class Sample:
         RLE; None if neither."""
         if self.polygons is None and self.rle is None:
             return None
-        from llava_getok.records import segmentation_to_rle
+        from llava_getok.rle import segmentation_to_rle
 
         w, h = (int(round(v)) for v in self.size)
         return segmentation_to_rle(self.polygons if self.polygons is not None else self.rle, h, w)
+
+
+OUTSIDE_CROP = "shape outside the crop (the model never sees it)"
+
+
+def _kept(lo, hi, clo, chi) -> bool:
+    """Whether a box's extent lo..hi along one axis, clipped to clo..chi, still holds part of it: a positive length,
+    or for a box of zero width (kept in a source's own conversations) a position inside the crop."""
+    return chi > clo or (hi == lo and chi == clo)
 
 
 @functools.lru_cache(maxsize=4096)
 def frame_to_pixels(size: tuple, frame: str) -> tuple:
     """((a_x, b_x), (a_y, b_y)) with pixel = a * normalised + b, read off ``geometry.points_from_frame``.
 
-    Both frames are affine per axis, so two points fix the map; caching it per image size spares a
+    Every frame is affine per axis, so two points fix the map; caching it per image size spares a
     million-record conversion two numpy round trips per record.
     """
     from llava_getok.geometry import points_from_frame
@@ -250,16 +305,27 @@ def clip_to_image(points: np.ndarray, w: float, h: float, where: str, field: str
 
 @functools.lru_cache(maxsize=100_000)
 def image_size(path: str) -> tuple[int, int] | None:
-    """(W, H) from the image header (PIL opens lazily and decodes no pixels); None if there is no file."""
-    from PIL import Image
+    """(W, H) of the upright image (EXIF orientation applied, as every model input is read: llava_getok.images) from
+    the header (PIL opens lazily and decodes no pixels); None if there is no file."""
+    from llava_getok.images import ImageError, upright_size
 
     try:
-        with Image.open(path) as im:
-            return im.size
+        return upright_size(path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, a truncated header, too big
-        raise ValueError(f"cannot read the image header of {path}: {e}") from None
+    except ImageError as e:  # not an image, a truncated header, too big
+        raise ValueError(f"cannot read the image header of {e}") from None
+
+
+@functools.lru_cache(maxsize=100_000)
+def image_header(path: str) -> tuple[tuple[int, int], int] | None:
+    """((W, H) as stored, EXIF orientation) from the header; None for a file PIL cannot read (other checks say why)."""
+    from llava_getok.images import ImageError, stored_size
+
+    try:
+        return stored_size(path)
+    except (FileNotFoundError, ImageError):
+        return None
 
 
 @functools.lru_cache(maxsize=100_000)

@@ -1,7 +1,7 @@
 """``convert-datasets``: grounding datasets -> GETok conversations in LLaVA's format.
 
     convert-datasets SOURCE --input IN --output OUT.json|OUT.jsonl [--image-root DIR] [--task rec]
-                     [--frame pad|orig] [--format getok|text|bins] [--grid 32] [--rounds R]
+                     [--frame pad|crop|orig] [--format getok|text|bins] [--grid 32] [--rounds R]
                      [--mode grid|inline|refine] [--decimals 2] [--bins 1000]
                      [--workers N] [--limit N] [--seed S] [--on-error fail|skip]
     convert-datasets --list                      sources, their tasks and input formats
@@ -21,13 +21,15 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from llava_getok.atomic import atomic_path
-from llava_getok.formats import FORMAT_NAMES, BinsFormat, TextFormat
-from llava_getok.geometry import FRAMES
-from llava_getok.records import RecordsError, decode_record, one_line, read_records
-from llava_getok.vocab import MODES, SCHEDULES, GETokConfig
+from llava_getok.formats import LocationOptions, Qwen25Format
+from llava_getok.geometry import check_frame
+from llava_getok.messages import one_line
+from llava_getok.options import add_flags, from_flags
+from llava_getok.records import RecordsError, decode_record, read_records
 
 from . import registry
 from .base import Options
@@ -43,18 +45,14 @@ def _parser():
     p.add_argument("--image-root", type=Path, help="folder the records' image paths are relative to (sizes from headers, existence checks, RES proposals)")
     p.add_argument("--output", type=Path, help=".json (LLaVA's list) or .jsonl (one record a line)")
     p.add_argument("--task", default=None, help="rec, reg, point, res, det, refine (= rec in refine mode); llava: rewrite. Default: the source's first")
-    p.add_argument("--frame", choices=FRAMES, default="pad", help="frame of the output coordinates: pad (LLaVA-1.5 image_aspect_ratio=pad) or orig")
-    p.add_argument("--input-frame", choices=FRAMES, default="pad", help="llava: the frame the input's normalised boxes are in")
-    p.add_argument("--format", choices=FORMAT_NAMES, default="getok",
-                   help="how answers write locations: getok (grid + offset tokens), text (LLaVA-1.5's [0.12, 0.34, 0.56, 0.78]) "
-                        "or bins (1D tokens <loc_k>, 4 a box); text and bins: boxes and points only")
-    p.add_argument("--decimals", type=int, default=2, help="--format text: decimals per coordinate (LLaVA-1.5: 2)")
-    p.add_argument("--bins", type=int, default=1000, help="--format bins: K bins per axis, tokens <loc_0> .. <loc_{K-1}>")
-    p.add_argument("--grid", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=None, help="offset rounds (default: 0 for grid mode, else 1)")
-    p.add_argument("--offset-levels", type=int, default=3)
-    p.add_argument("--schedule", choices=SCHEDULES, default="halving")
-    p.add_argument("--mode", choices=MODES, default="inline")
+    p.add_argument("--frame", type=frame_arg, default=None,
+                   help="frame of the output coordinates, the one the model's image processor gives (llava_getok.frames): "
+                        "pad (LLaVA image_aspect_ratio=pad), crop (LLaVA's default 'square' with CLIP ViT-L/14-336: "
+                        "shortest edge 336, centre crop 336; crop:E for another tower's E, crop:E:WxH), or orig (the "
+                        "whole image: Qwen2-VL, LLaVA-NeXT). With a crop, a shape across its edge is clipped and a "
+                        "record with a shape wholly outside is skipped (counted). Default: pad (qwen25: orig)")
+    p.add_argument("--input-frame", type=frame_arg, default="pad", help="llava: the frame the input's normalised boxes are in")
+    add_flags(p, LocationOptions, dash=True)  # --format, --decimals, --bins, --min-pixels, --grid, ...
     p.add_argument("--split", help="keep only this split (refcoco: train/val/test/testA/testB; vg, flickr30k)")
     p.add_argument("--dataset", help="refcoco: refcoco | refcoco+ | refcocog (default: the input folder's name)")
     p.add_argument("--split-by", help="refcoco: unc | umd | google (default: unc, refcocog: umd)")
@@ -73,6 +71,14 @@ def _parser():
     p.add_argument("--no-resume", action="store_true", help="start over even if an interrupted run of the same job left OUTPUT.partial")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: when stderr is a terminal)")
     return p
+
+
+def frame_arg(value: str) -> str:
+    """``--frame``'s value in its one spelling; argparse reports a name that is not a frame."""
+    try:
+        return check_frame(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def error(prog: str, e) -> None:
@@ -139,13 +145,15 @@ def build_job(argv):
         what = "masks (task res)" if task == "res" else "refine mode (two turns of offsets)"
         error("convert-datasets", f"--format {a.format} has no form for {what}: only --format getok writes them")
         raise SystemExit(2)  # one line, without the usage block: the arguments are fine, the combination is not
+    if a.format == "qwen25" and (task not in Qwen25Format.PROMPTS or a.frame not in (None, "orig")):
+        error("convert-datasets", f"--format qwen25 writes Qwen2.5-VL's answers to {' and '.join(Qwen25Format.PROMPTS)} "
+                                  f"questions in the frame it sees, the whole image (--frame orig); got --task {task}"
+                                  f"{'' if a.frame is None else ' --frame ' + a.frame}")
+        raise SystemExit(2)
+    if a.frame is None:
+        a.frame = "orig" if a.format == "qwen25" else "pad"
     try:
-        if a.format == "text":
-            cfg = TextFormat(decimals=a.decimals)
-        elif a.format == "bins":
-            cfg = BinsFormat(bins=a.bins)
-        else:
-            cfg = GETokConfig(grid=a.grid, rounds=a.rounds, offset_levels=a.offset_levels, schedule=a.schedule, mode=mode)
+        cfg = replace(LocationOptions(**from_flags(a, LocationOptions, dash=True)), mode=mode).build()
     except ValueError as e:
         p.error(str(e))
     if a.output.suffix not in (".json", ".jsonl"):

@@ -18,6 +18,8 @@ Decisions where the issue and spec are silent (a LLaVA user's expectations):
 - Pointing: the sample's points, else the mask's most interior pixel (largest distance to the border),
   else each box's centre.
 - An expression with no target (``boxes`` empty, e.g. VLM-R1 nulls) is answered with NO_MATCH, no box.
+- A format that writes its whole answer (``qwen25``: Qwen2.5-VL's JSON list) asks with its own prompts
+  (``Qwen25Format.PROMPTS``) and answers with ``fmt.answer``, the expression as each box's label.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import numpy as np
 from llava_getok.codec import Refinement, Shape, apply_refinement, encode_mask_points, encode_refinement, refinement_offsets
 from llava_getok.formats import LocationFormat, encode_boxes, encode_point, format_name, record_format_dict
 from llava_getok.geometry import boxes_to_frame, points_to_frame
-from llava_getok.records import NO_MATCH, PROMPTS, REFINE_PROMPT, json_shape, rle_to_mask, round_pixels, shapes_to_pixels
+from llava_getok.records import NO_MATCH, PROMPTS, REFINE_PROMPT, json_shape, round_pixels, shapes_to_pixels
+from llava_getok.rle import rle_to_mask
 
 from .base import Sample
 from .inputs import ConvertError, Filtered
@@ -133,6 +136,8 @@ def build_record(sample: Sample, task: str, cfg: LocationFormat, frame: str, see
     enc = box_encoder or encode_boxes
     if format_name(cfg) != "getok" and (task in ("res", "refine") or getattr(cfg, "mode", None) == "refine"):
         raise ValueError(f"the {format_name(cfg)} format has no form for task {task!r} (masks and refinements are GETok's)")
+    if hasattr(cfg, "answer"):  # a format that writes its whole answer, with prompts of its own (qwen25)
+        return _own_answer_record(sample, task, cfg, frame, source)
     if sample.turns is not None:
         return _rewrite_record(sample, cfg, frame, source, enc)
     if task == "refine":
@@ -183,6 +188,29 @@ def build_record(sample: Sample, task: str, cfg: LocationFormat, frame: str, see
         "getok": {
             "source": source, "task": task, "split": sample.split, "frame": frame, "size": [_r1(v) for v in size] if size else None,
             **_format_dict(cfg), "expression": sample.expression, "shapes": shapes, **getok_extra,
+        },
+    }
+
+
+def _own_answer_record(sample: Sample, task: str, fmt, frame: str, source: str) -> dict:
+    """A REC / detection record in a format that asks and answers in its own words (qwen25: Qwen2.5-VL's grounding
+    prompt, its JSON list of labelled boxes in pixels of the image it resizes; the whole image, so ``orig``)."""
+    if task not in fmt.PROMPTS or sample.turns is not None:
+        raise ValueError(f"the {fmt.name} format writes {' and '.join(fmt.PROMPTS)} records only, not {task if sample.turns is None else 'rewrite'!r}")
+    if frame != "orig":
+        raise ValueError(f"the {fmt.name} format is in the frame its model sees, the whole image: --frame orig, not {frame!r}")
+    phrase = _phrase(sample.expression, sample)
+    human = fmt.PROMPTS[task].format(expression=phrase)
+    bound = fmt.for_image(sample.size)
+    norm = boxes_to_frame(np.asarray(sample.boxes, dtype=np.float64).reshape(-1, 4), sample.size, frame)
+    answer = bound.answer(norm, label=phrase) if len(norm) else NO_MATCH
+    return {
+        "id": f"{sample.id}-{task}",
+        "image": sample.image,
+        "conversations": [{"from": "human", "value": "<image>\n" + human}, {"from": "gpt", "value": answer}],
+        "getok": {
+            "source": source, "task": task, "split": sample.split, "frame": frame, "size": [_r1(v) for v in sample.size],
+            **_format_dict(fmt), "expression": sample.expression, "shapes": [_box_shape(b) for b in sample.boxes],
         },
     }
 

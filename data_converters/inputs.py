@@ -24,7 +24,7 @@ import math
 import pickle
 from pathlib import Path
 
-from llava_getok.records import short
+from llava_getok.messages import short
 
 class ConvertError(ValueError):
     """Bad input: names the file and record (``where``), the source's field (None: the record or file as a
@@ -40,14 +40,16 @@ class ConvertError(ValueError):
 
 
 class Filtered(Exception):
-    """A record deliberately left out (e.g. a COCO crowd region for REC); counted, never an error."""
+    """A record deliberately left out (e.g. a COCO crowd region for REC); counted, never an error. ``reason`` is
+    what the summary counts; ``field`` and ``message`` (default: the reason) say which of the record's fields and
+    why, in the rejects file."""
 
-    def __init__(self, reason: str):
-        self.reason = reason
-        super().__init__(reason)
+    def __init__(self, reason: str, field: str | None = None, message: str | None = None):
+        self.reason, self.field, self.message = reason, field, message or reason
+        super().__init__(self.message)
 
     def __reduce__(self):
-        return (type(self), (self.reason,))
+        return (type(self), (self.reason, self.field, self.message))
 
 
 def json_type(value) -> str:

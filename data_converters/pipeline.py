@@ -41,7 +41,7 @@ from llava_getok.atomic import atomic_path, write_text_atomic
 from llava_getok.formats import LocationFormat
 
 from . import registry
-from .base import Options, image_exists, image_size
+from .base import Options, image_exists, image_header, image_size
 from .conversations import BatchEncoder, build_record, count_nul, group_turns
 from .inputs import ConvertError, Filtered, field_holding, not_utf8
 
@@ -97,13 +97,13 @@ class Converter:
     def load_image(self, path, where, field="image"):
         if self._image[0] != path:
             import numpy as np
-            from PIL import Image
 
-            try:
-                with Image.open(path) as im:
-                    self._image = (path, np.asarray(im.convert("RGB")))
-            except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, too big
-                raise ConvertError(where, field, f"cannot read the image {path}: {e}", "unreadable image") from None
+            from llava_getok.images import ImageError, load_image
+
+            try:  # upright (EXIF orientation applied), as the model sees it
+                self._image = (path, np.asarray(load_image(path)))
+            except ImageError as e:  # not an image, truncated, too big, too small
+                raise ConvertError(where, field, f"cannot read the image {e}", "unreadable image") from None
         return self._image[1]
 
     def __call__(self, item, box_encoder=None):
@@ -117,7 +117,7 @@ class Converter:
             _check_text(line, placeholders, raw, where)
             return "W", line, rid
         except Filtered as e:
-            return "R", json.dumps({"where": where, "reason": e.reason, "field": None, "message": e.reason}), None
+            return "R", json.dumps({"where": where, "reason": e.reason, "field": e.field, "message": e.message}), None
         except ConvertError as e:
             return "R", reject_line(e), None
         except Exception as e:  # noqa: BLE001  a shape no check foresaw: one counted line, never a traceback
@@ -149,7 +149,9 @@ class Converter:
             if sample.boxes or sample.points or sample.polygons or sample.rle:
                 raise ConvertError(where, None, "the record gives no image size; pass --image-root to read it from the image header", "image size unknown")
         else:
-            sample = sample.validated(size)
+            if sample.size is not None and path is not None:
+                _check_orientation(path, where, sample)
+            sample = sample.validated(size).in_view(job.frame)
         if hasattr(self.source, "load_image"):  # a source that makes its images (shapes) may hand them over
             loader = lambda: self.source.load_image(sample, opts)  # noqa: E731
         else:
@@ -169,6 +171,19 @@ class Converter:
             out, lines = [self(item) for item in items], None
         return [(kind, lines[k] if lines is not None and kind == "W" else line, rid, item[0])
                 for k, ((kind, line, rid), item) in enumerate(zip(out, items))]
+
+
+def _check_orientation(path, where, sample) -> None:
+    """A dataset that states its images' sizes (COCO, RefCOCO, ...) gives coordinates in the pixels it was annotated
+    on. The model sees images upright (EXIF orientation applied: llava_getok.images); for an image stored turned or
+    mirrored those are other pixels, and which ones the dataset meant cannot be told in general: the record is
+    refused, in one counted line, rather than converted with coordinates that may be rotated."""
+    header = image_header(path)
+    if header is not None and header[1] != 1:
+        raise ConvertError(where, sample.field_name("image"), f"image {path} carries EXIF orientation {header[1]} "
+                           f"(stored {header[0][0]} x {header[0][1]}, shown turned or mirrored): the dataset's "
+                           f"coordinates may be in either orientation; re-save the image upright (e.g. PIL's "
+                           f"ImageOps.exif_transpose) and its coordinates with it", "EXIF-rotated image")
 
 
 def reject_line(e: ConvertError) -> str:

@@ -5,6 +5,8 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
+    "chat": ("llava_getok.chat", "talk to a model about an image: answers streamed, shapes in pixels, --out picture"),
+    "web": ("llava_getok.web", "the web demo (gradio): upload an image, chat, see each shape drawn as it closes"),
     "predict": ("llava_getok.predict", "generate answers for a converted file and parse them to pixel shapes"),
     "eval": ("llava_getok.eval.cli", "score predictions: REC Acc@0.5/0.8, RES cIoU/gIoU, pointing accuracy"),
     "show": ("llava_getok.viz", "draw predictions and ground truth on the images (PNG, contact sheet)"),

@@ -1,4 +1,4 @@
-"""Location formats: how a shape becomes answer text, for GETok and for the two baselines a user compares it with.
+"""Location formats: how a shape becomes answer text, for GETok and for the baselines a user compares it with.
 
 - ``getok`` (:class:`llava_getok.vocab.GETokConfig`): grid and offset tokens (spec sections 2-5).
 - ``text`` (:class:`TextFormat`): LLaVA-1.5's own boxes, ``[0.12, 0.34, 0.56, 0.78]`` (x1, y1, x2, y2 as Python
@@ -6,6 +6,9 @@
 - ``bins`` (:class:`BinsFormat`): Pix2Seq / PaliGemma-style 1D location tokens ``<loc_k>``, K bins per axis,
   ``min(floor(x K), K - 1)``, decoded to the bin centre ``(k + 0.5) / K``; a box is 4 adjacent tokens
   ``x1 y1 x2 y2`` (no tags), a point 2.
+- ``qwen25`` (:class:`Qwen25Format`): Qwen2.5-VL's own JSON ``{"bbox_2d": [x1, y1, x2, y2], "label": ...}`` in
+  integer pixels of its ``smart_resize``d image; boxes only, converted and scored (not trained by the LLaVA backend).
+  Its numbers depend on the image: :func:`for_image` binds a record's size before encoding or parsing.
 
 Every reader and writer asks a format object instead of branching on the format's name: :func:`encode_boxes`,
 :func:`encode_point`, :func:`render`, :func:`parse`, :func:`parse_ids`, ``fmt.tokens()`` (the tokens training adds),
@@ -16,8 +19,9 @@ masks: encoding one is a ValueError naming the format. ``parse`` never raises, w
 """
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Union
 
 import numpy as np
@@ -27,9 +31,11 @@ from .codec import Shape, check_boxes, check_points
 from .parse import ParseError, ParseResult
 from .parse import parse as parse_getok
 from .parse import parse_ids as parse_getok_ids
+from .options import option, same_option
 from .vocab import TOKEN_RE, GETokConfig
 
-FORMAT_NAMES = ("getok", "text", "bins")
+FORMAT_NAMES = ("getok", "text", "bins")  # what LLaVA trains (python -m llava_getok.train --getok_format)
+CONVERT_ONLY = ("qwen25",)  # Qwen2.5-VL's own JSON boxes: converted and scored here, trained in Qwen2.5-VL
 LOC_FORMAT = "<loc_{k}>"
 # A bin index is written without leading zeros (the token's one spelling); ASCII digits only, as for GETok tokens.
 LOC_RE = re.compile(r"<loc_(0|[1-9][0-9]*)>")
@@ -53,7 +59,7 @@ class TextFormat:
     ['[0.12, 0.6, 0.5, 1.0]']
     """
 
-    decimals: int = 2
+    decimals: int = option(2, "text format: decimals per coordinate (LLaVA-1.5: 2)")
     name: ClassVar[str] = "text"
 
     def __post_init__(self):
@@ -128,7 +134,7 @@ class BinsFormat:
     ['<loc_0><loc_5><loc_9><loc_9>']
     """
 
-    bins: int = 1000
+    bins: int = option(1000, "bins format: K bins per axis, tokens <loc_0> .. <loc_{K-1}>")
     name: ClassVar[str] = "bins"
 
     def __post_init__(self):
@@ -169,8 +175,16 @@ class BinsFormat:
 
     def parse(self, text: str) -> ParseResult:
         """Runs of adjacent ``<loc_k>`` in ``text``: 2 a point, 4 a box (corners sorted); any other length, or an
-        index outside the K bins, is a ParseError and the run is dropped. Free text is skipped."""
-        return self._parse_runs((m.start(), m.end(), m.group(1)) for m in LOC_RE.finditer(text))
+        index outside the K bins, is a ParseError and the run is dropped. Free text is skipped.
+
+        A text in which no two location tokens touch holds no shape as this format writes them; there, tokens one
+        space apart are read as adjacent: decoders that put a space between added tokens (transformers' slow
+        tokenizers, as LLaVA's serve code and trl decode) write a box so (spec section 10)."""
+        found = [(m.start(), m.end(), m.group(1)) for m in LOC_RE.finditer(text)]
+        pairs = list(zip(found, found[1:]))
+        if not any(a[1] == b[0] for a, b in pairs):  # a spaced decoding: one space joins, as nothing does above
+            found = [(a[0], b[0], a[2]) if b[0] == a[1] + 1 and text[a[1]] == " " else a for a, b in pairs] + found[-1:]
+        return self._parse_runs(found)
 
     def parse_ids(self, ids, id_to_token: dict[int, str]) -> ParseResult:
         """The same over generated token ids (strict: only real token ids count); positions are token indices."""
@@ -210,7 +224,162 @@ class BinsFormat:
         return res
 
 
-LocationFormat = Union[GETokConfig, TextFormat, BinsFormat]
+@dataclass(frozen=True)
+class Qwen25Format:
+    """Qwen2.5-VL's own boxes: JSON ``{"bbox_2d": [x1, y1, x2, y2], "label": ...}`` (a list of them in a ```json code
+    fence, as the model writes them), in integer pixels of the image after the processor's ``smart_resize`` (each side
+    a multiple of ``patch_size * merge_size``, the pixel count clamped to [``min_pixels``, ``max_pixels``]:
+    transformers' own function). The whole image is stretched to that size, so the frame is ``orig`` and a normalised
+    x is ``X / W'``. The numbers depend on the image: :meth:`for_image` binds its size (``resized``), which encoding
+    and parsing need (:func:`for_image` for any format). Defaults: Qwen2.5-VL-7B-Instruct's processor. No added
+    tokens; boxes only (REC, detection).
+
+    >>> fmt = Qwen25Format(min_pixels=256 * 28 * 28, max_pixels=512 * 28 * 28).for_image((640, 426))
+    >>> fmt.resized, fmt.encode_boxes([(0.25, 0.5, 0.75, 1.0)])
+    ((644, 420), ['{"bbox_2d": [161, 210, 483, 420]}'])
+    """
+
+    min_pixels: int = option(3136, "qwen25 format: the processor's min_pixels, as the model will be run "
+                             "(Qwen2.5-VL-7B-Instruct's: 3136)")
+    max_pixels: int = option(12845056, "qwen25 format: the processor's max_pixels, as the model will be run "
+                             "(Qwen2.5-VL-7B-Instruct's: 12845056)")
+    patch_size: int = 14
+    merge_size: int = 2
+    resized: tuple[int, int] | None = None  # (W', H') of the bound image; not part of the format's description
+    name: ClassVar[str] = "qwen25"
+    # The grounding prompts of Qwen2.5-VL's own examples (its spatial-understanding cookbook, "following the official
+    # setting and trained data"), per task.
+    PROMPTS: ClassVar[dict] = {
+        "rec": "Locate {expression}, output its bbox coordinates using JSON format.",
+        "det": "Outline the position of each {expression} and output all the coordinates in JSON format.",
+    }
+
+    def __post_init__(self):
+        _check_int_in("qwen25 format: min_pixels", self.min_pixels, 1, 10**10)
+        _check_int_in("qwen25 format: max_pixels", self.max_pixels, self.min_pixels, 10**10)
+        _check_int_in("qwen25 format: patch_size", self.patch_size, 1, 1024)
+        _check_int_in("qwen25 format: merge_size", self.merge_size, 1, 64)
+
+    def tokens(self) -> tuple[str, ...]:
+        """JSON is ordinary text: no token is added."""
+        return ()
+
+    @property
+    def max_error(self) -> float:
+        """Largest per-axis error of a written coordinate: half a pixel of the resized image (of its shorter side;
+        unbound: of the smallest side smart_resize makes, one patch_size * merge_size)."""
+        side = min(self.resized) if self.resized else self.patch_size * self.merge_size
+        return 0.5 / side
+
+    def for_image(self, size) -> "Qwen25Format":
+        """This format bound to an image of ``size`` (W, H): ``resized`` = smart_resize's (W', H')."""
+        try:
+            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        except ImportError as e:
+            raise ValueError(f"the qwen25 format needs transformers' smart_resize (pip install 'llava-getok[llava]'): "
+                             f"{e}") from None
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 1 <= v < 1e9 for v in size)):
+            raise ValueError(f"the qwen25 format needs the image size (W, H) in pixels, got {size!r}")
+        w, h = (int(round(float(v))) for v in size)
+        rh, rw = smart_resize(h, w, factor=self.patch_size * self.merge_size, min_pixels=self.min_pixels,
+                              max_pixels=self.max_pixels)
+        return replace(self, resized=(int(rw), int(rh)))
+
+    def _scale(self) -> np.ndarray:
+        if self.resized is None:
+            raise ValueError("the qwen25 format writes pixels of the resized image: bind the image first "
+                             "(formats.for_image(fmt, size))")
+        return np.asarray(self.resized * 2, dtype=np.float64)
+
+    def encode_boxes(self, boxes) -> list[str]:
+        px = np.rint(check_boxes(boxes) * self._scale()).astype(np.int64).tolist()
+        return ['{"bbox_2d": [' + ", ".join(map(str, b)) + "]}" for b in px]
+
+    def encode_points(self, points) -> list[str]:
+        raise ValueError("the qwen25 format writes boxes only")
+
+    def answer(self, boxes, label: str | None = None) -> str:
+        """The whole answer as Qwen2.5-VL writes it: a ```json fence around a list, one object a line (tab-indented),
+        each ``{"bbox_2d": [...], "label": ...}``."""
+        objects = [b[:-1] + (", \"label\": " + json.dumps(label, ensure_ascii=False) if label is not None else "") + "}"
+                   for b in self.encode_boxes(boxes)]
+        return "```json\n[\n" + ",\n".join("\t" + o for o in objects) + "\n]\n```"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
+                "patch_size": self.patch_size, "merge_size": self.merge_size}
+
+    def describe(self) -> str:
+        return f"qwen25, JSON pixels of smart_resize (min_pixels {self.min_pixels}, max_pixels {self.max_pixels})"
+
+    def parse(self, text: str) -> ParseResult:
+        """Every ``"bbox_2d": [x1, y1, x2, y2]`` in ``text``, in order: inside a JSON object or a list of them, in a
+        ```json code fence or not, beside free text, also cut short (as Qwen2.5-VL writes, a truncated list keeps its
+        complete boxes). Pixels of the resized image -> normalised; corners sorted. A bbox_2d that is not 4 numbers,
+        or lies outside the resized image (beyond codec.CLIP_TOLERANCE of its side), is a ParseError; needs the image
+        bound (an unbound format reports that as the one error)."""
+        res = ParseResult()
+        if self.resized is None:
+            if _BBOX_KEY.search(text):
+                res.errors.append(ParseError(0, "qwen25 boxes are pixels of the resized image: bind the image "
+                                                "(formats.for_image) before parsing"))
+            return res
+        scale = self._scale()
+        for m in _BBOX_2D.finditer(text):
+            start, end = m.span()
+            parts = [p.strip() for p in m.group(1).split(",")]
+            try:
+                if len(parts) != 4 or not all(_JSON_NUM.fullmatch(p) for p in parts):
+                    raise ValueError(f"expected [x1, y1, x2, y2] numbers, got [{_cut(m.group(1))}]")
+                v = np.array([float(p) if len(p) <= 40 else float("inf") for p in parts]) / scale
+                x1, y1, x2, y2 = v.tolist()
+                box = check_boxes([[min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]])[0].tolist()
+                res.shapes.append(Shape("box", ((box[0], box[1]), (box[2], box[3])), (start, end)))
+            except ValueError as e:
+                res.errors.append(ParseError(start, f"bbox_2d [{_cut(m.group(1))}] at {start} is not a box of the "
+                                                    f"{self.resized[0]} x {self.resized[1]} image Qwen2.5-VL saw "
+                                                    f"(smart_resize): {str(e).split(';')[0]}"))
+        return res
+
+
+_BBOX_KEY = re.compile(r"""["']bbox_2d["']""")
+_BBOX_2D = re.compile(r"""["']bbox_2d["']\s*:\s*\[([^\[\]]*)\]""")
+_JSON_NUM = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+LocationFormat = Union[GETokConfig, TextFormat, BinsFormat, Qwen25Format]
+
+
+@dataclass(frozen=True)
+class LocationOptions:
+    """The options that choose a location format, as every command takes them (``convert-datasets --format bins
+    --bins 64``, ``python -m llava_getok.train --getok_grid 16``, ...): the format's name and the parameters of each
+    format, declared where the formats declare them."""
+
+    format: str = option("getok", "how answers write locations: getok (grid + offset tokens), text (LLaVA-1.5's "
+                         "[0.12, 0.34, 0.56, 0.78]), bins (1D tokens <loc_k>, 4 a box) or qwen25 (Qwen2.5-VL's own "
+                         "JSON {\"bbox_2d\": [...]} in pixels of its smart_resized image: rec and det, frame orig); "
+                         "text, bins and qwen25: boxes (and points) only", choices=FORMAT_NAMES + CONVERT_ONLY)
+    decimals: int = same_option(TextFormat, "decimals")
+    bins: int = same_option(BinsFormat, "bins")
+    min_pixels: int = same_option(Qwen25Format, "min_pixels")
+    max_pixels: int = same_option(Qwen25Format, "max_pixels")
+    grid: int = same_option(GETokConfig, "grid")
+    rounds: int | None = same_option(GETokConfig, "rounds")
+    offset_levels: int = same_option(GETokConfig, "offset_levels")
+    schedule: str = same_option(GETokConfig, "schedule")
+    mode: str = same_option(GETokConfig, "mode")
+
+    def build(self) -> LocationFormat:
+        """The format these options name (ValueError for bad values)."""
+        if self.format == "text":
+            return TextFormat(decimals=self.decimals)
+        if self.format == "bins":
+            return BinsFormat(bins=self.bins)
+        if self.format == "qwen25":
+            return Qwen25Format(min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return GETokConfig.from_dict(self.__dict__)
 
 
 # -- one call for every format ---------------------------------------------------------------------------------
@@ -241,7 +410,10 @@ def format_from_dict(d: dict) -> LocationFormat:
         return TextFormat(**d)
     if name == "bins":
         return BinsFormat(**d)
-    raise ValueError(f"unknown location format {name!r}; one of {', '.join(FORMAT_NAMES)}")
+    if name == "qwen25":
+        d.pop("resized", None)
+        return Qwen25Format(**d)
+    raise ValueError(f"unknown location format {name!r}; one of {', '.join(FORMAT_NAMES + CONVERT_ONLY)}")
 
 
 def record_format(getok: dict) -> LocationFormat:
@@ -298,6 +470,13 @@ def same_tokens(a: LocationFormat, b: LocationFormat) -> bool:
     return a.tokens() == b.tokens()
 
 
+def for_image(fmt: LocationFormat, size) -> LocationFormat:
+    """``fmt`` ready to encode and parse the answers about an image of ``size`` (W, H): the format itself, but for one
+    whose numbers depend on the image (qwen25: pixels of the smart_resized image), bound to it."""
+    bind = getattr(fmt, "for_image", None)
+    return bind(size) if bind is not None else fmt
+
+
 def encode_boxes(boxes, fmt: LocationFormat) -> list[str]:
     """Normalised boxes (N, 4) -> one answer string per box."""
     return codec.encode_boxes(boxes, fmt) if isinstance(fmt, GETokConfig) else fmt.encode_boxes(boxes)
@@ -320,7 +499,13 @@ def encode_shape(shape: Shape, fmt: LocationFormat) -> str:
 
 
 def render(shapes, fmt: LocationFormat, sep: str = " ") -> str:
-    """Shapes -> one answer string; the inverse of ``parse(...).shapes``."""
+    """Shapes -> one answer string; the inverse of ``parse(...).shapes``. A format that writes its answer whole (qwen25:
+    one JSON list) writes the boxes its way."""
+    if hasattr(fmt, "answer"):
+        other = [s.kind for s in shapes if s.kind != "box"]
+        if other:
+            raise ValueError(f"the {fmt.name} format has no form for a {other[0]} (boxes only)")
+        return fmt.answer([s.box for s in shapes])
     return sep.join(encode_shape(s, fmt) for s in shapes)
 
 

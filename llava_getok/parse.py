@@ -1,11 +1,8 @@
 """Text (or token ids) with GETok tokens -> typed shapes in order (spec section 8).
 
 Never raises, whatever the text: each problem becomes a :class:`ParseError` with its character
-position, and the offending group is dropped. The grammar is the one :mod:`llava_getok.codec` writes:
-
-    point   := GRID OFF{R}                      (R = cfg.inline_rounds)
-    group   := <box> point point </box> | <pl> point+ </pl> | <seg> point+ </seg> | point
-    refine  := <offset> (rgroup)* </offset>,  rgroup := the same with OFF|<delete> in place of each point
+position, and the offending group is dropped. The grammar is :mod:`llava_getok.grammar`'s, the one
+:mod:`llava_getok.codec` writes.
 """
 from __future__ import annotations
 

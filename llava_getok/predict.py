@@ -23,8 +23,10 @@ import sys
 from pathlib import Path
 
 from .atomic import atomic_path
-from .formats import LocationFormat, describe, format_to_dict, parse, parse_ids, same_tokens
+from .formats import LocationFormat, describe, for_image, format_to_dict, parse, parse_ids, same_tokens
+from .frames import frame_of, frames_differ
 from .parse import ParseResult
+from .messages import one_line
 from .records import REFINE_PROMPT, RecordsError, check_format, check_getok, prediction_line, read_records
 
 SHAPE_ONLY = {"rec": "box", "res": "mask", "point": "point"}  # --shape-only: the answer each task asks for
@@ -110,13 +112,14 @@ class Predictor:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False,
                                      spaces_between_special_tokens=False)
 
-    def predict(self, records: list[dict], image_root) -> list[dict]:
-        """Prediction lines for a batch of records that share a task (one shape-only restriction)."""
+    def predict(self, records: list[dict], image_root, images=None) -> list[dict]:
+        """Prediction lines for a batch of records that share a task (one shape-only restriction); ``images``: their
+        pixel tensors when already read (:meth:`image`)."""
         from .codec import apply_refinement
 
         tasks = {(r.get("getok") or {}).get("task") for r in records}
         only = SHAPE_ONLY.get(tasks.pop()) if self.shape_only and len(tasks) == 1 else None
-        images = [self._image(r, image_root) for r in records]
+        images = images if images is not None else [self.image(r, image_root) for r in records]
         first_turns = [question_turns(r) for r in records]
         answers = self.generate(first_turns, images, self._processors(self.first_cfg, only))
         out = []
@@ -141,7 +144,8 @@ class Predictor:
             return out
         for r, a in zip(records, answers):
             text = self.decode(a)
-            result = parse_ids(a, self.id_to_token, self.cfg) if self.token_ids else parse(text, self.cfg)
+            result = (parse_ids(a, self.id_to_token, self.cfg) if self.token_ids
+                      else parse(text, for_image(self.cfg, (r.get("getok") or {}).get("size"))))
             out.append(self._line(r, text, result))
         return out
 
@@ -149,7 +153,10 @@ class Predictor:
         g = check_getok(record.get("getok") or {}, f"record {record.get('id')}: getok", needs=("frame", "size"))
         return prediction_line(record["id"], text, result.shapes, [e.message for e in result.errors], g["size"], g["frame"])
 
-    def _image(self, record, image_root):
+    def image(self, record, image_root):
+        """The pixel tensor of a record's image (upright: llava_getok.images), None without one; FileNotFoundError
+        or ValueError naming the record, the field and the file."""
+        from .images import ImageError
         from .llava import inputs
 
         if not record.get("image"):
@@ -157,7 +164,10 @@ class Predictor:
         path = Path(image_root or ".") / record["image"]
         if not path.is_file():
             raise FileNotFoundError(f"record {record.get('id')}: field 'image': {path} not found (--image-root {image_root})")
-        return inputs.image_tensor(path, self.image_processor, self.model.config)
+        try:
+            return inputs.image_tensor(path, self.image_processor, self.model.config)
+        except ImageError as e:
+            raise ValueError(f"record {record.get('id')}: field 'image': {e}") from None
 
 
 # --- the transformers-native backend (llava_getok.hf: Qwen2.5-VL, llava-hf): its checkpoints say so in their sidecar;
@@ -175,7 +185,7 @@ class HFPredictor(Predictor):
     def generate(self, conversations, images, processors=(), max_new_tokens=None):
         return self.generator.generate(conversations, images, processors, max_new_tokens or self.max_new_tokens)
 
-    def _image(self, record, image_root):
+    def image(self, record, image_root):
         from .hf.data import load_image
 
         return load_image(record, image_root)
@@ -199,21 +209,21 @@ def backend_of(model_path: str) -> str:
 
 
 def load_hf(model_path: str, model_base: str | None, device: str):
-    """(generator, frame) of an hf-backend checkpoint or of a stock model of one of its families."""
+    """(generator, processor) of an hf-backend checkpoint or of a stock model of one of its families."""
     from .hf.checkpoint import load_checkpoint
-    from .hf.family import family_of, load_processor, processor_frame
+    from .hf.family import family_of, load_processor
     from .hf.generate import Generator
     from .training.sidecar import read_sidecar
 
     if read_sidecar(model_path) is not None:
-        processor, model, sidecar = load_checkpoint(model_path, model_base, device)
-        return Generator(processor, model), sidecar.frame
-    import torch
+        processor, model, _ = load_checkpoint(model_path, model_base, device)
+    else:
+        import torch
 
-    family = family_of(model_path)
-    processor = load_processor(model_path, family)
-    model = family.load_class().from_pretrained(model_path, dtype=torch.float32).to(device).eval()
-    return Generator(processor, model), processor_frame(processor)
+        family = family_of(model_path)
+        processor = load_processor(model_path, family)
+        model = family.load_class().from_pretrained(model_path, dtype=torch.float32).to(device).eval()
+    return Generator(processor, model), processor
 # --- end of the transformers-native backend ---
 
 
@@ -253,15 +263,28 @@ def model_getok_config(model_path: str) -> LocationFormat | None:
 
 
 def predict_file(predictor: Predictor, records: list[dict], image_root, output: Path, batch_size: int = 8,
-                 progress: bool | None = None) -> int:
-    """Write one prediction line per record to ``output`` atomically; return the number of lines."""
+                 progress: bool | None = None, skipped: list | None = None) -> int:
+    """Write one prediction line per record to ``output`` atomically; return the number of lines.
+
+    A record whose image is missing or cannot be shown to the model stops the run (FileNotFoundError / ValueError
+    naming the record and the file), unless ``skipped`` is a list: then its message is appended there and the record
+    gets no line."""
     from tqdm import tqdm
 
     n = 0
     with atomic_path(output) as tmp, open(tmp, "w") as f, \
             tqdm(total=len(records), desc="predict", unit="rec", disable=progress is False) as bar:
         for batch in batches(records, batch_size):
-            for line in predictor.predict(batch, image_root):
+            kept, images = [], []
+            for r in batch:
+                try:
+                    images.append(predictor.image(r, image_root))
+                    kept.append(r)
+                except (FileNotFoundError, ValueError) as e:
+                    if skipped is None:
+                        raise
+                    skipped.append(str(e))
+            for line in predictor.predict(kept, image_root, images) if kept else []:
                 f.write(json.dumps(line) + "\n")
                 n += 1
             bar.update(len(batch))
@@ -285,6 +308,9 @@ def _parser():
     p.add_argument("--conv-mode", default="llava_v1", help="LLaVA conversation template (as in training; stock "
                    "LLaVA-1.5: vicuna_v1, as LLaVA's own evaluation scripts)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                   help="a record whose image is missing or unreadable: stop the run (default), or skip it (counted "
+                        "and listed, no prediction line)")
     return p
 
 
@@ -318,37 +344,40 @@ def main(argv=None) -> int:
         return 1
     import torch
 
+    from . import quiet
+
+    quiet.install()  # what predict prints is its own output, not the libraries' load-time notices
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if backend_of(args.model_path) == "hf":  # --- the transformers-native backend ---
+    if backend_of(args.model_path) == "hf":  # --- the transformers-native backend: its processor says the frame ---
         try:
-            generator, seen = load_hf(args.model_path, args.model_base, device)
+            generator, seen_by = load_hf(args.model_path, args.model_base, device)
         except ValueError as e:
-            print(f"llava-getok predict: {e}", file=sys.stderr)
+            print(f"llava-getok predict: {one_line(e)}", file=sys.stderr)
             return 1
-        return _predict(args, records, cfg, seen, f"the model's processor sees frame {seen!r}",
-                        lambda: HFPredictor(generator, cfg, args.constrained, args.shape_only, args.max_new_tokens))
-    tokenizer, model, processor = load_model(args.model_path, args.model_base, device)
-    # the frame the model sees: LLaVA pads to a square only with image_aspect_ratio "pad" (spec section 1)
-    aspect = getattr(model.config, "image_aspect_ratio", None)
-    seen = "pad" if aspect == "pad" else "orig"
-    return _predict(args, records, cfg, seen, f"the model sees frame {seen!r} (image_aspect_ratio={aspect!r})",
-                    lambda: Predictor(tokenizer, model, processor, cfg, args.conv_mode, args.constrained,
-                                      args.shape_only, args.max_new_tokens))
-
-
-def _predict(args, records, cfg, seen: str, why: str, make_predictor) -> int:
-    """The frame check and the prediction file, for either backend's predictor."""
-    frames = {(r.get("getok") or {}).get("frame") for r in records}
-    if frames != {seen}:
-        print(f"llava-getok predict: {args.data}: records are in frame(s) {sorted(map(str, frames))}, but {why}",
-              file=sys.stderr)
+        make = lambda: HFPredictor(generator, cfg, args.constrained, args.shape_only, args.max_new_tokens)  # noqa: E731
+    else:
+        tokenizer, model, processor = load_model(args.model_path, args.model_base, device)
+        seen_by = model
+        make = lambda: Predictor(tokenizer, model, processor, cfg, args.conv_mode, args.constrained,  # noqa: E731
+                                 args.shape_only, args.max_new_tokens)
+    try:  # the frame the model sees, read off its image_aspect_ratio and its tower's processor (spec section 1)
+        problem = frames_differ(records, frame_of(seen_by), args.data)
+    except ValueError as e:
+        problem = f"{args.model_path}: {e}"
+    if problem:
+        print(f"llava-getok predict: {problem}", file=sys.stderr)
         return 1
+    skipped = [] if args.on_error == "skip" else None
     try:
-        predictor = make_predictor()
-        n = predict_file(predictor, records, args.image_root, args.output, args.batch_size)
+        predictor = make()
+        n = predict_file(predictor, records, args.image_root, args.output, args.batch_size, skipped=skipped)
     except (FileNotFoundError, ValueError) as e:
-        print(f"llava-getok predict: {e}", file=sys.stderr)
+        print(f"llava-getok predict: {one_line(e)}", file=sys.stderr)
         return 1
+    for message in skipped or []:
+        print(f"llava-getok predict: skipped {one_line(message)}", file=sys.stderr)
+    if skipped:
+        print(f"llava-getok predict: skipped {len(skipped)} record(s) whose image could not be read", file=sys.stderr)
     print(f"wrote {n} predictions to {args.output}", file=sys.stderr)
     return 0
 

@@ -5,20 +5,22 @@ the original image; a prediction line is ``{"id", "text", "shapes", "errors"}`` 
 This module is the layer below the converters, prediction, evaluation, GRPO and viz: it reads and validates
 both (one error type, :class:`RecordsError`), maps shapes between pixels and the model's frame
 (:func:`shapes_to_pixels` / :func:`shapes_from_pixels`, rounded in one place, :func:`json_shape`), decodes
-``getok.mask`` (:func:`rle_to_mask`) and holds the prompts the records are written with.
+``getok.mask`` (:func:`record_mask`, with :mod:`llava_getok.rle`) and holds the prompts the records are written
+with.
 """
 from __future__ import annotations
 
 import json
-import reprlib
 from pathlib import Path
 
 import numpy as np
 
 from .codec import Shape, apply_refinement
-from .formats import LocationFormat, parse, record_format
-from .geometry import FRAMES, points_from_frame, points_to_frame
+from .formats import LocationFormat, for_image, parse, record_format
+from .geometry import FRAME_NAMES, check_frame, points_from_frame, points_to_frame
+from .messages import short
 from .parse import ParseError, ParseResult
+from .rle import rle_problem, rle_to_mask
 from .vocab import SHAPE_KINDS, GETokConfig
 
 # Pixel coordinates in files (records and predictions) are rounded to this many decimals.
@@ -79,24 +81,6 @@ def check_id(value, where: str) -> str:
     if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
         return str(value)
     raise RecordsError(f"{where}: 'id' must be a string or an integer, got {short(value)}")
-
-
-def short(value) -> str:
-    """A value of a bad input as messages quote it: its repr, cut short (long strings and lists, deep nesting),
-    so that an error stays one short line whatever the input holds."""
-    return _REPR.repr(value)
-
-
-def one_line(text: str) -> str:
-    """``text`` with every character that is not printable (newlines, form feeds, the control bytes a library's
-    message may quote from a corrupt file) escaped, so that a CLI's error is exactly one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 6
-_REPR.maxlevel = 3
 
 
 def read_records(path, require_id: bool = True, one_question: bool = False) -> list[dict]:
@@ -220,9 +204,9 @@ def check_format(getok: dict, where: str) -> LocationFormat:
 
 
 def check_getok(getok, where: str = "getok field", needs=("task", "frame", "size", "shapes")) -> dict:
-    """A record's ``getok`` field with the keys ``needs`` checked (present; ``task`` a string; ``frame`` one of
-    FRAMES; ``size`` two positive numbers; ``shapes`` valid JSON shapes; ``config``: a valid location format, GETok's
-    ``config`` or the ``format`` of text and bins, :func:`check_format`) and, when
+    """A record's ``getok`` field with the keys ``needs`` checked (present; ``task`` a string; ``frame`` a frame of
+    :mod:`llava_getok.geometry`; ``size`` two positive numbers; ``shapes`` valid JSON shapes; ``config``: a valid
+    location format, GETok's ``config`` or the ``format`` of the others, :func:`check_format`) and, when
     present, ``mask`` (COCO RLE of ``size``) and ``boxes`` (lists of 4 numbers); returns it, else
     :class:`RecordsError` naming the field."""
     if not isinstance(getok, dict):
@@ -232,8 +216,11 @@ def check_getok(getok, where: str = "getok field", needs=("task", "frame", "size
             raise RecordsError(f"{where} lacks {key!r} (docs/data-format.md); keys: {sorted(getok)}")
     if "task" in needs and not isinstance(getok["task"], str):
         raise RecordsError(f"{where}: 'task' must be a string, got {short(getok['task'])}")
-    if "frame" in needs and (not isinstance(getok["frame"], str) or getok["frame"] not in FRAMES):
-        raise RecordsError(f"{where}: 'frame' must be one of {FRAMES}, got {short(getok['frame'])}")
+    if "frame" in needs:
+        try:
+            check_frame(getok["frame"])
+        except ValueError:
+            raise RecordsError(f"{where}: 'frame' must be one of {FRAME_NAMES}, got {short(getok['frame'])}") from None
     size = getok.get("size")
     if "size" in needs and not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_number(v) and v > 0 for v in size)):
         raise RecordsError(f"{where}: 'size' must be [width, height] in pixels, got {short(size)}")
@@ -320,7 +307,7 @@ def decode_record(record: dict) -> dict:
     if not g:
         return {"id": record.get("id"), "text": "", "shapes": [], "errors": ["no getok field: nothing was converted"]}
     check_getok(g, "getok", needs=("config", "frame", "size"))
-    fmt = check_format(g, "getok")
+    fmt = for_image(check_format(g, "getok"), g["size"])
     refine = getattr(fmt, "mode", None) == "refine"
     turns = record.get("conversations")
     if not isinstance(turns, list):
@@ -355,7 +342,7 @@ def parse_answer(record: dict, text: str, rid=None) -> dict:
     refinement is applied to the first answer's shapes. Parse problems are the line's ``errors``; a record that is
     not a converted one is a :class:`RecordsError`."""
     g = check_getok(record.get("getok"), f"record {record.get('id')}: getok", needs=("config", "frame", "size"))
-    fmt = check_format(g, f"record {record.get('id')}: getok")
+    fmt = for_image(check_format(g, f"record {record.get('id')}: getok"), g["size"])
     r = parse(text, fmt)
     result = ParseResult(shapes=r.shapes, errors=list(r.errors))
     if r.refinements:
@@ -369,108 +356,15 @@ def parse_answer(record: dict, text: str, rid=None) -> dict:
 
 # -- masks --------------------------------------------------------------------------------------------------------
 
-# The largest mask decoded: PIL's Image.MAX_IMAGE_PIXELS (images beyond it are "decompression bombs" to PIL, and no
-# image these masks belong to is larger); a hostile size would otherwise allocate height x width bytes.
-MAX_MASK_PIXELS = 89_478_485
-
-
-def rle_counts(counts: str) -> list[int] | None:
-    """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``, in Python), or None when the
-    string is not one (a character outside '0'..'o', a number cut short). Validation only: pycocotools itself does
-    not check a string's runs against the mask size and reads past them."""
-    out, p, n = [], 0, len(counts)
-    while p < n:
-        x = k = 0
-        while True:
-            if p >= n:
-                return None
-            c = ord(counts[p]) - 48
-            if not 0 <= c < 64:
-                return None
-            if k > 6:  # 35 bits: more than any mask of MAX_MASK_PIXELS holds (and an int that grows without end)
-                return None
-            x |= (c & 0x1F) << (5 * k)
-            p, k = p + 1, k + 1
-            if not c & 0x20:
-                if c & 0x10:
-                    x |= -1 << (5 * k)
-                break
-        if len(out) > 2:
-            x += out[-2]
-        out.append(x)
-    return out
-
-
-def rle_problem(rle) -> tuple[str | None, str] | None:
-    """What makes ``rle`` not a COCO RLE mask, as (sub-field or None, message), else None: ``size`` must be
-    [height, width] positive integers within MAX_MASK_PIXELS; ``counts`` a compressed string (or bytes) or a
-    list of integers, runs that are not negative and add up to height x width exactly (pycocotools decodes
-    shorter runs into uninitialised memory and overflows on negative ones)."""
-    if not isinstance(rle, dict):
-        return None, f"expected a COCO RLE object {{'size': [h, w], 'counts': ...}}, got {short(rle)}"
-    size, counts = rle.get("size"), rle.get("counts")
-    if not (isinstance(size, (list, tuple)) and len(size) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
-        return "size", f"expected [height, width] positive integers, got {short(size)}"
-    if size[0] * size[1] > MAX_MASK_PIXELS:
-        return "size", f"{size[0]} x {size[1]} pixels is larger than any image ({MAX_MASK_PIXELS} pixels)"
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii", "replace")
-    if isinstance(counts, str):
-        runs = rle_counts(counts)
-        if runs is None:
-            return "counts", f"not a compressed COCO RLE string: {short(counts)}"
-    elif isinstance(counts, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
-        runs = counts
-    else:
-        return "counts", f"expected a compressed string or a list of integers, got {short(counts)}"
-    if any(v < 0 for v in runs):
-        return "counts", "negative run length"
-    if any(v > size[0] * size[1] for v in runs):
-        return "counts", f"a run longer than the {size[0]} x {size[1]} mask"
-    if sum(runs) != size[0] * size[1]:
-        return "counts", f"runs add up to {sum(runs)} pixels, not {size[0]} x {size[1]} = {size[0] * size[1]}"
-    return None
-
-
-def segmentation_to_rle(segmentation, height: int, width: int) -> dict:
-    """A COCO segmentation of an (height, width) image: polygons ``[[x1, y1, x2, y2, ...], ...]`` or RLE
-    (uncompressed, ``counts`` a list, or compressed, bytes or str) -> compressed RLE with ``counts`` a str,
-    as ``getok.mask`` stores it. An RLE that :func:`rle_problem` refuses is a :class:`RecordsError`."""
-    from pycocotools import mask as mask_utils
-
-    if isinstance(segmentation, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects([list(map(float, p)) for p in segmentation], height, width))
-    else:
-        problem = rle_problem(segmentation)
-        if problem:
-            raise RecordsError(f"mask{'.' + problem[0] if problem[0] else ''}: {problem[1]}")
-        if isinstance(segmentation["counts"], list):
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        else:
-            rle = dict(segmentation)
-    counts = rle["counts"]
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])],
-            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
-
-
-def rle_to_mask(rle: dict) -> np.ndarray:
-    """COCO RLE (compressed, ``counts`` str or bytes, or uncompressed, ``counts`` a list) -> (H, W) bool;
-    :class:`RecordsError` for one :func:`rle_problem` refuses."""
-    from pycocotools import mask as mask_utils
-
-    problem = rle_problem(rle)
-    if problem:
-        raise RecordsError(f"mask{'.' + problem[0] if problem[0] else ''}: {problem[1]}")
-    return mask_utils.decode(segmentation_to_rle(rle, *rle["size"])).astype(bool)
-
-
 def record_mask(getok: dict) -> np.ndarray | None:
     """The ground-truth mask of a record's ``getok`` field, (H, W) bool in original pixels; None without
     ``getok.mask``; :class:`RecordsError` when it is not a valid RLE or its size is not ``getok.size``."""
     if not getok.get("mask"):
         return None
-    mask = rle_to_mask(getok["mask"])
+    try:
+        mask = rle_to_mask(getok["mask"])
+    except ValueError as e:
+        raise RecordsError(str(e)) from None
     if getok.get("size") and mask.shape != tuple(round(v) for v in getok["size"][::-1]):
         raise RecordsError(f"getok.mask is {mask.shape[::-1]} (W, H) but getok.size is {getok['size']}")
     return mask

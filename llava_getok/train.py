@@ -1,33 +1,13 @@
-"""``python -m llava_getok.train``: LLaVA's own ``train()`` with the GETok hooks and arguments.
+"""``python -m llava_getok.train``: LLaVA's own ``train()`` with the GETok hooks and options.
 
 Every argument of LLaVA's ``llava/train/train.py`` passes through unchanged (``--model_name_or_path``,
-``--version``, ``--data_path``, ``--image_folder``, ``--vision_tower``, ``--mm_projector_type``,
-``--mm_vision_select_layer``, ``--tune_mm_mlp_adapter``, ``--freeze_backbone``, ``--lora_enable``,
-``--bits``, ``--learning_rate``, ``--mm_projector_lr``, ``--deepspeed``, ...). Added here:
+``--version``, ``--data_path``, ``--image_folder``, ``--vision_tower``, ``--lora_enable``, ``--bits``,
+``--deepspeed``, ...); the GETok options (``--getok_*``) are the fields of
+:class:`llava_getok.training.settings.GETokSettings`, listed by ``--help``.
 
-  --getok_format getok|text|bins                 the location format (default: the training data's, which
-                                                 convert-datasets --format wrote; getok if it says none)
-  --getok_bins K                                 bins: K bins per axis, tokens <loc_0>..<loc_{K-1}> (default: the
-                                                 data's, else 1000)
-  --getok_grid N (32)  --getok_rounds R  --getok_offset_levels M (3)  --getok_schedule halving|fixed
-  --getok_mode grid|inline|refine (inline)       the GETok config (spec sections 2-5)
-  --getok_init sincos2d|mean (sincos2d)          initialisation of the new rows, input and output (bins: the 1D
-                                                 code of the bin centre)
-  --getok_grid_weight W (0.5)  --getok_box_weight W (0.5)  --getok_sigma S (1.0)  --getok_offset_sigma S (0)
-                                                 box-token loss (bins: its 1D analogue, sigma in bins); both weights
-                                                 0 = plain LLaVA loss, exactly; text always trains with LLaVA's loss
-  --getok_rows auto|full|delta (auto)            auto: only GETok rows train under LoRA/QLoRA/frozen backbone
-  --getok_check_data N (-1 = all, 0 = off)       LLaVA's preprocessing check over the data before training
-                                                 (N: that many distinct records, spread over the file)
-  --getok_data_order shuffle|file (shuffle)      file: train on the records in file order (a curriculum
-                                                 written into the data file), not shuffled
-  --unfreeze_mm_vision_tower                     also train the CLIP tower; saved in every checkpoint
-                                                 (getok_vision_tower.safetensors) and loaded by the builder
-  --attn_implementation sdpa|eager|flash_attention_2 (sdpa); flash-attn is imported only when asked
-
-Templates: ``--version getok_v1`` (or ``getok_<any LLaVA template>``); an unknown name is an error (LLaVA
-would silently use vicuna_v1). QLoRA (``--bits 4/8``) with a ZeRO-3 config is refused: bitsandbytes/peft do
-not support it (LLaVA#1692); use one GPU or ZeRO-2.
+Templates: ``--version getok_v1`` (or ``getok_<any LLaVA template>``); an unknown name is an error (LLaVA would
+silently use vicuna_v1). QLoRA (``--bits 4/8``) with a ZeRO-3 config is refused: bitsandbytes/peft do not support it
+(LLaVA#1692); use one GPU or ZeRO-2. ``--seed`` seeds torch before LLaVA builds anything, so a run is reproduced.
 
 On a CPU (tests, the demo, the recipes' ``DEVICE=cpu`` smoke test) add ``--use_cpu True`` and drop ``--tf32``:
 ``--bf16 True`` / ``--fp16 True`` then train under CPU autocast; ``torchrun --nproc_per_node N ... --ddp_backend
@@ -44,44 +24,22 @@ import importlib.util
 import json
 import sys
 
-from .formats import FORMAT_NAMES
-from .training.cpu_ranks import close_process_group as _close_process_group
+from .options import add_flags, from_flags, truth
+from .training.cpu_ranks import close_process_group as _close_process_group  # shared with llava_getok.hf.train
 from .training.cpu_ranks import launch_argv as cpu_ranks
-from .training.settings import DATA_ORDERS, ROW_MODES, GETokSettings
+from .training.settings import FLAG_PREFIX, GETokSettings
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
 def getok_parser() -> argparse.ArgumentParser:
+    """The options this entry point adds to LLaVA's: the GETok settings (``--getok_*``) and the attention kernel."""
     p = argparse.ArgumentParser(prog="python -m llava_getok.train", add_help=False,
                                 description="GETok options (all other options go to LLaVA's train()).")
-    d = GETokSettings()
-    p.add_argument("--getok_format", default=None, choices=FORMAT_NAMES)
-    p.add_argument("--getok_bins", type=int, default=None)
-    p.add_argument("--getok_grid", type=int, default=d.grid)
-    p.add_argument("--getok_rounds", type=int, default=None)
-    p.add_argument("--getok_offset_levels", type=int, default=d.offset_levels)
-    p.add_argument("--getok_schedule", default=d.schedule, choices=("halving", "fixed"))
-    p.add_argument("--getok_mode", default=d.mode, choices=("grid", "inline", "refine"))
-    p.add_argument("--getok_init", default=d.init, choices=("sincos2d", "mean"))
-    p.add_argument("--getok_grid_weight", type=float, default=d.grid_weight)
-    p.add_argument("--getok_box_weight", type=float, default=d.box_weight)
-    p.add_argument("--getok_sigma", type=float, default=d.sigma)
-    p.add_argument("--getok_offset_sigma", type=float, default=d.offset_sigma)
-    p.add_argument("--getok_rows", default=d.rows, choices=ROW_MODES)
-    p.add_argument("--getok_check_data", type=int, default=d.check_data)
-    p.add_argument("--getok_data_order", default=d.data_order, choices=DATA_ORDERS)
-    p.add_argument("--unfreeze_mm_vision_tower", type=_bool, nargs="?", const=True, default=False)
-    p.add_argument("--attn_implementation", default="sdpa", choices=ATTENTION)
+    add_flags(p, GETokSettings, prefix=FLAG_PREFIX)
+    p.add_argument("--attn_implementation", default="sdpa", choices=ATTENTION, help="attention kernel; flash-attn is "
+                   "imported only when asked")
     return p
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def _peek(argv, name, default=None):
@@ -117,13 +75,17 @@ def with_default_checkpointing(argv: list[str]) -> list[str]:
 
 
 def settings_from(ours) -> GETokSettings:
-    """The GETok settings of the parsed --getok_* flags (ValueError for a bad value)."""
-    return GETokSettings(
-        format=ours.getok_format, bins=ours.getok_bins, grid=ours.getok_grid, rounds=ours.getok_rounds,
-        offset_levels=ours.getok_offset_levels, schedule=ours.getok_schedule, mode=ours.getok_mode, init=ours.getok_init,
-        grid_weight=ours.getok_grid_weight, box_weight=ours.getok_box_weight, sigma=ours.getok_sigma,
-        offset_sigma=ours.getok_offset_sigma, rows=ours.getok_rows, train_vision_tower=ours.unfreeze_mm_vision_tower,
-        check_data=ours.getok_check_data, data_order=ours.getok_data_order)
+    """The GETok settings of the parsed ``--getok_*`` flags (ValueError for a bad value)."""
+    return GETokSettings(**from_flags(ours, GETokSettings, prefix=FLAG_PREFIX))
+
+
+def seed_everything(argv) -> None:
+    """Seed python, numpy and torch with ``--seed`` (the Trainer's default, 42) before LLaVA's ``train()`` builds the
+    model: it creates the projector, the new token rows and LoRA's adapters before the Trainer seeds, so two runs
+    of one command would differ from their first step."""
+    from transformers import set_seed
+
+    set_seed(int(_peek(argv, "seed", 42)))
 
 
 def main(argv=None) -> None:
@@ -133,7 +95,7 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, rest = getok_parser().parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
-        print(__doc__)
+        print(__doc__ + "\n" + getok_parser().format_help() + "\nLLaVA's own options:")
     check_launch(rest)
     if ours.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise SystemExit("--attn_implementation flash_attention_2: the flash-attn package is not installed "
@@ -146,8 +108,8 @@ def main(argv=None) -> None:
     from .llava import register
     from .llava.templates import resolve_template
 
-    register(settings)
     version = _peek(rest, "version", "v0")
+    register(settings, template=version)
     try:
         resolve_template(version)
     except ValueError as e:
@@ -155,12 +117,13 @@ def main(argv=None) -> None:
 
     import llava.train.train as llava_train
 
-    from .training.settings import FormatError
+    from .training.settings import FormatError, TrainingDataError
 
     sys.argv = [sys.argv[0]] + with_default_checkpointing(cpu_ranks(rest))  # LLaVA's HfArgumentParser reads sys.argv
+    seed_everything(rest)
     try:
         llava_train.train(attn_implementation=ours.attn_implementation)
-    except FormatError as e:  # the data's location format and the flags disagree: one line, not a traceback
+    except (FormatError, TrainingDataError) as e:  # what is wrong with the data or the flags: one line, no traceback
         raise SystemExit(f"python -m llava_getok.train: {e}") from None
     _close_process_group()
 

@@ -150,8 +150,12 @@ def sample_picture(record: dict, prediction: dict | None, image_root, grid: bool
     path = Path(image_root) / str(record.get("image"))
     if not record.get("image") or not path.is_file():
         raise FileNotFoundError(f"record {record.get('id')}: field 'image': {path} not found")
-    with Image.open(path) as im:
-        image = im.convert("RGB")
+    from .images import ImageError, load_image
+
+    try:
+        image = load_image(path)  # upright: the shapes are in the pixels the model saw
+    except ImageError as e:
+        raise ValueError(f"record {record.get('id')}: field 'image': {e}") from None
     cfg = GETokConfig.from_dict(g["config"]) if g.get("config") else None
     frame = g.get("frame", "pad")
     if prediction is not None and "shapes" not in prediction and g:  # a model's raw answer: parsed as eval parses it

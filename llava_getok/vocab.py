@@ -14,6 +14,8 @@ from functools import cached_property
 
 import numpy as np
 
+from .options import option
+
 GRID_FORMAT = "<grid_{i}_{j}>"
 OFFSET_FORMAT = "<off_{dx}_{dy}>"
 DELETE = "<delete>"
@@ -47,11 +49,13 @@ class GETokConfig:
     (34, ('<grid_0_0>', '<grid_1_0>'), '<grid_1_2>')
     """
 
-    grid: int = 32
-    rounds: int | None = None
-    offset_levels: int = 3
-    schedule: str = "halving"
-    mode: str = "inline"
+    grid: int = option(32, "n: grid tokens anchor an n x n lattice of cells over the image's frame")
+    rounds: int | None = option(None, "R: offset rounds per point (default: 0 for mode grid, else 1)")
+    offset_levels: int = option(3, "m: offset values per axis, odd, >= 3 (m = 3: dx, dy in {-1, 0, 1})")
+    schedule: str = option("halving", "offset step of round r: halving, 1 / (n (m-1)^r); fixed, 1 / (n (m-1))",
+                           choices=SCHEDULES)
+    mode: str = option("inline", "grid: grid tokens only; inline: each followed by its offsets; refine: offsets in a "
+                       "second turn", choices=MODES)
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -2,7 +2,7 @@
 # Create .venv (if missing) and install llava-getok with the pinned stack (requirements/constraints.txt).
 # LLaVA (llava-torch) goes in its own --no-deps step: as an ordinary dependency it downgrades torch & co.
 # A failing step stops the script with pip's own message and exit status.
-# Usage: bash scripts/setup_env.sh            (EXTRAS=all by default; VENV=.venv)
+# Usage: bash scripts/setup_env.sh            (EXTRAS=all by default, with web and serve; VENV=.venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -26,6 +26,23 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -c "import llava_getok, llava, torch, transformers; print('llava-getok env ready: torch', torch.__version__, 'transformers', transformers.__version__)"
   echo "$want" > "$stamp"
 fi
+
+# The browser test (tests/test_web.py) drives Debian's chromium through Debian's chromedriver (no browser download is
+# possible or wanted): installed with apt-get when missing; where apt-get cannot run (not root, not Debian) the test
+# is skipped and says why.
+case ",$EXTRAS," in
+  *,all,*|*,test,*)
+    if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+      if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "installing chromium and chromium-driver (apt-get) for the browser test"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+      else
+        echo "setup_env: chromium / chromedriver missing and apt-get unavailable here (needs root on Debian):" \
+             "tests/test_web.py's browser test will be skipped" >&2
+      fi
+    fi ;;
+esac
 
 # The real 32,000-piece LLaMA-layout sentencepiece model for tests/test_legacy_tokenizer.py ships in the
 # mistral_common wheel (Apache-2.0): downloaded, read from the zip, never installed (it pins numpy < 2.4).

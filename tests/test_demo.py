@@ -11,7 +11,8 @@ from PIL import Image
 
 
 def test_demo_quick_runs_end_to_end(tmp_path, capsys):
-    from llava_getok.demo import main, shapes_records
+    from llava_getok.demo import main
+    from llava_getok.demo.data import shapes_records
 
     out = tmp_path / "demo"
     assert main(["--quick", "--out", str(out)]) == 0
@@ -117,7 +118,7 @@ def test_demo_stages_run_one_shape_then_colour_only_then_kind_only_images_before
 
 
 def test_curriculum_file_writes_each_stage_in_order_and_every_record_once_a_pass(tmp_path):
-    from llava_getok.demo import curriculum_file
+    from llava_getok.demo.data import curriculum_file
 
     first, rest = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps([{"id": f"a{k}"} for k in range(10)]))
@@ -135,7 +136,7 @@ def test_curriculum_file_writes_each_stage_in_order_and_every_record_once_a_pass
 
 
 def test_curriculum_file_mixes_sources_by_share_and_goes_on_with_each_pass(tmp_path):
-    from llava_getok.demo import curriculum_file
+    from llava_getok.demo.data import curriculum_file
 
     first, rest, third = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "k.json"
     first.write_text(json.dumps([{"id": f"a{k}"} for k in range(10)]))
@@ -160,7 +161,7 @@ def test_sincos_positions_fill_the_given_dimensions_and_leave_the_rest_to_conten
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from llava_getok.demo import set_sincos_positions
+    from llava_getok.demo.model import set_sincos_positions
 
     tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                              num_attention_heads=2, image_size=32, patch_size=8))
@@ -200,10 +201,11 @@ def test_every_schedule_the_demo_offers_parses_and_builds_and_wsd_holds_then_dec
     import torch
     from transformers import HfArgumentParser, TrainingArguments, get_scheduler
 
-    from llava_getok.demo import SCHEDULES, _parser, main, train_args
+    from llava_getok.demo import main, parser
+    from llava_getok.demo.training import SCHEDULES, train_args
 
     def args_of(flags):
-        a = _parser().parse_args(["--steps", "400", *flags])
+        a = parser().parse_args(["--steps", "400", *flags])
         argv = train_args(tmp_path / "m", tmp_path / "t.json", tmp_path, tmp_path / "c", a)
         keep = {"--output_dir", "--max_steps", "--learning_rate", "--lr_scheduler_type", "--lr_scheduler_kwargs", "--warmup_steps"}
         pairs = [argv[k:k + 2] for k in range(len(argv) - 1) if argv[k] in keep]
@@ -233,12 +235,13 @@ def test_demo_sigma_reaches_the_box_token_loss_settings_of_the_training_run(tmp_
     """--sigma is the training run's --getok_sigma: the demo's argv, parsed by python -m llava_getok.train's own
     parser, gives the settings the loss is built from (by default one-hot targets on the demo's 8 x 8 grid, not the
     trainer's default of 1 cell)."""
-    from llava_getok.demo import _parser, train_args
+    from llava_getok.demo import parser
+    from llava_getok.demo.training import train_args
     from llava_getok.training.settings import GETokSettings
     from llava_getok.train import getok_parser, settings_from
 
     def sigma_of(flags):
-        argv = train_args(tmp_path / "m", tmp_path / "t.json", tmp_path, tmp_path / "c", _parser().parse_args(flags))
+        argv = train_args(tmp_path / "m", tmp_path / "t.json", tmp_path, tmp_path / "c", parser().parse_args(flags))
         return settings_from(getok_parser().parse_known_args(argv)[0]).sigma
 
     assert sigma_of([]) == 0.0 and GETokSettings().sigma == 1.0

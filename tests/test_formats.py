@@ -12,7 +12,7 @@ import pytest
 
 from llava_getok import formats
 from llava_getok.formats import BinsFormat, TextFormat
-from llava_getok.generation import BinsGrammar
+from llava_getok.grammar import BinsGrammar
 from llava_getok.records import decode_record, parse_answer
 from llava_getok.vocab import GETokConfig
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from llava_getok.formats import BinsFormat
-from llava_getok.generation import GETokGrammar, GETokLogitsProcessor, getok_token_ids
+from llava_getok.generation import GETokLogitsProcessor, getok_token_ids
+from llava_getok.grammar import GETokGrammar
 from llava_getok.parse import parse_ids
 from llava_getok.vocab import GETokConfig
 

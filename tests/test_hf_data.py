@@ -45,7 +45,8 @@ def labelled_runs(item):
 def test_tiny_models_load_through_transformers_auto_classes(tiny_qwen_dir, tiny_qwen_tied_dir, tiny_llava_hf_dir):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from llava_getok.hf.family import family_of, load_processor, processor_frame
+    from llava_getok.frames import processor_frame
+    from llava_getok.hf.family import family_of, load_processor
     from llava_getok.hf.prepare import tied
 
     qwen = AutoModelForImageTextToText.from_pretrained(tiny_qwen_dir)

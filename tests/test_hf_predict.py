@@ -63,7 +63,7 @@ def test_unconstrained_answers_and_a_frame_mismatch(hf_full_run, hf_grounding, t
     assert main(["predict", "--model-path", str(out), "--data", str(padded), "--image-root",
                  str(padded.parent / "images"), "--output", str(tmp_path / "x.jsonl"), "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "records are in frame(s) ['pad'], but the model's processor sees frame 'orig'" in err
+    assert "records are in frame(s) ['pad'], but the model sees frame 'orig'" in err
 
 
 def test_the_backend_of_a_folder(hf_lora_run, tiny_llava_hf_dir, tmp_path):

@@ -16,10 +16,13 @@ PACKAGES = ("llava_getok", "data_converters")
 
 # The core: the token language and what every layer above shares (numpy, no LLaVA, no files of other layers).
 CORE = {f"llava_getok.{m}" for m in ("vocab", "geometry", "codec", "parse", "formats", "masks", "generation", "records", "viz",
-                                     "atomic", "quiet")}
+                                     "atomic", "quiet", "patching", "options", "grammar", "rle", "messages", "frames",
+                                     "images")}
 # What users run: each may import any layer.
-ENTRY = {"llava_getok", "llava_getok.cli", "llava_getok.predict", "llava_getok.export", "llava_getok.train",
-         "llava_getok.demo", "llava_getok.tiny_model", "llava_getok.recipes"}
+ENTRY = {"llava_getok", "llava_getok.cli", "llava_getok.predict", "llava_getok.export", "llava_getok.train", "llava_getok.demo",
+         *(f"llava_getok.demo.{m}" for m in ("run", "data", "model", "scoring", "training")),
+         "llava_getok.tiny_model", "llava_getok.recipes", "llava_getok.session", "llava_getok.chat", "llava_getok.web",
+         "llava_getok.serve", "llava_getok.serve.model_worker"}
 MAY_IMPORT = {  # layer -> the layers it may import from, besides its own
     "core": set(),
     "data_converters": {"core"},

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from llava_getok.training.box_loss import TokenTable, box_token_loss, find_boxes, soft_targets
+from llava_getok.training.box_loss import TokenTable, box_token_loss, find_boxes
+from llava_getok.training.loss_parts import Targets, gaussian_targets
 from llava_getok.vocab import GETokConfig
 
 CFG = GETokConfig(grid=2, rounds=1)  # 4 grid tokens, 9 offset tokens
@@ -48,7 +49,7 @@ def test_grid_part_value_and_gradient_match_hand_computation():
     torch.manual_seed(0)
     labels = one_box_labels()
     logits = torch.randn(1, labels.shape[1], V, dtype=torch.float64, requires_grad=True)
-    parts = box_token_loss(logits, labels, TABLE, sigma=0.8, offset_sigma=0.0, with_box=False)
+    parts = box_token_loss(logits, Targets.of(labels), TABLE, sigma=0.8, offset_sigma=0.0, with_box=False)
     rows = logits.detach()[0].tolist()
     # targets at label positions 3 (grid_0_0), 4 (off_1_0), 5 (grid_1_1), 6 (off_0_-1): predicted by logits t-1
     grid_ids = [tid(t) for t in CFG.grid_tokens]
@@ -98,7 +99,7 @@ def test_box_part_matches_hand_computation_and_has_a_gradient():
     torch.manual_seed(1)
     labels = one_box_labels()
     logits = torch.randn(1, labels.shape[1], V, dtype=torch.float64, requires_grad=True)
-    parts = box_token_loss(logits, labels, TABLE, sigma=1.0)
+    parts = box_token_loss(logits, Targets.of(labels), TABLE, sigma=1.0)
     assert parts["n_box"] == 1
     assert float(parts["box"].detach()) == pytest.approx(hand_box_loss(logits.detach()[0].tolist()), rel=1e-6)
     parts["box"].backward()
@@ -118,23 +119,23 @@ def test_soft_target_peaks_at_the_target_cell_and_sigma_zero_is_one_hot():
     cfg = GETokConfig(grid=5)
     table = TokenTable.from_ids(cfg, list(range(len(cfg.tokens()))))
     for target in (0, 7, 12, 24):
-        q = soft_targets([target], 5, 1.0)[0]
+        q = gaussian_targets([target], 5, 1.0)[0]
         assert int(q.argmax()) == target and q.sum().item() == pytest.approx(1.0)
         i, j = target % 5, target // 5
         neighbours = [q[jj * 5 + ii] for ii, jj in ((i + 1, j), (i, j + 1)) if ii < 5 and jj < 5]
         far = q[(4 - j) * 5 + (4 - i)] if (i, j) != (2, 2) else q[0]
         assert all(n > far for n in neighbours)
-    assert (soft_targets([3], 5, 0.0)[0] == np.eye(25)[3]).all()
+    assert (gaussian_targets([3], 5, 0.0)[0] == np.eye(25)[3]).all()
 
 
 def test_no_getok_targets_gives_zero_parts_and_malformed_boxes_are_skipped():
     labels = torch.tensor([[-100, 1, 2, 3, 4]])
     logits = torch.randn(1, 5, V)
-    parts = box_token_loss(logits, labels, TABLE)
+    parts = box_token_loss(logits, Targets.of(labels), TABLE)
     assert float(parts["grid"].detach()) == 0 and float(parts["box"]) == 0 and parts["n_box"] == 0
     one_corner = torch.tensor([[-100, tid("<box>"), tid("<grid_0_0>"), tid("</box>")]])
-    assert len(find_boxes(one_corner[:, 1:], TABLE).corners) == 0
-    assert box_token_loss(torch.randn(1, 4, V), one_corner, TABLE)["n_box"] == 0
+    assert len(find_boxes(Targets.of(one_corner), TABLE).corners) == 0
+    assert box_token_loss(torch.randn(1, 4, V), Targets.of(one_corner), TABLE)["n_box"] == 0
 
 
 def walk_boxes(labels, table):
@@ -194,7 +195,7 @@ def test_find_boxes_matches_a_plain_walk_on_random_label_rows():
             rows.append(row[:24])
         labels = torch.tensor(rows)
         want = walk_boxes(labels, TABLE)
-        assert slots_as_walk(find_boxes(labels, TABLE), labels.shape[1]) == want
+        assert slots_as_walk(find_boxes(Targets(labels.numpy().reshape(-1), labels.shape[1]), TABLE), labels.shape[1]) == want
         found += len(want)
     assert found > 300  # the damage leaves most boxes valid: the comparison is not between empty lists
 
@@ -206,8 +207,8 @@ def test_loss_over_a_batch_equals_the_mean_of_its_rows():
             [-100, tid("<box>"), tid("<grid_0_1>"), tid("<off_-1_0>"), tid("<grid_1_1>"), tid("<off_0_0>"), tid("</box>"), 2, 1, 1, -100, -100]]
     labels = torch.tensor(rows)
     logits = torch.randn(3, labels.shape[1], V, dtype=torch.float64)
-    whole = box_token_loss(logits, labels, TABLE, sigma=1.0, offset_sigma=0.5)
-    each = [box_token_loss(logits[r:r + 1], labels[r:r + 1], TABLE, sigma=1.0, offset_sigma=0.5) for r in range(3)]
+    whole = box_token_loss(logits, Targets.of(labels), TABLE, sigma=1.0, offset_sigma=0.5)
+    each = [box_token_loss(logits[r:r + 1], Targets.of(labels[r:r + 1]), TABLE, sigma=1.0, offset_sigma=0.5) for r in range(3)]
     assert whole["n_box"] == 3 and whole["n_grid"] == 12
     assert float(whole["box"]) == pytest.approx(sum(float(e["box"]) for e in each) / 3, rel=1e-12)
     assert float(whole["grid"]) == pytest.approx(sum(float(e["grid"]) for e in each) / 3, rel=1e-12)
@@ -227,7 +228,7 @@ def test_hand_written_gradient_passes_gradcheck_with_several_boxes_and_rounds():
     logits = torch.randn(*labels.shape, V, dtype=torch.float64, requires_grad=True)
 
     def both(x):
-        p = box_token_loss(x, labels, table, sigma=0.7, offset_sigma=0.6)
+        p = box_token_loss(x, Targets.of(labels), table, sigma=0.7, offset_sigma=0.6)
         assert p["n_box"] == 3
         return torch.stack([p["grid"], p["box"]])
 
@@ -240,7 +241,7 @@ def test_ids_out_of_order_give_the_same_loss_as_one_run_of_ids():
     n = len(CFG.tokens())
     perm = np.random.default_rng(0).permutation(n)
     shuffled = TokenTable.from_ids(CFG, [BASE + int(k) for k in perm])
-    assert shuffled._col_slice is None and TABLE._col_slice is not None
+    assert shuffled.lookup._run is None and TABLE.lookup._run is not None
     to_shuffled = np.arange(V)
     to_shuffled[BASE:] = BASE + perm  # token k of CFG.tokens(): id BASE + k in TABLE, BASE + perm[k] in shuffled
     labels = one_box_labels()
@@ -250,7 +251,7 @@ def test_ids_out_of_order_give_the_same_loss_as_one_run_of_ids():
     logits2 = torch.zeros_like(logits.detach())
     logits2[..., torch.from_numpy(to_shuffled)] = logits.detach()
     logits2.requires_grad_()
-    a, b = box_token_loss(logits, labels, TABLE), box_token_loss(logits2, labels2, shuffled)
+    a, b = box_token_loss(logits, Targets.of(labels), TABLE), box_token_loss(logits2, Targets.of(labels2), shuffled)
     assert a["n_box"] == b["n_box"] == 1
     for k in ("grid", "box"):
         assert float(a[k].detach()) == pytest.approx(float(b[k].detach()), rel=1e-12)
@@ -307,7 +308,7 @@ def test_bins_loss_value_and_gradient_match_a_plain_autograd_computation():
                            [-100, 1, 1, loc(0), loc(1), loc(11), loc(6), 2, -100, -100]])
     torch.manual_seed(0)
     logits = torch.randn(2, labels.shape[1], base + bins + 3, dtype=torch.float64, requires_grad=True)
-    parts = bins_token_loss(logits, labels, BinsTable.from_ids(fmt, ids), sigma=1.5)
+    parts = bins_token_loss(logits, Targets.of(labels), BinsTable.from_ids(fmt, ids), sigma=1.5)
     ce, box, n_box = reference_bins_loss(logits, labels, ids, bins, 1.5)
     assert (parts["n_grid"], parts["n_box"], n_box) == (10, 2, 2)
     assert float(parts["grid"].detach()) == pytest.approx(float(ce.detach()), rel=1e-10)
@@ -316,7 +317,7 @@ def test_bins_loss_value_and_gradient_match_a_plain_autograd_computation():
     want = torch.autograd.grad(0.3 * ce + 0.7 * box, logits)[0]
     assert torch.allclose(got, want, atol=1e-10)
     # sigma 0 is plain cross-entropy over the K location columns
-    one_hot = bins_token_loss(logits, labels, BinsTable.from_ids(fmt, ids), sigma=0.0, with_box=False)
+    one_hot = bins_token_loss(logits, Targets.of(labels), BinsTable.from_ids(fmt, ids), sigma=0.0, with_box=False)
     rows = logits[:, :-1].reshape(-1, logits.shape[-1])[[1, 2, 3, 4, 6, 7, 11, 12, 13, 14]][:, base:base + bins]
     tgt = labels[:, 1:].reshape(-1)[[1, 2, 3, 4, 6, 7, 11, 12, 13, 14]] - base
     assert float(one_hot["grid"].detach()) == pytest.approx(float(torch.nn.functional.cross_entropy(rows, tgt).detach()), rel=1e-12)
@@ -331,9 +332,9 @@ def test_bins_loss_is_float32_under_bf16_autocast_and_zero_without_location_targ
     labels = torch.tensor([[-100, 1, 3, 4, 9, 10, 2]])
     logits = torch.randn(1, 7, 12, dtype=torch.bfloat16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        parts = bins_token_loss(logits, labels, table)
+        parts = bins_token_loss(logits, Targets.of(labels), table)
     assert parts["grid"].dtype == torch.float32 and parts["n_box"] == 1
     (parts["grid"] + parts["box"]).backward()
     assert logits.grad.dtype == torch.bfloat16 and logits.grad[0, 1:5].abs().sum() > 0
-    none = bins_token_loss(logits, torch.tensor([[-100, 1, 2, 2]]), table)
+    none = bins_token_loss(logits, Targets.of(torch.tensor([[-100, 1, 2, 2]])), table)
     assert (none["n_grid"], float(none["grid"]), float(none["box"])) == (0, 0.0, 0.0)

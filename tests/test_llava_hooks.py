@@ -276,6 +276,7 @@ def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_se
     """The trainer applies the LM head to the scored positions' hidden states only (in training also for the
     LM loss, on the labelled positions); value and gradients must be those of the loss on the full logits."""
     from llava_getok.training.box_loss import box_token_loss
+    from llava_getok.training.loss_parts import Targets
 
     trainer, batch, _ = getok_setup
     model, s = trainer.model, trainer.settings
@@ -304,7 +305,8 @@ def test_trainer_box_loss_on_scored_rows_equals_the_loss_on_full_logits(getok_se
         out = model(**dict(batch))
     finally:
         model.prepare_inputs_labels_for_multimodal = original
-    parts = box_token_loss(out.logits, captured["out"][-1], trainer.getok.table, sigma=s.sigma, offset_sigma=s.offset_sigma)
+    parts = box_token_loss(out.logits, Targets.of(captured["out"][-1]), trainer.getok.table, sigma=s.sigma,
+                           offset_sigma=s.offset_sigma)
     assert parts["n_box"] == 2 and float(parts["grid"]) == pytest.approx(logged["loss_grid"], rel=1e-5)
     assert float(parts["box"]) == pytest.approx(logged["loss_box"], rel=1e-5)
     assert float(lm) == pytest.approx(float(out.loss), rel=1e-6)
@@ -337,6 +339,70 @@ def test_training_runs_the_lm_head_on_labelled_positions_only(getok_setup):
     labelled = sum(int((row[1:] != -100).sum()) for row in trainer_labels(model, batch))
     assert rows == [(B, 1), (labelled,)] and labelled < B * T / 2
     assert logged["loss_lm"] == pytest.approx(float(reference[0]), rel=1e-6)
+
+
+def test_a_training_step_leaves_the_model_as_it_was(getok_setup):
+    """The loss capture is installed for one forward only: after a step the LLaVA model has no hook of ours on its
+    LM head and its own prepare_inputs_labels_for_multimodal again (peft's habit: hooks for the call that needs
+    them)."""
+    trainer, batch, _ = getok_setup
+    model = trainer.model
+    head = model.get_output_embeddings()
+    before = (dict(head._forward_pre_hooks), dict(head._forward_hooks), "prepare_inputs_labels_for_multimodal" in vars(model))
+    for training in (True, False):
+        model.train(training)
+        trainer.compute_loss(model, dict(batch))
+    model.eval()
+    trainer._getok_sums = {}
+    assert (dict(head._forward_pre_hooks), dict(head._forward_hooks), "prepare_inputs_labels_for_multimodal" in vars(model)) == before
+
+
+def test_row_deltas_list_their_patches_and_remove_them(registered, tiny_llava_dir):
+    """The row deltas patch the model (a module and hooks that every forward needs): they are listed, and remove()
+    takes every one off, leaving the model's outputs those of its matrices alone."""
+    from llava.model import LlavaLlamaForCausalLM
+
+    from llava_getok.training.rows import ROWS_ATTR, attach_trainable_rows
+    from llava_getok.training.tokens import resize_embeddings
+
+    model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava_dir)
+    n_old = model.get_input_embeddings().weight.shape[0]
+    ids = list(range(n_old, n_old + len(CFG.tokens())))
+    resize_embeddings(model, ids[-1] + 1)
+    x = torch.tensor([[1, ids[3], 7, ids[10]]])
+    plain = model(input_ids=x).logits
+    rows = attach_trainable_rows(model, ids, freeze_matrices=False)
+    with torch.no_grad():
+        rows.output.delta.add_(1.0)
+    assert not torch.equal(model(input_ids=x).logits, plain)
+    listed = rows.patches.names()
+    assert len(listed) == 5 and listed[0].endswith(ROWS_ATTR)  # the module, two forward hooks, two gradient hooks
+    assert rows.remove(model) == listed and rows.patches.names() == []
+    assert not hasattr(model, ROWS_ATTR) and torch.equal(model(input_ids=x).logits, plain)
+
+
+def test_unregister_undoes_the_hooks_and_lists_the_compat_fixes_that_stay():
+    import llava.model.builder as builder
+    import llava.train.train as train_mod
+    from llava import conversation
+
+    from llava_getok.llava import unregister
+    from llava_getok.llava.trainer import GETokTrainer
+    from llava_getok.patching import PROCESS
+
+    gt.register()
+    assert getattr(builder.load_pretrained_model, "__getok_hook__", False) and "getok_v1" in conversation.conv_templates
+    report = unregister()
+    try:
+        assert report.builder_hook and report.trainer_hook and "getok_v1" in report.templates
+        assert not getattr(builder.load_pretrained_model, "__getok_hook__", False)
+        assert not any(name.startswith("getok_") for name in conversation.conv_templates)
+        assert not (hasattr(train_mod.LLaVATrainer, "func") and train_mod.LLaVATrainer.func is GETokTrainer)
+        assert report.stays and report.stays == PROCESS.names(permanent=True)  # the compat fixes
+        assert any("LlavaLlamaForCausalLM.forward" in name for name in report.stays)  # cache_position, for one
+    finally:
+        gt.register()
+    assert getattr(builder.load_pretrained_model, "__getok_hook__", False) and "getok_v1" in conversation.conv_templates
 
 
 def test_bf16_loss_matches_float32_under_autocast_and_with_bf16_weights(getok_setup):

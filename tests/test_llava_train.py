@@ -140,7 +140,9 @@ def test_full_training_loss_falls_and_rows_and_tower_train(full_run, tiny_llava_
     assert values[-1] < values[0] * 0.8, values
     assert {"loss_lm", "loss_grid", "loss_box"} <= set(history[0])
     sidecar = json.loads((out / "getok_config.json").read_text())
-    assert sidecar["kind"] == "full" and sidecar["vision_tower_trained"] and sidecar["getok"]["grid"] == GRID
+    assert sidecar["kind"] == "full" and sidecar["vision_tower_trained"] and sidecar["format"]["grid"] == GRID
+    assert sidecar["template"] == "getok_v1" and sidecar["settings"]["grid"] == GRID  # every option of the run
+    assert sidecar["settings"]["train_vision_tower"] and sidecar["processor"] == {"image_aspect_ratio": "pad"}
     ids = sidecar["token_ids"]
     assert ids == trainer.getok.ids and sidecar["vocab_size"] == trainer.model.get_input_embeddings().weight.shape[0]
     # GETok rows moved away from their initialisation (checkpoint-8 vs the end) and the CLIP tower trained
@@ -168,6 +170,37 @@ def test_full_checkpoint_round_trip_same_ids_logits_and_generates_getok(full_run
     # an intermediate checkpoint loads on its own too
     _, mid, _, _ = load(out / "checkpoint-8")
     assert mid.get_input_embeddings().weight.shape == model.get_input_embeddings().weight.shape
+
+
+def test_seed_reproduces_a_run_whose_base_has_no_projector_yet(tiny_tokenizer_dir, train_data, tmp_path):
+    """LLaVA's train() builds the projector (and LoRA's adapters) before the Trainer seeds: two runs of one command
+    differed from their first logged loss. --seed now seeds torch first: the runs agree exactly."""
+    from llava_getok.llava.tiny import build_tiny_llava
+
+    base = build_tiny_llava(tmp_path / "vicuna-like-llava", tiny_tokenizer_dir, projector=False)
+    from safetensors.torch import load_file
+
+    assert not any("mm_projector" in k for k in load_file(str(base / "model.safetensors")))
+    runs = []
+    for k in range(2):
+        torch.manual_seed(1000 + k)  # whatever the process did before, the run's own --seed decides
+        out = tmp_path / f"run{k}"
+        train_in_process(train_argv(base, train_data, out, "--lora_enable", "True", "--lora_r", "4",
+                                    "--save_strategy", "no", "--seed", "7", steps=3))
+        runs.append(losses(out)[0])
+    assert len(runs[0]) == 3 and runs[0] == runs[1], runs
+
+
+def test_a_data_file_without_records_is_one_line(tiny_llava_dir, tmp_path):
+    """A conversion that skipped everything writes an empty list: training says so in one line, naming the file,
+    instead of torch's sampler error ("num_samples should be a positive integer value") with a traceback."""
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(SystemExit) as e:
+        train_in_process(train_argv(tiny_llava_dir, empty, tmp_path / "out", steps=2))
+    message = str(e.value)
+    assert "\n" not in message and f"{empty}: no records to train on" in message, message
 
 
 # -- LoRA -------------------------------------------------------------------------------------------------

@@ -9,11 +9,10 @@ from llava_getok.records import (
     RecordsError,
     check_getok,
     record_mask,
-    rle_to_mask,
-    segmentation_to_rle,
     shapes_from_pixels,
     shapes_to_pixels,
 )
+from llava_getok.rle import rle_to_mask, segmentation_to_rle
 
 
 @pytest.mark.parametrize("frame", ["pad", "orig"])

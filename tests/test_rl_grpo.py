@@ -28,9 +28,8 @@ def getok_ckpt(tiny_llava_dir, tmp_path_factory):
     ids = add_getok_tokens(tok, cfg)
     n_old = resize_embeddings(model, len(tok))
     init_getok_rows(model, ids, cfg, n_old=n_old)
-    sidecar = Sidecar(getok=cfg.to_dict(), tokens=list(cfg.tokens()), token_ids=ids, vocab_size=len(tok),
-                      tokenizer_legacy=getattr(tok, "legacy", None), image_aspect_ratio="pad", frame="pad",
-                      kind="full")
+    sidecar = Sidecar.of(cfg, ids, vocab_size=len(tok), tokenizer_legacy=getattr(tok, "legacy", None), frame="pad",
+                         kind="full", template="getok_v1", processor={"image_aspect_ratio": "pad"})
     out = tmp_path_factory.mktemp("ckpt") / "getok-tiny"
     return save_getok_checkpoint(model, tok, out, sidecar, None, quantized=False, final=True)
 
@@ -183,6 +182,21 @@ def test_two_grpo_steps_then_refine_stage(getok_ckpt, data, tmp_path):
         assert f"You answered {first}. Refine it." in prompt
         assert first != "<box><grid_0_1><grid_2_2></box>"  # not the data's (a random model's box differs)
     assert read_sidecar(tmp_path / "refine").kind == "full"
+
+
+def test_seed_reproduces_a_grpo_run(getok_ckpt, data, tmp_path):
+    """--seed seeds before the policy's LoRA adapters are made: two runs of one configuration log the same rewards,
+    losses and KL, whatever the process's random state was."""
+    from llava_getok.rl.run import run
+
+    logs = []
+    for k in range(2):
+        torch.manual_seed(1000 + k)
+        trainer = run(_args(getok_ckpt, data, tmp_path / f"run{k}", beta=0.04, constrained=True, constrain_only="box",
+                            max_new_tokens=6, learning_rate=2e-2, seed=5))
+        logs.append([{key: h[key] for key in ("loss", "reward", "kl", "grad_norm") if key in h}
+                     for h in trainer.state.log_history if "reward" in h])
+    assert len(logs[0]) == 2 and {"loss", "reward", "kl"} <= set(logs[0][1]) and logs[0] == logs[1], logs
 
 
 def test_learning_one_image_one_box(getok_ckpt, data, tmp_path):

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from llava_getok.codec import Refinement, Shape
-from llava_getok.rl.rewards import (
+from llava_getok.rl.rewards import get_reward
+from llava_getok.rl.scores import (
     RewardConfig,
     Target,
     answer_span,
     box_score,
-    get_reward,
     inside_target,
     parse_completion,
     points_score,

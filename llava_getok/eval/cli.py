@@ -27,7 +27,8 @@ import numpy as np
 
 from ..atomic import write_text_atomic
 from ..formats import describe
-from ..records import (RecordsError, check_format, check_getok, decode_record, one_line, parse_answer, read_predictions,
+from ..messages import one_line
+from ..records import (RecordsError, check_format, check_getok, decode_record, parse_answer, read_predictions,
                        read_records, short)
 from .metrics import TASKS, THRESHOLDS, aggregate, score_all, scores_as_dicts, split_name
 
@@ -36,17 +37,16 @@ def image_loader_for(root: Path | None):
     """record -> (H, W, 3) uint8 array from ``root / record["image"]``; a clear error when it is missing."""
     if root is None:
         return None
-    from PIL import Image
+    from ..images import ImageError, load_image
 
     def load(record):
         path = Path(root) / str(record.get("image"))
         if not isinstance(record.get("image"), str) or not record["image"] or not path.is_file():
             raise RecordsError(f"record {record.get('id')}: field 'image': {path} not found (under --image-root {root})")
         try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, too big
-            raise RecordsError(f"record {record.get('id')}: field 'image': cannot read {path}: {e}") from None
+            return np.asarray(load_image(path))  # upright, as the model saw it
+        except ImageError as e:  # not an image, truncated, too big, too small
+            raise RecordsError(f"record {record.get('id')}: field 'image': cannot read {e}") from None
 
     return load
 
@@ -119,19 +119,23 @@ COLUMNS = {  # task -> (title, [(header, key)])
 
 
 def markdown(metrics: dict, ceiling: dict | None, formats: dict | None = None) -> str:
-    """One table per task, one row per split; metrics in percent, counts as numbers; with the ceiling, the
-    answers' location format (``formats``: :func:`formats_by_split`)."""
+    """One table per task, one row per split; metrics in percent, counts as numbers (``outside`` where a record's
+    every target lies outside the crop the model sees); with the ceiling, the answers' location format (``formats``:
+    :func:`formats_by_split`)."""
     parts = []
     for task, (title, cols) in COLUMNS.items():
         if task not in metrics:
             continue
-        head = ["split", "n"] + [h for h, _ in cols] + ["unparseable", "no shape", "missing", "skipped"]
+        counts = ["unparseable", "no_shape", "missing", "skipped"]
+        if any(row.get("outside") for row in metrics[task].values()):  # a crop frame cut every target of a record
+            counts.append("outside")
+        head = ["split", "n"] + [h for h, _ in cols] + [c.replace("_", " ") for c in counts]
         if ceiling is not None:
             head += [f"ceiling {h}" for h, _ in cols] + (["format"] if formats else [])
         lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for split, row in metrics[task].items():
             cells = [split, str(row["n"])] + [_fmt(row[k]) for _, k in cols]
-            cells += [str(row[k]) for k in ("unparseable", "no_shape", "missing", "skipped")]
+            cells += [str(row[k]) for k in counts]
             if ceiling is not None:
                 crow = ceiling.get(task, {}).get(split, {})
                 cells += [_fmt(crow.get(k)) for _, k in cols]
@@ -181,6 +185,11 @@ def evaluate(predictions: Path, annotations: Path, image_root: Path | None = Non
                     if r.get("getok") and (r.get("getok") or {}).get("task") not in COLUMNS)
     if other:
         notes.append("not scored (no metric for the task): " + ", ".join(f"{t}: {n}" for t, n in sorted(other.items())))
+    outside = sum(row["outside"] for task in result["metrics"].values() for split, row in task.items()
+                  if split != "all" or len(task) == 1)
+    if outside:
+        notes.append(f"outside: {outside} record(s) whose every target lies outside the crop the model sees, counted "
+                     f"apart (not in n, neither a hit nor a miss).")
     if unknown:
         notes.append(f"{len(unknown)} prediction id(s) not in the annotations (first: {unknown[0]!r}), not scored.")
     if result["counts"]["no_getok"]:

@@ -16,6 +16,11 @@ expressions, VLM-R1's null solutions): an answer without the shape ("There is no
 cIoU adds the wrongly predicted mask's pixels to the union). Rows count such records as ``no_target``.
 A record whose ground truth cannot be scored otherwise (e.g. RES without ``getok.mask``) is skipped and counted.
 
+The ground truth is scored as the model could see it: in a crop frame (``geometry.frame_region``) target boxes are
+clipped to the crop, target points outside it dropped and the target mask cut to it (converted records already are);
+a record whose every target lies wholly outside is ``outside``: counted apart, neither a hit nor a miss, and not in
+``n`` (no answer in the model's frame can reach it).
+
 The inputs are the converted records (docs/data-format.md) and prediction dicts
 ``{"id", "text", "shapes": [{"kind", "points"}], "errors"}`` with points in original pixels, both read
 through :mod:`llava_getok.records`.
@@ -27,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..geometry import box_iou, points_to_frame
+from ..geometry import box_iou, frame_region, pixels_in_region, points_to_frame
 from ..records import RecordsError, read_shapes, record_mask, shapes_from_pixels
 
 TASKS = ("rec", "res", "point")
@@ -37,7 +42,8 @@ MISS_STATUSES = ("unparseable", "no_shape", "missing")
 
 @dataclass
 class SampleScore:
-    """One record's score. status: ok, unparseable, no_shape, missing (a miss each) or skipped (not scored).
+    """One record's score. status: ok, unparseable, no_shape, missing (a miss each), skipped (not scored) or outside
+    (every target lies outside the crop the model sees: counted apart).
 
     iou: REC box IoU / RES mask IoU; inter, union: RES pixel counts; hit: pointing (or IoU >= 0.5 for REC).
     """
@@ -54,6 +60,7 @@ class SampleScore:
 
 
 NO_TARGET = "no target: the answer should name nothing"
+OUTSIDE = "every target lies outside the crop the model sees"
 
 
 def split_name(record: dict) -> str:
@@ -83,10 +90,13 @@ def score_record(record: dict, pred: dict | None, image_loader=None, generator=N
     base = dict(id=rid, task=str(task), split=split_name(record))
     if task not in TASKS:
         return SampleScore(**base, status="skipped", reason=f"task {task!r} is not scored (scored: {', '.join(TASKS)})")
+    g = in_view(g)
+    if g is None:
+        return SampleScore(**base, status="outside", reason=OUTSIDE)
     if pred is None:
-        return _miss(task, base, "missing", record)
+        return _miss(task, base, "missing", g)
     if pred.get("errors"):
-        return _miss(task, base, "unparseable", record, "; ".join(map(str, pred["errors"]))[:200])
+        return _miss(task, base, "unparseable", g, "; ".join(map(str, pred["errors"]))[:200])
     if task == "rec":
         gt = _boxes(g.get("shapes") or [])
         w, h = g["size"]  # predicted boxes are clamped to the image, as predict writes them (a hand-made 1e308 too)
@@ -94,7 +104,7 @@ def score_record(record: dict, pred: dict | None, image_loader=None, generator=N
         if not gt:
             return _no_target(base, found=bool(boxes))
         if not boxes:
-            return _miss(task, base, "no_shape", record, "no box in the answer")
+            return _miss(task, base, "no_shape", g, "no box in the answer")
         iou = float(max(box_iou(boxes[0], b) for b in gt))
         return SampleScore(**base, status="ok", iou=iou, hit=iou >= 0.5)
     target = _target_mask(g)
@@ -106,7 +116,7 @@ def score_record(record: dict, pred: dict | None, image_loader=None, generator=N
         if not no_target and target is None:
             return SampleScore(**base, status="skipped", reason="no getok.mask (RES needs the ground-truth mask)")
         if not masks:
-            return _miss(task, base, "no_shape", record, "no mask in the answer")
+            return _miss(task, base, "no_shape", g, "no mask in the answer")
         if image_loader is None:
             raise ValueError(f"record {rid}: RES needs the image to turn anchors into a mask (pass --image-root)")
         from ..masks import mask_from_anchors
@@ -129,7 +139,7 @@ def score_record(record: dict, pred: dict | None, image_loader=None, generator=N
     if target is None and not boxes and not gt_points:
         return _no_target(base, found=bool(points))
     if not points:
-        return _miss(task, base, "no_shape", record, "no point in the answer")
+        return _miss(task, base, "no_shape", g, "no point in the answer")
     x, y = np.asarray(points[0]["points"][0], dtype=np.float64)
     if target is not None:
         h, w = target.shape
@@ -144,9 +154,39 @@ def score_record(record: dict, pred: dict | None, image_loader=None, generator=N
     return SampleScore(**base, status="ok", hit=hit)
 
 
+def in_view(getok: dict) -> dict | None:
+    """``getok`` with its targets as the model sees them (its frame's region of the image): boxes clipped to it,
+    points outside it dropped, the mask (``_region_mask``) cut to it; None when targets existed and none is in view.
+    The whole image for ``pad`` and ``orig``: ``getok`` itself."""
+    region = frame_region(tuple(getok["size"]), getok["frame"])
+    w, h = getok["size"]
+    if region == (0.0, 0.0, float(w), float(h)):
+        return getok
+    x0, y0, x1, y1 = region
+    shapes = []
+    for s in getok.get("shapes") or []:
+        pts = np.asarray(s["points"], dtype=np.float64)
+        if s["kind"] == "box":
+            lo, hi = np.maximum(pts.min(0), [x0, y0]), np.minimum(pts.max(0), [x1, y1])
+            if (hi > lo).all():
+                shapes.append({"kind": "box", "points": [lo.tolist(), hi.tolist()]})
+        else:
+            inside = pts[((pts >= [x0, y0]) & (pts <= [x1, y1])).all(1)]
+            if len(inside):
+                shapes.append({"kind": s["kind"], "points": inside.tolist()})
+    boxes = [b for b in ([max(b[0], x0), max(b[1], y0), min(b[2], x1), min(b[3], y1)] for b in getok.get("boxes") or [])
+             if b[2] > b[0] and b[3] > b[1]]
+    out = {**getok, "shapes": shapes, "boxes": boxes, "region": region}
+    had = bool(getok.get("shapes") or getok.get("boxes") or _target_mask(getok) is not None)
+    return out if not had or shapes or boxes or _target_mask(out) is not None else None
+
+
 def _target_mask(getok: dict):
-    """The ground-truth mask, or None when there is none or it holds no pixel (nothing to find)."""
+    """The ground-truth mask (cut to the frame's region, set by :func:`in_view`), or None when there is none or it
+    holds no pixel (nothing to find)."""
     mask = record_mask(getok)
+    if mask is not None and "region" in getok:
+        mask = mask & pixels_in_region(*mask.shape, getok["region"])
     return mask if mask is not None and mask.any() else None
 
 
@@ -155,10 +195,10 @@ def _no_target(base, found: bool) -> SampleScore:
     return SampleScore(**base, status="ok", iou=0.0 if found else 1.0, hit=not found, reason=NO_TARGET)
 
 
-def _miss(task, base, status, record, reason=""):
+def _miss(task, base, status, getok, reason=""):
     union = 0
-    if task == "res":  # a missed mask still adds the target's area to the cumulative union
-        m = record_mask(record.get("getok") or {})
+    if task == "res":  # a missed mask still adds the target's area (as the model sees it) to the cumulative union
+        m = _target_mask(getok)
         union = int(m.sum()) if m is not None else 0
     return SampleScore(**base, status=status, union=union, reason=reason)
 
@@ -185,12 +225,13 @@ def aggregate(scores: list[SampleScore]) -> dict:
 
 
 def summarize(task: str, scores: list[SampleScore]) -> dict:
-    scored = [s for s in scores if s.status != "skipped"]
+    scored = [s for s in scores if s.status not in ("skipped", "outside")]
     n = len(scored)
     row: dict = {"n": n}
     for status in MISS_STATUSES:
         row[status] = sum(s.status == status for s in scored)
-    row["skipped"] = len(scores) - n
+    row["skipped"] = sum(s.status == "skipped" for s in scores)
+    row["outside"] = sum(s.status == "outside" for s in scores)
     row["no_target"] = sum(s.reason == NO_TARGET for s in scored)
     if task == "rec":
         iou = np.array([s.iou for s in scored])

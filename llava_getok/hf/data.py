@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..records import RecordsError
-from ..training.box_loss import IGNORE_INDEX
+from ..training.loss_parts import IGNORE_INDEX
 
 IMAGE = "<image>"
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -130,16 +130,20 @@ def text_labels(processor, record: dict) -> tuple[str, list[int], np.ndarray]:
 
 
 def load_image(record: dict, image_root):
-    """The record's image as RGB (None for a record without one); FileNotFoundError naming the record."""
-    from PIL import Image
+    """The record's image, upright and 8-bit RGB (``llava_getok.images``), None for a record without one;
+    FileNotFoundError or ValueError naming the record, the field and the file."""
+    from ..images import ImageError
+    from ..images import load_image as read
 
     if not record.get("image"):
         return None
     path = Path(image_root or ".") / record["image"]
     if not path.is_file():
         raise FileNotFoundError(f"record {record.get('id')}: field 'image': {path} not found (image root {image_root})")
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        return read(path)
+    except ImageError as e:
+        raise ValueError(f"record {record.get('id')}: field 'image': {e}") from None
 
 
 def encode(processor, record: dict, image_root) -> dict:

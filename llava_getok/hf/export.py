@@ -21,7 +21,8 @@ import torch
 from ..training.rows import getok_rows_values
 from ..training.sidecar import ROWS_FILE, Sidecar, save_tensors_atomic, write_sidecar
 from .checkpoint import load_checkpoint
-from .family import LLAVA_HF, processor_frame, processor_settings, save_processor
+from ..frames import processor_frame
+from .family import LLAVA_HF, processor_settings, save_processor
 
 
 def export_checkpoint(path, out, model_base=None, dtype=torch.float32) -> Path:
@@ -136,6 +137,6 @@ def llava_hf_from_llava(parts: LlavaParts, sidecar: Sidecar | None, out, dtype=t
     if sidecar is None:  # a stock LLaVA: a stock llava-hf folder
         return write_folder(out, model, processor, None)
     hf_sidecar = dataclasses.replace(sidecar, kind="full", base_model=None, backend="hf", model_family=LLAVA_HF.name,
-                                     vocab_size=len(tokenizer), image_aspect_ratio=None, tokenizer_legacy=None,
-                                     frame=processor_frame(processor), processor=processor_settings(processor))
+                                     vocab_size=len(tokenizer), tokenizer_legacy=None, frame=processor_frame(processor),
+                                     processor=processor_settings(processor))
     return write_folder(out, model, processor, hf_sidecar)

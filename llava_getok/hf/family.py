@@ -1,5 +1,5 @@
 """The model families of the transformers-native backend and everything that differs between them: the model and
-processor classes, the frame GETok coordinates live in, the processor settings a checkpoint records, the layers LoRA
+processor classes, the processor settings a checkpoint records, the layers LoRA
 adapts. Everything else (data, training, checkpoints, generation) is written once against what both share:
 ``get_input_embeddings`` / ``get_output_embeddings`` / ``get_decoder``, a processor with ``apply_chat_template``,
 one image token that the processor expands, and a chat template.
@@ -125,18 +125,3 @@ def processor_settings(processor) -> dict:
         if value is not None:
             out[key] = dict(value) if isinstance(value, dict) else value
     return out
-
-
-def processor_frame(processor) -> str:
-    """The frame GETok coordinates are in for images this processor prepares (spec section 1): ``orig`` for
-    Qwen2-VL's ``smart_resize`` (the whole image, rescaled: normalised coordinates are the original image's), ``pad``
-    for LLaVA-1.5's padded square (``LlavaImageProcessor(do_pad=True)``). A processor that center-crops is refused:
-    its frame is part of the image only."""
-    ip = processor.image_processor
-    if hasattr(ip, "merge_size") and hasattr(ip, "min_pixels"):  # Qwen2VLImageProcessor and its fast twin
-        return "orig"
-    if getattr(ip, "do_pad", False):
-        return "pad"
-    raise ValueError(f"the image processor {type(ip).__name__} center-crops (do_pad is not set): GETok training and "
-                     f"prediction need a frame that holds the whole image; save it with do_pad=True (LLaVA-1.5's "
-                     f"padded square, LlavaImageProcessor)")

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ..training.cpu_ranks import close_process_group, launch_argv
-from ..training.settings import GETokSettings
+from ..training.settings import FLAG_PREFIX, GETokSettings
 
 
 @dataclass
@@ -54,12 +54,15 @@ class DataArguments:
 
 
 def _getok_arguments():
-    """A dataclass with one ``getok_<name>`` field per field of GETokSettings (its defaults, its types)."""
+    """A dataclass with one ``--getok_<name>`` field per option of GETokSettings (its type, default, help, choices),
+    for HfArgumentParser beside SFTConfig."""
+    import typing
+
+    hints = typing.get_type_hints(GETokSettings)
     fields = []
     for f in dataclasses.fields(GETokSettings):
-        kind = {"str | None": str | None, "int | None": int | None}.get(f.type, f.type)
-        kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind, kind) if isinstance(kind, str) else kind
-        fields.append((f"getok_{f.name}", kind, field(default=f.default)))
+        meta = {k: v for k, v in f.metadata.items() if k in ("help", "choices") and v is not None}
+        fields.append((FLAG_PREFIX + f.name, hints[f.name], field(default=f.default, metadata=meta)))
     return dataclasses.make_dataclass("GETokArguments", fields)
 
 
@@ -67,7 +70,7 @@ GETokArguments = _getok_arguments()
 
 
 def settings_from(ours) -> GETokSettings:
-    return GETokSettings(**{f.name: getattr(ours, f"getok_{f.name}") for f in dataclasses.fields(GETokSettings)})
+    return GETokSettings(**{f.name: getattr(ours, FLAG_PREFIX + f.name) for f in dataclasses.fields(GETokSettings)})
 
 
 def parse(argv):
@@ -131,6 +134,7 @@ def load_records(data_args: DataArguments, frame: str, check: int) -> list[dict]
     """The training records, refused in one line when unreadable or in another frame than the model's; the first
     ``check`` records' (all for -1) labels are built once up front so that a bad record stops the run before it
     trains."""
+    from ..frames import frames_differ
     from ..records import RecordsError, read_records
 
     try:
@@ -139,12 +143,9 @@ def load_records(data_args: DataArguments, frame: str, check: int) -> list[dict]
         raise SystemExit(f"python -m llava_getok.hf.train: {e}") from None
     if not records:
         raise SystemExit(f"python -m llava_getok.hf.train: {data_args.data_path} holds no records")
-    for k, r in enumerate(records):
-        have = (r.get("getok") or {}).get("frame") if isinstance(r.get("getok"), dict) else None
-        if have is not None and have != frame:
-            raise SystemExit(f"python -m llava_getok.hf.train: {data_args.data_path}: record {k} (id {r.get('id')!r}) "
-                             f"is in frame {have!r}, the model's processor sees frame {frame!r}: convert the data "
-                             f"with --frame {frame}")
+    problem = frames_differ(records, frame, data_args.data_path)
+    if problem:
+        raise SystemExit(f"python -m llava_getok.hf.train: {problem}")
     return records
 
 
@@ -164,7 +165,8 @@ def build(argv):
     from transformers import set_seed
 
     from .data import Collator, training_dataset
-    from .family import load_processor, processor_frame
+    from ..frames import processor_frame
+    from .family import load_processor
     from .prepare import (LoraSettings, add_location_tokens, check_rows_mode, describe_state, lora_model,
                           set_full_trainable)
     from .trainer import GETokSFTTrainer
@@ -180,7 +182,10 @@ def build(argv):
     processor = load_processor(model_args.model_name_or_path, family)
     if model_args.min_pixels or model_args.max_pixels:
         _set_pixels(processor, model_args)
-    frame = processor_frame(processor)
+    try:
+        frame = processor_frame(processor)
+    except ValueError as e:
+        raise SystemExit(f"python -m llava_getok.hf.train: {model_args.model_name_or_path}: {e}") from None
     records = load_records(data_args, frame, settings.check_data)
     from ..training.settings import FormatError
 

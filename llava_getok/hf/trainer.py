@@ -5,7 +5,7 @@ The loss of a step reads, top to bottom (:meth:`GETokSFTTrainer.compute_loss`)::
     with capture.recording():                  # trl's own step: its fused LM head, DDP / DeepSpeed / peft around it
         lm = super().compute_loss(...)
     hidden = capture.take()                    # what the language model handed the LM head in that forward
-    total, parts = getok_loss(head, labels, hidden, lm, ...)   # + the box-token (or bins) loss on its targets
+    total, parts = step_loss(Captured(labels, hidden, lm=lm), head, ...)   # + the box-token (or bins) loss
 
 trl computes the log-probabilities by multiplying the hidden states with ``lm_head.weight`` (no logits, no call of the
 head's module), so what trains the GETok rows must live in that weight: with LoRA, peft's trainable tokens
@@ -27,17 +27,13 @@ from dataclasses import asdict
 import torch
 from trl import SFTTrainer
 
-from ..formats import format_to_dict
+from ..frames import processor_frame
 from ..training.rows import check_same_on_all_ranks, getok_rows_values
 from ..training.settings import GETokSettings
 from ..training.sidecar import ROWS_FILE, Sidecar, save_tensors_atomic, write_sidecar
-from ..training.step import getok_loss
-from ..vocab import GETokConfig
-from .family import Family, processor_frame, processor_settings, save_processor
+from ..training.step import Captured, step_loss
+from .family import Family, processor_settings, save_processor
 from .prepare import GETokState, float32_rows
-
-LOSS_SETTINGS = ("grid_weight", "box_weight", "sigma", "offset_sigma")
-
 
 class HiddenCapture:
     """A forward hook on the language model (``get_decoder()``) that keeps its last hidden states, the LM head's input,
@@ -124,7 +120,8 @@ class GETokSFTTrainer(SFTTrainer):
              if num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.compute_loss_func is None
              else 1)
         head = unwrap(model).get_output_embeddings()
-        total, parts = getok_loss(head, inputs["labels"], hidden, lm * k, None, self.getok.table, self.settings)
+        total, parts = step_loss(Captured(inputs["labels"], hidden=hidden, lm=lm * k), head, self.getok.table,
+                                 self.settings)
         self._log_parts({"loss_lm": lm, "loss_grid": parts["loss_grid"], "loss_box": parts["loss_box"]})
         return (total / k, outputs) if return_outputs else total / k
 
@@ -182,12 +179,8 @@ class GETokSFTTrainer(SFTTrainer):
         return ranks
 
     def sidecar(self) -> Sidecar:
-        s, g = self.settings, self.getok
-        return Sidecar(
-            getok=g.format.to_dict() if isinstance(g.format, GETokConfig) else {}, format=format_to_dict(g.format),
-            tokens=list(g.format.tokens()), token_ids=list(g.ids), vocab_size=g.vocab_size, tokenizer_legacy=None,
-            image_aspect_ratio=None, frame=processor_frame(self.processing_class), kind=self.checkpoint_kind(),
-            base_model=self.base_model_path, init=s.init,
-            loss={k: v for k, v in asdict(s).items() if k in LOSS_SETTINGS},
-            vision_tower_trained=s.train_vision_tower, backend="hf", model_family=self.family.name,
-            processor=processor_settings(self.processing_class))
+        g = self.getok
+        return Sidecar.of(g.format, g.ids, vocab_size=g.vocab_size, tokenizer_legacy=None, kind=self.checkpoint_kind(),
+                          frame=processor_frame(self.processing_class), backend="hf", base_model=self.base_model_path,
+                          processor=processor_settings(self.processing_class), settings=asdict(self.settings),
+                          vision_tower_trained=self.settings.train_vision_tower, model_family=self.family.name)

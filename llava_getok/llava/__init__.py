@@ -20,19 +20,22 @@ class RegisterReport:
     templates: list[str] = field(default_factory=list)
     builder_hook: bool = False
     trainer_hook: bool = False
+    stays: list[str] = field(default_factory=list)  # unregister(): the patches that stay (the compat fixes)
+    upright_images: bool = False
 
     @property
     def changed(self) -> bool:
-        return bool(self.compat_fixes or self.templates or self.builder_hook or self.trainer_hook)
+        return bool(self.compat_fixes or self.templates or self.builder_hook or self.trainer_hook or self.upright_images)
 
 
-def register(settings=None, **kwargs) -> RegisterReport:
+def register(settings=None, template: str | None = None, **kwargs) -> RegisterReport:
     """Apply every LLaVA hook: compat fixes, ``getok_*`` templates, the builder hook and the GETok trainer
     (as ``llava.train.train.LLaVATrainer``, so LLaVA's own ``train()`` uses it). Idempotent.
 
     settings: a :class:`llava_getok.training.settings.GETokSettings` for training (grid, init, loss weights, ...);
         keyword arguments build one (``register(grid=16, grid_weight=0.5)``). Without either, the trainer
         keeps the settings of an earlier call, or the defaults.
+    template: the conversation template of the training run (LLaVA's ``--version``), recorded in its checkpoints.
     """
     from .compat import apply_compat_fixes
 
@@ -47,18 +50,25 @@ def register(settings=None, **kwargs) -> RegisterReport:
         settings = GETokSettings(**kwargs)
     report.templates = register_templates()
     report.builder_hook = install_builder_hook()
-    report.trainer_hook = install_trainer_hook(settings)
+    report.trainer_hook = install_trainer_hook(settings, template)
+    from .upright import install_upright_images
+
+    report.upright_images = install_upright_images()  # LLaVA's dataset reads images upright, as predict does
     return report
 
 
 def unregister() -> RegisterReport:
     """Undo :func:`register`: LLaVA's own trainer and model builder again, the ``getok_*`` templates removed; returns
-    what it removed. The compat fixes stay: LLaVA 1.2.2 does not run on the current stack without them, and each
-    changes only code that would fail (docs/llava-compat.md). A model's own hooks go with it:
-    ``GETokRows.remove()``, ``LossCapture.remove()``."""
+    what it removed and, in ``stays``, what it leaves: the compat fixes, since LLaVA 1.2.2 does not run on the current
+    stack without them and each changes only code that would fail (docs/llava-compat.md). Every patch is listed in
+    :data:`llava_getok.patching.PROCESS`. A model's own patches go with it: ``GETokRows.remove(model)``."""
     from .builder import uninstall_builder_hook
     from .templates import unregister_templates
     from .trainer import uninstall_trainer_hook
+    from .upright import uninstall_upright_images
+
+    from ..patching import PROCESS
 
     return RegisterReport(templates=unregister_templates(), builder_hook=uninstall_builder_hook(),
-                          trainer_hook=uninstall_trainer_hook())
+                          trainer_hook=uninstall_trainer_hook(), upright_images=uninstall_upright_images(),
+                          stays=PROCESS.names(permanent=True))

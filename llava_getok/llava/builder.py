@@ -5,8 +5,9 @@ LLaVA's builder picks code paths by substrings of the folder name, takes the LoR
 (docs/pitfalls.md "Loading checkpoints"). With the hook, a folder that has ``getok_config.json`` is loaded from
 that sidecar instead, whatever its name:
 
-1. tokenizer from the checkpoint, used with ``legacy=False`` as in training; its GETok ids must equal the
-   recorded ones (else ValueError);
+1. tokenizer from the checkpoint, used with ``legacy=False`` as in training, its location tokens content (not
+   special, also in a checkpoint saved when they were: ``tokens.location_tokens_as_content``, ids unchanged); its
+   GETok ids must equal the recorded ones (else ValueError);
 2. the model at the recorded vocabulary size: a full checkpoint directly, a LoRA or projector-only one from
    ``model_base`` (or the recorded base) resized to the recorded size *before* any checkpoint weight;
 3. strict key accounting: every checkpoint key lands in a parameter, every parameter comes from somewhere;
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..patching import PROCESS
 from ..training.rows import ROWS_ATTR, set_rows
 from ..training.sidecar import TOWER_FILE, read_rows, read_sidecar
 
@@ -100,7 +102,7 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
     from llava.model import LlavaLlamaForCausalLM
     from transformers import AutoTokenizer
 
-    from ..training.tokens import resize_embeddings, use_non_legacy
+    from ..training.tokens import location_tokens_as_content, resize_embeddings, use_non_legacy
 
     path = Path(model_path)
     sidecar = sidecar if sidecar is not None else read_sidecar(path)
@@ -115,6 +117,7 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False)
     if sidecar is not None:
         use_non_legacy(tokenizer, str(path))  # a tokenizer_config.json without "legacy" (copied in by hand)
+        location_tokens_as_content(tokenizer, sidecar.location_format)  # saved when they were special tokens
         sidecar.check_tokenizer(tokenizer, str(path))
     # LLaVA's own config class, as LLaVA's builder loads it: a stock checkpoint's config.json may say model_type
     # "llava" (liuhaotian/llava-v1.5-7b), which AutoConfig maps to transformers' own, differently shaped LlavaConfig
@@ -192,8 +195,12 @@ def load_getok_checkpoint(model_path, model_base=None, load_8bit=False, load_4bi
     return tokenizer, model, tower.image_processor, context_len
 
 
+HOOK_WHY = "load GETok checkpoints from their sidecar (llava_getok.llava.builder)"
+
+
 def install_builder_hook() -> bool:
-    """Wrap ``llava.model.builder.load_pretrained_model``; return True if this call installed it."""
+    """Replace ``llava.model.builder.load_pretrained_model``, and the same function in every LLaVA module imported
+    before (llava.eval.*, llava.serve.*: they hold it under their own name); True if this call installed it."""
     import llava.model.builder as builder
 
     original = builder.load_pretrained_model
@@ -214,24 +221,13 @@ def install_builder_hook() -> bool:
                         device_map=device_map, device=device, use_flash_attn=use_flash_attn, **kwargs)
 
     load_pretrained_model.__getok_hook__ = True
-    load_pretrained_model.__getok_original__ = original
     load_pretrained_model.__doc__ = (original.__doc__ or "") + "\n(GETok hook: see llava_getok.llava.builder)"
-    builder.load_pretrained_model = load_pretrained_model
-    # LLaVA modules imported before register() hold the original under their own name (llava.eval.*, serve).
     for name, module in list(sys.modules.items()):
-        if name.startswith("llava.") and getattr(module, "load_pretrained_model", None) is original:
-            module.load_pretrained_model = load_pretrained_model
+        if (name == "llava" or name.startswith("llava.")) and getattr(module, "load_pretrained_model", None) is original:
+            PROCESS.replace(module, "load_pretrained_model", load_pretrained_model, why=HOOK_WHY)
     return True
 
 
 def uninstall_builder_hook() -> bool:
     """Give every LLaVA module that holds the hook its ``load_pretrained_model`` back; True if one was installed."""
-    import llava.model.builder as builder
-
-    hook = builder.load_pretrained_model
-    if not getattr(hook, "__getok_hook__", False):
-        return False
-    for name, module in list(sys.modules.items()):
-        if (name == "llava" or name.startswith("llava.")) and getattr(module, "load_pretrained_model", None) is hook:
-            module.load_pretrained_model = hook.__getok_original__
-    return True
+    return bool(PROCESS.undo(where=lambda p: p.why == HOOK_WHY))

@@ -19,15 +19,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from ..formats import LOCATION_TOKEN_RE
+from ..formats import LOCATION_TOKEN_RE, LocationOptions
+from ..frames import frames_differ, llava_frame
+from ..messages import one_line
+from ..options import add_flags, from_flags
 from ..vocab import GETokConfig
+
+GETOK_FLAGS = tuple(f.name for f in dataclasses.fields(GETokConfig))  # the GETok config's options
 
 MISMATCH = "tokenization mismatch"
 
@@ -157,18 +164,42 @@ def raise_on_problems(report: CheckReport, source: str, show: int = 5) -> None:
                              f"preprocessing check:\n" + "\n".join(report.problems[:show]) + more)
 
 
+def model_frame(args, sidecar) -> str | None:
+    """The frame the model sees: its sidecar's; else read off ``--image-aspect-ratio`` / ``--vision-tower`` or the
+    model folder's ``config.json`` (``image_aspect_ratio``, ``mm_vision_tower``) and the tower's image processor, as
+    LLaVA's ``CLIPVisionTower`` loads it; None when neither is known (a bare tokenizer)."""
+    if sidecar is not None:
+        return sidecar.frame
+    config = Path(args.model_path) / "config.json"
+    saved = json.loads(config.read_text()) if config.is_file() else {}
+    aspect = args.image_aspect_ratio or saved.get("image_aspect_ratio")
+    tower = args.vision_tower or saved.get("mm_vision_tower")
+    if aspect is None and tower is None:
+        return None
+    if tower is None:
+        raise ValueError("--image-aspect-ratio needs --vision-tower: the tower's image processor decides the frame")
+    from transformers import CLIPImageProcessor
+
+    try:
+        processor = CLIPImageProcessor.from_pretrained(tower)
+    except OSError as e:
+        raise ValueError(f"cannot load the image processor of the vision tower {tower!r}, which decides the frame: "
+                         f"{e}") from None
+    return llava_frame(aspect or "square", processor)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="llava-getok check-data", description=__doc__.split("\n\n")[0])
     p.add_argument("data", help="converted data (LLaVA JSON list or JSONL)")
     p.add_argument("--model-path", required=True, help="a checkpoint or tokenizer folder (slow LlamaTokenizer)")
     p.add_argument("--version", default="getok_v1", help="LLaVA conversation template (default getok_v1)")
-    p.add_argument("--grid", type=int, help="add GETok tokens of this grid if the tokenizer has none yet")
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--offset-levels", type=int, default=3)
-    p.add_argument("--mode", default="inline")
+    add_flags(p, LocationOptions, dash=True, only=GETOK_FLAGS, defaults={"grid": None})  # --grid: add GETok tokens
     p.add_argument("--model-max-length", type=int, default=2048)
     p.add_argument("--mm-use-im-start-end", action="store_true")
     p.add_argument("--limit", type=int, default=-1, help="check only N distinct records, spread evenly over the file (-1: all)")
+    p.add_argument("--image-aspect-ratio", help="as training's --image_aspect_ratio: with --vision-tower, the frame the "
+                   "records must be in (default: the checkpoint's sidecar, else its config.json)")
+    p.add_argument("--vision-tower", help="as training's --vision_tower: its image processor decides the frame")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -176,7 +207,7 @@ def main(argv=None) -> int:
     from .compat import apply_compat_fixes
     from ..training.sidecar import read_sidecar
     from .templates import register_templates
-    from ..training.tokens import add_getok_tokens, check_token_ids, use_non_legacy
+    from ..training.tokens import add_getok_tokens, check_token_ids, location_tokens_as_content, use_non_legacy
 
     apply_compat_fixes()  # what LLaVA's preprocessing needs on this stack, and the getok_* templates: no trainer
     register_templates()
@@ -196,9 +227,10 @@ def main(argv=None) -> int:
     sidecar = read_sidecar(args.model_path)
     if sidecar is not None:
         sidecar.check_tokenizer(tokenizer, args.model_path)
+        location_tokens_as_content(tokenizer, sidecar.location_format)  # as the builder loads it
         check_token_ids(tokenizer, sidecar.location_format)
     elif args.grid:
-        cfg = GETokConfig(grid=args.grid, rounds=args.rounds, offset_levels=args.offset_levels, mode=args.mode)
+        cfg = GETokConfig.from_dict(from_flags(args, LocationOptions, dash=True, only=GETOK_FLAGS))
         add_getok_tokens(tokenizer, cfg)
         check_token_ids(tokenizer, cfg)
     elif formats and not isinstance(formats[0], GETokConfig):  # the data's own format: text adds nothing, bins K
@@ -209,6 +241,17 @@ def main(argv=None) -> int:
         print(f"{args.model_path}: no GETok tokens in the tokenizer and no --grid: GETok tokens would be split",
               file=sys.stderr)
         return 2
+    try:
+        frame = model_frame(args, sidecar)
+        problem = frames_differ(records, frame, args.data) if frame is not None else None
+    except (OSError, ValueError) as e:
+        problem = f"{args.model_path}: {one_line(e)}"
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    if frame is None:
+        print(f"note: frames not checked ({args.model_path} has no sidecar or image_aspect_ratio; pass "
+              f"--image-aspect-ratio and --vision-tower as training will)", file=sys.stderr)
     report = check_records(records, tokenizer, version=args.version, mm_use_im_start_end=args.mm_use_im_start_end,
                            limit=args.limit, source=str(args.data))
     print(report.table())

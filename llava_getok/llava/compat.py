@@ -3,7 +3,9 @@
 Each fix is a :class:`Fix`: a name, a ``needed()`` test that looks at the installed code (not at version
 numbers where a feature test is possible) and an ``apply()`` that wraps LLaVA's function, keeping the
 original reachable as ``__getok_original__``. :func:`apply_compat_fixes` applies those that are needed, once, and
-returns the names it applied this call (peft style: it says what it changed).
+returns the names it applied this call (peft style: it says what it changed). Each wrapper is a permanent patch of
+the process (:data:`llava_getok.patching.PROCESS`): LLaVA does not run on the current stack without it, so
+``unregister()`` leaves it and says so.
 
 Fix 3 must run before ``llava.train`` is imported; nothing here imports ``llava.train`` before it.
 """
@@ -13,6 +15,8 @@ import importlib.util
 import inspect
 from dataclasses import dataclass
 from typing import Callable
+
+from ..patching import PROCESS
 
 _APPLIED: dict[str, bool] = {}  # fix name -> whether it was needed (and so applied)
 
@@ -48,7 +52,8 @@ def _wrap(owner, attr, make, tag="compat"):
     # Not __wrapped__: inspect.signature would follow it, and fix 1 needs generate() to see the new signature.
     new.__getok_original__ = func
     new.__getok_tags__ = (tag,)
-    setattr(owner, attr, classmethod(new) if isinstance(original, classmethod) else new)
+    PROCESS.replace(owner, attr, classmethod(new) if isinstance(original, classmethod) else new, why=f"compat: {tag}",
+                    permanent=True)
 
 
 # 1 -- cache_position ----------------------------------------------------------------------------------
@@ -140,7 +145,7 @@ def _fix_layernorm_name():
     import transformers.trainer
     from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 
-    transformers.trainer.ALL_LAYERNORM_LAYERS = ALL_LAYERNORM_LAYERS
+    PROCESS.replace(transformers.trainer, "ALL_LAYERNORM_LAYERS", ALL_LAYERNORM_LAYERS, why="compat", permanent=True)
 
 
 # 4 -- _get_train_sampler(dataset) ------------------------------------------------------------------------
@@ -272,6 +277,34 @@ def _fix_empty_groups():
     _wrap(LLaVATrainer, "create_optimizer", make)
 
 
+# 10 -- images in another dtype than the projector (ours: LLaVA's serve code on a CPU) ------------------------
+
+def _needs_image_dtype():
+    from llava.model.llava_arch import LlavaMetaForCausalLM
+    from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
+
+    # The tower runs in its own dtype but hands its features back in the images' dtype, and encode_images applies
+    # the projector to them as they are: images in another dtype than the projector's weights stop there.
+    return ("images.dtype" in inspect.getsource(CLIPVisionTower.forward)
+            and "dtype" not in inspect.getsource(LlavaMetaForCausalLM.encode_images))
+
+
+def _fix_image_dtype():
+    def make(original):
+        def encode_images(self, images):
+            # serve.cli and model_worker cast the images to float16 whatever the model's dtype is (float32 on a
+            # CPU): give them the projector's dtype. The tower casts them to its own dtype first either way, so
+            # its input is the same; a model in the images' dtype (LLaVA on a GPU) is untouched.
+            weight = next(self.get_model().mm_projector.parameters(), None)
+            if weight is not None and weight.is_floating_point() and images.dtype != weight.dtype:
+                images = images.to(weight.dtype)
+            return original(self, images)
+        return encode_images
+
+    for cls in _llava_causal_lms():
+        _wrap(cls, "encode_images", make)
+
+
 FIXES = (  # layernorm_name first: the later ones import llava.train
     Fix("layernorm_name", "cannot import name 'ALL_LAYERNORM_LAYERS' from 'transformers.trainer'",
         _needs_layernorm_name, _fix_layernorm_name),
@@ -293,6 +326,8 @@ FIXES = (  # layernorm_name first: the later ones import llava.train
         _needs_checkpoint_metrics, _fix_checkpoint_metrics),
     Fix("empty_param_groups", "ValueError: zip() argument 2 is longer than argument 1 (LR scheduler, ZeRO-3)",
         _needs_empty_groups, _fix_empty_groups),
+    Fix("image_dtype", "RuntimeError: mat1 and mat2 must have the same dtype, but got Half and Float "
+        "(llava.serve.cli / model_worker on a CPU)", _needs_image_dtype, _fix_image_dtype),
 )
 
 
@@ -305,7 +340,10 @@ def apply_compat_fixes(names=None) -> list[str]:
             continue
         needed = fix.needed()
         if needed:
+            start = len(PROCESS.patches)
             fix.apply()
+            for patch in PROCESS.patches[start:]:
+                patch.why = f"compat fix {fix.name}: {fix.symptom}"
             applied.append(fix.name)
         _APPLIED[fix.name] = needed
     return applied

@@ -39,13 +39,15 @@ def prompt_ids(prompt: str, tokenizer) -> list[int]:
     return tokenizer_image_token(prompt, tokenizer)
 
 
-def image_tensor(path, image_processor, model_config) -> torch.Tensor:
-    """One image file -> pixel tensor (3, H, W), processed as LLaVA processes it for this model's config."""
+def image_tensor(image, image_processor, model_config) -> torch.Tensor:
+    """One image (a file, read upright by :func:`llava_getok.images.load_image`, or a PIL image it returned) -> pixel
+    tensor (3, H, W), processed as LLaVA processes it for this model's config."""
     from llava.mm_utils import process_images
-    from PIL import Image
 
-    with Image.open(path) as im:
-        image = im.convert("RGB")
+    from ..images import load_image
+
+    if not hasattr(image, "convert"):
+        image = load_image(image)
     return process_images([image], image_processor, model_config)[0]
 
 

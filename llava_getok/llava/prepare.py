@@ -9,12 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats import BinsFormat, LocationFormat, data_formats, format_name
+from ..patching import model_patches
+from ..formats import FORMAT_NAMES, BinsFormat, LocationFormat, data_formats, describe, format_name
+from ..frames import frame_of, frames_differ
 from ..vocab import GETokConfig
 from ..training.bins_loss import BinsTable
 from ..training.box_loss import TokenTable
 from ..training.rows import attach_trainable_rows
-from ..training.settings import FormatError, GETokSettings
+from ..training.settings import FormatError, GETokSettings, TrainingDataError
 from ..training.tokens import add_getok_tokens, check_token_ids, init_getok_rows, resize_embeddings
 
 
@@ -71,7 +73,8 @@ def enable_vision_tower_training(model, dtype) -> None:
     plain = getattr(type(tower).forward, "__wrapped__", None)
     if plain is None:
         raise TypeError(f"{type(tower).__name__}.forward has no __wrapped__: cannot run it with gradients")
-    tower.forward = types.MethodType(plain, tower)
+    model_patches(model).replace(tower, "forward", types.MethodType(plain, tower),
+                                 why="the vision tower trains: its forward without LLaVA's no_grad")
 
 
 def check_projector(model) -> None:
@@ -114,15 +117,37 @@ def match_deepspeed_dtype(model, args) -> None:
             p.data = p.data.to(dtype)
 
 
+def check_data_frame(base, train_dataset) -> None:
+    """FormatError (one line) when the training records' ``getok.frame`` is not the frame the model sees (its
+    ``image_aspect_ratio`` and its tower's processor, :mod:`llava_getok.frames`)."""
+    records = getattr(train_dataset, "list_data_dict", None) or []
+    if not any(isinstance(r, dict) and isinstance(r.get("getok"), dict) for r in records):
+        return
+    source = getattr(getattr(train_dataset, "data_args", None), "data_path", "training data")
+    try:
+        problem = frames_differ(records, frame_of(base), source)
+    except ValueError as e:
+        problem = f"{source}: {e}"
+    if problem:
+        raise FormatError(problem)
+
+
 def prepare_for_getok(model, tokenizer, args, settings: GETokSettings, train_dataset=None) -> GETokState:
     """Choose the location format (``settings.location_format`` with the data's), add its tokens, resize and
     initialise the rows, choose what trains, check the data."""
+    if train_dataset is not None and len(train_dataset) == 0:
+        source = getattr(getattr(train_dataset, "data_args", None), "data_path", "the training data")
+        raise TrainingDataError(f"{source}: no records to train on (a conversion that skipped every record writes an "
+                                f"empty file: its .rejects.jsonl says why)")
     try:
         have = data_formats(getattr(train_dataset, "list_data_dict", None))
     except ValueError as e:
         raise FormatError(f"training data: {e}") from None
     cfg = settings.location_format(have)
+    if format_name(cfg) not in FORMAT_NAMES:  # qwen25: pixels of Qwen2.5-VL's smart_resized image, which LLaVA never sees
+        raise FormatError(f"the training data is in {describe(cfg)}, which LLaVA does not train on")
     base = unwrap_llava(model)
+    check_data_frame(base, train_dataset)
     check_projector(base)
     embeddings_frozen = not base.get_input_embeddings().weight.requires_grad
     ids = add_getok_tokens(tokenizer, cfg)

@@ -8,6 +8,8 @@ same, tested preprocessing as LLaVA's own.
 """
 from __future__ import annotations
 
+from ..patching import PROCESS
+
 PREFIX = "getok_"
 SYSTEM_NOTE = (
     " Locations in the image are written with grid tokens over an n x n grid of the image: a box is"
@@ -23,27 +25,27 @@ def getok_template(conv):
     return new
 
 
+WHY = "GETok conversation template (llava_getok.llava.templates)"
+
+
 def register_templates() -> list[str]:
-    """Add ``getok_<name>`` for every LLaVA template that has none yet; return the names added."""
+    """Add ``getok_<name>`` to LLaVA's ``conv_templates`` for every LLaVA template that has none yet; return the names
+    added."""
     from llava import conversation
 
     added = []
     for name, conv in list(conversation.conv_templates.items()):
         if name.startswith(PREFIX) or PREFIX + name in conversation.conv_templates:
             continue
-        conversation.conv_templates[PREFIX + name] = getok_template(conv)
+        PROCESS.item(conversation.conv_templates, PREFIX + name, getok_template(conv),
+                     f"llava.conversation.conv_templates[{PREFIX + name!r}]", why=WHY)
         added.append(PREFIX + name)
     return added
 
 
 def unregister_templates() -> list[str]:
-    """Remove every ``getok_*`` template; return the names removed."""
-    from llava import conversation
-
-    names = [name for name in conversation.conv_templates if name.startswith(PREFIX)]
-    for name in names:
-        del conversation.conv_templates[name]
-    return names
+    """Remove the ``getok_*`` templates :func:`register_templates` added; return their names."""
+    return [name.split("'")[1] for name in PROCESS.undo(where=lambda p: p.why == WHY)]
 
 
 def resolve_template(version: str):

@@ -111,9 +111,11 @@ def build_vision_tower(out_dir, cfg: TinyLlavaConfig = TinyLlavaConfig()) -> Pat
     return out
 
 
-def build_tiny_llava(out_dir, tokenizer_dir, cfg: TinyLlavaConfig = TinyLlavaConfig()) -> Path:
+def build_tiny_llava(out_dir, tokenizer_dir, cfg: TinyLlavaConfig = TinyLlavaConfig(), projector: bool = True) -> Path:
     """Build a random `LlavaLlamaForCausalLM` (+ tiny CLIP tower in ``out_dir/vision_tower``), save it with the
-    tokenizer to ``out_dir``. Name ``out_dir`` with "llava" in it: LLaVA's builder picks code paths by name."""
+    tokenizer to ``out_dir``. Name ``out_dir`` with "llava" in it: LLaVA's builder picks code paths by name.
+    ``projector`` False: a language model only (as vicuna is before LLaVA's training adds the tower and projector);
+    the tower is still saved in ``out_dir/vision_tower`` for ``--vision_tower``."""
     import torch
     from llava.model import LlavaConfig, LlavaLlamaForCausalLM
     from transformers import AutoTokenizer
@@ -130,9 +132,10 @@ def build_tiny_llava(out_dir, tokenizer_dir, cfg: TinyLlavaConfig = TinyLlavaCon
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
     model = LlavaLlamaForCausalLM(config)
-    model_args = _VisionArgs(vision_tower=str(tower.resolve()), mm_vision_select_layer=cfg.mm_vision_select_layer,
-                             mm_projector_type=cfg.mm_projector_type)
-    model.get_model().initialize_vision_modules(model_args)
+    if projector:
+        model_args = _VisionArgs(vision_tower=str(tower.resolve()), mm_vision_select_layer=cfg.mm_vision_select_layer,
+                                 mm_projector_type=cfg.mm_projector_type)
+        model.get_model().initialize_vision_modules(model_args)
     model.config.image_aspect_ratio = cfg.image_aspect_ratio
     model.config.tokenizer_padding_side = "right"
     model.config.tokenizer_model_max_length = cfg.max_position_embeddings

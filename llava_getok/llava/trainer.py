@@ -11,17 +11,20 @@ from dataclasses import asdict
 
 import torch
 
+from ..patching import PROCESS, Patches
 from .compat import apply_compat_fixes
 
 apply_compat_fixes()  # fix 3 before llava.train is imported
 
 from llava.train.llava_trainer import LLaVATrainer  # noqa: E402
 
-from ..formats import describe, format_to_dict, same_tokens  # noqa: E402
+from ..formats import describe, same_tokens  # noqa: E402
+from ..frames import frame_of  # noqa: E402
 from ..vocab import GETokConfig  # noqa: E402
 from .checkpoint import (  # noqa: E402
     check_same_on_all_ranks, load_getok_files, tower_weights, write_getok_files)
-from ..training.step import LossCapture, getok_loss  # noqa: E402
+from ..training.step import step_loss  # noqa: E402
+from .capture import capture  # noqa: E402
 from .prepare import prepare_for_getok, unwrap_llava  # noqa: E402
 from ..training.rows import ROWS_ATTR, fold_rows_into_state, getok_rows_values  # noqa: E402
 from ..training.settings import FormatError, GETokSettings  # noqa: E402
@@ -29,12 +32,15 @@ from ..training.sidecar import ROWS_FILE, SIDECAR, Sidecar, read_sidecar  # noqa
 
 
 class GETokTrainer(LLaVATrainer):
-    """LLaVATrainer + GETok, configured by ``settings`` (:class:`GETokSettings`)."""
+    """LLaVATrainer + GETok, configured by ``settings`` (:class:`GETokSettings`); ``template``: the conversation
+    template of the run (LLaVA's ``--version``), recorded in every checkpoint."""
 
-    def __init__(self, model=None, tokenizer=None, args=None, settings: GETokSettings | None = None, **kwargs):
+    def __init__(self, model=None, tokenizer=None, args=None, settings: GETokSettings | None = None,
+                 template: str | None = None, **kwargs):
         if tokenizer is None:  # newer callers name it processing_class
             tokenizer = kwargs.pop("processing_class", None)
         self.settings = settings = settings or GETokSettings()
+        self.template = template
         self.getok = prepare_for_getok(model, tokenizer, args, settings, kwargs.get("train_dataset"))
         g = self.getok
         if getattr(args, "local_rank", -1) in (-1, 0):
@@ -48,7 +54,6 @@ class GETokTrainer(LLaVATrainer):
                   f"{g.rows_mode}, {loss}")
         self._getok_tokenizer = tokenizer
         self._getok_sums: dict[str, torch.Tensor | int] = {}
-        self.loss_capture = LossCapture(unwrap_llava(model)) if self.loss_on else None
         super().__init__(model=model, processing_class=tokenizer, args=args, **kwargs)
 
     @property
@@ -74,21 +79,16 @@ class GETokTrainer(LLaVATrainer):
         # both losses are scored on the positions that have a target (llava_getok.training.step).
         lean = (model.training and not return_outputs and self.label_smoother is None
                 and self.compute_loss_func is None and not self.model_accepts_loss_kwargs)
-        with self.loss_capture.recording(lean):
+        llava = unwrap_llava(model)
+        with capture(llava, lean) as forward:
             if lean:
                 outputs = model(**inputs)
                 lm = outputs.loss  # None unless LLaVA's multimodal preparation did not run
             else:
                 lm, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                    num_items_in_batch=num_items_in_batch)
-        labels, hidden = self.loss_capture.take()
-        if labels is None:  # the forward did not go through LLaVA's multimodal preparation
-            labels = inputs.get("labels")
-        if labels is None or labels.shape[:2] != (hidden if hidden is not None else outputs.logits).shape[:2]:
-            raise ValueError("box-token loss: no labels aligned with the logits (LLaVA's "
-                             "prepare_inputs_labels_for_multimodal was not called in this forward)")
-        head = unwrap_llava(model).get_output_embeddings()
-        total, parts = getok_loss(head, labels, hidden, lm, outputs.logits, self.getok.table, self.settings)
+        captured = forward.captured(outputs, lm, labels=inputs.get("labels"))
+        total, parts = step_loss(captured, llava.get_output_embeddings(), self.getok.table, self.settings)
         self._accumulate(parts)
         return (total, outputs) if return_outputs else total
 
@@ -124,12 +124,11 @@ class GETokTrainer(LLaVATrainer):
         # peft's save_embedding_layers="auto" sees the resized vocabulary and writes both full matrices into
         # every intermediate adapter; the GETok rows are in getok_rows.safetensors already.
         peft_model = self.model
-        peft_model.save_pretrained = functools.partial(type(peft_model).save_pretrained, peft_model,
-                                                       save_embedding_layers=False)
-        try:
+        with Patches().applied() as patches:
+            patches.replace(peft_model, "save_pretrained", functools.partial(
+                type(peft_model).save_pretrained, peft_model, save_embedding_layers=False),
+                why="no full embedding matrices in the adapter, for this save")
             return super()._save(output_dir, state_dict=state_dict)
-        finally:
-            del peft_model.save_pretrained
 
     def _save_checkpoint(self, model, trial, metrics=None):
         super()._save_checkpoint(model, trial, metrics)
@@ -193,37 +192,34 @@ class GETokTrainer(LLaVATrainer):
         return ranks
 
     def sidecar(self, kind: str, base) -> Sidecar:
-        s, g = self.settings, self.getok
+        g = self.getok
         aspect = getattr(base.config, "image_aspect_ratio", "square")
-        return Sidecar(
-            getok=g.format.to_dict() if isinstance(g.format, GETokConfig) else {}, format=format_to_dict(g.format),
-            tokens=list(g.format.tokens()), token_ids=list(g.ids), vocab_size=g.vocab_size,
-            tokenizer_legacy=getattr(self._getok_tokenizer, "legacy", None), image_aspect_ratio=aspect,
-            frame="pad" if aspect == "pad" else "orig", kind=kind,
-            base_model=getattr(base.config, "_name_or_path", None) or None, init=s.init,
-            loss={k: v for k, v in asdict(s).items() if k in ("grid_weight", "box_weight", "sigma", "offset_sigma")},
-            vision_tower_trained=s.train_vision_tower)
+        return Sidecar.of(
+            g.format, g.ids, vocab_size=g.vocab_size, tokenizer_legacy=getattr(self._getok_tokenizer, "legacy", None),
+            kind=kind, frame=frame_of(base), backend="llava",
+            base_model=getattr(base.config, "_name_or_path", None) or None, template=self.template,
+            processor={"image_aspect_ratio": aspect}, settings=asdict(self.settings),
+            vision_tower_trained=self.settings.train_vision_tower)
 
 
-def install_trainer_hook(settings: GETokSettings | None = None) -> bool:
-    """Make LLaVA's ``train()`` build a :class:`GETokTrainer` with ``settings`` (without them: keep the settings of
-    an earlier call, or the defaults). True if this call changed what LLaVA builds."""
+TRAINER_WHY = "LLaVA's train() builds the GETok trainer (llava_getok.llava.trainer)"
+
+
+def install_trainer_hook(settings: GETokSettings | None = None, template: str | None = None) -> bool:
+    """Make LLaVA's ``train()`` build a :class:`GETokTrainer` with ``settings`` and ``template`` (without settings:
+    keep those of an earlier call, or the defaults). True if this call changed what LLaVA builds."""
     import llava.train.train as train_mod
 
     current = train_mod.LLaVATrainer
     installed = isinstance(current, functools.partial) and current.func is GETokTrainer
-    if installed and (settings is None or current.keywords["settings"] == settings):
+    if installed and (settings is None or (current.keywords["settings"], current.keywords["template"]) == (settings, template)):
         return False
-    factory = functools.partial(GETokTrainer, settings=settings or GETokSettings())
-    train_mod.LLaVATrainer = functools.update_wrapper(factory, GETokTrainer)  # its name and doc, for readers of it
+    uninstall_trainer_hook()
+    factory = functools.partial(GETokTrainer, settings=settings or GETokSettings(), template=template)
+    PROCESS.replace(train_mod, "LLaVATrainer", functools.update_wrapper(factory, GETokTrainer), why=TRAINER_WHY)
     return True
 
 
 def uninstall_trainer_hook() -> bool:
     """Give LLaVA's ``train()`` its own trainer back; True if one was installed."""
-    import llava.train.train as train_mod
-
-    if train_mod.LLaVATrainer is LLaVATrainer:
-        return False
-    train_mod.LLaVATrainer = LLaVATrainer
-    return True
+    return bool(PROCESS.undo(where=lambda p: p.why == TRAINER_WHY))

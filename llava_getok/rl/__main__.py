@@ -9,35 +9,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import MISSING, fields
 
+from ..options import add_flags, from_flags
 from .run import RLArgs, run
 
 
 def parser() -> argparse.ArgumentParser:
+    """The flags of :class:`RLArgs`, one per field (``--model-path``, ``--lora`` / ``--no-lora``, ...)."""
     p = argparse.ArgumentParser(prog="python -m llava_getok.rl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(RLArgs):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        if "bool" in kind:
-            default = None if f.default is MISSING else f.default
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                           help=f"{help_} (default: {default})")
-            continue
-        conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-        if f.default is MISSING:
-            p.add_argument(flag, dest=f.name, type=conv, required=True, help=help_)
-        else:
-            p.add_argument(flag, dest=f.name, type=conv, default=f.default, help=f"{help_} (default: {f.default})")
+    add_flags(p, RLArgs, dash=True, switches=True)
     return p
 
 
 def main(argv=None) -> int:
     ns = parser().parse_args(argv)
     try:
-        args = RLArgs(**vars(ns))
+        args = RLArgs(**from_flags(ns, RLArgs))
         trainer = run(args)
     except (ValueError, FileNotFoundError) as e:  # bad arguments or data: say what, not where in the stack
         print(f"error: {e}", file=sys.stderr)

@@ -21,8 +21,9 @@ def build_rows(records, stage: str, image_folder, conv_mode: str, source="<recor
     frame / config: the model's frame and GETok config (its sidecar). A record made for another frame or
     grid is an error: its ground truth would be compared with coordinates the model does not mean.
     """
+    from ..images import ImageError, load_image
     from ..llava.inputs import render_prompt
-    from .rewards import record_task
+    from .scores import record_task
 
     if stage not in STAGE_TASKS:
         raise ValueError(f"stage must be one of {sorted(STAGE_TASKS)}, got {stage!r}")
@@ -54,6 +55,10 @@ def build_rows(records, stage: str, image_folder, conv_mode: str, source="<recor
         image = Path(image_folder) / rec["image"]
         if not image.is_file():
             raise FileNotFoundError(f"{where}: field 'image' {rec['image']!r} is not a file under {image_folder}")
+        try:  # decoded once here, so that a bad image stops the run before the model loads, not at its step
+            load_image(image)
+        except ImageError as e:
+            raise ValueError(f"{where}: field 'image': {e}") from None
         turns = rec.get("conversations") or []
         if len(turns) < 2 or turns[-1].get("from") != "gpt" or turns[-2].get("from") != "human":
             raise ValueError(f"{where}: field 'conversations' must end with a human turn and the gpt answer")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .rewards import STAGE_REWARDS, RewardConfig, get_reward
@@ -199,6 +199,9 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
                                frame=sidecar.frame, config=cfg)
     for reason, n in sorted(skipped.items()):
         print(f"[grpo] skipped {n} record(s): {reason}", file=sys.stderr)
+    from transformers import set_seed
+
+    set_seed(args.seed)  # before the policy's LoRA adapters are made: --seed reproduces a run from its first step
     tokenizer, model, image_processor, sidecar, ids = policy or load_policy(args)
     id_to_token = dict(zip(ids, sidecar.tokens))
     funcs, weights = reward_funcs(args, id_to_token)
@@ -224,7 +227,9 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
     first_answers = None
     if args.stage == "refine" and args.first_answer == "policy":
         first_answers = PolicyFirstAnswers(args.conv_mode, cfg, dict(zip(sidecar.tokens, ids)), args.max_new_tokens)
-    callback = GETokCheckpointCallback(tokenizer, sidecar, args.model_path, quantized=args.bits != 16)
+    # what this run's checkpoints record: the template it answered in, its own settings and the ones it started from
+    ours = replace(sidecar, template=args.conv_mode, settings={"grpo": asdict(args), "start": sidecar.settings})
+    callback = GETokCheckpointCallback(tokenizer, ours, args.model_path, quantized=args.bits != 16)
     torch.manual_seed(args.seed)
     return LlavaGRPOTrainer(model, tokenizer, image_processor, funcs, grpo, Dataset.from_list(rows),
                             logits_processor=processors, callbacks=[callback, *callbacks],

@@ -3,7 +3,7 @@
 trl 1.16 knows vision-language models through a ``ProcessorMixin`` (chat template + image processor that
 expand image placeholders in the text). LLaVA has neither: its model takes ``images=`` and splices the image
 features in at its single ``IMAGE_TOKEN_INDEX`` itself. So the trainer is given the tokenizer (trl's text
-path) and five seams are overridden, everything else (sampling, group advantages, zero-variance logging,
+path) and four seams are overridden, everything else (sampling, group advantages, zero-variance logging,
 clipped loss, KL, length-unbiased ``loss_type``, PEFT reference by disabled adapters, checkpoints) is trl's:
 
 - ``_tokenize_prompts``: LLaVA's ``tokenizer_image_token`` (one image id, no expansion here);
@@ -13,7 +13,6 @@ clipped loss, KL, length-unbiased ``loss_type``, PEFT reference by disabled adap
 - ``_generate_single_turn``: LLaVA's ``generate(inputs, images=...)`` with left padding (LLaVA re-pads the
   spliced sequence by ``config.tokenizer_padding_side``), optionally grammar-constrained; on transformers
   >= 4.38 it returns only the new tokens (trl's slicing by prompt length would cut them);
-- ``_generate``: trl's, with completions decoded keeping the GETok tokens (trl skips special tokens);
 - ``_get_per_token_logps_and_entropies``: LLaVA's ``prepare_inputs_labels_for_multimodal`` (the same splice
   as in training) builds the embeddings, the model's ordinary forward scores them (through the LM-head hooks
   of the trainable GETok rows, which trl's fused head would bypass), and the completion tokens'
@@ -158,16 +157,6 @@ class LlavaGRPOTrainer(GRPOTrainer):
             end = int(hits[0]) + 1 if len(hits) else len(row)
             result.append(row[:end].tolist())
         return result
-
-    def _generate(self, prompts: list):
-        # trl decodes with skip_special_tokens=True, which drops the GETok tokens (added as special tokens).
-        # Rewards parse by token id, but they check the think/answer structure in the text and log it: decode
-        # with every GETok token kept, leaving out only the end-of-sequence / padding ids.
-        out = list(super()._generate(prompts))
-        drop = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-        out[3] = [self._tokenizer.decode([t for t in ids if t not in drop], skip_special_tokens=False)
-                  for ids in out[1]]
-        return tuple(out)
 
     # -- log-probabilities ----------------------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,

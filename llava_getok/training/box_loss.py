@@ -1,7 +1,7 @@
 """Box-token loss (spec section 7): the 2D structure of grid tokens, added to the LM loss.
 
-Computed at the label positions whose target is a GETok grid or offset token (after the causal shift:
-``logits[:, t]`` predicts ``labels[:, t + 1]``):
+Computed at the positions whose target (:class:`loss_parts.Targets`, after the causal shift) is a GETok grid or
+offset token:
 
 - ``grid``: cross-entropy between the model's distribution renormalised over the n² grid tokens and a 2D
   Gaussian over cells centred on the target cell (``sigma`` in cells; 0 gives the one-hot target). Offset
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..vocab import GETokConfig
-
-IGNORE_INDEX = -100
+from ..vocab import TAGS, GETokConfig
+from .loss_parts import (Targets, TokenLookup, box_value_and_grad, expectation_grad, float_dtype, gather_rows,
+                         gaussian_targets, soft_cross_entropy_grad)
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,31 +48,13 @@ class TokenTable:
         """``ids``: the tokenizer ids of ``cfg.tokens()``, in that order."""
         of = dict(zip(cfg.tokens(), ids))
         grid, off = torch.tensor([of[t] for t in cfg.grid_tokens]), torch.tensor([of[t] for t in cfg.offset_tokens])
-        return cls(cfg, grid, off, of["<box>"], of["</box>"])
+        open_, close = TAGS["box"]
+        return cls(cfg, grid, off, of[open_], of[close])
 
     @functools.cached_property
-    def cols(self) -> torch.Tensor:
-        """Grid then offset ids: the columns of the logits the loss reads."""
-        return torch.cat([self.grid_ids, self.offset_ids])
-
-    @functools.cached_property
-    def _col_slice(self) -> slice | None:
-        c = self.cols.numpy()
-        return slice(int(c[0]), int(c[-1]) + 1) if (np.diff(c) == 1).all() else None
-
-    def columns(self, logits: torch.Tensor) -> torch.Tensor:
-        """(P, V) logits -> (P, n*n + m*m), the :attr:`cols` columns: a view when the ids are one run (as
-        ``register`` adds them), which spares a copy forward and a scatter backward."""
-        s = self._col_slice
-        return logits[:, s] if s is not None else logits[:, self.on(logits.device, logits.dtype)[0]]
-
-    @functools.cached_property
-    def klass(self) -> np.ndarray:
-        """id -> column index in :attr:`cols` (-1 for other ids), a lookup table; its last entry, -1, stands
-        for every id past the table and every negative label."""
-        k = np.full(int(self.cols.max()) + 2, -1, dtype=np.int64)
-        k[self.cols.numpy()] = np.arange(len(self.cols))
-        return k
+    def lookup(self) -> TokenLookup:
+        """Grid then offset ids: the classes (columns of the logits) the loss reads."""
+        return TokenLookup(torch.cat([self.grid_ids, self.offset_ids]))
 
     @functools.cached_property
     def anchors(self) -> np.ndarray:
@@ -84,46 +66,19 @@ class TokenTable:
         """(m*m, 2) (dx, dy) of every offset class."""
         return np.asarray(self.cfg.offset_values, dtype=np.float64)
 
-    def loss(self, logits, labels, sigma: float = 1.0, with_box: bool = True, offset_sigma: float = 0.0):
-        """:func:`box_token_loss` with this table (the bins format's table has the same method: the trainer asks
-        the table, whatever the format)."""
-        return box_token_loss(logits, labels, self, sigma=sigma, with_box=with_box, offset_sigma=offset_sigma)
+    def loss(self, scores, targets: Targets, sigma: float = 1.0, with_box: bool = True, offset_sigma: float = 0.0):
+        """:func:`box_token_loss` with this table (the bins format's table has the same method: the step asks the
+        table, whatever the format)."""
+        return box_token_loss(scores, targets, self, sigma=sigma, with_box=with_box, offset_sigma=offset_sigma)
 
     @functools.lru_cache(maxsize=16)
-    def on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(cols, anchors, offsets) on ``device`` in ``dtype``, made once: a copy per step costs more than the loss."""
-        return (self.cols.to(device), torch.as_tensor(self.anchors).to(device, dtype),
-                torch.as_tensor(self.offsets).to(device, dtype))
-
-
-def soft_targets(target, side: int, sigma: float, dtype=np.float64) -> np.ndarray:
-    """(P, side²) Gaussian targets over a side x side lattice in row-major order (y outer, as grid and offset
-    tokens are), centred on the classes ``target`` (P,), ``sigma`` in lattice steps; 0 gives one-hot. The
-    Gaussian is separable: the product of two normalised 1D Gaussians, so no (side², side²) table is needed.
-
-    >>> q = soft_targets([4], 3, 1.0)
-    >>> int(q.argmax()), round(float(q.sum()), 6)
-    (4, 1.0)
-    """
-    target = np.asarray(target, dtype=np.int64)
-    if sigma <= 0:
-        q = np.zeros((len(target), side * side), dtype)
-        q[np.arange(len(target)), target] = 1
-        return q
-    g = _gaussian_rows(side, float(sigma)).astype(dtype, copy=False)
-    return (g[target // side][:, :, None] * g[target % side][:, None, :]).reshape(len(target), side * side)
-
-
-@functools.lru_cache(maxsize=16)
-def _gaussian_rows(side: int, sigma: float) -> np.ndarray:
-    """(side, side): row c is the normalised 1D Gaussian over 0..side-1 centred on c."""
-    k = np.arange(side)
-    g = np.exp(-((k[None] - k[:, None]) ** 2) / (2 * sigma**2))
-    return g / g.sum(1, keepdims=True)
+    def on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anchors, offsets) on ``device`` in ``dtype``, made once: a copy per step costs more than the loss."""
+        return (torch.as_tensor(self.anchors).to(device, dtype), torch.as_tensor(self.offsets).to(device, dtype))
 
 
 class BoxSlots(NamedTuple):
-    """Where the boxes of a label batch are, as indices into the flattened (B * T) labels (numpy arrays).
+    """Where the boxes of a target batch are, as flat positions (numpy arrays).
 
     corners: (2K,) the grid position of each corner, box after box; offsets: (Q,) the offset positions
     inside those boxes, with the corner (index into ``corners``) and the round (1-based) of each."""
@@ -134,19 +89,11 @@ class BoxSlots(NamedTuple):
     offset_round: np.ndarray
 
 
-def find_boxes(labels, table: TokenTable) -> BoxSlots:
-    """The boxes in (shifted) ``labels`` (B, T): every ``<box>`` followed by exactly two grid targets, each
-    followed only by offset targets, then ``</box>``, within one row. Anything else between ``<box>`` and the
-    next ``</box>`` (text, a third corner, a second ``<box>``) drops that box."""
-    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
-    flat = labels.reshape(-1)
-    return _find_boxes(flat, _classes(flat, table), labels.shape[1], table)
-
-
-def _classes(flat: np.ndarray, table: TokenTable) -> np.ndarray:
-    """Column in ``table.cols`` of each label (-1 for labels that are no grid or offset token)."""
-    k = table.klass
-    return k[np.minimum(flat.astype(np.uint64), len(k) - 1)]  # negative labels wrap to huge values
+def find_boxes(targets: Targets, table: TokenTable) -> BoxSlots:
+    """The boxes in ``targets``: every ``<box>`` followed by exactly two grid targets, each followed only by offset
+    targets, then ``</box>``, within one row. Anything else between ``<box>`` and the next ``</box>`` (text, a third
+    corner, a second ``<box>``) drops that box."""
+    return _find_boxes(targets.flat, table.lookup.classes(targets.flat), targets.row_len, table)
 
 
 def _find_boxes(flat: np.ndarray, cls: np.ndarray, row_len: int, table: TokenTable) -> BoxSlots:
@@ -178,41 +125,31 @@ def _find_boxes(flat: np.ndarray, cls: np.ndarray, row_len: int, table: TokenTab
     return BoxSlots(grid_pos[corner_grid], offsets, corner_of_grid[owner], offsets - grid_pos[owner])
 
 
-def box_token_loss(logits, labels, table: TokenTable, sigma: float = 1.0,
+def box_token_loss(scores, targets: Targets, table: TokenTable, sigma: float = 1.0,
                    with_box: bool = True, offset_sigma: float = 0.0) -> dict[str, torch.Tensor]:
     """The two parts {"grid", "box"} (0-dim tensors, 0 when there is nothing to score) and the counts
-    {"n_grid", "n_box"} for the model's unshifted ``labels`` (B, T), a tensor or its host copy (numpy).
+    {"n_grid", "n_box"} of one batch's ``targets``.
 
-    ``logits``: the (B, T, V) logits, or a function ``rows -> (len(rows), V)`` logits at flat positions
-    ``rows`` (indices into B * T). The trainer passes the second, the LM head applied to the hidden states of
-    the scored positions only: a loss on a few rows of the full logits would give them a second full-size
-    gradient in the backward (B x T x V floats, gigabytes for a 7B model's batch)."""
+    ``scores``: a function ``rows -> (len(rows), V)`` logits at flat positions ``rows`` (the step's head callable,
+    the LM head applied to those positions' hidden states only: a loss on a few rows of the full logits would give
+    them a second full-size gradient in the backward, B x T x V floats, gigabytes for a 7B model's batch), or the
+    (B, T, V) logits."""
     parts = {"grid": torch.zeros(()), "box": torch.zeros(()), "n_grid": 0, "n_box": 0}
-    B, T = labels.shape
-    flat = shifted_targets(labels if isinstance(labels, np.ndarray) else labels.detach().cpu().numpy())
-    cls = _classes(flat, table)
+    flat = targets.flat
+    cls = table.lookup.classes(flat)
     n2 = len(table.grid_ids)
     grid_at, off_at = np.flatnonzero((cls >= 0) & (cls < n2)), np.flatnonzero(cls >= n2)
     if not len(grid_at) and not len(off_at):
         return parts
-    rows = np.concatenate([grid_at, off_at])  # grid targets first
-    at = torch.from_numpy(rows)
-    sub = logits(at) if callable(logits) else logits.reshape(B * T, -1)[at.to(logits.device)]
-    dtype = torch.float64 if sub.dtype == torch.float64 else torch.float32  # half is upcast, as transformers does
-    slots = _find_boxes(flat, cls, T, table) if with_box else None
+    sub = gather_rows(scores, np.concatenate([grid_at, off_at]))  # grid targets first
+    dtype = float_dtype(sub)
+    slots = _find_boxes(flat, cls, targets.row_len, table) if with_box else None
     plan = _plan(table, cls, grid_at, off_at, slots, sigma, offset_sigma, sub.device, dtype)
-    both = _BoxTokenLoss.apply(table.columns(sub).to(dtype), plan)
-    parts["grid"], parts["n_grid"] = both[0], len(rows)
+    both = _BoxTokenLoss.apply(table.lookup.columns(sub).to(dtype), plan)
+    parts["grid"], parts["n_grid"] = both[0], len(sub)
     if plan.true is not None:
         parts["box"], parts["n_box"] = both[1], len(plan.true)
     return parts
-
-
-def shifted_targets(labels: np.ndarray) -> np.ndarray:
-    """(B * T,) the target of each position of (B, T) ``labels``: ``labels[:, t + 1]``, and IGNORE_INDEX at the
-    last position of each row (the causal shift of transformers' ``ForCausalLMLoss``)."""
-    B = len(labels)
-    return np.concatenate([labels[:, 1:], np.full((B, 1), IGNORE_INDEX, labels.dtype)], 1).reshape(-1)
 
 
 class _Plan(NamedTuple):
@@ -233,9 +170,9 @@ class _Plan(NamedTuple):
 def _plan(table, cls, grid_at, off_at, slots, sigma, offset_sigma, dev, dtype) -> _Plan:
     cfg, n2 = table.cfg, len(table.grid_ids)
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    q = [soft_targets(cls[grid_at], cfg.grid, sigma, np_dtype), soft_targets(cls[off_at] - n2, cfg.offset_levels,
-                                                                             offset_sigma, np_dtype)]
-    _, anchors, offsets = table.on(dev, dtype)
+    q = [gaussian_targets(cls[grid_at], cfg.grid, sigma, dtype=np_dtype),
+         gaussian_targets(cls[off_at] - n2, cfg.offset_levels, offset_sigma, dtype=np_dtype)]
+    anchors, offsets = table.on(dev, dtype)
     has_box = slots is not None and len(slots.corners)
     if has_box:
         # the target corners as codec.dequantize decodes them: anchor + sum of d_r * s_r (clipped below)
@@ -287,13 +224,12 @@ class _BoxTokenLoss(torch.autograd.Function):
                 point = point.index_add(0, plan.offset_corner, plan.offset_step * (po @ plan.offsets))
             box, g_x = box_value_and_grad(point.detach().cpu().double().numpy().reshape(-1, 4), plan.true)
             g_point = torch.from_numpy(g_x.reshape(-1, 2)).to(sub.device, sub.dtype)
-            # through the soft-argmax: d(sum_k p_k a_k)/d z_k = p_k (a_k - sum_j p_j a_j)
+            # through the soft-argmax of the anchors and of each offset round's steps
             g_box = torch.zeros_like(sub)
-            proj = g_point @ plan.anchors.t()  # (2K, n*n)
-            g_box[:G, :n2].index_add_(0, plan.corners, pc * (proj - (pc * proj).sum(1, keepdim=True)))
+            g_box[:G, :n2].index_add_(0, plan.corners, expectation_grad(pc, plan.anchors, g_point))
             if len(plan.offset_rows):
-                proj = g_point[plan.offset_corner] @ plan.offsets.t()  # (Q, m*m)
-                g_box[G:, n2:].index_add_(0, plan.offset_rows, plan.offset_step * po * (proj - (po * proj).sum(1, keepdim=True)))
+                g_off = expectation_grad(po, plan.offsets, g_point[plan.offset_corner])
+                g_box[G:, n2:].index_add_(0, plan.offset_rows, plan.offset_step * g_off)
         ctx.save_for_backward(p_grid, p_off, g_box)
         ctx.plan = plan
         return torch.stack([grid, grid.new_tensor(box)])
@@ -302,38 +238,8 @@ class _BoxTokenLoss(torch.autograd.Function):
     def backward(ctx, grad):
         p_grid, p_off, g_box = ctx.saved_tensors
         plan, G, n2 = ctx.plan, len(p_grid), ctx.plan.n2
-        # d(soft cross-entropy)/d(logit) = p - q, averaged over the P rows
-        scale = grad[0] / (len(p_grid) + len(p_off))
-        out = grad[1] * g_box if g_box is not None else p_grid.new_zeros(len(p_grid) + len(p_off), n2 + p_off.shape[1])
-        out[:G, :n2] += scale * (p_grid - plan.q_grid)
-        out[G:, n2:] += scale * (p_off - plan.q_off)
+        rows = len(p_grid) + len(p_off)  # the soft cross-entropy is a mean over all P rows
+        out = grad[1] * g_box if g_box is not None else p_grid.new_zeros(rows, n2 + p_off.shape[1])
+        out[:G, :n2] += grad[0] * soft_cross_entropy_grad(p_grid, plan.q_grid, rows)
+        out[G:, n2:] += grad[0] * soft_cross_entropy_grad(p_off, plan.q_off, rows)
         return out, None
-
-
-def box_value_and_grad(x: np.ndarray, t: np.ndarray) -> tuple[float, np.ndarray]:
-    """Box part for predicted corners ``x`` (K, 4) against targets ``t`` (K, 4), both x1 y1 x2 y2 in any
-    corner order: mean over boxes of L1 (mean of 4 coordinates) + 1 - generalised IoU, and its gradient
-    with respect to ``x``. Plain numpy: K is the number of boxes in a batch."""
-    K = len(x)
-    first_lo = x[:, :2] <= x[:, 2:]  # corners put in order for the IoU: lo = min, hi = max per axis
-    lo, hi = np.minimum(x[:, :2], x[:, 2:]), np.maximum(x[:, :2], x[:, 2:])
-    t_lo, t_hi = np.minimum(t[:, :2], t[:, 2:]), np.maximum(t[:, :2], t[:, 2:])
-    side = hi - lo
-    overlap = np.minimum(hi, t_hi) - np.maximum(lo, t_lo)
-    o = np.maximum(overlap, 0)
-    hull = np.maximum(hi, t_hi) - np.minimum(lo, t_lo)
-    inter, c = o.prod(1), hull.prod(1)
-    eps = 1e-9
-    union = side.prod(1) + (t_hi - t_lo).prod(1) - inter
-    giou = inter / (union + eps) - (c - union) / (c + eps)
-    value = float(np.mean(np.abs(x - t).mean(1) + 1 - giou))
-    # d giou / d (inter, area, hull), with union = area + target area - inter
-    d_inter = (1 / (union + eps) + inter / (union + eps) ** 2 - 1 / (c + eps))[:, None]
-    d_area = (-inter / (union + eps) ** 2 + 1 / (c + eps))[:, None]
-    d_hull = (-(union + eps) / (c + eps) ** 2)[:, None]
-    o_other, side_other, hull_other = o[:, ::-1], side[:, ::-1], hull[:, ::-1]  # the other axis' factor
-    live = overlap > 0
-    d_hi = d_inter * o_other * (live & (hi < t_hi)) + d_area * side_other + d_hull * hull_other * (hi > t_hi)
-    d_lo = -(d_inter * o_other * (live & (lo > t_lo)) + d_area * side_other + d_hull * hull_other * (lo < t_lo))
-    d_giou = np.concatenate([np.where(first_lo, d_lo, d_hi), np.where(first_lo, d_hi, d_lo)], 1)
-    return value, (np.sign(x - t) / 4 - d_giou) / K

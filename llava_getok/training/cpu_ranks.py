@@ -24,7 +24,11 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..options import truth
+from ..patching import PROCESS
+
 _DONE: set[str] = set()
+WHY = "training ranks on a CPU (llava_getok.training.cpu_ranks)"
 
 
 def enable(deepspeed: bool = False) -> None:
@@ -44,7 +48,7 @@ def enable(deepspeed: bool = False) -> None:
             if self.device is not None and self.device.type == "cpu":
                 self.device = torch.device("cpu")  # not cpu:N: an index means an accelerator to the loaders
 
-        accelerate.state.PartialState.set_device = plain_cpu
+        PROCESS.replace(accelerate.state.PartialState, "set_device", plain_cpu, why=WHY)
         _DONE.add("device")
     if deepspeed and "deepspeed" not in _DONE:
         import transformers.training_args
@@ -66,8 +70,8 @@ def enable(deepspeed: bool = False) -> None:
 
             return bool(get_accelerator().is_bf16_supported())
 
-        accelerate.state.PartialState._prepare_backend = _prepare_backend
-        transformers.training_args.is_torch_bf16_gpu_available = bf16_available
+        PROCESS.replace(accelerate.state.PartialState, "_prepare_backend", _prepare_backend, why=WHY)
+        PROCESS.replace(transformers.training_args, "is_torch_bf16_gpu_available", bf16_available, why=WHY)
         _DONE.add("deepspeed")
 
 
@@ -77,19 +81,11 @@ def _flag(argv, name, kind=str, default=None):
     return p.parse_known_args(argv)
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
 def launch_argv(argv: list[str]) -> list[str]:
     """An entry point's arguments (``python -m llava_getok.train`` and ``llava_getok.hf.train``) made ready for CPU
     ranks: with ``--use_cpu True``, :func:`enable` (DeepSpeed's too under ``--deepspeed``), and ``argv`` returned
     without ``--use_cpu`` under ``--deepspeed`` (it would make accelerate drop DeepSpeed silently); else ``argv``."""
-    ns, others = _flag(argv, "use_cpu", _bool, False)
+    ns, others = _flag(argv, "use_cpu", truth, False)
     if not ns.use_cpu:
         return argv
     import torch

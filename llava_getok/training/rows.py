@@ -19,6 +19,8 @@ import hashlib
 import torch
 from torch import nn
 
+from ..patching import Patch, Patches
+
 ROWS_ATTR = "getok_rows"
 
 
@@ -86,7 +88,7 @@ class GETokRows(nn.Module):
         lookup = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
         lookup[self.ids] = torch.arange(k, device=device)
         self.register_buffer("lookup", lookup, persistent=False)
-        self._handles = []
+        self.patches = Patches()  # what attach_trainable_rows changed on the model: its hooks and this module
 
     @property
     def input_delta(self) -> nn.Parameter:
@@ -96,14 +98,11 @@ class GETokRows(nn.Module):
     def output_delta(self) -> nn.Parameter:
         return self.output.delta
 
-    def remove(self, model) -> None:
-        """Take the deltas off ``model`` (its hooks and this module): the matrices act alone again. Write the rows
-        into them first (:func:`set_rows` with :func:`getok_rows_values`) to keep what trained."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        if getattr(model, ROWS_ATTR, None) is self:
-            delattr(model, ROWS_ATTR)
+    def remove(self, model) -> list[str]:
+        """Take the deltas off ``model`` (its hooks and this module): the matrices act alone again; returns what was
+        taken off. Write the rows into the matrices first (:func:`set_rows` with :func:`getok_rows_values`) to keep
+        what trained."""
+        return self.patches.undo()
 
     @contextlib.contextmanager
     def disabled(self):
@@ -138,13 +137,17 @@ def attach_trainable_rows(model, ids: list[int], grid: int = 0, freeze_matrices:
     rows = GETokRows(ids, emb.weight.shape[0], emb.weight.shape[1], dtype=dtype, device=emb.weight.device,
                      grid=grid)
     model.add_module(ROWS_ATTR, rows)
-    rows._handles = [emb.register_forward_hook(rows.embed_hook), head.register_forward_hook(rows.head_hook)]
-    for matrix in (emb.weight, head.weight):
+    why = "GETok rows train as deltas (llava_getok.training.rows)"
+    rows.patches.add(Patch(f"{type(model).__name__}.{ROWS_ATTR}", why, lambda: delattr(model, ROWS_ATTR)))
+    rows.patches.hook(emb.register_forward_hook(rows.embed_hook), f"{type(emb).__name__}: forward hook", why)
+    rows.patches.hook(head.register_forward_hook(rows.head_hook), f"{type(head).__name__}: forward hook", why)
+    for name, matrix in (("input embeddings", emb.weight), ("LM head", head.weight)):
         if freeze_matrices:
             matrix.requires_grad_(False)
-        else:
+        else:  # the deltas train the GETok rows; the matrix's own gradient there is dropped
             index = rows.ids.to(matrix.device)
-            rows._handles.append(matrix.register_hook(lambda grad, index=index: grad.index_fill(0, index, 0)))
+            rows.patches.hook(matrix.register_hook(lambda grad, index=index: grad.index_fill(0, index, 0)),
+                              f"{name} weight: gradient hook", why)
     return rows
 
 

@@ -1,86 +1,75 @@
 """The GETok options of a training run (``python -m llava_getok.train --getok_* ...``): one frozen dataclass, handed
-to the trainer that uses it (``register(settings)``), never a global."""
+to the trainer that uses it (``register(settings)``), never a global, and recorded whole in every checkpoint."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
-from ..formats import FORMAT_NAMES, BinsFormat, LocationFormat, TextFormat, describe, format_name, format_to_dict, same_tokens
+from ..formats import (BinsFormat, LocationFormat, LocationOptions, Qwen25Format, TextFormat, describe, format_name,
+                       format_to_dict, same_tokens)
+from ..options import check_choices, option, same_option
 from ..vocab import GETokConfig
 from .tokens import INITS
 
 ROW_MODES = ("auto", "full", "delta", "factored")
+DATA_ORDERS = ("shuffle", "file")
+FLAG_PREFIX = "getok_"  # python -m llava_getok.train --getok_grid 8 ...
 
 
 class FormatError(ValueError):
     """The location format asked for and the training data's disagree (or the data mixes formats, or a checkpoint to
     resume is of another format); ``python -m llava_getok.train`` prints it as one line."""
 
-DATA_ORDERS = ("shuffle", "file")
+
+class TrainingDataError(ValueError):
+    """The training data cannot be trained on (e.g. it holds no records); printed as one line naming the file."""
 
 
 @dataclass(frozen=True)
 class GETokSettings:
-    """GETok options of a training run (``python -m llava_getok.train --getok_* ...``).
+    """The GETok options of a training run, each declared once here (help, type, default, choices): the flags of
+    ``python -m llava_getok.train`` (``--getok_<name>``, :func:`llava_getok.options.add_flags`), their help text and
+    the ``settings`` a checkpoint's sidecar records are made from these fields."""
 
-    format: the location format, "getok", "text" or "bins"; None (default): the training data's (``getok.format`` /
-        ``getok.config`` of its records), getok when the data says nothing (:meth:`location_format`).
-    bins: K of the bins format; None: the data's, else 1000.
-    grid, rounds, offset_levels, schedule, mode: the GETok config (spec sections 2-5).
-    init: initialisation of the new rows, "sincos2d" (default: the mean plus a sinusoidal code of the token's
-        position, 2D for GETok's cells and offsets, 1D of the bin centre for bins) or "mean".
-    grid_weight, box_weight: lambda_grid, lambda_box of the box-token loss (bins: the soft cross-entropy over the K
-        bins and the L1 + GIoU of the expected coordinates); both 0 = plain LLaVA loss. Text trains with LLaVA's
-        plain loss whatever they are.
-    sigma: width of the soft grid target in cells (bins: in bins); offset_sigma: the same over offset tokens
-        (0 = one-hot).
-    rows: "auto" trains only the GETok rows (delta) under LoRA / QLoRA / frozen backbone / projector-only
-        tuning and everything under full fine-tuning; "full" or "delta" force one; "factored" trains the GETok
-        rows as deltas whose grid part is a column part + a row part + a per-cell residual (all starting at
-        zero), the rest of the matrices as under "auto" (spec section 10).
-    train_vision_tower: also train the CLIP tower (LLaVA freezes it and runs it under no_grad).
-    check_data: distinct records to run through LLaVA's preprocessing check before training, spread over the
-        file (-1: all, 0: none); repeated records are checked once.
-    data_order: "shuffle" (the Trainer's random order) or "file": the records in the data file's order, for a
-        curriculum written into the file (each process of a multi-GPU run takes its share of every batch).
-    """
-
-    format: str | None = None
-    bins: int | None = None
-    grid: int = 32
-    rounds: int | None = None
-    offset_levels: int = 3
-    schedule: str = "halving"
-    mode: str = "inline"
-    init: str = "sincos2d"
-    grid_weight: float = 0.5
-    box_weight: float = 0.5
-    sigma: float = 1.0
-    offset_sigma: float = 0.0
-    rows: str = "auto"
-    train_vision_tower: bool = False
-    check_data: int = -1
-    data_order: str = "shuffle"
+    format: str | None = same_option(LocationOptions, "format", default=None, help=(
+        "the location format: getok, text or bins (default: the training data's, which convert-datasets --format "
+        "wrote; getok if it says none)"))
+    bins: int | None = same_option(LocationOptions, "bins", default=None, help=(
+        "bins format: K bins per axis (default: the data's, else 1000)"))
+    grid: int = same_option(LocationOptions, "grid")
+    rounds: int | None = same_option(LocationOptions, "rounds")
+    offset_levels: int = same_option(LocationOptions, "offset_levels")
+    schedule: str = same_option(LocationOptions, "schedule")
+    mode: str = same_option(LocationOptions, "mode")
+    init: str = option("sincos2d", "initial rows of the new tokens, input and output: the mean of the old rows plus "
+                       "(sincos2d) a sinusoidal code of the token's position, 2D for GETok, 1D of the bin centre for "
+                       "bins", choices=INITS)
+    grid_weight: float = option(0.5, "lambda_grid of the box-token loss (bins: of the soft cross-entropy over the K "
+                                "bins); with box_weight 0 as well: plain LLaVA loss, exactly (text always is)")
+    box_weight: float = option(0.5, "lambda_box of the box-token loss: L1 + GIoU of the expected box corners")
+    sigma: float = option(1.0, "width of the soft grid target in cells (bins: in bins); 0: one-hot")
+    offset_sigma: float = option(0.0, "width of the soft target over offset tokens; 0: one-hot")
+    rows: str = option("auto", "what trains of the new rows: auto (only the GETok rows, as deltas, under LoRA / QLoRA "
+                       "/ frozen backbone / projector-only tuning; everything under full fine-tuning), full, delta, or "
+                       "factored (grid deltas = a column part + a row part + a per-cell residual)", choices=ROW_MODES)
+    train_vision_tower: bool = option(False, "also train the CLIP tower (LLaVA freezes it); saved in every "
+                                      "checkpoint and loaded by the builder", flag="unfreeze_mm_vision_tower")
+    check_data: int = option(-1, "records run through LLaVA's preprocessing check before training, spread over the "
+                             "file (-1: all, 0: none)")
+    data_order: str = option("shuffle", "shuffle: the Trainer's random order; file: the records in file order, for a "
+                             "curriculum written into the data file", choices=DATA_ORDERS)
 
     def __post_init__(self):
-        if self.format is not None and self.format not in FORMAT_NAMES:
-            raise ValueError(f"--getok_format must be one of {FORMAT_NAMES}, got {self.format!r}")
+        check_choices(self, prefix=FLAG_PREFIX)
         if self.bins is not None:
             BinsFormat(bins=self.bins)  # validates K
-        if self.init not in INITS:
-            raise ValueError(f"--getok_init must be one of {INITS}, got {self.init!r}")
-        if self.data_order not in DATA_ORDERS:
-            raise ValueError(f"--getok_data_order must be one of {DATA_ORDERS}, got {self.data_order!r}")
-        if self.rows not in ROW_MODES:
-            raise ValueError(f"--getok_rows must be one of {ROW_MODES}, got {self.rows!r}")
         for name in ("grid_weight", "box_weight", "sigma", "offset_sigma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--getok_{name} must be >= 0, got {getattr(self, name)}")
         self.config()  # validates grid/rounds/mode
 
     def config(self) -> GETokConfig:
-        return GETokConfig(grid=self.grid, rounds=self.rounds, offset_levels=self.offset_levels,
-                           schedule=self.schedule, mode=self.mode)
+        return GETokConfig.from_dict(self.__dict__)
 
     def location_format(self, data_formats=()) -> LocationFormat:
         """The format a run trains on, from these settings and ``data_formats`` (the formats of the training records,
@@ -98,6 +87,8 @@ class GETokSettings:
             raise FormatError(f"--getok_format {name}, but the training data is in {describe(have)}")
         if name == "text":
             return have if have is not None else TextFormat()
+        if name == "qwen25":  # its numbers are pixels of the image each record was bound to: the data's own
+            return have if have is not None else Qwen25Format()
         if name == "bins":
             k = self.bins or (have.bins if have is not None else BinsFormat().bins)
             if have is not None and have.bins != k:

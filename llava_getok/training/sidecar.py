@@ -1,9 +1,14 @@
 """``getok_config.json`` and ``getok_rows.safetensors``: what every GETok checkpoint records about itself.
 
-The sidecar says how the checkpoint was built (location format, GETok config, token list and ids, vocabulary size,
-tokenizer ``legacy`` flag, frame / ``image_aspect_ratio``, base model, kind of checkpoint), so the builder hook can
-load it back exactly, whatever the folder is called, and ``predict`` and ``eval`` know the format without a flag. The rows file holds the effective GETok rows of the input
-embeddings and the LM head (k x dim each), small enough to write at every save step.
+The sidecar says how the checkpoint was built, so that it loads back exactly whatever its folder is called, and
+``predict``, ``chat`` and ``eval`` need no flag to use it: the backend and kind of checkpoint, the location format
+and its tokens' ids, the vocabulary size, the tokenizer's ``legacy`` flag, the conversation template, how images
+became pixels (the image processor's settings) and so which frame coordinates are in, the base model, and every
+option of the training run. The rows file holds the effective GETok rows of the input embeddings and the LM head
+(k x dim each), small enough to write at every save step.
+
+Schema version 2; a version-1 sidecar (written before the schema recorded the run's settings and template) is read
+into version 2 (:func:`read_sidecar`): nothing it recorded is lost.
 """
 from __future__ import annotations
 
@@ -12,47 +17,48 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_path, write_text_atomic
-from ..formats import LocationFormat, format_from_dict, format_name
+from ..formats import LocationFormat, format_from_dict, format_name, format_to_dict
 from ..vocab import GETokConfig
 
 SIDECAR = "getok_config.json"
 ROWS_FILE = "getok_rows.safetensors"
 TOWER_FILE = "getok_vision_tower.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KINDS = ("full", "lora", "projector")
-BACKENDS = ("llava", "hf")
+BACKENDS = ("llava", "hf")  # llava_getok.llava (LLaVA 1.2.x), llava_getok.hf (transformers-native models)
 
 
 @dataclass
 class Sidecar:
-    """Contents of ``getok_config.json``. ``tokenizer_legacy``: the flag the checkpoint's tokenizer was trained
-    with; False for every GETok training (a legacy tokenizer is switched, ``tokens.use_non_legacy``), and the
-    builder loads the tokenizer with ``legacy=False`` whatever its folder says. ``format``: the location format the
-    model answers in (``formats.format_to_dict``: ``{"name": "bins", "bins": 1000}``, ...); a sidecar without it
-    (written before formats existed) is GETok with ``getok`` as its config. ``getok``: the GETok config (``{}`` for
-    the text and bins formats); ``tokens`` / ``token_ids``: the format's added tokens (none for text).
-    ``image_aspect_ratio``: LLaVA's setting (None for the hf backend, whose ``processor`` settings say the same)."""
+    """Contents of ``getok_config.json`` (schema :data:`FORMAT_VERSION`).
 
-    getok: dict
+    format: the location format the model answers in (``formats.format_to_dict``: ``{"name": "getok", "grid": 32,
+        ...}``, ``{"name": "bins", "bins": 1000}``); tokens / token_ids: its added tokens and their ids (none for
+        text); vocab_size: rows of the embedding matrices; tokenizer_legacy: the flag the checkpoint's tokenizer was
+        trained with (False for every GETok training: a legacy tokenizer is switched, ``tokens.use_non_legacy``);
+    kind: "full", "lora" or "projector"; frame: the frame coordinates are in (spec section 1); backend: the code that
+        loads it ("llava": llava_getok.llava; "hf": llava_getok.hf, whose ``model_family`` is "qwen2.5-vl" or
+        "llava-hf"); base_model: what a LoRA or projector checkpoint applies to;
+    template: the conversation template of training (LLaVA's ``--version``), None when not recorded;
+    processor: how images became pixels (LLaVA: ``{"image_aspect_ratio": "pad"}``);
+    settings: every option of the run (``asdict(GETokSettings)``); vision_tower_trained: the tower's weights are in
+        the checkpoint."""
+
+    format: dict
     tokens: list[str]
     token_ids: list[int]
     vocab_size: int
     tokenizer_legacy: bool | None
-    image_aspect_ratio: str | None
-    frame: str
     kind: str
-    base_model: str | None = None
-    init: str = "sincos2d"
-    loss: dict = field(default_factory=dict)
-    vision_tower_trained: bool = False
-    format: dict | None = None
-    format_version: int = FORMAT_VERSION
-    # --- the backend that wrote the checkpoint: "llava" (LLaVA 1.2.x) or "hf" (llava_getok.hf, transformers-native
-    # models), its model family there ("qwen2.5-vl", "llava-hf") and the image processor's settings that decide the
-    # frame and the image tokens; a sidecar without them is LLaVA's ---
+    frame: str
     backend: str = "llava"
-    model_family: str | None = None
+    base_model: str | None = None
+    template: str | None = None
     processor: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    vision_tower_trained: bool = False
+    format_version: int = FORMAT_VERSION
+    model_family: str | None = None  # backend "hf" (llava_getok.hf): "qwen2.5-vl" or "llava-hf"
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -61,13 +67,17 @@ class Sidecar:
             raise ValueError(f"{SIDECAR}: kind must be one of {KINDS}, got {self.kind!r}")
         if len(self.tokens) != len(self.token_ids):
             raise ValueError(f"{SIDECAR}: {len(self.tokens)} tokens but {len(self.token_ids)} token_ids")
-        if self.format is not None:
-            format_from_dict(self.format)  # ValueError for a format that does not parse: not a valid sidecar
+        format_from_dict(self.format)  # ValueError for a format that does not parse: not a valid sidecar
+
+    @classmethod
+    def of(cls, fmt: LocationFormat, ids: list[int], **fields) -> "Sidecar":
+        """A sidecar for location format ``fmt`` whose tokens got ``ids``."""
+        return cls(format=format_to_dict(fmt), tokens=list(fmt.tokens()), token_ids=list(ids), **fields)
 
     @property
     def location_format(self) -> LocationFormat:
-        """The format the checkpoint answers in (GETok's config when the sidecar predates formats)."""
-        return format_from_dict(self.format) if self.format is not None else GETokConfig.from_dict(self.getok)
+        """The format the checkpoint answers in."""
+        return format_from_dict(self.format)
 
     @property
     def config(self) -> GETokConfig:
@@ -76,6 +86,11 @@ class Sidecar:
         if not isinstance(fmt, GETokConfig):
             raise ValueError(f"{SIDECAR}: this checkpoint answers in the {format_name(fmt)} location format, not GETok")
         return fmt
+
+    @property
+    def image_aspect_ratio(self) -> str | None:
+        """LLaVA's ``image_aspect_ratio`` of training (None for other backends)."""
+        return self.processor.get("image_aspect_ratio")
 
     def check_tokenizer(self, tokenizer, where: str) -> None:
         """Refuse a tokenizer whose ids for the GETok tokens differ from the recorded ones."""
@@ -88,6 +103,19 @@ class Sidecar:
         if len(tokenizer) > self.vocab_size:
             raise ValueError(f"{where}: tokenizer has {len(tokenizer)} tokens, more than the recorded "
                              f"vocabulary size {self.vocab_size}")
+
+
+def upgrade(data: dict) -> dict:
+    """A version-1 sidecar's fields as version 2: its GETok config (``getok``) or ``format`` as ``format``, its
+    ``image_aspect_ratio`` as the processor's, its ``init`` and ``loss`` settings as ``settings``."""
+    data = dict(data)
+    fmt = data.pop("format", None)
+    getok = data.pop("getok", {})
+    data["format"] = fmt if fmt is not None else {"name": "getok", **getok}
+    data["processor"] = {"image_aspect_ratio": data.pop("image_aspect_ratio", None)}
+    data["settings"] = {"init": data.pop("init", None), **data.pop("loss", {})}
+    data["format_version"] = FORMAT_VERSION
+    return data
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -115,8 +143,10 @@ def read_sidecar(folder) -> Sidecar | None:
         return None
     try:
         data = json.loads(path.read_text())
+        if data.get("format_version") == 1:
+            data = upgrade(data)
         if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format_version {data.get('format_version')!r}, this version reads {FORMAT_VERSION}")
+            raise ValueError(f"format_version {data.get('format_version')!r}, this version reads 1 and {FORMAT_VERSION}")
         return Sidecar(**data)
     except (TypeError, ValueError, json.JSONDecodeError) as e:  # a sidecar of an unknown format included
         raise ValueError(f"{path}: not a valid GETok sidecar: {e}") from None

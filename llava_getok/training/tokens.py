@@ -1,7 +1,10 @@
 """GETok tokens in the tokenizer and the embedding matrices (spec section 2; docs/pitfalls.md "New tokens").
 
-- :func:`add_getok_tokens`: every GETok token becomes an added special token that is never normalised or
-  stripped, so it is exactly one id in any context; :func:`check_token_ids` proves it.
+- :func:`add_getok_tokens`: every GETok token becomes an added token that is content, not control (not special:
+  ``decode(..., skip_special_tokens=True)``, which LLaVA's serve code, trl and serving engines use, keeps it), never
+  normalised or stripped, so it is exactly one id in any context, with the ids the special tokens of earlier
+  versions had; :func:`check_token_ids` proves it. :func:`location_tokens_as_content` turns the special location
+  tokens of a tokenizer saved by an earlier version into such tokens, ids unchanged.
 - :func:`use_non_legacy`: a slow LLaMA tokenizer that loaded with ``legacy=True`` (a ``tokenizer_config.json``
   without ``"legacy": false``) is switched to ``legacy=False`` in place, once, with one line saying so.
 - :func:`resize_embeddings`: resize to an explicit size (never shrink), keep ``config.vocab_size`` right.
@@ -23,6 +26,7 @@ import sys
 import torch
 
 from ..formats import BinsFormat, LocationFormat
+from ..patching import model_patches
 from ..vocab import DELETE, TAG_TOKENS, GETokConfig
 
 INITS = ("mean", "sincos2d")
@@ -64,11 +68,10 @@ def use_non_legacy(tokenizer, where: str | None = None) -> bool:
 
 
 def add_getok_tokens(tokenizer, cfg: LocationFormat) -> list[int]:
-    """Add every token of ``cfg`` as an unnormalised, unstripped special token; return their ids in
-    ``cfg.tokens()`` order. Tokens already present keep their ids (idempotent). A legacy slow tokenizer is
-    switched to ``legacy=False`` first (:func:`use_non_legacy`)."""
-    from transformers import AddedToken
-
+    """Add every token of ``cfg`` as content (:func:`location_tokens_as_content`); return their ids in
+    ``cfg.tokens()`` order. Tokens already present keep their ids (idempotent); special ones, as earlier versions
+    added them, become content. A legacy slow tokenizer is switched to ``legacy=False`` first
+    (:func:`use_non_legacy`)."""
     use_non_legacy(tokenizer)
     tokens = cfg.tokens()
     if not tokens:
@@ -76,22 +79,96 @@ def add_getok_tokens(tokenizer, cfg: LocationFormat) -> list[int]:
     vocab = tokenizer.get_vocab()  # once: a slow tokenizer builds it anew on every call (32k pieces: ~60 ms)
     new = [t for t in tokens if t not in vocab]
     if new:
-        tokenizer.add_special_tokens(
-            {"additional_special_tokens": [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False)
-                                           for t in new]},
-            replace_additional_special_tokens=False,
-        )
+        tokenizer.add_tokens([_content_token(t) for t in new])
+    location_tokens_as_content(tokenizer, cfg)
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
     if tokenizer.unk_token_id in ids:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} did not add {tokens[ids.index(tokenizer.unk_token_id)]!r}")
     return ids
 
 
+def _content_token(text: str):
+    """A location token as content: not special (decoders that skip special tokens keep it), never normalised
+    (no normaliser may rewrite it), nothing stripped around it (lstrip / rstrip would drop the '▁' pieces
+    that LLaVA's templates put before an answer and so change every record's ids)."""
+    from transformers import AddedToken
+
+    return AddedToken(text, special=False, normalized=False, lstrip=False, rstrip=False, single_word=False)
+
+
+def location_tokens_as_content(tokenizer, cfg: LocationFormat) -> int:
+    """Make the tokens of ``cfg`` that ``tokenizer`` has content (:func:`_content_token`), their ids unchanged; return
+    how many were not (special, as an earlier version added them, or normalised / stripped). A slow sentencepiece
+    tokenizer then also gets :class:`_NoPieceBeforeLeadingLocation`, so every text keeps the ids it had when the
+    tokens were special. Idempotent; a tokenizer without these tokens is left as it is."""
+    tokens = set(cfg.tokens())
+    if not tokens:
+        return 0
+    present = {i: t for i, t in tokenizer.added_tokens_decoder.items() if t.content in tokens}
+    redo = {i: t for i, t in present.items() if t.special or t.normalized or t.lstrip or t.rstrip or t.single_word}
+    listed = tokenizer.special_tokens_map_extended.get("additional_special_tokens", [])
+    if any(str(t) in tokens for t in listed):
+        tokenizer.additional_special_tokens = [t for t in listed if str(t) not in tokens]
+    if redo and getattr(tokenizer, "is_fast", False):
+        _fast_tokens_as_content(tokenizer, {t.content for t in redo.values()})
+    elif redo:
+        tokenizer.add_tokens([_content_token(t.content) for t in redo.values()])  # same content: same id, new flags
+    if not getattr(tokenizer, "is_fast", False) and present:
+        _NoPieceBeforeLeadingLocation.install(tokenizer, [t.content for t in present.values()])
+    return len(redo)
+
+
+def _fast_tokens_as_content(tokenizer, contents: set[str]) -> None:
+    """The Rust tokenizer only ever adds to its set of special tokens: rebuild it from its JSON with these tokens
+    as content (same ids, nothing else changes)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    for entry in state["added_tokens"]:
+        if entry["content"] in contents:
+            entry.update(special=False, normalized=False, lstrip=False, rstrip=False, single_word=False)
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+
+
+class _NoPieceBeforeLeadingLocation:
+    """``tokenize`` of a slow sentencepiece tokenizer (``LlamaTokenizer``, ``legacy=False``) whose location tokens
+    are content. Such a tokenizer puts '▁' before every text and leaves it out only when a *special* token
+    follows (``LlamaTokenizer.tokenize``), so a text that starts with a location token would start with a bare
+    '▁' piece: one id more than when the tokens were special, and than the fast tokenizer writes. This drops
+    that piece there, and only there. A patch of the instance, listed in its ``llava_getok.patching.model_patches``
+    (``save_pretrained`` does not store it; every loader of GETok checkpoints installs it again); pickles and copies
+    with the tokenizer."""
+
+    def __init__(self, tokenizer, tokens):
+        self.tokenizer, self.tokens = tokenizer, frozenset(tokens)
+
+    @classmethod
+    def install(cls, tokenizer, tokens) -> None:
+        current = tokenizer.__dict__.get("tokenize")
+        if isinstance(current, cls):
+            current.tokens = current.tokens | frozenset(tokens)
+            return
+        first = next(iter(tokens))
+        if type(tokenizer).tokenize(tokenizer, first) == ["\u2581", first]:  # the behaviour, not a class name
+            model_patches(tokenizer).replace(tokenizer, "tokenize", cls(tokenizer, tokens),
+                                             why="no bare '▁' before a leading location token (llava_getok.training.tokens)")
+
+    def __call__(self, text, **kwargs):
+        pieces = type(self.tokenizer).tokenize(self.tokenizer, text, **kwargs)
+        if len(pieces) > 1 and pieces[0] == "\u2581" and pieces[1] in self.tokens:
+            return pieces[1:]
+        return pieces
+
+
 def check_token_ids(tokenizer, cfg: LocationFormat, tokens=None) -> None:
     """Raise ValueError unless every GETok token is exactly one id, in every context of :data:`CONTEXTS`,
     and no context produces two word-boundary pieces ('▁') in a row where the text has one space (the slow
     LlamaTokenizer with ``legacy=True`` does, after added tokens: transformers#25073). A text that starts with
-    a space gives '▁', '▁' for every word with sentencepiece's dummy prefix; that one is not a GETok issue."""
+    a space gives '▁', '▁' for every word with sentencepiece's dummy prefix; that one is not a GETok issue.
+    Then that every token is content: a text that starts with it is that one id, and decoding it with
+    ``skip_special_tokens=True`` keeps it (:func:`location_tokens_as_content`)."""
     ids = dict(zip(cfg.tokens(), tokenizer.convert_tokens_to_ids(list(cfg.tokens()))))
     probe = tokens if tokens is not None else _probe_tokens(cfg)
     for t in probe:
@@ -108,6 +185,14 @@ def check_token_ids(tokenizer, cfg: LocationFormat, tokens=None) -> None:
                     raise ValueError(
                         f"stray '\u2581' piece around GETok token {t!r} in {text!r}: {pieces} (tokenizer legacy="
                         f"{legacy}); load the tokenizer with legacy=False (transformers#25073)")
+    for t in probe:
+        alone = tokenizer.convert_ids_to_tokens(tokenizer(t, add_special_tokens=False).input_ids)
+        if alone != [t]:
+            raise ValueError(f"a text that starts with GETok token {t!r} tokenizes as {alone}, not as that one token")
+        kept = tokenizer.decode([ids[t]], skip_special_tokens=True)
+        if kept != t:
+            raise ValueError(f"GETok token {t!r} is a special token: decoding it with skip_special_tokens=True gives "
+                             f"{kept!r}; add it as content (llava_getok.llava.tokens.location_tokens_as_content)")
 
 
 def _probe_tokens(cfg: LocationFormat) -> list[str]:

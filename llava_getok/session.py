@@ -1,0 +1,392 @@
+"""The conversation engine that ``llava-getok chat``, ``llava-getok web`` and the model worker share: a GETok (or any
+LLaVA) checkpoint loaded once, answers streamed token by token with the location tokens kept, the shapes closed so
+far parsed from the token ids and mapped to pixels of the upright image, and the picture with those shapes drawn.
+
+    engine = Engine.load("runs/demo/llava-getok-demo", device="cpu")
+    chat = Conversation(engine, load_image("photo.jpg"))
+    for chunk in chat.ask("Where is the red circle?"):
+        print(chunk.delta, end="")          # chunk.shapes: [{"kind", "points"}] in pixels, closed groups only
+    chat.ground("box", "the red circle")    # a constrained answer: exactly one box
+    chat.refine()                           # refine-mode checkpoints: the offset turn for the last answer
+
+Generation is LLaVA's own (template, ``<image>`` token, ``process_images``, ``generate`` with ``images=``) in the
+model's dtype (float32 on a CPU), greedy at temperature 0, and grammar-constrained for formats with location
+tokens (:class:`llava_getok.generation.GETokLogitsProcessor`), so every group the model opens closes and parses. The
+raw answer (tokens decoded with ``skip_special_tokens=False``, whatever the tokenizer calls special) is what the
+history keeps: the next turn's prompt is what training rendered.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from .formats import LocationFormat, parse, parse_ids
+from .records import PROMPTS, REFINE_PROMPT, shapes_to_pixels
+from .vocab import GETokConfig
+
+GROUND = {"box": ("rec", "box"), "point": ("point", "point"), "mask": ("res", "mask")}  # /ground KIND -> prompt, only
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class Chunk(NamedTuple):
+    """One step of a streamed answer. delta: text added since the previous chunk; text: the raw answer so far (GETok
+    tokens kept); shapes: the shapes whose groups have closed so far, JSON shapes in pixels of the upright image;
+    done: the answer is complete."""
+
+    delta: str
+    text: str
+    shapes: list
+    done: bool = False
+
+
+def llava_cli_template(model_path: str) -> str:
+    """The conversation template LLaVA's ``llava.serve.cli`` picks from a model's folder name."""
+    from llava.mm_utils import get_model_name_from_path
+
+    name = get_model_name_from_path(str(model_path)).lower()
+    for key, mode in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"), ("v1.6-34b", "chatml_direct"),
+                      ("v1", "llava_v1"), ("mpt", "mpt")):
+        if key in name:
+            return mode
+    return "llava_v0"
+
+
+def pick_template(model_path: str, sidecar, conv_mode: str | None) -> str:
+    """``conv_mode`` when given; else the template the checkpoint was trained with (its sidecar's ``template``);
+    else LLaVA's cli rule. ValueError for a name LLaVA does not have."""
+    from llava.conversation import conv_templates
+
+    mode = conv_mode or getattr(sidecar, "template", None) or llava_cli_template(model_path)
+    if mode in ("v0", "v0.5"):  # LLaVA's train() maps these --version names to the v0 template
+        mode = "v0"
+    if mode not in conv_templates:
+        raise ValueError(f"conversation template {mode!r} is not one of LLaVA's: {', '.join(sorted(conv_templates))}")
+    return mode
+
+
+class _IdStreamer:
+    """A transformers streamer that hands the generated token ids to another thread (the prompt's ``put`` skipped,
+    as ``TextIteratorStreamer(skip_prompt=True)`` does)."""
+
+    END = object()
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.queue.put([int(v) for v in value.reshape(-1).tolist()])
+
+    def end(self):
+        self.queue.put(self.END)
+
+
+@dataclass
+class Answer:
+    """The last complete answer of a conversation: raw text, token ids, shapes in the model's frame (normalised) and
+    in pixels of the image (JSON shapes)."""
+
+    text: str = ""
+    ids: list = field(default_factory=list)
+    shapes: list = field(default_factory=list)
+    pixels: list = field(default_factory=list)
+    anchors: list = field(default_factory=list)  # (anchor, point) pairs, normalised: where each offset moved a point
+
+
+class Engine:
+    """One loaded model. ``stream`` is the one generation path (chat, web and worker); ``picture`` draws."""
+
+    def __init__(self, tokenizer, model, image_processor, fmt: LocationFormat | None, template: str,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+        from .formats import TextFormat
+        from .generation import getok_token_ids
+
+        self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
+        self.fmt = fmt if fmt is not None else TextFormat()  # a stock LLaVA answers LLaVA-1.5's text boxes
+        self.template, self.max_new_tokens = template, max_new_tokens
+        self.frame = "pad" if getattr(model.config, "image_aspect_ratio", None) == "pad" else "orig"
+        self.token_ids = getok_token_ids(tokenizer, self.fmt)
+        self.id_to_token = {v: k for k, v in self.token_ids.items()}
+        self.refine_mode = isinstance(self.fmt, GETokConfig) and self.fmt.mode == "refine"
+        self.answer_fmt = self.fmt.with_mode("grid") if self.refine_mode else self.fmt  # a refine model's first answer
+        self._processors: dict = {}
+        self._lock = threading.Lock()  # one generation at a time: the processors and the model are shared
+        self._generator = None
+
+    @classmethod
+    def load(cls, model_path: str, model_base: str | None = None, device: str = "cpu", load_4bit: bool = False,
+             load_8bit: bool = False, conv_mode: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+        """Load a checkpoint through the builder hook (GETok tokens and rows from its sidecar; float32 on a CPU)."""
+        from .llava import register
+        from .llava.builder import load_getok_checkpoint
+        from .training.sidecar import read_sidecar
+
+        register()
+        sidecar = read_sidecar(model_path)
+        template = pick_template(model_path, sidecar, conv_mode)
+        tokenizer, model, processor, _ = load_getok_checkpoint(model_path, model_base, load_8bit=load_8bit,
+                                                               load_4bit=load_4bit, device=device, sidecar=sidecar)
+        model.eval()
+        return cls(tokenizer, model, processor, sidecar.location_format if sidecar else None, template, max_new_tokens)
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    def prompt(self, turns) -> str:
+        """LLaVA conversation turns (ending with a human turn) -> the prompt text in the engine's template."""
+        from .llava.inputs import render_prompt
+
+        return render_prompt(turns, self.template)
+
+    def processors(self, only: str | None = None, first_shapes=None) -> list:
+        """The grammar constraint for one answer (none for text coordinates)."""
+        from .generation import GETokLogitsProcessor, RefinementLogitsProcessor
+
+        if not self.token_ids:
+            return []
+        if first_shapes is not None:
+            return [RefinementLogitsProcessor.from_tokenizer(self.tokenizer, self.fmt, [first_shapes])]
+        key = only
+        if key not in self._processors:  # the tables cost more than many steps: one per kind, reused
+            self._processors[key] = GETokLogitsProcessor.from_tokenizer(self.tokenizer, self.answer_fmt, only=only,
+                                                                        max_new_tokens=self.max_new_tokens)
+        self._processors[key].reset()
+        return [self._processors[key]]
+
+    def decode(self, ids) -> str:
+        """Token ids -> the raw answer text, every location token kept, spaced as training wrote it."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False,
+                                     spaces_between_special_tokens=False).strip()
+
+    def parse(self, ids, fmt=None):
+        """The shapes of an answer's token ids (text coordinates: of its text)."""
+        fmt = fmt or self.answer_fmt
+        return parse_ids(ids, self.id_to_token, fmt) if self.token_ids else parse(self.decode(ids), fmt)
+
+    def stream(self, prompt: str, picture=None, processors=(), temperature: float = 0.0, top_p: float = 1.0,
+               max_new_tokens: int | None = None, shapes_of=None, stop: str | None = None) -> Iterator[Chunk]:
+        """Generate the answer to a rendered ``prompt`` (``<image>`` where ``picture``, an upright RGB PIL image,
+        goes) and yield it chunk by chunk. ``shapes_of(ids)`` -> normalised shapes (default: the parsed closed
+        groups), mapped to pixels of ``picture``; ``stop``: a string that ends the answer besides EOS (LLaVA's
+        worker API). The last chunk has ``done`` set; its ``text`` is the whole answer."""
+        import torch
+
+        from .llava import inputs
+
+        ids = torch.tensor([inputs.prompt_ids(prompt, self.tokenizer)], device=self.model.device)
+        kwargs = {}
+        if picture is not None:
+            dtype = next(self.model.parameters()).dtype
+            kwargs["images"] = self.image_tensor(picture)[None].to(self.model.device, dtype=dtype)
+        if stop:
+            from transformers import StopStringCriteria
+
+            kwargs["stopping_criteria"] = [StopStringCriteria(self.tokenizer, [stop])]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.unk_token_id
+        streamer, failure = _IdStreamer(), []
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        budget = max_new_tokens or self.max_new_tokens
+        for p in processors:  # a refinement's processor knows its own length
+            budget = getattr(p, "max_new_tokens", None) or budget
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, num_beams=1,
+                                        logits_processor=list(processors), streamer=streamer, pad_token_id=pad,
+                                        eos_token_id=self.tokenizer.eos_token_id, use_cache=True, **sampling, **kwargs)
+            except BaseException as e:  # noqa: BLE001  re-raised in the caller's thread
+                failure.append(e)
+                streamer.end()
+
+        shapes_of = shapes_of or (lambda got: self.parse(got).shapes)
+        size = picture.size if picture is not None else (1, 1)  # no image: the normalised frame
+        with self._lock:
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            got, sent, n_shapes, shapes = [], "", -1, []
+            while True:
+                item = streamer.queue.get()
+                if item is _IdStreamer.END:
+                    break
+                if self.tokenizer.eos_token_id in item:
+                    item = item[: item.index(self.tokenizer.eos_token_id)]
+                    got += item
+                    continue
+                got += item
+                text = self.decode(got)
+                if text.endswith("\ufffd"):  # a character split over byte tokens: wait for the rest
+                    continue
+                found = shapes_of(got)
+                closed = len(found) != n_shapes
+                if closed:  # a group closed (or a refinement applied): map the shapes once per change
+                    n_shapes, shapes = len(found), shapes_to_pixels(found, size, self.frame)
+                delta, sent = (text[len(sent):], text) if text.startswith(sent) else ("", text)
+                if delta or closed:
+                    yield Chunk(delta, text, shapes)
+            thread.join()
+        if failure:
+            raise failure[0]
+        text = self.decode(got)
+        final = shapes_to_pixels(shapes_of(got), size, self.frame)
+        yield Chunk(text[len(sent):] if text.startswith(sent) else "", text, final, done=True)
+
+    def image_tensor(self, picture):
+        from .llava.inputs import image_tensor
+
+        return image_tensor(picture, self.image_processor, self.model.config)
+
+    # -- pictures -----------------------------------------------------------------------------------------------
+    def moves(self, ids) -> list:
+        """(anchor, point) pairs, normalised, for every complete GETok point of an answer: the grid cell's centre and
+        where its offset tokens moved it."""
+        from .codec import dequantize
+        from .parse import lex_ids
+
+        cfg = self.answer_fmt
+        if not isinstance(cfg, GETokConfig):
+            return []
+        out, cell, offs = [], None, []
+
+        def flush():
+            if cell is not None and len(offs) == cfg.inline_rounds:
+                anchor = cfg.anchors(np.asarray([cell]))[0]
+                out.append((tuple(anchor.tolist()), tuple(dequantize([cell], [offs], cfg)[0].tolist())))
+
+        for _, _, m in lex_ids(ids, self.id_to_token):
+            if m is not None and m.group("i") is not None:
+                flush()
+                i, j = int(m.group("i")), int(m.group("j"))
+                cell, offs = ((i, j) if i < cfg.grid and j < cfg.grid else None), []
+            elif m is not None and m.group("dx") is not None and cell is not None:
+                offs.append((int(m.group("dx")), int(m.group("dy"))))
+            else:
+                flush()
+                cell, offs = None, []
+        flush()
+        return out
+
+    def picture(self, picture, shapes: list, grid: bool = False, moves=()):
+        """``picture`` (upright RGB) with ``shapes`` (JSON, pixels) drawn in red: boxes, points, polylines, masks
+        decoded from their anchors (superpixel proposals); ``grid``: the lattice and the anchor cells; ``moves``:
+        each point's grid anchor (hollow) joined to where its offsets put it."""
+        from PIL import ImageDraw
+
+        from .geometry import points_from_frame
+        from .masks import SuperpixelGenerator, mask_from_anchors
+        from .records import shapes_from_pixels
+        from .viz import render
+
+        mask = None
+        masks = [s for s in shapes if s["kind"] == "mask"]
+        if masks:
+            if self._generator is None:
+                self._generator = SuperpixelGenerator()
+            anchors = [p for s in shapes_from_pixels(masks, picture.size, self.frame) for p in s.points]
+            mask = mask_from_anchors(anchors, np.asarray(picture), self.frame, self._generator)
+        cfg = self.fmt if isinstance(self.fmt, GETokConfig) else None
+        out = render(picture, pred_shapes=shapes, pred_mask=mask, cfg=cfg, frame=self.frame, grid=grid and cfg is not None)
+        if moves:
+            d = ImageDraw.Draw(out)
+            r = max(2, round(max(out.size) / 150))
+            for anchor, point in moves:
+                (ax, ay), (px, py) = points_from_frame(np.asarray([anchor, point]), out.size, self.frame).tolist()
+                d.line([(ax, ay), (px, py)], fill=(255, 220, 0), width=max(1, r // 2))
+                d.ellipse([ax - r, ay - r, ax + r, ay + r], outline=(255, 220, 0), width=max(1, r // 2))
+        return out
+
+
+class Conversation:
+    """A chat about one image with an :class:`Engine`: the turns as training wrote them (raw GETok answers), the
+    last answer, and the three commands chat and web offer (ground, refine, reset)."""
+
+    def __init__(self, engine: Engine, picture=None, temperature: float = 0.0, top_p: float = 1.0,
+                 max_new_tokens: int | None = None):
+        self.engine, self.picture = engine, picture
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.turns: list[dict] = []
+        self.last = Answer()
+        self.last_prompt = ""  # the prompt text of the last answer, as the model read it
+
+    def reset(self, picture=None):
+        """Forget the turns (and change the image when one is given)."""
+        self.turns, self.last = [], Answer()
+        if picture is not None:
+            self.picture = picture
+
+    def _human(self, text: str) -> dict:
+        first = not self.turns and self.picture is not None and "<image>" not in text
+        return {"from": "human", "value": ("<image>\n" + text) if first else text}
+
+    def ask(self, text: str, only: str | None = None) -> Iterator[Chunk]:
+        """Stream the answer to ``text`` (constrained to one shape of kind ``only`` when given: box, point, mask,
+        polyline, shape); the turn and its raw answer join the history once the answer is complete."""
+        turns = self.turns + [self._human(text)]
+        yield from self._answer(turns, self.engine.processors(only), self.engine.answer_fmt)
+
+    def ground(self, kind: str, phrase: str) -> Iterator[Chunk]:
+        """Ask for the ``kind`` (box, point, mask) of ``phrase`` with the records' own prompt, constrained to one
+        shape of that kind."""
+        if kind not in GROUND:
+            raise ValueError(f"ground a box, a point or a mask, not {kind!r}")
+        task, only = GROUND[kind]
+        if only == "mask" and not isinstance(self.engine.fmt, GETokConfig):
+            raise ValueError("masks need the GETok location format; this model answers in "
+                             f"{type(self.engine.fmt).__name__}")
+        return self.ask(PROMPTS[task].format(expression=phrase.strip().rstrip(".")), only)
+
+    def refine(self) -> Iterator[Chunk]:
+        """Refine mode's second turn for the last answer: REFINE_PROMPT restates it, and the answer (one offset or
+        ``<delete>`` per earlier point, constrained to fit it) moves its points; the chunks' shapes are the refined
+        ones once the refinement is complete."""
+        engine = self.engine
+        if not engine.refine_mode:
+            raise ValueError("/refine is for models trained in refine mode (their sidecar's GETok mode is 'refine')")
+        if not self.last.shapes:
+            raise ValueError("nothing to refine: the last answer has no shapes")
+        return self._refinement(self.last.shapes, self.turns + [self._human(REFINE_PROMPT.format(answer=self.last.text))])
+
+    def _refinement(self, first, turns) -> Iterator[Chunk]:
+        from .codec import apply_refinement
+
+        engine = self.engine
+
+        def refined(ids):
+            r = engine.parse(ids, engine.fmt)
+            if r.errors or not r.refinements:
+                return first
+            try:
+                return apply_refinement(first, r.refinements, engine.fmt)
+            except ValueError:
+                return first
+
+        yield from self._answer(turns, engine.processors(first_shapes=first), engine.fmt, shapes_of=refined,
+                                anchors_from=first)
+
+    def _answer(self, turns, processors, fmt, shapes_of=None, anchors_from=None) -> Iterator[Chunk]:
+        engine = self.engine
+        ids_seen = []
+
+        def track(ids):
+            ids_seen[:] = ids
+            return shapes_of(ids) if shapes_of else engine.parse(ids, fmt).shapes
+
+        last = None
+        self.last_prompt = engine.prompt(turns)
+        for chunk in engine.stream(self.last_prompt, self.picture, processors, self.temperature, self.top_p,
+                                   self.max_new_tokens, shapes_of=track):
+            last = chunk
+            yield chunk
+        shapes = track(ids_seen)
+        if anchors_from is not None:  # a refinement: each first-answer point moved to its refined place
+            kept = len(anchors_from) == len(shapes) and all(len(s.points) == len(r.points) for s, r in zip(anchors_from, shapes))
+            moves = [(a, p) for s, r in zip(anchors_from, shapes) for a, p in zip(s.points, r.points)] if kept else []
+        else:
+            moves = engine.moves(ids_seen)
+        self.turns = turns + [{"from": "gpt", "value": last.text}]
+        self.last = Answer(last.text, list(ids_seen), shapes, last.shapes, moves)
