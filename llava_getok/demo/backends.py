@@ -31,7 +31,7 @@ def build_hf_model(out: Path, a) -> Path:
         cfg = tiny.TinyQwenConfig(num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.heads,
                                   vision_hidden_size=a.vision_width, vision_heads=max(1, a.vision_width // 16),
                                   patch_size=a.patch, merge_size=a.merge, window_size=a.patch * a.merge * 4,
-                                  min_pixels=pixels, max_pixels=pixels, seed=a.seed)
+                                  min_pixels=pixels, max_pixels=pixels, rope_theta=a.rope_theta, seed=a.seed)
         return tiny.build_tiny_qwen(out / "tiny-qwen2.5-vl", cfg)
     from transformers import LlavaForConditionalGeneration
 

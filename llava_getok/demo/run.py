@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
                    "Qwen2.5-VL / llava-hf through trl (llava_getok.hf)")
     p.add_argument("--merge", type=int, default=2, help="--backend qwen2.5-vl: patches merged per side into one image "
                    "token (Qwen2.5-VL's spatial merge)")
+    p.add_argument("--rope-theta", type=float, default=10.0, help="--backend qwen2.5-vl: the base of the language "
+                   "model's multimodal rotary positions (Qwen2.5-VL's 1e6 leaves a 16-dimension head almost no "
+                   "rotation across the image's rows and columns)")
     p.add_argument("--train-images", type=int, default=8000)
     p.add_argument("--val-images", type=int, default=500, help="held-out images, one expression each (500: "
                    "Acc@0.5 within about +-0.02, one standard error)")

@@ -100,6 +100,9 @@ class TinyQwenConfig:
     min_pixels: int = 16 * 16
     max_pixels: int = 64 * 64
     max_position_embeddings: int = 2048
+    # Qwen2.5-VL's 1e6 leaves a head of 16 dimensions almost no rotation across an image's rows and columns (its
+    # multimodal rotary sections get the slowest frequencies); a tiny model that must locate needs a smaller base
+    rope_theta: float = 1e6
     tie: bool = False
     vocab_size: int = 600
     seed: int = 0
@@ -122,7 +125,8 @@ def build_tiny_qwen(out_dir, cfg: TinyQwenConfig = TinyQwenConfig()) -> Path:
     text = dict(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                 num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                 num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
-                rope_scaling={"type": "mrope", "mrope_section": section}, tie_word_embeddings=cfg.tie,
+                rope_scaling={"type": "mrope", "mrope_section": section}, rope_theta=cfg.rope_theta,
+                tie_word_embeddings=cfg.tie,
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     vision = dict(depth=cfg.vision_layers, hidden_size=cfg.vision_hidden_size,
                   intermediate_size=2 * cfg.vision_hidden_size, num_heads=cfg.vision_heads,

@@ -2,15 +2,18 @@
 
 The loss of a step reads, top to bottom (:meth:`GETokSFTTrainer.compute_loss`)::
 
-    with capture.recording():                  # trl's own step: its fused LM head, DDP / DeepSpeed / peft around it
-        lm = super().compute_loss(...)
-    hidden = capture.take()                    # what the language model handed the LM head in that forward
-    total, parts = step_loss(Captured(labels, hidden, lm=lm), head, ...)   # + the box-token (or bins) loss
+    with capture.recording():            # the forward through DDP / DeepSpeed / peft, the last position's logits only
+        model(**batch, logits_to_keep=1)
+    total, parts = step_loss(Captured(labels, hidden=capture.take()), head, table, settings)
 
-trl computes the log-probabilities by multiplying the hidden states with ``lm_head.weight`` (no logits, no call of the
-head's module), so what trains the GETok rows must live in that weight: with LoRA, peft's trainable tokens
-(``llava_getok.hf.prepare``). The labels are the batch's own (the processor expands each image into its tokens, so
-they line up with the hidden states). The box-token loss calls the head module on its target positions only.
+``step_loss`` (the training core's, as the LLaVA backend uses it) applies the LM head module to the labelled
+positions only, for the LM loss and the box-token (or bins) loss alike: trl's fused LM head scores every position on a
+CPU (it keeps only the labelled ones on devices with Triton), which was nearly half of a demo step. Outside training
+(evaluation, ``return_outputs``) the LM loss is trl's own, through its fused head, and step_loss adds the location
+loss to it. trl's fused head reads ``lm_head.weight`` directly (no call of the head's module), so what trains the
+GETok rows lives in that weight: with LoRA, peft's trainable tokens (``llava_getok.hf.prepare``), which trl's
+GRPOTrainer sees too. The labels are the batch's own: the processor expands each image into its tokens, so they line
+up with the hidden states.
 
 Checkpoints (``checkpoint-N`` and the final folder): the model as the Trainer saves it (LoRA: the adapter, with the
 GETok rows as trainable-token values and never the full embedding matrices; full: the whole model), the processor
@@ -109,20 +112,27 @@ class GETokSFTTrainer(SFTTrainer):
         if not self.loss_on:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        with self.capture.recording():
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
-        lm, outputs = result if return_outputs else (result, None)
-        hidden = self.capture.take()
-        # trl's LM loss is already divided over the whole accumulated batch (the Trainer then leaves it as it is);
-        # the box-token loss is a mean over this micro-batch, so it takes its share of the accumulation here
+        # The Trainer divides the returned loss over the accumulated micro-batches unless the model takes the token
+        # count (then trl's LM loss is divided over the whole accumulated batch already): a per-micro-batch mean takes
+        # its share of the accumulation here.
         k = (self.current_gradient_accumulation_steps
              if num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.compute_loss_func is None
              else 1)
+        lean = model.training and not return_outputs and self.label_smoother is None and self.compute_loss_func is None
+        with self.capture.recording():
+            if lean:  # training: the forward computes the last position's logits only; step_loss scores the rest
+                outputs = model(**{k_: v for k_, v in inputs.items() if k_ != "labels"}, use_cache=False,
+                                logits_to_keep=1)
+                lm = None
+            else:  # trl's own loss through its fused head (and its metrics)
+                result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                              num_items_in_batch=num_items_in_batch)
+                lm, outputs = result if return_outputs else (result, None)
         head = unwrap(model).get_output_embeddings()
-        total, parts = step_loss(Captured(inputs["labels"], hidden=hidden, lm=lm * k), head, self.getok.table,
-                                 self.settings)
-        self._log_parts({"loss_lm": lm, "loss_grid": parts["loss_grid"], "loss_box": parts["loss_box"]})
+        captured = Captured(inputs["labels"], hidden=self.capture.take(), lm=None if lm is None else lm * k)
+        total, parts = step_loss(captured, head, self.getok.table, self.settings)
+        self._log_parts({"loss_lm": parts["loss_lm"] / k, "loss_grid": parts["loss_grid"],
+                         "loss_box": parts["loss_box"]})
         return (total / k, outputs) if return_outputs else total / k
 
     def _log_parts(self, parts: dict) -> None:
