@@ -20,7 +20,8 @@ def frame(backend: str) -> str:
 
 
 def build_hf_model(out: Path, a) -> Path:
-    """The tiny random model of ``a.backend`` for the demo's images (``--image-size`` px, ``--patch`` px patches)."""
+    """The tiny random model of ``a.backend`` for the demo's images (``--image-size`` px, ``--patch`` px patches);
+    llava-hf's chat template without a system prompt, as the LLaVA demo's ``getok_mistral_instruct``."""
     import torch
 
     from ..hf import tiny
@@ -40,7 +41,7 @@ def build_hf_model(out: Path, a) -> Path:
     tok = train_tokenizer(out / "tokenizer", seed=a.seed)
     cfg = tiny.TinyLlavaHFConfig(num_layers=a.layers, num_heads=a.heads, vision_hidden_size=a.vision_width,
                                  vision_heads=max(1, a.vision_width // 16), image_size=a.image_size,
-                                 patch_size=a.patch, vision_feature_layer=-1, seed=a.seed)
+                                 patch_size=a.patch, vision_feature_layer=-1, system="", seed=a.seed)
     model_dir = tiny.build_tiny_llava_hf(out / "tiny-llava-hf", tok, cfg)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir)  # the LLaVA demo's CLIP positions, as there
     set_sincos_positions(model.model.vision_tower, dims=a.position_dims or None)

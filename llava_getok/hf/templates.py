@@ -20,7 +20,7 @@ LLAVA_IMAGE = "<image> \n"
 def two_separator_template(system: str, roles=("USER", "ASSISTANT"), sep: str = " ", sep2: str = "</s>",
                            image: str = "<image>\n") -> str:
     """A chat template that renders LLaVA's ``SeparatorStyle.TWO`` conversations as LLaVA's ``Conversation.get_prompt``
-    does: ``system + sep``, then ``ROLE: text`` followed by ``sep`` after a user turn and ``sep2`` after an assistant
+    does: ``system + sep`` (nothing for an empty system), then ``ROLE: text`` followed by ``sep`` after a user turn and ``sep2`` after an assistant
     turn; a message's images come first, each as ``image``.
 
     ``image`` is ``<image>\\n`` for the model's own training; for a model LLaVA trained it is :data:`LLAVA_IMAGE`."""
@@ -28,7 +28,7 @@ def two_separator_template(system: str, roles=("USER", "ASSISTANT"), sep: str = 
     return (
         "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
         "{% set messages = messages[1:] %}{% else %}{% set system = " + json.dumps(system) + " %}{% endif %}"
-        "{{ system }}{{ " + json.dumps(sep) + " }}"
+        "{% if system %}{{ system }}{{ " + json.dumps(sep) + " }}{% endif %}"
         "{% for message in messages %}{% if message['role'] == 'user' %}{{ " + user + " }}{% else %}{{ " + assistant +
         " }}{% endif %}{{ ': ' }}"
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"

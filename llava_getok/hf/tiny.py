@@ -164,6 +164,7 @@ class TinyLlavaHFConfig:
     patch_size: int = 8
     vision_feature_layer: int = -2
     max_position_embeddings: int = 512
+    system: str = VICUNA_SYSTEM  # the chat template's system prompt ("": none)
     seed: int = 0
 
 
@@ -203,7 +204,7 @@ def build_tiny_llava_hf(out_dir, tokenizer_dir, cfg: TinyLlavaHFConfig = TinyLla
     model.save_pretrained(out, safe_serialization=True)
     image_processor = LlavaImageProcessor(do_pad=True, size={"shortest_edge": cfg.image_size},
                                           crop_size={"height": cfg.image_size, "width": cfg.image_size})
-    template = two_separator_template(VICUNA_SYSTEM)
+    template = two_separator_template(cfg.system)
     tokenizer.chat_template = template
     save_processor(LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
                                   vision_feature_select_strategy="default", chat_template=template,

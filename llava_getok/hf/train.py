@@ -130,10 +130,9 @@ def _is_folder(path: str) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
-def load_records(data_args: DataArguments, frame: str, check: int) -> list[dict]:
-    """The training records, refused in one line when unreadable or in another frame than the model's; the first
-    ``check`` records' (all for -1) labels are built once up front so that a bad record stops the run before it
-    trains."""
+def load_records(data_args: DataArguments, frame: str) -> list[dict]:
+    """The training records; one line (SystemExit) when the file cannot be read or holds records in another frame
+    than the model's processor sees."""
     from ..frames import frames_differ
     from ..records import RecordsError, read_records
 
@@ -150,6 +149,8 @@ def load_records(data_args: DataArguments, frame: str, check: int) -> list[dict]
 
 
 def check_records(records, processor, limit: int, source: str) -> None:
+    """Build the labels of ``limit`` records spread over the file (all for -1) once, before training: a record this
+    backend cannot train on stops the run in one line naming it, not minutes into training."""
     from .data import text_labels
 
     picked = records if limit < 0 else records[:: max(1, len(records) // max(limit, 1))][:limit]
@@ -186,7 +187,7 @@ def build(argv):
         frame = processor_frame(processor)
     except ValueError as e:
         raise SystemExit(f"python -m llava_getok.hf.train: {model_args.model_name_or_path}: {e}") from None
-    records = load_records(data_args, frame, settings.check_data)
+    records = load_records(data_args, frame)
     from ..training.settings import FormatError
 
     try:
