@@ -20,8 +20,8 @@ LLAVA_IMAGE = "<image> \n"
 def two_separator_template(system: str, roles=("USER", "ASSISTANT"), sep: str = " ", sep2: str = "</s>",
                            image: str = "<image>\n") -> str:
     """A chat template that renders LLaVA's ``SeparatorStyle.TWO`` conversations as LLaVA's ``Conversation.get_prompt``
-    does: ``system + sep`` (nothing for an empty system), then ``ROLE: text`` followed by ``sep`` after a user turn and ``sep2`` after an assistant
-    turn; a message's images come first, each as ``image``.
+    does: ``system + sep`` (nothing for an empty system), then ``ROLE: text`` followed by ``sep`` after a user turn
+    and ``sep2`` after an assistant turn; a message's images come first, each as ``image``.
 
     ``image`` is ``<image>\\n`` for the model's own training; for a model LLaVA trained it is :data:`LLAVA_IMAGE`."""
     user, assistant = (json.dumps(r) for r in roles)

@@ -114,26 +114,25 @@ class GETokSFTTrainer(SFTTrainer):
                                         num_items_in_batch=num_items_in_batch)
         # The Trainer divides the returned loss over the accumulated micro-batches unless the model takes the token
         # count (then trl's LM loss is divided over the whole accumulated batch already): a per-micro-batch mean takes
-        # its share of the accumulation here.
-        k = (self.current_gradient_accumulation_steps
-             if num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.compute_loss_func is None
-             else 1)
+        # its share of the accumulation here (``steps``).
+        steps = (self.current_gradient_accumulation_steps
+                 if num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.compute_loss_func is None
+                 else 1)
         lean = model.training and not return_outputs and self.label_smoother is None and self.compute_loss_func is None
         with self.capture.recording():
             if lean:  # training: the forward computes the last position's logits only; step_loss scores the rest
-                outputs = model(**{k_: v for k_, v in inputs.items() if k_ != "labels"}, use_cache=False,
-                                logits_to_keep=1)
-                lm = None
+                batch = {key: value for key, value in inputs.items() if key != "labels"}
+                outputs, lm = model(**batch, use_cache=False, logits_to_keep=1), None
             else:  # trl's own loss through its fused head (and its metrics)
                 result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                               num_items_in_batch=num_items_in_batch)
                 lm, outputs = result if return_outputs else (result, None)
         head = unwrap(model).get_output_embeddings()
-        captured = Captured(inputs["labels"], hidden=self.capture.take(), lm=None if lm is None else lm * k)
+        captured = Captured(inputs["labels"], hidden=self.capture.take(), lm=None if lm is None else lm * steps)
         total, parts = step_loss(captured, head, self.getok.table, self.settings)
-        self._log_parts({"loss_lm": parts["loss_lm"] / k, "loss_grid": parts["loss_grid"],
+        self._log_parts({"loss_lm": parts["loss_lm"] if lm is None else lm, "loss_grid": parts["loss_grid"],
                          "loss_box": parts["loss_box"]})
-        return (total / k, outputs) if return_outputs else total / k
+        return (total / steps, outputs) if return_outputs else total / steps
 
     def _log_parts(self, parts: dict) -> None:
         mode = "train" if self.model.training else "eval"
