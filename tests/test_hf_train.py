@@ -160,7 +160,8 @@ def bin_(name):
 
 
 def two_ranks_trained(out, proc, model_dir, data, kind):
-    """Both ranks saved the same rows, the losses are finite and the checkpoint loads with its ids."""
+    """Both ranks saved the same rows, the losses are finite, the checkpoint loads with its ids and, under LoRA, the
+    matrices' other rows are the base model's."""
     from llava_getok.hf.checkpoint import load_checkpoint
 
     assert SAME_ROWS in proc.stdout, proc.stdout[-2000:]
@@ -169,6 +170,9 @@ def two_ranks_trained(out, proc, model_dir, data, kind):
     processor, model, sidecar = load_checkpoint(out)
     assert sidecar.kind == kind and processor.tokenizer.convert_tokens_to_ids(sidecar.tokens) == sidecar.token_ids
     assert torch.isfinite(logits_of(model, probe(processor, data))).all()
+    if kind == "lora":
+        base_emb, _ = base_matrices(model_dir)
+        assert torch.equal(model.get_input_embeddings().weight[: base_emb.shape[0]], base_emb)
 
 
 def test_data_parallel_lora_bf16_on_two_cpu_ranks(tiny_llava_hf_dir, hf_grounding, tmp_path):
