@@ -25,10 +25,10 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from .formats import LocationFormat, parse, parse_ids
-from .records import PROMPTS, REFINE_PROMPT, shapes_to_pixels
+from .records import PROMPTS, REFINE_PROMPT, TASK_SHAPES, shapes_to_pixels
 from .vocab import GETokConfig
 
-GROUND = {"box": ("rec", "box"), "point": ("point", "point"), "mask": ("res", "mask")}  # /ground KIND -> prompt, only
+GROUND = {shape: (task, shape) for task, shape in TASK_SHAPES.items()}  # /ground KIND -> (its task's prompt, only)
 DEFAULT_MAX_NEW_TOKENS = 256
 
 

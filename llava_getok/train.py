@@ -149,9 +149,9 @@ def main(argv=None) -> None:
 
 
 def _close_process_group() -> None:
-    """Shut the distributed process group down before the interpreter does: a ZeRO-3 run on 2 CPU ranks (gloo) once
-    died at exit with "terminate called without an active exception" (exit 250) after it had saved everything,
-    its communication threads still running; PyTorch asks for destroy_process_group() at the end of a run."""
+    """Shut the distributed process group down (after a barrier) before the interpreter does, as PyTorch asks at the
+    end of a run: its communication threads, still running at exit, can abort a finished run ("terminate called
+    without an active exception")."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -101,7 +101,7 @@ def test_finetune_script_zero3_bf16_two_cpu_ranks(full_zero3, tiny):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     assert (out / "checkpoint-2" / "global_step2").is_dir()  # ZeRO's own state: DeepSpeed really ran
     sidecar, _ = loads_and_generates(out)
-    assert sidecar["kind"] == "full" and sidecar["getok"]["grid"] == 8
+    assert sidecar["kind"] == "full" and sidecar["format"]["grid"] == 8 and sidecar["settings"]["grid"] == 8
 
 
 @pytest.mark.parametrize("bits", ["16", "4"], ids=["lora-zero3", "qlora4-zero2"])
