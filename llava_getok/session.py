@@ -17,6 +17,7 @@ history keeps: the next turn's prompt is what training rendered.
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from .formats import LocationFormat, parse, parse_ids
+from .options import from_flags, option
 from .records import PROMPTS, REFINE_PROMPT, TASK_SHAPES, shapes_to_pixels
 from .vocab import GETokConfig
 
@@ -98,6 +100,36 @@ class Answer:
     shapes: list = field(default_factory=list)
     pixels: list = field(default_factory=list)
     anchors: list = field(default_factory=list)  # (anchor, point) pairs, normalised: where each offset moved a point
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How chat, web and the model worker load their model: LLaVA's ``serve.cli`` flags, declared once
+    (:func:`llava_getok.options.add_flags` with dashes)."""
+
+    model_path: str = option(dataclasses.MISSING, "a GETok checkpoint (or a stock LLaVA)")
+    model_base: str | None = option(None, "base model of a LoRA / projector checkpoint")
+    conv_mode: str | None = option(None, "conversation template (default: the checkpoint's, from its sidecar)")
+    device: str | None = option(None, "cuda or cpu (default: cuda when available)")
+    load_4bit: bool = option(False, "load the language model in 4 bits (bitsandbytes)")
+    load_8bit: bool = option(False, "load the language model in 8 bits (bitsandbytes)")
+    max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "most tokens an answer may have")
+
+
+def load_engine(args, prog: str):
+    """The :class:`Engine` for the :class:`ModelOptions` flags in ``args``; None after one line on stderr naming
+    ``prog`` when the checkpoint cannot be loaded."""
+    import sys
+
+    import torch
+
+    o = ModelOptions(**from_flags(args, ModelOptions, dash=True))
+    device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return Engine.load(o.model_path, o.model_base, device, o.load_4bit, o.load_8bit, o.conv_mode, o.max_new_tokens)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None
 
 
 class Engine:
