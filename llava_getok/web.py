@@ -49,9 +49,10 @@ def example_images(folder: Path | None) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_EXAMPLES]
 
 
-def web_command(model: Path, template: str, examples: Path | None = None) -> str:
-    """The shell command that opens ``model`` in the web demo, with this environment's ``llava-getok`` (no
-    activation needed) and paths relative to the working folder where they are inside it."""
+def web_command(model: Path, examples: Path | None = None) -> str:
+    """The shell command that opens ``model`` in the web demo (its template read from its sidecar), with this
+    environment's ``llava-getok`` (no activation needed) and paths relative to the working folder where they are inside
+    it."""
     import shlex
 
     def rel(p):
@@ -62,7 +63,7 @@ def web_command(model: Path, template: str, examples: Path | None = None) -> str
             return str(p)
 
     exe = Path(sys.executable).parent / "llava-getok"
-    cmd = [rel(exe) if exe.exists() else "llava-getok", "web", "--model-path", rel(model), "--conv-mode", template]
+    cmd = [rel(exe) if exe.exists() else "llava-getok", "web", "--model-path", rel(model)]
     if examples is not None:
         cmd += ["--examples", rel(examples)]
     return " ".join(shlex.quote(c) for c in cmd)

@@ -39,7 +39,7 @@ def server(tiny_getok_checkpoint, shared_data):
 
     from llava_getok.web import web_command
 
-    command = shlex.split(web_command(tiny_getok_checkpoint, "getok_v1", shared_data / "coco_mini" / "val2017"))
+    command = shlex.split(web_command(tiny_getok_checkpoint, shared_data / "coco_mini" / "val2017"))
     assert Path(command[0]).name == "llava-getok" and command[1] == "web"
     port = free_port()
     url = f"http://127.0.0.1:{port}/"

@@ -293,7 +293,7 @@ def run(a, objects: dict) -> int:
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     from ..web import web_command  # the one command that opens this model in the web demo
 
-    print(f"talk to the model, see its boxes: {web_command(ckpt, a.template, data / 'images' / 'val')}")
+    print(f"talk to the model, see its boxes: {web_command(ckpt, data / 'images' / 'val')}")
     return 0
 
 
