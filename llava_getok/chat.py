@@ -127,9 +127,9 @@ def main(argv=None) -> int:
     engine = load_engine(args, "llava-getok chat")
     if engine is None:
         return 1
-    from llava.conversation import conv_templates
+    from .llava.templates import template_roles
 
-    roles = conv_templates[engine.template].roles
+    roles = template_roles(engine.template)
     conversation = Conversation(engine, picture, args.temperature, args.top_p, args.max_new_tokens)
 
     def write(s):

@@ -45,31 +45,6 @@ class Chunk(NamedTuple):
     done: bool = False
 
 
-def llava_cli_template(model_path: str) -> str:
-    """The conversation template LLaVA's ``llava.serve.cli`` picks from a model's folder name."""
-    from llava.mm_utils import get_model_name_from_path
-
-    name = get_model_name_from_path(str(model_path)).lower()
-    for key, mode in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"), ("v1.6-34b", "chatml_direct"),
-                      ("v1", "llava_v1"), ("mpt", "mpt")):
-        if key in name:
-            return mode
-    return "llava_v0"
-
-
-def pick_template(model_path: str, sidecar, conv_mode: str | None) -> str:
-    """``conv_mode`` when given; else the template the checkpoint was trained with (its sidecar's ``template``);
-    else LLaVA's cli rule. ValueError for a name LLaVA does not have."""
-    from llava.conversation import conv_templates
-
-    mode = conv_mode or getattr(sidecar, "template", None) or llava_cli_template(model_path)
-    if mode in ("v0", "v0.5"):  # LLaVA's train() maps these --version names to the v0 template
-        mode = "v0"
-    if mode not in conv_templates:
-        raise ValueError(f"conversation template {mode!r} is not one of LLaVA's: {', '.join(sorted(conv_templates))}")
-    return mode
-
-
 class _IdStreamer:
     """A transformers streamer that hands the generated token ids to another thread (the prompt's ``put`` skipped,
     as ``TextIteratorStreamer(skip_prompt=True)`` does)."""
@@ -162,6 +137,8 @@ class Engine:
 
         register()
         sidecar = read_sidecar(model_path)
+        from .llava.templates import pick_template
+
         template = pick_template(model_path, sidecar, conv_mode)
         tokenizer, model, processor, _ = load_getok_checkpoint(model_path, model_base, load_8bit=load_8bit,
                                                                load_4bit=load_4bit, device=device, sidecar=sidecar)
