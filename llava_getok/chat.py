@@ -24,6 +24,9 @@ import json
 import sys
 from pathlib import Path
 
+from .options import add_flags
+from .session import ModelOptions
+
 COMMANDS = ("/ground", "/refine", "/reset", "/help")
 HELP = __doc__[__doc__.index("    /ground"):__doc__.index("\n\nThe template")]
 
@@ -39,16 +42,10 @@ def _parser():
     p = argparse.ArgumentParser(prog="llava-getok chat", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="commands:\n" + HELP)
-    p.add_argument("--model-path", required=True)
-    p.add_argument("--model-base", default=None, help="base model of a LoRA / projector checkpoint")
+    add_flags(p, ModelOptions, dash=True, switches=True, defaults={"max_new_tokens": 512})
     p.add_argument("--image-file", required=True)
-    p.add_argument("--conv-mode", default=None, help="conversation template (default: the checkpoint's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default; LLaVA's cli samples at 0.2)")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--load-4bit", action="store_true")
-    p.add_argument("--load-8bit", action="store_true")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", type=Path, default=None, help="PNG: the image with the last answer's shapes drawn")
     p.add_argument("--grid", action="store_true", help="in --out, also the lattice and the cells of the anchors")
     p.add_argument("--offsets", action="store_true", help="in --out, also each point's grid anchor and its offset")
@@ -125,20 +122,14 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ImageError) as e:
         print(f"llava-getok chat: --image-file {e}", file=sys.stderr)
         return 1
-    import torch
+    from .session import Conversation, load_engine
 
-    from .session import Conversation, Engine
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        engine = Engine.load(args.model_path, args.model_base, device, args.load_4bit, args.load_8bit, args.conv_mode,
-                             args.max_new_tokens)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"llava-getok chat: {e}", file=sys.stderr)
+    engine = load_engine(args, "llava-getok chat")
+    if engine is None:
         return 1
-    from llava.conversation import conv_templates
+    from .llava.templates import template_roles
 
-    roles = conv_templates[engine.template].roles
+    roles = template_roles(engine.template)
     conversation = Conversation(engine, picture, args.temperature, args.top_p, args.max_new_tokens)
 
     def write(s):

@@ -16,34 +16,17 @@ import argparse
 import sys
 from pathlib import Path
 
-LLAMA_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-              "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "attention_bias",
-              "mlp_bias", "head_dim", "bos_token_id", "eos_token_id", "pad_token_id")
-
 
 def llava_parts(tokenizer_dir, model, image_processor, conv_mode: str):
     """What ``llava_hf_from_llava`` takes, read off a loaded LLaVA model and its conversation template."""
-    from llava.conversation import SeparatorStyle, conv_templates
-
     from .hf.export import LlavaParts
     from .hf.templates import LLAVA_IMAGE, two_separator_template
+    from .llava.to_hf import conversation_parts, model_parts
 
-    if conv_mode not in conv_templates:
-        raise ValueError(f"--conv-mode {conv_mode!r} is not a LLaVA conversation template")
-    conv = conv_templates[conv_mode]
-    if conv.sep_style != SeparatorStyle.TWO:
-        raise ValueError(f"--conv-mode {conv_mode}: only LLaVA's two-separator conversations (vicuna_v1, llava_v1, "
-                         f"getok_v1, ...) are written as chat templates, not {conv.sep_style.name}")
-    config = model.config
-    return LlavaParts(
-        state={k: v for k, v in model.state_dict().items()},
-        text_config={k: getattr(config, k) for k in LLAMA_KEYS if getattr(config, k, None) is not None},
-        vision_config=model.get_vision_tower().vision_tower.config,
-        select_layer=config.mm_vision_select_layer, select_feature=getattr(config, "mm_vision_select_feature", "patch"),
-        projector=getattr(config, "mm_projector_type", "linear"), image_processor=image_processor,
-        tokenizer_dir=str(tokenizer_dir),
-        chat_template=two_separator_template(conv.system, conv.roles, conv.sep, conv.sep2, image=LLAVA_IMAGE),
-        image_aspect_ratio=getattr(config, "image_aspect_ratio", "square"))
+    conv = conversation_parts(conv_mode)
+    return LlavaParts(**model_parts(model), image_processor=image_processor, tokenizer_dir=str(tokenizer_dir),
+                      chat_template=two_separator_template(conv["system"], conv["roles"], conv["sep"], conv["sep2"],
+                                                           image=LLAVA_IMAGE))
 
 
 def export_llava(model_path: str, model_base: str | None, out: Path, conv_mode: str) -> Path:

@@ -27,9 +27,8 @@ from .formats import LocationFormat, describe, for_image, format_to_dict, parse,
 from .frames import frame_of, frames_differ
 from .parse import ParseResult
 from .messages import one_line
-from .records import REFINE_PROMPT, RecordsError, check_format, check_getok, prediction_line, read_records
+from .records import REFINE_PROMPT, TASK_SHAPES, RecordsError, check_format, check_getok, prediction_line, read_records
 
-SHAPE_ONLY = {"rec": "box", "res": "mask", "point": "point"}  # --shape-only: the answer each task asks for
 
 
 def question_turns(record: dict) -> list[dict]:
@@ -118,7 +117,7 @@ class Predictor:
         from .codec import apply_refinement
 
         tasks = {(r.get("getok") or {}).get("task") for r in records}
-        only = SHAPE_ONLY.get(tasks.pop()) if self.shape_only and len(tasks) == 1 else None
+        only = TASK_SHAPES.get(tasks.pop()) if self.shape_only and len(tasks) == 1 else None
         images = images if images is not None else [self.image(r, image_root) for r in records]
         first_turns = [question_turns(r) for r in records]
         answers = self.generate(first_turns, images, self._processors(self.first_cfg, only))

@@ -35,6 +35,7 @@ PROMPTS = {
     "point": "Please point to the region this sentence describes: {expression}.",
     "res": "Please provide the segmentation mask of the region this sentence describes: {expression}.",
 }
+TASK_SHAPES = {"rec": "box", "point": "point", "res": "mask"}  # the one shape each task's answer is
 NO_MATCH = "There is no such object in the image."  # the answer when the expression names nothing
 # The human turn of a refine-mode record (spec section 5): it restates the first answer.
 REFINE_PROMPT = "Your answer was {answer}. Refine it: one offset for each point, or delete the points that are wrong."

@@ -17,6 +17,7 @@ history keeps: the next turn's prompt is what training rendered.
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -25,10 +26,11 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from .formats import LocationFormat, parse, parse_ids
-from .records import PROMPTS, REFINE_PROMPT, shapes_to_pixels
+from .options import from_flags, option
+from .records import PROMPTS, REFINE_PROMPT, TASK_SHAPES, shapes_to_pixels
 from .vocab import GETokConfig
 
-GROUND = {"box": ("rec", "box"), "point": ("point", "point"), "mask": ("res", "mask")}  # /ground KIND -> prompt, only
+GROUND = {shape: (task, shape) for task, shape in TASK_SHAPES.items()}  # /ground KIND -> (its task's prompt, only)
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -41,31 +43,6 @@ class Chunk(NamedTuple):
     text: str
     shapes: list
     done: bool = False
-
-
-def llava_cli_template(model_path: str) -> str:
-    """The conversation template LLaVA's ``llava.serve.cli`` picks from a model's folder name."""
-    from llava.mm_utils import get_model_name_from_path
-
-    name = get_model_name_from_path(str(model_path)).lower()
-    for key, mode in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"), ("v1.6-34b", "chatml_direct"),
-                      ("v1", "llava_v1"), ("mpt", "mpt")):
-        if key in name:
-            return mode
-    return "llava_v0"
-
-
-def pick_template(model_path: str, sidecar, conv_mode: str | None) -> str:
-    """``conv_mode`` when given; else the template the checkpoint was trained with (its sidecar's ``template``);
-    else LLaVA's cli rule. ValueError for a name LLaVA does not have."""
-    from llava.conversation import conv_templates
-
-    mode = conv_mode or getattr(sidecar, "template", None) or llava_cli_template(model_path)
-    if mode in ("v0", "v0.5"):  # LLaVA's train() maps these --version names to the v0 template
-        mode = "v0"
-    if mode not in conv_templates:
-        raise ValueError(f"conversation template {mode!r} is not one of LLaVA's: {', '.join(sorted(conv_templates))}")
-    return mode
 
 
 class _IdStreamer:
@@ -100,6 +77,36 @@ class Answer:
     anchors: list = field(default_factory=list)  # (anchor, point) pairs, normalised: where each offset moved a point
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """How chat, web and the model worker load their model: LLaVA's ``serve.cli`` flags, declared once
+    (:func:`llava_getok.options.add_flags` with dashes)."""
+
+    model_path: str = option(dataclasses.MISSING, "a GETok checkpoint (or a stock LLaVA)")
+    model_base: str | None = option(None, "base model of a LoRA / projector checkpoint")
+    conv_mode: str | None = option(None, "conversation template (default: the checkpoint's, from its sidecar)")
+    device: str | None = option(None, "cuda or cpu (default: cuda when available)")
+    load_4bit: bool = option(False, "load the language model in 4 bits (bitsandbytes)")
+    load_8bit: bool = option(False, "load the language model in 8 bits (bitsandbytes)")
+    max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "most tokens an answer may have")
+
+
+def load_engine(args, prog: str):
+    """The :class:`Engine` for the :class:`ModelOptions` flags in ``args``; None after one line on stderr naming
+    ``prog`` when the checkpoint cannot be loaded."""
+    import sys
+
+    import torch
+
+    o = ModelOptions(**from_flags(args, ModelOptions, dash=True))
+    device = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return Engine.load(o.model_path, o.model_base, device, o.load_4bit, o.load_8bit, o.conv_mode, o.max_new_tokens)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None
+
+
 class Engine:
     """One loaded model. ``stream`` is the one generation path (chat, web and worker); ``picture`` draws."""
 
@@ -130,6 +137,8 @@ class Engine:
 
         register()
         sidecar = read_sidecar(model_path)
+        from .llava.templates import pick_template
+
         template = pick_template(model_path, sidecar, conv_mode)
         tokenizer, model, processor, _ = load_getok_checkpoint(model_path, model_base, load_8bit=load_8bit,
                                                                load_4bit=load_4bit, device=device, sidecar=sidecar)

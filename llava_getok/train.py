@@ -115,14 +115,13 @@ def main(argv=None) -> None:
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
-    import llava.train.train as llava_train
-
+    from .llava.trainer import run_llava_train
     from .training.settings import FormatError, TrainingDataError
 
     sys.argv = [sys.argv[0]] + with_default_checkpointing(cpu_ranks(rest))  # LLaVA's HfArgumentParser reads sys.argv
     seed_everything(rest)
     try:
-        llava_train.train(attn_implementation=ours.attn_implementation)
+        run_llava_train(ours.attn_implementation)
     except (FormatError, TrainingDataError) as e:  # what is wrong with the data or the flags: one line, no traceback
         raise SystemExit(f"python -m llava_getok.train: {e}") from None
     _close_process_group()

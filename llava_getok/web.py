@@ -20,6 +20,9 @@ import re
 import sys
 from pathlib import Path
 
+from .options import add_flags
+from .session import ModelOptions
+
 CHECKOUT_EXAMPLES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "data" / "coco_mini" / "val2017"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # a run of location tokens and tags: shown as a code span, which the chat's Markdown shows literally (its HTML
@@ -46,9 +49,10 @@ def example_images(folder: Path | None) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_EXAMPLES]
 
 
-def web_command(model: Path, template: str, examples: Path | None = None) -> str:
-    """The shell command that opens ``model`` in the web demo, with this environment's ``llava-getok`` (no
-    activation needed) and paths relative to the working folder where they are inside it."""
+def web_command(model: Path, examples: Path | None = None) -> str:
+    """The shell command that opens ``model`` in the web demo (its template read from its sidecar), with this
+    environment's ``llava-getok`` (no activation needed) and paths relative to the working folder where they are inside
+    it."""
     import shlex
 
     def rel(p):
@@ -59,7 +63,7 @@ def web_command(model: Path, template: str, examples: Path | None = None) -> str
             return str(p)
 
     exe = Path(sys.executable).parent / "llava-getok"
-    cmd = [rel(exe) if exe.exists() else "llava-getok", "web", "--model-path", rel(model), "--conv-mode", template]
+    cmd = [rel(exe) if exe.exists() else "llava-getok", "web", "--model-path", rel(model)]
     if examples is not None:
         cmd += ["--examples", rel(examples)]
     return " ".join(shlex.quote(c) for c in cmd)
@@ -213,17 +217,11 @@ def build_app(engine, examples: list[Path], temperature: float = 0.0):
 
 def _parser():
     p = argparse.ArgumentParser(prog="llava-getok web", description=__doc__.split("\n")[0])
-    p.add_argument("--model-path", required=True)
-    p.add_argument("--model-base", default=None, help="base model of a LoRA / projector checkpoint")
-    p.add_argument("--conv-mode", default=None, help="conversation template (default: the checkpoint's)")
+    add_flags(p, ModelOptions, dash=True, switches=True, defaults={"max_new_tokens": 256})
     p.add_argument("--examples", type=Path, default=None, help="folder of example images (default: the checkout's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--load-4bit", action="store_true")
-    p.add_argument("--load-8bit", action="store_true")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     return p
 
 
@@ -241,16 +239,10 @@ def main(argv=None) -> int:
     if args.examples is not None and not args.examples.is_dir():
         print(f"llava-getok web: --examples {args.examples}: not a folder", file=sys.stderr)
         return 1
-    import torch
+    from .session import load_engine
 
-    from .session import Engine
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        engine = Engine.load(args.model_path, args.model_base, device, args.load_4bit, args.load_8bit, args.conv_mode,
-                             args.max_new_tokens)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"llava-getok web: {e}", file=sys.stderr)
+    engine = load_engine(args, "llava-getok web")
+    if engine is None:
         return 1
     app = build_app(engine, example_images(args.examples), args.temperature)
     app.queue().launch(server_name=args.host, server_port=args.port, show_error=True)

@@ -67,8 +67,10 @@ EOF
 
 check zero3-bf16-full "$OUT/zero3-bf16-full.log" -- \
   env NUM_GPUS="$GPUS" OUTPUT_DIR="$OUT/zero3-bf16-full" bash scripts/finetune_getok.sh --max_steps "$STEPS"
+# one GPU for QLoRA and GRPO; on CPU ranks every check runs two processes (the recipes' multi-process paths)
+SINGLE=1; [[ "$DEVICE" == cpu ]] && SINGLE=$GPUS
 check qlora4-cuda "$OUT/qlora4-cuda.log" -- \
-  env NUM_GPUS=1 BITS=4 LORA_R=8 LORA_ALPHA=16 OUTPUT_DIR="$OUT/qlora4-cuda" bash scripts/finetune_getok_lora.sh --max_steps "$STEPS"
+  env NUM_GPUS="$SINGLE" BITS=4 LORA_R=8 LORA_ALPHA=16 OUTPUT_DIR="$OUT/qlora4-cuda" bash scripts/finetune_getok_lora.sh --max_steps "$STEPS"
 if "$PYTHON" -c "import flash_attn" 2>/dev/null && [[ "$DEVICE" == gpu ]]; then
   check flash-attn-2 "$OUT/flash-attn-2.log" -- \
     env NUM_GPUS=1 ATTN=flash_attention_2 OUTPUT_DIR="$OUT/flash-attn-2" bash scripts/finetune_getok.sh --max_steps "$STEPS"
@@ -76,8 +78,9 @@ else
   ROWS+=("| flash-attn-2 | skipped: flash-attn does not import here | - | - | - |")
 fi
 check grpo-2-steps "$OUT/grpo-2-steps.log" -- \
-  env MODEL="$OUT/zero3-bf16-full" GRID_DATA="$DATA_PATH" OUT="$OUT/grpo" STAGES=grid NUM_GPUS=1 \
-  bash scripts/grpo_getok.sh --max-steps 2 --num-generations 4 --max-new-tokens 8 --lora-r 8 --lora-alpha 16
+  env MODEL="$OUT/zero3-bf16-full" GRID_DATA="$DATA_PATH" OUT="$OUT/grpo" STAGES=grid NUM_GPUS="$SINGLE" \
+  bash scripts/grpo_getok.sh --max-steps 2 --num-generations 4 --max-new-tokens 8 --lora-r 8 --lora-alpha 16 \
+  --save-steps 1
 DEVICE_ARG=cuda; [[ "$DEVICE" == cpu ]] && DEVICE_ARG=cpu
 check predict "$OUT/predict.log" -- bash -c "
   '$PYTHON' -m llava_getok.cli predict --model-path '$OUT/zero3-bf16-full' --data '$DATA_PATH' --image-root '$IMAGE_FOLDER' \

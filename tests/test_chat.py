@@ -115,7 +115,8 @@ def test_refine_turn_moves_the_first_answers_points(tiny_getok_checkpoint, share
     from llava_getok.records import shapes_to_pixels
     from llava_getok.session import Conversation, Engine
 
-    loaded = Engine.load(str(tiny_getok_checkpoint), device="cpu", conv_mode="getok_v1", max_new_tokens=12)
+    loaded = Engine.load(str(tiny_getok_checkpoint), device="cpu", max_new_tokens=12)
+    assert loaded.template == "getok_v1"  # no --conv-mode: the template the checkpoint's sidecar records
     cfg = gt.GETokConfig(grid=8, mode="refine")
     engine = Engine(loaded.tokenizer, loaded.model, loaded.image_processor, cfg, "getok_v1", 12)
     chat = Conversation(engine, load_image(shared_data / "coco_mini" / "val2017" / IMAGE))

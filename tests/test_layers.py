@@ -147,14 +147,25 @@ def test_the_graph_sees_function_local_imports_and_cycles():
     assert layer("llava_getok.rl.rewards") == "rl" and layer("llava_getok.records") == "core"
 
 
+def imports_of_llava(name: str) -> list[str]:
+    """Where module ``name`` imports haotian-liu's ``llava`` package (absolute imports whose first name is llava)."""
+    path = MODULES[name]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        out += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "llava"]
+    return out
+
+
 def test_the_training_core_never_imports_llava():
     """A second backend reuses llava_getok.training without LLaVA installed: no module of it imports ``llava``."""
-    found = []
-    for name, path in MODULES.items():
-        if layer(name) != "training":
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-            found += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "llava"]
+    found = [line for name in MODULES if layer(name) == "training" for line in imports_of_llava(name)]
+    assert not found, "\n".join(found)
+
+
+def test_only_the_llava_backend_imports_llava():
+    """LLaVA (haotian-liu's ``llava`` package) is one backend: only llava_getok/llava/ imports it; everything else asks
+    that package."""
+    found = [line for name in MODULES if layer(name) != "llava" for line in imports_of_llava(name)]
     assert not found, "\n".join(found)

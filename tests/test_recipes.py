@@ -84,42 +84,61 @@ def loads_and_generates(folder, base=None, **kw):
 
 
 @pytest.fixture(scope="module")
-def full_zero3(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("full") / "out"
-    proc = script("finetune_getok.sh", tiny, out, "--max_steps", "2")
-    return out, proc
+def gpu_check(tmp_path_factory):
+    """scripts/gpu_check.sh with DEVICE=cpu: the shipped recipes as files, each on 2 CPU ranks (ZeRO-3 bf16 full
+    fine-tuning, QLoRA 4-bit under ZeRO-2, GRPO from the first's checkpoint, predict and eval), 2 training steps each.
+    The tests below read what each check left in its folder."""
+    out, result = tmp_path_factory.mktemp("gpu_check") / "check", tmp_path_factory.mktemp("result") / "gpu_check.md"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=REPO, capture_output=True, text=True,
+                          env=user_env(DEVICE="cpu", OUT=out, RESULT=result, STEPS=2), timeout=900)
+    return out, result, proc
 
 
-def test_finetune_script_zero3_bf16_two_cpu_ranks(full_zero3, tiny):
-    out, proc = full_zero3
+def test_gpu_check_script_runs_its_checks_on_cpu_ranks(gpu_check):
+    """scripts/gpu_check.sh is run where a GPU is lent (rarely): DEVICE=cpu runs the same checks here, so a flag or
+    path that breaks it breaks this test. Every check passes and the table lists each."""
+    out, result, proc = gpu_check
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    table = (out / "gpu_check.md").read_text()
+    for name in ("zero3-bf16-full", "qlora4-cuda", "grpo-2-steps", "predict"):
+        assert f"| {name} | pass |" in table, proc.stdout[-3000:]
+    assert "| flash-attn-2 | skipped" in table and not result.exists()  # a CPU run never stands for a GPU table
+
+
+def test_finetune_script_zero3_bf16_two_cpu_ranks(gpu_check):
+    out = gpu_check[0] / "zero3-bf16-full"
     logs = losses(out)
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor([h["loss"], h["loss_box"]])).all() for h in logs)
-    assert SAME_ROWS in proc.stdout
+    assert SAME_ROWS in (gpu_check[0] / "zero3-bf16-full.log").read_text()
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:  # DeepSpeed's bf16 weights, as on a GPU
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     assert (out / "checkpoint-2" / "global_step2").is_dir()  # ZeRO's own state: DeepSpeed really ran
     sidecar, _ = loads_and_generates(out)
-    assert sidecar["kind"] == "full" and sidecar["getok"]["grid"] == 8
+    assert sidecar["kind"] == "full" and sidecar["format"]["grid"] == 8 and sidecar["settings"]["grid"] == 8
 
 
-@pytest.mark.parametrize("bits", ["16", "4"], ids=["lora-zero3", "qlora4-zero2"])
-def test_lora_script_two_cpu_ranks(tiny, tmp_path, bits):
+def test_qlora_script_4bit_zero2_two_cpu_ranks(gpu_check):
+    out = gpu_check[0] / "qlora4-cuda"
+    assert len(losses(out)) == 2 and SAME_ROWS in (gpu_check[0] / "qlora4-cuda.log").read_text()
+    base = json.loads((out / "getok_config.json").read_text())["base_model"]
+    sidecar, model = loads_and_generates(out, base, load_4bit=True)
+    assert sidecar["kind"] == "lora" and "Linear4bit" in {type(m).__name__ for m in model.modules()}
+
+
+def test_lora_script_zero3_bf16_two_cpu_ranks_resumes_the_getok_rows(tiny, tmp_path):
     out = tmp_path / "out"
-    proc = script("finetune_getok_lora.sh", tiny, out, "--max_steps", "2", BITS=bits, LORA_R=8, LORA_ALPHA=16)
+    proc = script("finetune_getok_lora.sh", tiny, out, "--max_steps", "2", BITS=16, LORA_R=8, LORA_ALPHA=16)
     assert len(losses(out)) == 2 and SAME_ROWS in proc.stdout
-    sidecar, model = loads_and_generates(out, tiny["MODEL_BASE"], load_4bit=bits == "4")
+    sidecar, model = loads_and_generates(out, tiny["MODEL_BASE"])
     assert sidecar["kind"] == "lora"
-    if bits == "4":
-        assert "Linear4bit" in {type(m).__name__ for m in model.modules()}
-        return
     # resumed under ZeRO-3 and bf16 (LLaVA's train() resumes from checkpoint-*): the GETok row deltas come back
     # from the checkpoint's rows file, and the run goes on from step 2
     from safetensors.torch import load_file
 
     before = load_file(str(out / "checkpoint-2" / "getok_rows.safetensors"))
-    proc = script("finetune_getok_lora.sh", tiny, out, "--max_steps", "3", "--save_steps", "1", BITS=bits, LORA_R=8,
+    proc = script("finetune_getok_lora.sh", tiny, out, "--max_steps", "3", "--save_steps", "1", BITS=16, LORA_R=8,
                   LORA_ALPHA=16, LR=0)
     assert [h["step"] for h in losses(out)] == [1, 2, 3] and SAME_ROWS in proc.stdout
     after = load_file(str(out / "checkpoint-3" / "getok_rows.safetensors"))  # a step at learning rate 0
@@ -129,13 +148,9 @@ def test_lora_script_two_cpu_ranks(tiny, tmp_path, bits):
         torch.testing.assert_close(after[key], before[key], atol=2e-5, rtol=0)
 
 
-def test_grpo_script_two_cpu_processes(full_zero3, tiny, tmp_path):
-    out = tmp_path / "grpo"
-    env = user_env(MODEL=full_zero3[0], GRID_DATA=tiny["DATA_PATH"], IMAGE_FOLDER=tiny["IMAGE_FOLDER"], OUT=out,
-                   STAGES="grid", DEVICE="cpu", NUM_GPUS=2, MASTER_PORT=free_port())
-    proc = run(["bash", str(REPO / "scripts" / "grpo_getok.sh"), "--max-steps", "2", "--num-generations", "2",
-                "--max-new-tokens", "6", "--lora-r", "4", "--lora-alpha", "8", "--save-steps", "1"], env)
-    assert "[grpo] 2 logged steps on 2 process(es)" in proc.stdout
+def test_grpo_script_two_cpu_processes(gpu_check):
+    out = gpu_check[0] / "grpo"
+    assert "[grpo] 2 logged steps on 2 process(es)" in (gpu_check[0] / "grpo-2-steps.log").read_text()
     assert loads_and_generates(out / "grid")[0]["kind"] == "full"  # the merged final save
     assert loads_and_generates(out / "grid" / "checkpoint-1")[0]["kind"] == "lora"
 
@@ -184,15 +199,3 @@ def test_rows_that_differ_between_ranks_stop_the_save(tmp_path):
     for rank in range(2):
         text = (tmp_path / f"rank{rank}.txt").read_text()
         assert text.startswith("GETok rows differ between ranks") and "ranks [1]" in text
-
-
-def test_gpu_check_script_runs_its_checks_on_cpu_ranks(tmp_path):
-    """scripts/gpu_check.sh is run where a GPU is lent (rarely): DEVICE=cpu runs the same checks here, so a flag or
-    path that breaks it breaks this test. Every check passes and the table lists each."""
-    out, result = tmp_path / "check", tmp_path / "gpu_check.md"
-    proc = run(["bash", str(REPO / "scripts" / "gpu_check.sh")],
-               user_env(DEVICE="cpu", OUT=out, RESULT=result, STEPS=1), timeout=900)
-    table = (out / "gpu_check.md").read_text()
-    for name in ("zero3-bf16-full", "qlora4-cuda", "grpo-2-steps", "predict"):
-        assert f"| {name} | pass |" in table, proc.stdout[-3000:]
-    assert "| flash-attn-2 | skipped" in table and not result.exists()  # a CPU run never stands for a GPU table

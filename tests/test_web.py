@@ -39,7 +39,7 @@ def server(tiny_getok_checkpoint, shared_data):
 
     from llava_getok.web import web_command
 
-    command = shlex.split(web_command(tiny_getok_checkpoint, "getok_v1", shared_data / "coco_mini" / "val2017"))
+    command = shlex.split(web_command(tiny_getok_checkpoint, shared_data / "coco_mini" / "val2017"))
     assert Path(command[0]).name == "llava-getok" and command[1] == "web"
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -153,8 +153,19 @@ def test_in_a_browser_upload_ground_and_see_the_box(server, browser, shared_data
                          if "</box>" in (d.find_element(By.CSS_SELECTOR, "#raw textarea").get_attribute("value") or "")
                          else None)
     wait.until(lambda d: "<box>" in d.find_element(By.ID, "chat").text)  # the tags are shown, not swallowed
-    src = browser.find_element(By.CSS_SELECTOR, "#picture img").get_attribute("src")
-    picture = np.asarray(Image.open(io.BytesIO(requests.get(src, timeout=10).content)).convert("RGB"))
+
+    def drawn_picture(d):
+        """The picture the page shows once it has the box (None while gradio still swaps the uploaded file for the
+        drawn one: the page's src can name a file that is being replaced, which a read then finds cut short)."""
+        src = d.find_element(By.CSS_SELECTOR, "#picture img").get_attribute("src")
+        try:
+            picture = np.asarray(Image.open(io.BytesIO(requests.get(src, timeout=10).content)).convert("RGB"))
+            assert_box_drawn(picture, expected_box(raw_box))
+        except (requests.RequestException, OSError, AssertionError):
+            return None
+        return [picture]  # truthy for the wait, whatever the array holds
+
+    picture = WebDriverWait(browser, 30, poll_frequency=0.5).until(drawn_picture)[0]
     assert picture.shape == (640, 480, 3)
     assert_box_drawn(picture, expected_box(raw_box))
     shot = tmp_path / "web-demo.png"

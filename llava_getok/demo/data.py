@@ -51,9 +51,8 @@ def curriculum_file(out: Path, stages: list[tuple[int, dict[Path, float]]], seed
 
 def split_annotations(data: Path, records: dict[str, list[dict]]) -> dict[str, Path]:
     """The shapes dataset's annotation lines (``records``, :func:`shapes_records`), one file per split beside its own
-    (``annotations.{split}.jsonl``, written as ``shapes.generate`` writes them), so each split's conversion reads its
-    records alone: from the one file, every conversion read all ~86,000 lines of the five splits and wrote a skip
-    reason for each line of another split."""
+    (``annotations.{split}.jsonl``, byte for byte as ``shapes.generate`` writes its lines), so that each split's
+    conversion reads that split's records and nothing else; returns {split: path}."""
     paths = {split: data / f"annotations.{split}.jsonl" for split in records}
     for split, path in paths.items():
         write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records[split]))

@@ -28,13 +28,10 @@ def build_model(out: Path, a) -> Path:
 
 
 def set_sincos_positions(clip_vision_model, scale: float = 1.0, dims: int | None = None) -> None:
-    """Overwrite a CLIP tower's patch position embeddings with 2D sine-cosine codes in their first ``dims``
-    dimensions (None: all; the rest zero) and zeros at the CLS position.
-
-    Random CLIP position embeddings (std 0.02) are ~14x weaker than the patch content and a random tower
-    does not learn to use them within minutes. A code in every dimension, though, is what the tower's
-    features then hold most of: leaving half the dimensions to the patch content alone keeps colour and kind
-    readable and more expressions get the right shape (bench/results/learning_trials.md)."""
+    """Overwrite a CLIP tower's patch position embeddings with 2D sine-cosine codes (frequencies 1/100^(k/q), sines
+    and cosines of the column then the row index, times ``scale``) in their first ``dims`` dimensions (None: all; the
+    rest zero) and zeros at the CLS position: where each patch is, readable by a tower that starts random, while the
+    other dimensions are left to the patch's content."""
     import torch
 
     pe = clip_vision_model.vision_model.embeddings.position_embedding.weight

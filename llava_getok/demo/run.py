@@ -34,7 +34,7 @@ from .data import FIRST_STAGES, curriculum_file, first_stages, shapes_records, s
 from .model import build_model
 from .scoring import (TARGET_ACC, TARGET_FACTOR, chance_levels, learning_curve, predict_args, selection_rate,
                       split_row, tokens_per_answer)
-from .training import SCHEDULES, WARMUP_STEPS, log_every, run_training, train_args
+from .training import SCHEDULES, WARMUP_STEPS, log_every, run_training, train_args, train_command
 
 
 MODEL_NAMES = {"llava": "LLaVA", "qwen2.5-vl": "Qwen2.5-VL", "llava-hf": "llava-hf"}
@@ -113,9 +113,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", default="auto", choices=ROW_MODES, help="--getok_rows of the training run (factored: "
                    "the grid rows as column + row + cell parts)")
     p.add_argument("--template", default="getok_mistral_instruct", help="conversation template (training and prediction)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; 1 is fastest for this tiny model, and 2 threads on a busy 2-core machine "
-                        "were 10x slower in our measurements (OpenMP threads waiting on each other)")
+    p.add_argument("--processes", type=int, default=1, help="training processes (data parallel on CPU ranks, torchrun "
+                   "over gloo), each with its share of every batch of --batch records: one a core")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each training process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sheet", type=int, default=16, help="samples on the contact sheet")
     p.add_argument("--quick", action="store_true", help="tiny settings that only check the plumbing (~1 min)")
@@ -146,6 +146,8 @@ def checked(a) -> dict:
                    "colour": shapes.parse_range(a.colour_objects), "single": (1, 1)}
     except ValueError as e:
         raise DemoError(str(e).replace("--getok_", "--"), 2) from None
+    if a.processes < 1 or a.batch % a.processes:
+        raise DemoError(f"--processes must be >= 1 and divide --batch {a.batch}, got {a.processes}", 2)
     if min(a.turns, a.colour_turns) < 1:
         raise DemoError(f"--turns and --colour-turns must be >= 1, got {a.turns} and {a.colour_turns}", 2)
     if min(a.colour_share, a.kind_share) < 0 or a.colour_share + a.kind_share > 1:
@@ -230,10 +232,9 @@ def convert(a, data: Path, out: Path, splits: dict, refs: dict, records: dict) -
 def train(a, model_dir: Path, train_file: Path, data: Path, ckpt: Path, file_order: bool) -> None:
     """``python -m llava_getok.train`` as a child process, its progress as a bar."""
     shutil.rmtree(ckpt, ignore_errors=True)  # LLaVA's train() would resume from an earlier run's checkpoint-* there
-    cmd = ([sys.executable, "-m", "llava_getok.train", *train_args(model_dir, train_file, data, ckpt, a, file_order)]
-           if a.backend == "llava" else  # --- the transformers-native backends ---
-           [sys.executable, "-m", "llava_getok.hf.train",
-            *hf_train_args(model_dir, train_file, data, ckpt, a, file_order)])
+    args = (train_args(model_dir, train_file, data, ckpt, a, file_order=file_order) if a.backend == "llava" else
+            hf_train_args(model_dir, train_file, data, ckpt, a, file_order))  # the transformers-native backends
+    cmd = train_command(args, a.processes, "llava_getok.train" if a.backend == "llava" else "llava_getok.hf.train")
     print("$ " + " ".join(cmd), flush=True)
     rc = run_training(cmd, {**os.environ, "OMP_NUM_THREADS": str(a.threads)}, a.steps, log_every(a.steps))
     if rc:
@@ -272,7 +273,8 @@ def run(a, objects: dict) -> int:
     model_dir = build_model(out, a) if a.backend == "llava" else build_hf_model(out, a)
 
     entry = "llava_getok.train" if a.backend == "llava" else "llava_getok.hf.train"
-    st.start(f"fine-tuning with python -m {entry}: {a.steps} steps x batch {a.batch}, {a.threads} thread(s)")
+    st.start(f"fine-tuning with python -m {entry}: {a.steps} steps x batch {a.batch}, {a.processes} "
+             f"process(es) x {a.threads} thread(s)")
     ckpt = out / "llava-getok-demo"
     train(a, model_dir, train_file, data, ckpt, file_order=train_file != conv["train"])
 
@@ -309,7 +311,7 @@ def run(a, objects: dict) -> int:
     if a.backend == "llava":
         from ..web import web_command  # the one command that opens this model in the web demo
 
-        print(f"talk to the model, see its boxes: {web_command(ckpt, a.template, data / 'images' / 'val')}")
+        print(f"talk to the model, see its boxes: {web_command(ckpt, data / 'images' / 'val')}")
     return 0
 
 

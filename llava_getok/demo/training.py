@@ -54,9 +54,33 @@ def trainer_log(line: str) -> dict | None:
     return logs if isinstance(logs, dict) else None
 
 
+def train_command(args: list[str], processes: int, module: str = "llava_getok.train") -> list[str]:
+    """The command that trains with ``args``: ``python -m MODULE`` (``llava_getok.train``, or the transformers-native
+    backend's ``llava_getok.hf.train``) in one process, or under torchrun on ``processes`` CPU ranks (data parallel
+    over gloo, each rank its share of every batch)."""
+    import sys
+
+    if processes == 1:
+        return [sys.executable, "-m", module, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+            str(free_port()), "-m", module, *args, "--ddp_backend", "gloo"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # a fixed port collides with any other run on the machine
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a,
                file_order: bool = False) -> list[str]:
-    """``python -m llava_getok.train`` arguments; ``file_order``: ``data_json`` is a curriculum, trained in order."""
+    """``python -m llava_getok.train`` arguments; ``file_order``: ``data_json`` is a curriculum, trained in order.
+    With ``a.processes`` > 1 each process takes ``a.batch / a.processes`` records of every batch and prepares them
+    itself; in one process a data-loader worker prepares batches beside the training thread."""
+    per_process = a.batch // a.processes
+    workers = "1" if a.processes == 1 and a.threads == 1 else "0"
     return [
         "--model_name_or_path", str(model_dir), "--version", a.template,
         "--data_path", str(data_json), "--image_folder", str(image_root),
@@ -64,7 +88,7 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
         "--mm_vision_select_layer", "-1", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
         "--image_aspect_ratio", "pad", "--unfreeze_mm_vision_tower", "True",
         "--getok_grid", str(a.grid), "--getok_rounds", str(a.rounds), "--getok_rows", a.rows, "--getok_sigma", str(a.sigma),
-        "--output_dir", str(ckpt), "--max_steps", str(a.steps), "--per_device_train_batch_size", str(a.batch),
+        "--output_dir", str(ckpt), "--max_steps", str(a.steps), "--per_device_train_batch_size", str(per_process),
         "--learning_rate", str(a.lr), "--lr_scheduler_type", a.schedule, "--warmup_steps", str(WARMUP_STEPS),
         *(["--lr_scheduler_kwargs", json.dumps({"num_decay_steps": a.decay_steps or a.steps // 4})]
           if a.schedule == "warmup_stable_decay" else []),
@@ -72,9 +96,7 @@ def train_args(model_dir: Path, data_json: Path, image_root: Path, ckpt: Path, a
         *(["--save_strategy", "steps", "--save_steps", str(a.eval_every), "--save_only_model", "True"]
           if a.eval_every else ["--save_strategy", "no"]), "--logging_steps", str(log_every(a.steps)), "--report_to", "none",
         "--disable_tqdm", "True",  # the demo shows its own bar from the logged losses (run_training)
-        # one worker prepares batches (LLaVA's image processing and tokenisation, ~12 % of a step) on the
-        # second core while the main process trains on one thread
-        "--model_max_length", "256", "--dataloader_num_workers", "1" if a.threads == 1 else "0", "--seed", str(a.seed),
+        "--model_max_length", "256", "--dataloader_num_workers", workers, "--seed", str(a.seed),
         "--use_cpu", "True", "--group_by_modality_length", "False",
         # LLaVA's preprocessing check on 1000 records spread over the file (all 28,000 distinct ones: ~2.5 min
         # of the slow tokenizer, for records that one converter wrote alike)

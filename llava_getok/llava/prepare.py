@@ -103,12 +103,9 @@ def check_projector(model) -> None:
 
 
 def match_deepspeed_dtype(model, args) -> None:
-    """Give every trainable parameter DeepSpeed's dtype (bf16 / fp16 with ``--bf16`` / ``--fp16``).
-
-    DeepSpeed keeps float32 master copies of what trains and wants the model's copies in one dtype; ZeRO-3 casts
-    only the parameters that existed under ``zero.Init``. peft makes LoRA adapters float32 (its
-    ``autocast_adapter_dtype``) and the GETok row deltas are float32, so LLaVA's LoRA recipe under ZeRO-3 stopped
-    in DeepSpeed's ``defragment`` (``assert len(set(t.dtype for t in tensors)) == 1``)."""
+    """Give every trainable parameter DeepSpeed's dtype (bf16 / fp16 with ``--bf16`` / ``--fp16``), the parameters
+    created after ``zero.Init`` included (peft's float32 LoRA adapters, the float32 GETok row deltas): DeepSpeed keeps
+    the float32 master copies itself and ZeRO-3 requires one dtype (its ``defragment`` asserts it)."""
     dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
     if dtype is None:
         return

@@ -59,3 +59,30 @@ def resolve_template(version: str):
         names = ", ".join(sorted(conversation.conv_templates))
         raise ValueError(f"--version {version!r} is not a LLaVA conversation template; choose one of: {names}")
     return conversation.conv_templates[version]
+
+
+def llava_cli_template(model_path: str) -> str:
+    """The conversation template LLaVA's ``llava.serve.cli`` picks from a model's folder name."""
+    from llava.mm_utils import get_model_name_from_path
+
+    name = get_model_name_from_path(str(model_path)).lower()
+    for key, mode in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"), ("v1.6-34b", "chatml_direct"),
+                      ("v1", "llava_v1"), ("mpt", "mpt")):
+        if key in name:
+            return mode
+    return "llava_v0"
+
+
+def pick_template(model_path: str, sidecar, conv_mode: str | None) -> str:
+    """The template to talk to a checkpoint in: ``conv_mode`` when given; else the one it was trained with (its
+    sidecar's ``template``); else LLaVA's cli rule. ValueError for a name LLaVA does not have."""
+    mode = conv_mode or (sidecar.template if sidecar is not None else None) or llava_cli_template(model_path)
+    if mode in ("v0", "v0.5"):  # LLaVA's train() maps these --version names to the v0 template
+        return "v0"
+    resolve_template(mode)
+    return mode
+
+
+def template_roles(name: str) -> tuple[str, str]:
+    """(user role, assistant role) of a LLaVA template, as its prompts write them."""
+    return tuple(resolve_template(name).roles)

@@ -202,6 +202,14 @@ class GETokTrainer(LLaVATrainer):
             vision_tower_trained=self.settings.train_vision_tower)
 
 
+def run_llava_train(attn_implementation: str) -> None:
+    """LLaVA's own ``train()``, which reads its arguments from ``sys.argv`` and builds the trainer the hook installed
+    (:func:`install_trainer_hook`)."""
+    import llava.train.train as llava_train
+
+    llava_train.train(attn_implementation=attn_implementation)
+
+
 TRAINER_WHY = "LLaVA's train() builds the GETok trainer (llava_getok.llava.trainer)"
 
 

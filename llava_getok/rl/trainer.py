@@ -34,6 +34,7 @@ from trl.trainer.utils import entropy_from_logits, pad, selective_log_softmax
 
 from ..llava import inputs as model_inputs
 from ..llava.prepare import unwrap_llava
+from ..records import TASK_SHAPES
 from ..training.rows import ROWS_ATTR
 
 
@@ -216,7 +217,6 @@ class PolicyFirstAnswers:
     ``prompt`` of the rows are rewritten; the rewards then judge the refinement of the model's answer.
     """
 
-    SHAPE = {"rec": "box", "res": "mask", "point": "point"}
 
     def __init__(self, conv_mode: str, cfg, token_ids: dict[str, int], max_new_tokens: int):
         self.conv_mode, self.token_ids, self.max_new_tokens = conv_mode, token_ids, max_new_tokens
@@ -237,7 +237,7 @@ class PolicyFirstAnswers:
         by_kind: dict[str | None, list[int]] = {}
         for k in first_of.values():
             task = json.loads(rows[k]["getok"])["task"]
-            by_kind.setdefault(self.SHAPE.get(task), []).append(k)
+            by_kind.setdefault(TASK_SHAPES.get(task), []).append(k)
         greedy = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens,
                                   pad_token_id=tok.pad_token_id, eos_token_id=trainer.eos_token_ids)
         answer = {}

@@ -25,6 +25,9 @@ import sys
 import threading
 import time
 
+from ..options import add_flags
+from ..session import ModelOptions
+
 logger = logging.getLogger("llava_getok.serve")
 HEART_BEAT_INTERVAL = 15  # seconds: LLaVA's WORKER_HEART_BEAT_INTERVAL (its controller drops workers silent for 90)
 MAX_NEW_TOKENS = 1024  # LLaVA's worker's cap
@@ -147,15 +150,9 @@ def _parser():
     p.add_argument("--port", type=int, default=21002)
     p.add_argument("--worker-address", default="http://127.0.0.1:21002")
     p.add_argument("--controller-address", default="http://127.0.0.1:21001")
-    p.add_argument("--model-path", required=True)
-    p.add_argument("--model-base", default=None)
+    add_flags(p, ModelOptions, dash=True, switches=True, defaults={"max_new_tokens": 256})
     p.add_argument("--model-name", default=None, help="default: the folder name, as LLaVA's worker")
-    p.add_argument("--conv-mode", default=None, help="the checkpoint's template (only for the worker's own use)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--no-register", action="store_true")
-    p.add_argument("--load-8bit", action="store_true")
-    p.add_argument("--load-4bit", action="store_true")
     return p
 
 
@@ -170,16 +167,10 @@ def main(argv=None) -> int:
     except ImportError:
         print('model_worker: needs fastapi and uvicorn: pip install "llava-getok[serve]"', file=sys.stderr)
         return 1
-    import torch
+    from ..session import load_engine
 
-    from ..session import Engine
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        engine = Engine.load(args.model_path, args.model_base, device, args.load_4bit, args.load_8bit, args.conv_mode,
-                             args.max_new_tokens)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"model_worker: {e}", file=sys.stderr)
+    engine = load_engine(args, "model_worker")
+    if engine is None:
         return 1
     worker = Worker(engine, args.model_name or model_name_of(args.model_path),
                     None if args.no_register else args.controller_address, args.worker_address)
