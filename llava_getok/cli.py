@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "eval": ("llava_getok.eval.cli", "score predictions: REC Acc@0.5/0.8, RES cIoU/gIoU, pointing accuracy"),
     "show": ("llava_getok.viz", "draw predictions and ground truth on the images (PNG, contact sheet)"),
     "check-data": ("llava_getok.llava.check", "run LLaVA's own preprocessing over converted data; fail on any mismatch"),
+    "export": ("llava_getok.export", "a GETok checkpoint as a standalone transformers folder (LLaVA ones as llava-hf)"),
     "grpo": ("llava_getok.rl.__main__", "GRPO with grounding rewards: --stage grid, then --stage refine"),
     "tiny-model": ("llava_getok.tiny_model", "a tiny random LLaVA + shapes data for the recipes' DEVICE=cpu smoke test"),
     "demo": ("llava_getok.demo", "the embedded default: shapes data -> fine-tune -> predict -> eval -> picture"),

@@ -169,6 +169,63 @@ class Predictor:
             raise ValueError(f"record {record.get('id')}: field 'image': {e}") from None
 
 
+# --- the transformers-native backend (llava_getok.hf: Qwen2.5-VL, llava-hf): its checkpoints say so in their sidecar;
+# a model folder without one is this backend's when its config is one of its model families ---
+class HFPredictor(Predictor):
+    """:class:`Predictor` for a model of ``llava_getok.hf``: the same grammar, parsing and refine turns, with prompts
+    from the model's chat template and inputs from its processor (``llava_getok.hf.generate.Generator``)."""
+
+    def __init__(self, generator, cfg: LocationFormat, constrained: bool = True, shape_only: bool = False,
+                 max_new_tokens: int = 64):
+        super().__init__(generator.tokenizer, generator.model, generator.processor, cfg, None, constrained, shape_only,
+                         max_new_tokens)
+        self.generator = generator
+
+    def generate(self, conversations, images, processors=(), max_new_tokens=None):
+        return self.generator.generate(conversations, images, processors, max_new_tokens or self.max_new_tokens)
+
+    def image(self, record, image_root):
+        from .hf.data import load_image
+
+        return load_image(record, image_root)
+
+
+def backend_of(model_path: str) -> str:
+    """"hf" or "llava": the checkpoint's sidecar says; without one, a transformers-native model of a supported family
+    (its config.json) is "hf", anything else LLaVA's."""
+    from .training.sidecar import read_sidecar
+
+    sidecar = read_sidecar(model_path)
+    if sidecar is not None:
+        return sidecar.backend
+    try:
+        from .hf.family import family_of
+
+        family_of(model_path)
+    except ValueError:
+        return "llava"
+    return "hf"
+
+
+def load_hf(model_path: str, model_base: str | None, device: str):
+    """(generator, processor) of an hf-backend checkpoint or of a stock model of one of its families."""
+    from .hf.checkpoint import load_checkpoint
+    from .hf.family import family_of, load_processor
+    from .hf.generate import Generator
+    from .training.sidecar import read_sidecar
+
+    if read_sidecar(model_path) is not None:
+        processor, model, _ = load_checkpoint(model_path, model_base, device)
+    else:
+        import torch
+
+        family = family_of(model_path)
+        processor = load_processor(model_path, family)
+        model = family.load_class().from_pretrained(model_path, dtype=torch.float32).to(device).eval()
+    return Generator(processor, model), processor
+# --- end of the transformers-native backend ---
+
+
 def batches(records: list[dict], size: int):
     """Consecutive records of the same task (and with / without image), at most ``size`` per batch."""
     batch, key = [], None
@@ -290,9 +347,20 @@ def main(argv=None) -> int:
 
     quiet.install()  # what predict prints is its own output, not the libraries' load-time notices
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, model, processor = load_model(args.model_path, args.model_base, device)
+    if backend_of(args.model_path) == "hf":  # --- the transformers-native backend: its processor says the frame ---
+        try:
+            generator, seen_by = load_hf(args.model_path, args.model_base, device)
+        except ValueError as e:
+            print(f"llava-getok predict: {one_line(e)}", file=sys.stderr)
+            return 1
+        make = lambda: HFPredictor(generator, cfg, args.constrained, args.shape_only, args.max_new_tokens)  # noqa: E731
+    else:
+        tokenizer, model, processor = load_model(args.model_path, args.model_base, device)
+        seen_by = model
+        make = lambda: Predictor(tokenizer, model, processor, cfg, args.conv_mode, args.constrained,  # noqa: E731
+                                 args.shape_only, args.max_new_tokens)
     try:  # the frame the model sees, read off its image_aspect_ratio and its tower's processor (spec section 1)
-        problem = frames_differ(records, frame_of(model), args.data)
+        problem = frames_differ(records, frame_of(seen_by), args.data)
     except ValueError as e:
         problem = f"{args.model_path}: {e}"
     if problem:
@@ -300,8 +368,7 @@ def main(argv=None) -> int:
         return 1
     skipped = [] if args.on_error == "skip" else None
     try:
-        predictor = Predictor(tokenizer, model, processor, cfg, args.conv_mode, args.constrained, args.shape_only,
-                              args.max_new_tokens)
+        predictor = make()
         n = predict_file(predictor, records, args.image_root, args.output, args.batch_size, skipped=skipped)
     except (FileNotFoundError, ValueError) as e:
         print(f"llava-getok predict: {one_line(e)}", file=sys.stderr)

@@ -25,6 +25,8 @@ import json
 import sys
 
 from .options import add_flags, from_flags, truth
+from .training.cpu_ranks import close_process_group as _close_process_group  # shared with llava_getok.hf.train
+from .training.cpu_ranks import launch_argv as cpu_ranks
 from .training.settings import FLAG_PREFIX, GETokSettings
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -70,28 +72,6 @@ def with_default_checkpointing(argv: list[str]) -> list[str]:
     if any(a == "--gradient_checkpointing_kwargs" or a.startswith("--gradient_checkpointing_kwargs=") for a in argv):
         return argv
     return argv + ["--gradient_checkpointing_kwargs", json.dumps({"use_reentrant": False})]
-
-
-def cpu_ranks(argv: list[str]) -> list[str]:
-    """With ``--use_cpu True``: training ranks on the CPU (llava_getok.training.cpu_ranks), DeepSpeed's included; returns
-    ``argv``, without ``--use_cpu`` under ``--deepspeed`` (it would make accelerate drop DeepSpeed silently)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--use_cpu", type=truth, nargs="?", const=True, default=False)
-    ns, others = p.parse_known_args(argv)
-    if not ns.use_cpu:
-        return argv
-    import torch
-
-    deepspeed = bool(_peek(argv, "deepspeed"))
-    if torch.cuda.is_available():
-        if deepspeed:
-            raise SystemExit("--use_cpu True with --deepspeed: DeepSpeed on CPU ranks is the smoke test for machines "
-                             "without a GPU; on this one drop --use_cpu (or --deepspeed)")
-        return argv
-    from .training.cpu_ranks import enable
-
-    enable(deepspeed=deepspeed)
-    return others if deepspeed else argv
 
 
 def settings_from(ours) -> GETokSettings:
@@ -145,17 +125,6 @@ def main(argv=None) -> None:
     except (FormatError, TrainingDataError) as e:  # what is wrong with the data or the flags: one line, no traceback
         raise SystemExit(f"python -m llava_getok.train: {e}") from None
     _close_process_group()
-
-
-def _close_process_group() -> None:
-    """Shut the distributed process group down (after a barrier) before the interpreter does, as PyTorch asks at the
-    end of a run: its communication threads, still running at exit, can abort a finished run ("terminate called
-    without an active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -68,3 +68,61 @@ def tiny_getok_checkpoint(tmp_path_factory, tiny_llava_dir, shared_data) -> Path
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
+
+
+# --- tiny transformers-native models of llava_getok.hf (Qwen2.5-VL, llava-hf), built offline; read-only ---
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL (Qwen2 text 64 x 2 layers, ViT 32 wide, 8 px patches merged 2 x 2), its byte-level
+    BPE tokenizer and processor, saved to disk."""
+    from llava_getok.hf.tiny import build_tiny_qwen
+
+    return build_tiny_qwen(tmp_path_factory.mktemp("models") / "tiny-qwen")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_tied_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen2.5-VL with tied input and output embeddings (as Qwen2.5-VL-3B)."""
+    from llava_getok.hf.tiny import TinyQwenConfig, build_tiny_qwen
+
+    return build_tiny_qwen(tmp_path_factory.mktemp("models") / "tiny-qwen-tied", TinyQwenConfig(tie=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_hf_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny random llava-hf (LLaMA 64 x 2 layers, CLIP 32 px / 8 px patches, LlavaImageProcessor(do_pad=True))."""
+    from llava_getok.hf.tiny import build_tiny_llava_hf
+
+    return build_tiny_llava_hf(tmp_path_factory.mktemp("models") / "tiny-llava-hf", tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_grounding(tmp_path_factory, shared_data) -> dict:
+    """Two GETok REC records of real COCO boxes (grid 8) per frame: "orig" (Qwen2.5-VL), "pad" (llava-hf)."""
+    from hf_helpers import CFG
+
+    from llava_getok.llava.tiny import make_grounding_data
+
+    return {frame: make_grounding_data(tmp_path_factory.mktemp(frame), shared_data / "coco_mini", CFG, n_records=2,
+                                       frame=frame) for frame in ("orig", "pad")}
+
+
+@pytest.fixture(scope="session")
+def hf_full_run(tiny_qwen_dir, hf_grounding, tmp_path_factory):
+    """(trainer, output folder) of a 6-step full fine-tuning of the tiny Qwen2.5-VL (checkpoints at 3 and 6)."""
+    from hf_helpers import train_argv, train_here
+
+    out = tmp_path_factory.mktemp("hf-full") / "out"
+    return train_here(train_argv(tiny_qwen_dir, hf_grounding["orig"], out)), out
+
+
+@pytest.fixture(scope="session")
+def hf_lora_run(tiny_llava_hf_dir, hf_grounding, tmp_path_factory):
+    """(trainer, output folder) of a 6-step LoRA (r 8) training of the tiny llava-hf (checkpoints at 3 and 6)."""
+    from hf_helpers import train_argv, train_here
+
+    out = tmp_path_factory.mktemp("hf-lora") / "out"
+    return train_here(train_argv(tiny_llava_hf_dir, hf_grounding["pad"], out, "--lora_enable", "True", "--lora_r", "8",
+                                 "--lora_alpha", "16")), out
+

@@ -20,7 +20,8 @@ CORE = {f"llava_getok.{m}" for m in ("vocab", "geometry", "codec", "parse", "for
                                      "images")}
 # What users run: each may import any layer.
 ENTRY = {"llava_getok", "llava_getok.cli", "llava_getok.predict", "llava_getok.train", "llava_getok.demo",
-         *(f"llava_getok.demo.{m}" for m in ("run", "data", "model", "scoring", "training")),
+         "llava_getok.export",
+         *(f"llava_getok.demo.{m}" for m in ("run", "data", "model", "scoring", "training", "backends")),
          "llava_getok.tiny_model", "llava_getok.recipes", "llava_getok.session", "llava_getok.chat", "llava_getok.web",
          "llava_getok.serve", "llava_getok.serve.model_worker"}
 MAY_IMPORT = {  # layer -> the layers it may import from, besides its own
@@ -28,9 +29,10 @@ MAY_IMPORT = {  # layer -> the layers it may import from, besides its own
     "data_converters": {"core"},
     "training": {"core"},
     "llava": {"core", "training"},
+    "hf": {"core", "training"},
     "eval": {"core"},
     "rl": {"core", "training", "llava"},
-    "entry": {"core", "data_converters", "training", "llava", "eval", "rl", "entry"},
+    "entry": {"core", "data_converters", "training", "llava", "hf", "eval", "rl", "entry"},
 }
 KNOWN_CYCLES: list[set[str]] = []  # a new cycle fails test_no_import_cycles
 
@@ -82,7 +84,7 @@ def layer(name: str) -> str:
         return "core"
     if name.startswith("data_converters"):
         return "data_converters"
-    for sub in ("training", "llava", "eval", "rl"):
+    for sub in ("training", "llava", "hf", "eval", "rl"):
         if name == f"llava_getok.{sub}" or name.startswith(f"llava_getok.{sub}."):
             return sub
     raise AssertionError(f"{name}: no layer; add it to CORE or ENTRY in {Path(__file__).name}")

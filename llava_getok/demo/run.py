@@ -29,11 +29,15 @@ from ..atomic import write_text_atomic
 from ..formats import LocationOptions
 from ..options import add_flags
 from ..training.settings import ROW_MODES, GETokSettings
+from .backends import BACKENDS, build_hf_model, frame, hf_train_args
 from .data import FIRST_STAGES, curriculum_file, first_stages, shapes_records, split_annotations
 from .model import build_model
 from .scoring import (TARGET_ACC, TARGET_FACTOR, chance_levels, learning_curve, predict_args, selection_rate,
                       split_row, tokens_per_answer)
 from .training import SCHEDULES, WARMUP_STEPS, log_every, run_training, train_args, train_command
+
+
+MODEL_NAMES = {"llava": "LLaVA", "qwen2.5-vl": "Qwen2.5-VL", "llava-hf": "llava-hf"}
 
 
 class DemoError(Exception):
@@ -48,6 +52,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llava-getok demo", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder (created; reused data is redrawn)")
+    p.add_argument("--backend", choices=BACKENDS, default="llava", help="the model family trained: LLaVA 1.2.x, or "
+                   "Qwen2.5-VL / llava-hf through trl (llava_getok.hf)")
+    p.add_argument("--merge", type=int, default=2, help="--backend qwen2.5-vl: patches merged per side into one image "
+                   "token (Qwen2.5-VL's spatial merge)")
+    p.add_argument("--rope-theta", type=float, default=10.0, help="--backend qwen2.5-vl: the base of the language "
+                   "model's multimodal rotary positions (Qwen2.5-VL's 1e6 leaves a 16-dimension head almost no "
+                   "rotation across the image's rows and columns)")
     p.add_argument("--train-images", type=int, default=8000)
     p.add_argument("--val-images", type=int, default=500, help="held-out images, one expression each (500: "
                    "Acc@0.5 within about +-0.02, one standard error)")
@@ -194,6 +205,7 @@ def convert(a, data: Path, out: Path, splits: dict, refs: dict, records: dict) -
         rc = convert_datasets([
             "shapes", "--input", str(inputs[split]), "--image-root", str(data), "--output", str(conv[split]),
             "--split", split, "--grid", str(a.grid), "--rounds", str(a.rounds), "--seed", str(a.seed),
+            "--frame", frame(a.backend),
             "--format", a.format, "--bins", str(a.bins), "--decimals", str(a.decimals),
             "--group-turns", str(refs[split]), "--no-resume", "--workers", str(os.cpu_count() or 1)])
         if rc:
@@ -220,7 +232,9 @@ def convert(a, data: Path, out: Path, splits: dict, refs: dict, records: dict) -
 def train(a, model_dir: Path, train_file: Path, data: Path, ckpt: Path, file_order: bool) -> None:
     """``python -m llava_getok.train`` as a child process, its progress as a bar."""
     shutil.rmtree(ckpt, ignore_errors=True)  # LLaVA's train() would resume from an earlier run's checkpoint-* there
-    cmd = train_command(train_args(model_dir, train_file, data, ckpt, a, file_order=file_order), a.processes)
+    args = (train_args(model_dir, train_file, data, ckpt, a, file_order=file_order) if a.backend == "llava" else
+            hf_train_args(model_dir, train_file, data, ckpt, a, file_order))  # the transformers-native backends
+    cmd = train_command(args, a.processes, "llava_getok.train" if a.backend == "llava" else "llava_getok.hf.train")
     print("$ " + " ".join(cmd), flush=True)
     rc = run_training(cmd, {**os.environ, "OMP_NUM_THREADS": str(a.threads)}, a.steps, log_every(a.steps))
     if rc:
@@ -255,10 +269,11 @@ def run(a, objects: dict) -> int:
     records = shapes_records(data)
     conv, train_file = convert(a, data, out, splits, refs, records)
 
-    st.start("building a tiny random LLaVA (no weights downloaded)")
-    model_dir = build_model(out, a)
+    st.start(f"building a tiny random {MODEL_NAMES[a.backend]} (no weights downloaded)")
+    model_dir = build_model(out, a) if a.backend == "llava" else build_hf_model(out, a)
 
-    st.start(f"fine-tuning with python -m llava_getok.train: {a.steps} steps x batch {a.batch}, {a.processes} "
+    entry = "llava_getok.train" if a.backend == "llava" else "llava_getok.hf.train"
+    st.start(f"fine-tuning with python -m {entry}: {a.steps} steps x batch {a.batch}, {a.processes} "
              f"process(es) x {a.threads} thread(s)")
     ckpt = out / "llava-getok-demo"
     train(a, model_dir, train_file, data, ckpt, file_order=train_file != conv["train"])
@@ -293,9 +308,10 @@ def run(a, objects: dict) -> int:
     summary = report(result["metrics"]["rec"], chance, st, a, sheet, selection) | {
         "curve": curve, "tokens_per_answer": answer_tokens, "ceiling": split_row(result["ceiling"]["rec"])}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    from ..web import web_command  # the one command that opens this model in the web demo
+    if a.backend == "llava":
+        from ..web import web_command  # the one command that opens this model in the web demo
 
-    print(f"talk to the model, see its boxes: {web_command(ckpt, data / 'images' / 'val')}")
+        print(f"talk to the model, see its boxes: {web_command(ckpt, data / 'images' / 'val')}")
     return 0
 
 
@@ -307,7 +323,8 @@ def report(metrics, chance, st: Stages, a, sheet: Path, selection: dict) -> dict
     best_chance = max(chance["random_shape"], chance["mean_box"])
     ok = acc >= TARGET_ACC and acc >= TARGET_FACTOR * chance["mean_box"]
     print("\n" + "=" * 72)
-    print(f"llava-getok demo: tiny random LLaVA, {a.steps} steps on {a.train_images} shapes images, {total / 60:.1f} min")
+    print(f"llava-getok demo: tiny random {MODEL_NAMES[a.backend]}, {a.steps} steps on {a.train_images} shapes images, "
+          f"{total / 60:.1f} min")
     print(f"Acc@0.5 {acc:.3f}   Acc@0.8 {row['acc@0.8']:.3f}   mIoU {row['miou']:.3f}   (n = {row['n']})")
     print(f"chance: box of a random shape of the image {chance['random_shape']:.3f}, mean training box "
           f"{chance['mean_box']:.3f}; Acc@0.5 = {acc / max(best_chance, 1e-9):.1f}x the better of the two")

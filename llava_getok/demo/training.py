@@ -54,15 +54,16 @@ def trainer_log(line: str) -> dict | None:
     return logs if isinstance(logs, dict) else None
 
 
-def train_command(args: list[str], processes: int) -> list[str]:
-    """The command that trains with ``args``: ``python -m llava_getok.train`` in one process, or under torchrun on
-    ``processes`` CPU ranks (data parallel over gloo, each rank its share of every batch)."""
+def train_command(args: list[str], processes: int, module: str = "llava_getok.train") -> list[str]:
+    """The command that trains with ``args``: ``python -m MODULE`` (``llava_getok.train``, or the transformers-native
+    backend's ``llava_getok.hf.train``) in one process, or under torchrun on ``processes`` CPU ranks (data parallel
+    over gloo, each rank its share of every batch)."""
     import sys
 
     if processes == 1:
-        return [sys.executable, "-m", "llava_getok.train", *args]
+        return [sys.executable, "-m", module, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-            str(free_port()), "-m", "llava_getok.train", *args, "--ddp_backend", "gloo"]
+            str(free_port()), "-m", module, *args, "--ddp_backend", "gloo"]
 
 
 def free_port() -> int:

@@ -7,39 +7,16 @@ GETok rows (``getok_rows.safetensors``) and the tokenizer; a LoRA checkpoint als
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
 
 from ..atomic import atomic_path
-from ..training.rows import ROWS_ATTR
+from ..training.rows import ROWS_ATTR, check_same_on_all_ranks  # noqa: F401 (re-exported: the trainer imports it here)
 from ..training.sidecar import ROWS_FILE, TOWER_FILE, Sidecar, read_rows, save_tensors_atomic, write_sidecar
 from ..training.tokens import _gathered
 
 NON_LORA_FILE = "non_lora_trainables.bin"
-
-
-def check_same_on_all_ranks(rows: dict[str, torch.Tensor], folder) -> int:
-    """Raise unless every process holds the same GETok rows (bit for bit); return the number of processes.
-
-    Data parallel and ZeRO keep one model: ranks that disagree trained or initialised the rows apart (the
-    pitfall of resizing or initialising outside ZeRO-3's gathered parameters), and the checkpoint would hold
-    rank 0's rows only."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return 1
-    digest = hashlib.sha256()
-    for key in sorted(rows):
-        digest.update(rows[key].contiguous().numpy().tobytes())
-    digests = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, digest.hexdigest())
-    differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
-    if differ:
-        raise RuntimeError(f"GETok rows differ between ranks when saving {folder}: ranks {differ} disagree with "
-                           f"rank 0; the processes trained or initialised the rows apart")
-    return len(digests)
 
 
 def tower_weights(llava) -> dict[str, torch.Tensor]:

@@ -21,8 +21,10 @@ which is the third. So ``torchrun ... --ddp_backend gloo`` runs data parallel an
 """
 from __future__ import annotations
 
+import argparse
 import os
 
+from ..options import truth
 from ..patching import PROCESS
 
 _DONE: set[str] = set()
@@ -71,3 +73,39 @@ def enable(deepspeed: bool = False) -> None:
         PROCESS.replace(accelerate.state.PartialState, "_prepare_backend", _prepare_backend, why=WHY)
         PROCESS.replace(transformers.training_args, "is_torch_bf16_gpu_available", bf16_available, why=WHY)
         _DONE.add("deepspeed")
+
+
+def _flag(argv, name, kind=str, default=None):
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(f"--{name}", type=kind, nargs="?", const=True, default=default)
+    return p.parse_known_args(argv)
+
+
+def launch_argv(argv: list[str]) -> list[str]:
+    """An entry point's arguments (``python -m llava_getok.train`` and ``llava_getok.hf.train``) made ready for CPU
+    ranks: with ``--use_cpu True``, :func:`enable` (DeepSpeed's too under ``--deepspeed``), and ``argv`` returned
+    without ``--use_cpu`` under ``--deepspeed`` (it would make accelerate drop DeepSpeed silently); else ``argv``."""
+    ns, others = _flag(argv, "use_cpu", truth, False)
+    if not ns.use_cpu:
+        return argv
+    import torch
+
+    deepspeed = bool(_flag(argv, "deepspeed")[0].deepspeed)
+    if torch.cuda.is_available():
+        if deepspeed:
+            raise SystemExit("--use_cpu True with --deepspeed: DeepSpeed on CPU ranks is the smoke test for machines "
+                             "without a GPU; on this one drop --use_cpu (or --deepspeed)")
+        return argv
+    enable(deepspeed=deepspeed)
+    return others if deepspeed else argv
+
+
+def close_process_group() -> None:
+    """Shut the distributed process group down before the interpreter does: a ZeRO-3 run on 2 CPU ranks (gloo) once
+    died at exit with "terminate called without an active exception" (exit 250) after it had saved everything,
+    its communication threads still running; PyTorch asks for destroy_process_group() at the end of a run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -14,6 +14,7 @@ checkpoint is an ordinary LLaVA checkpoint.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 
 import torch
 from torch import nn
@@ -192,3 +193,25 @@ def fold_rows_into_state(state: dict, values: dict[str, torch.Tensor]) -> dict:
         w[index] = values[part].to(w.dtype)
         state[names[0]] = w
     return state
+
+
+def check_same_on_all_ranks(rows: dict[str, torch.Tensor], folder) -> int:
+    """Raise unless every process holds the same GETok rows (bit for bit); return the number of processes.
+
+    Data parallel and ZeRO keep one model: ranks that disagree trained or initialised the rows apart (the
+    pitfall of resizing or initialising outside ZeRO-3's gathered parameters), and the checkpoint would hold
+    rank 0's rows only."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 1
+    digest = hashlib.sha256()
+    for key in sorted(rows):
+        digest.update(rows[key].contiguous().numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise RuntimeError(f"GETok rows differ between ranks when saving {folder}: ranks {differ} disagree with "
+                           f"rank 0; the processes trained or initialised the rows apart")
+    return len(digests)

@@ -25,6 +25,7 @@ ROWS_FILE = "getok_rows.safetensors"
 TOWER_FILE = "getok_vision_tower.safetensors"
 FORMAT_VERSION = 2
 KINDS = ("full", "lora", "projector")
+BACKENDS = ("llava", "hf")  # llava_getok.llava (LLaVA 1.2.x), llava_getok.hf (transformers-native models)
 
 
 @dataclass
@@ -36,7 +37,8 @@ class Sidecar:
         text); vocab_size: rows of the embedding matrices; tokenizer_legacy: the flag the checkpoint's tokenizer was
         trained with (False for every GETok training: a legacy tokenizer is switched, ``tokens.use_non_legacy``);
     kind: "full", "lora" or "projector"; frame: the frame coordinates are in (spec section 1); backend: the code that
-        loads it ("llava": llava_getok.llava); base_model: what a LoRA or projector checkpoint applies to;
+        loads it ("llava": llava_getok.llava; "hf": llava_getok.hf, whose ``model_family`` is "qwen2.5-vl" or
+        "llava-hf"); base_model: what a LoRA or projector checkpoint applies to;
     template: the conversation template of training (LLaVA's ``--version``), None when not recorded;
     processor: how images became pixels (LLaVA: ``{"image_aspect_ratio": "pad"}``);
     settings: every option of the run (``asdict(GETokSettings)``); vision_tower_trained: the tower's weights are in
@@ -56,8 +58,11 @@ class Sidecar:
     settings: dict = field(default_factory=dict)
     vision_tower_trained: bool = False
     format_version: int = FORMAT_VERSION
+    model_family: str | None = None  # backend "hf" (llava_getok.hf): "qwen2.5-vl" or "llava-hf"
 
     def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"{SIDECAR}: backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.kind not in KINDS:
             raise ValueError(f"{SIDECAR}: kind must be one of {KINDS}, got {self.kind!r}")
         if len(self.tokens) != len(self.token_ids):

@@ -215,7 +215,7 @@ def resize_embeddings(model, size: int) -> int:
     if size != old:
         # mean_resizing=False: the new rows are initialised by init_getok_rows, not by transformers.
         model.resize_token_embeddings(size, mean_resizing=False)
-    model.config.vocab_size = size
+    model.config.get_text_config().vocab_size = size  # a vision-language config keeps it in its text config
     return old
 
 

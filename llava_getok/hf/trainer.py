@@ -1,0 +1,195 @@
+"""trl's ``SFTTrainer`` with GETok: the box-token loss added to trl's LM loss, and GETok checkpoints.
+
+The loss of a step reads, top to bottom (:meth:`GETokSFTTrainer.compute_loss`)::
+
+    with capture.recording():            # the forward through DDP / DeepSpeed / peft, the last position's logits only
+        model(**batch, logits_to_keep=1)
+    total, parts = step_loss(Captured(labels, hidden=capture.take()), head, table, settings)
+
+``step_loss`` (the training core's, as the LLaVA backend uses it) applies the LM head module to the labelled
+positions only, for the LM loss and the box-token (or bins) loss alike: trl's fused LM head scores every position on a
+CPU (it keeps only the labelled ones on devices with Triton), which was nearly half of a demo step. Outside training
+(evaluation, ``return_outputs``) the LM loss is trl's own, through its fused head, and step_loss adds the location
+loss to it. trl's fused head reads ``lm_head.weight`` directly (no call of the head's module), so what trains the
+GETok rows lives in that weight: with LoRA, peft's trainable tokens (``llava_getok.hf.prepare``), which trl's
+GRPOTrainer sees too. The labels are the batch's own: the processor expands each image into its tokens, so they line
+up with the hidden states.
+
+Checkpoints (``checkpoint-N`` and the final folder): the model as the Trainer saves it (LoRA: the adapter, with the
+GETok rows as trainable-token values and never the full embedding matrices; full: the whole model), the processor
+with the GETok tokens, ``getok_rows.safetensors`` (the effective rows, compared across ranks) and the sidecar
+(backend ``hf``, model family, frame, processor settings).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import asdict
+
+import torch
+from trl import SFTTrainer
+
+from ..frames import processor_frame
+from ..training.rows import check_same_on_all_ranks, getok_rows_values
+from ..training.settings import GETokSettings
+from ..training.sidecar import ROWS_FILE, Sidecar, save_tensors_atomic, write_sidecar
+from ..training.step import Captured, step_loss
+from .family import Family, processor_settings, save_processor
+from .prepare import GETokState, float32_rows
+
+class HiddenCapture:
+    """A forward hook on the language model (``get_decoder()``) that keeps its last hidden states, the LM head's input,
+    while :meth:`recording`; the first forward of a recording is kept (trl runs a second one, without gradients,
+    only when asked for logits)."""
+
+    def __init__(self, model):
+        self.hidden = None
+        self._on = False
+        self._handle = model.get_decoder().register_forward_hook(self._record)
+
+    def _record(self, module, args, output):
+        if self._on and self.hidden is None:
+            self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    @contextlib.contextmanager
+    def recording(self):
+        self._on, self.hidden = True, None
+        try:
+            yield self
+        finally:
+            self._on = False
+
+    def take(self):
+        hidden, self.hidden = self.hidden, None
+        return hidden
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def unwrap(model):
+    """The transformers model inside DDP / DeepSpeed / peft wrappers (the same parameters)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class GETokSFTTrainer(SFTTrainer):
+    """SFTTrainer + GETok, configured by ``settings`` and the ``getok`` state that
+    :func:`llava_getok.hf.prepare.add_location_tokens` set up; ``family``: the model family; ``base_model``: where the
+    model was loaded from (recorded in the sidecar, where a LoRA checkpoint finds its base)."""
+
+    def __init__(self, *args, getok: GETokState, settings: GETokSettings, family: Family,
+                 base_model: str | None = None, **kwargs):
+        self.getok, self.settings, self.family, self.base_model_path = getok, settings, family, base_model
+        super().__init__(*args, **kwargs)
+        if getattr(unwrap(self.model), "is_loaded_in_4bit", False) or getattr(unwrap(self.model), "is_loaded_in_8bit",
+                                                                              False):
+            float32_rows(self.model)
+        self.capture = HiddenCapture(unwrap(self.model)) if self.loss_on else None
+
+    @property
+    def loss_on(self) -> bool:
+        """The box-token loss (or the bins' 1D loss) is on: weights > 0 and a format that adds tokens."""
+        return self.settings.loss_on and self.getok.table is not None
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        # LoRA with the GETok rows leaves the Trainer's no-decay group empty; DeepSpeed drops empty groups after the
+        # learning-rate scheduler was built over both (ZeRO-2: "zip() argument 2 is longer than argument 1" at the
+        # first step). Dropped here, before the scheduler sees them.
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        return optimizer
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if self.settings.data_order == "file" and self.train_dataset is not None:
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+        return super()._get_train_sampler(*args, **kwargs)
+
+    # -- the loss of one step ------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.loss_on:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        # The Trainer divides the returned loss over the accumulated micro-batches unless the model takes the token
+        # count (then trl's LM loss is divided over the whole accumulated batch already): a per-micro-batch mean takes
+        # its share of the accumulation here (``steps``).
+        steps = (self.current_gradient_accumulation_steps
+                 if num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.compute_loss_func is None
+                 else 1)
+        lean = model.training and not return_outputs and self.label_smoother is None and self.compute_loss_func is None
+        with self.capture.recording():
+            if lean:  # training: the forward computes the last position's logits only; step_loss scores the rest
+                batch = {key: value for key, value in inputs.items() if key != "labels"}
+                outputs, lm = model(**batch, use_cache=False, logits_to_keep=1), None
+            else:  # trl's own loss through its fused head (and its metrics)
+                result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                              num_items_in_batch=num_items_in_batch)
+                lm, outputs = result if return_outputs else (result, None)
+        head = unwrap(model).get_output_embeddings()
+        captured = Captured(inputs["labels"], hidden=self.capture.take(), lm=None if lm is None else lm * steps)
+        total, parts = step_loss(captured, head, self.getok.table, self.settings)
+        self._log_parts({"loss_lm": parts["loss_lm"] if lm is None else lm, "loss_grid": parts["loss_grid"],
+                         "loss_box": parts["loss_box"]})
+        return (total / steps, outputs) if return_outputs else total / steps
+
+    def _log_parts(self, parts: dict) -> None:
+        mode = "train" if self.model.training else "eval"
+        for name, value in parts.items():
+            value = torch.as_tensor(value).detach().float().to(self.accelerator.device)
+            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value).mean().item())
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = output_dir or self.args.output_dir
+        if hasattr(self.model, "peft_config"):
+            # peft's save_embedding_layers="auto" sees the resized vocabulary and would write both full matrices;
+            # the GETok rows are in the adapter (as trainable tokens) and in getok_rows.safetensors
+            peft_model = self.model
+            peft_model.save_pretrained = functools.partial(type(peft_model).save_pretrained, peft_model,
+                                                           save_embedding_layers=False)
+            try:
+                super()._save(output_dir, state_dict=state_dict)
+            finally:
+                del peft_model.save_pretrained
+        else:
+            super()._save(output_dir, state_dict=state_dict)
+        save_processor(self.processing_class, output_dir)  # under the family's own processor class name
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        super()._save_checkpoint(model, trial, *args, **kwargs)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.save_getok_files(folder)
+
+    def save_final(self, folder=None) -> None:
+        """The final checkpoint: the model and processor (``save_model``), then the GETok files. Every rank calls it."""
+        folder = folder or self.args.output_dir
+        self.save_model(folder)
+        ranks = self.save_getok_files(folder)
+        if self.args.should_save:
+            same = f", identical on all {ranks} ranks" if ranks > 1 else ""
+            print(f"GETok: rows of {len(self.getok.ids)} tokens saved in {folder}/{ROWS_FILE}{same}", flush=True)
+
+    def checkpoint_kind(self) -> str:
+        return "lora" if hasattr(self.model, "peft_config") else "full"
+
+    def save_getok_files(self, folder) -> int:
+        """``getok_rows.safetensors`` and the sidecar of checkpoint ``folder``; every rank calls it (the rows are
+        gathered and compared across ranks first). Returns the number of ranks."""
+        rows = getok_rows_values(unwrap(self.model), self.getok.ids)
+        ranks = check_same_on_all_ranks(rows, folder)
+        if self.args.should_save:
+            os.makedirs(folder, exist_ok=True)
+            save_tensors_atomic(os.path.join(folder, ROWS_FILE), rows)
+            write_sidecar(folder, self.sidecar())
+        return ranks
+
+    def sidecar(self) -> Sidecar:
+        g = self.getok
+        return Sidecar.of(g.format, g.ids, vocab_size=g.vocab_size, tokenizer_legacy=None, kind=self.checkpoint_kind(),
+                          frame=processor_frame(self.processing_class), backend="hf", base_model=self.base_model_path,
+                          processor=processor_settings(self.processing_class), settings=asdict(self.settings),
+                          vision_tower_trained=self.settings.train_vision_tower, model_family=self.family.name)
