@@ -106,3 +106,14 @@ def check_choices(obj, prefix: str = "", dash: bool = False) -> None:
         value, choices = getattr(obj, f.name), f.metadata.get("choices")
         if choices and value is not None and value not in choices:
             raise ValueError(f"{flag_name(f, prefix, dash)} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def as_flag_dataclass(cls, prefix: str, name: str):
+    """A dataclass with one field ``prefix + field`` per option of ``cls`` (its type, default, help and choices), for
+    transformers' ``HfArgumentParser`` beside its own argument classes; read it back with :func:`from_flags`."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in _fields(cls, None):
+        meta = {k: v for k, v in f.metadata.items() if k in ("help", "choices") and v is not None}
+        fields.append((prefix + f.name, hints[f.name], dataclasses.field(default=f.default, metadata=meta)))
+    return dataclasses.make_dataclass(name, fields)

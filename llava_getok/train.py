@@ -24,7 +24,7 @@ import importlib.util
 import json
 import sys
 
-from .options import add_flags, from_flags, truth
+from .options import add_flags, from_flags
 from .training.cpu_ranks import close_process_group as _close_process_group  # shared with llava_getok.hf.train
 from .training.cpu_ranks import launch_argv as cpu_ranks
 from .training.settings import FLAG_PREFIX, GETokSettings

@@ -179,7 +179,7 @@ def test_data_parallel_torchrun_two_cpu_ranks(tiny, tmp_path, lora):
 def _compare_rows(rank, port, folder):
     import torch.distributed as dist
 
-    from llava_getok.llava.checkpoint import check_same_on_all_ranks
+    from llava_getok.training.rows import check_same_on_all_ranks
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     same = {"input_rows": torch.ones(3, 4), "token_ids": torch.arange(3)}

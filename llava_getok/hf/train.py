@@ -24,11 +24,11 @@ llava_getok.hf.train ... --deepspeed zero2.json --use_cpu True`` runs ZeRO on CP
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass, field
 
 from ..training.cpu_ranks import close_process_group, launch_argv
+from ..options import as_flag_dataclass, from_flags
 from ..training.settings import FLAG_PREFIX, GETokSettings
 
 
@@ -53,24 +53,11 @@ class DataArguments:
     image_folder: str | None = field(default=None, metadata={"help": "the root the records' image paths are under"})
 
 
-def _getok_arguments():
-    """A dataclass with one ``--getok_<name>`` field per option of GETokSettings (its type, default, help, choices),
-    for HfArgumentParser beside SFTConfig."""
-    import typing
-
-    hints = typing.get_type_hints(GETokSettings)
-    fields = []
-    for f in dataclasses.fields(GETokSettings):
-        meta = {k: v for k, v in f.metadata.items() if k in ("help", "choices") and v is not None}
-        fields.append((FLAG_PREFIX + f.name, hints[f.name], field(default=f.default, metadata=meta)))
-    return dataclasses.make_dataclass("GETokArguments", fields)
-
-
-GETokArguments = _getok_arguments()
+GETokArguments = as_flag_dataclass(GETokSettings, FLAG_PREFIX, "GETokArguments")  # --getok_<field>, for HfArgumentParser
 
 
 def settings_from(ours) -> GETokSettings:
-    return GETokSettings(**{f.name: getattr(ours, FLAG_PREFIX + f.name) for f in dataclasses.fields(GETokSettings)})
+    return GETokSettings(**from_flags(ours, GETokSettings, prefix=FLAG_PREFIX))
 
 
 def parse(argv):

@@ -2,8 +2,8 @@
 
 The loss of a step reads, top to bottom (:meth:`GETokSFTTrainer.compute_loss`)::
 
-    with capture.recording():            # the forward through DDP / DeepSpeed / peft, the last position's logits only
-        model(**batch, logits_to_keep=1)
+    with capture_hidden(model) as capture:   # a hook for this forward, through DDP / DeepSpeed / peft
+        model(**batch, logits_to_keep=1)      # the last position's logits only
     total, parts = step_loss(Captured(labels, hidden=capture.take()), head, table, settings)
 
 ``step_loss`` (the training core's, as the LLaVA backend uses it) applies the LM head module to the labelled
@@ -23,7 +23,6 @@ with the GETok tokens, ``getok_rows.safetensors`` (the effective rows, compared 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from dataclasses import asdict
 
@@ -31,7 +30,8 @@ import torch
 from trl import SFTTrainer
 
 from ..frames import processor_frame
-from ..training.rows import check_same_on_all_ranks, getok_rows_values
+from ..patching import Patches
+from ..training.rows import check_same_on_all_ranks, getok_rows_values, saving_adapter_only
 from ..training.settings import GETokSettings
 from ..training.sidecar import ROWS_FILE, Sidecar, save_tensors_atomic, write_sidecar
 from ..training.step import Captured, step_loss
@@ -39,33 +39,32 @@ from .family import Family, processor_settings, save_processor
 from .prepare import GETokState, float32_rows
 
 class HiddenCapture:
-    """A forward hook on the language model (``get_decoder()``) that keeps its last hidden states, the LM head's input,
-    while :meth:`recording`; the first forward of a recording is kept (trl runs a second one, without gradients,
+    """The hidden states the LM head would read (the language model's output, ``get_decoder()``) of the forward run
+    inside :func:`capture_hidden`; the first forward of the block is kept (trl runs a second one, without gradients,
     only when asked for logits)."""
 
-    def __init__(self, model):
-        self.hidden = None
-        self._on = False
-        self._handle = model.get_decoder().register_forward_hook(self._record)
-
-    def _record(self, module, args, output):
-        if self._on and self.hidden is None:
-            self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-    @contextlib.contextmanager
-    def recording(self):
-        self._on, self.hidden = True, None
-        try:
-            yield self
-        finally:
-            self._on = False
+    hidden = None
 
     def take(self):
         hidden, self.hidden = self.hidden, None
         return hidden
 
-    def remove(self) -> None:
-        self._handle.remove()
+
+@contextlib.contextmanager
+def capture_hidden(model):
+    """Record the language model's output of one forward of ``model`` (unwrapped): a forward hook installed for the
+    block and taken off after it."""
+    capture = HiddenCapture()
+
+    def record(module, args, output):
+        if capture.hidden is None:
+            capture.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    decoder = model.get_decoder()
+    with Patches().applied() as patches:
+        patches.hook(decoder.register_forward_hook(record), f"{type(decoder).__name__}: forward hook",
+                     why="record the LM head's input (the hidden states), for this forward")
+        yield capture
 
 
 def unwrap(model):
@@ -87,7 +86,6 @@ class GETokSFTTrainer(SFTTrainer):
         if getattr(unwrap(self.model), "is_loaded_in_4bit", False) or getattr(unwrap(self.model), "is_loaded_in_8bit",
                                                                               False):
             float32_rows(self.model)
-        self.capture = HiddenCapture(unwrap(self.model)) if self.loss_on else None
 
     @property
     def loss_on(self) -> bool:
@@ -119,7 +117,7 @@ class GETokSFTTrainer(SFTTrainer):
                  if num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.compute_loss_func is None
                  else 1)
         lean = model.training and not return_outputs and self.label_smoother is None and self.compute_loss_func is None
-        with self.capture.recording():
+        with capture_hidden(unwrap(model)) as capture:
             if lean:  # training: the forward computes the last position's logits only; step_loss scores the rest
                 batch = {key: value for key, value in inputs.items() if key != "labels"}
                 outputs, lm = model(**batch, use_cache=False, logits_to_keep=1), None
@@ -128,7 +126,7 @@ class GETokSFTTrainer(SFTTrainer):
                                               num_items_in_batch=num_items_in_batch)
                 lm, outputs = result if return_outputs else (result, None)
         head = unwrap(model).get_output_embeddings()
-        captured = Captured(inputs["labels"], hidden=self.capture.take(), lm=None if lm is None else lm * steps)
+        captured = Captured(inputs["labels"], hidden=capture.take(), lm=None if lm is None else lm * steps)
         total, parts = step_loss(captured, head, self.getok.table, self.settings)
         self._log_parts({"loss_lm": parts["loss_lm"] if lm is None else lm, "loss_grid": parts["loss_grid"],
                          "loss_box": parts["loss_box"]})
@@ -144,15 +142,8 @@ class GETokSFTTrainer(SFTTrainer):
     def _save(self, output_dir=None, state_dict=None):
         output_dir = output_dir or self.args.output_dir
         if hasattr(self.model, "peft_config"):
-            # peft's save_embedding_layers="auto" sees the resized vocabulary and would write both full matrices;
-            # the GETok rows are in the adapter (as trainable tokens) and in getok_rows.safetensors
-            peft_model = self.model
-            peft_model.save_pretrained = functools.partial(type(peft_model).save_pretrained, peft_model,
-                                                           save_embedding_layers=False)
-            try:
+            with saving_adapter_only(self.model):
                 super()._save(output_dir, state_dict=state_dict)
-            finally:
-                del peft_model.save_pretrained
         else:
             super()._save(output_dir, state_dict=state_dict)
         save_processor(self.processing_class, output_dir)  # under the family's own processor class name

@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..atomic import atomic_path
-from ..training.rows import ROWS_ATTR, check_same_on_all_ranks  # noqa: F401 (re-exported: the trainer imports it here)
+from ..training.rows import ROWS_ATTR
 from ..training.sidecar import ROWS_FILE, TOWER_FILE, Sidecar, read_rows, save_tensors_atomic, write_sidecar
 from ..training.tokens import _gathered
 

@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import torch
 
-from ..patching import PROCESS, Patches
+from ..patching import PROCESS
 from .compat import apply_compat_fixes
 
 apply_compat_fixes()  # fix 3 before llava.train is imported
@@ -21,12 +21,12 @@ from llava.train.llava_trainer import LLaVATrainer  # noqa: E402
 from ..formats import describe, same_tokens  # noqa: E402
 from ..frames import frame_of  # noqa: E402
 from ..vocab import GETokConfig  # noqa: E402
-from .checkpoint import (  # noqa: E402
-    check_same_on_all_ranks, load_getok_files, tower_weights, write_getok_files)
+from .checkpoint import load_getok_files, tower_weights, write_getok_files  # noqa: E402
 from ..training.step import step_loss  # noqa: E402
 from .capture import capture  # noqa: E402
 from .prepare import prepare_for_getok, unwrap_llava  # noqa: E402
-from ..training.rows import ROWS_ATTR, fold_rows_into_state, getok_rows_values  # noqa: E402
+from ..training.rows import (  # noqa: E402
+    ROWS_ATTR, check_same_on_all_ranks, fold_rows_into_state, getok_rows_values, saving_adapter_only)
 from ..training.settings import FormatError, GETokSettings  # noqa: E402
 from ..training.sidecar import ROWS_FILE, SIDECAR, Sidecar, read_sidecar  # noqa: E402
 
@@ -123,11 +123,7 @@ class GETokTrainer(LLaVATrainer):
             return super()._save(output_dir, state_dict=state_dict)
         # peft's save_embedding_layers="auto" sees the resized vocabulary and writes both full matrices into
         # every intermediate adapter; the GETok rows are in getok_rows.safetensors already.
-        peft_model = self.model
-        with Patches().applied() as patches:
-            patches.replace(peft_model, "save_pretrained", functools.partial(
-                type(peft_model).save_pretrained, peft_model, save_embedding_layers=False),
-                why="no full embedding matrices in the adapter, for this save")
+        with saving_adapter_only(self.model):
             return super()._save(output_dir, state_dict=state_dict)
 
     def _save_checkpoint(self, model, trial, metrics=None):

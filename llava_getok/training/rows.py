@@ -215,3 +215,18 @@ def check_same_on_all_ranks(rows: dict[str, torch.Tensor], folder) -> int:
         raise RuntimeError(f"GETok rows differ between ranks when saving {folder}: ranks {differ} disagree with "
                            f"rank 0; the processes trained or initialised the rows apart")
     return len(digests)
+
+
+@contextlib.contextmanager
+def saving_adapter_only(peft_model):
+    """Within this block ``peft_model.save_pretrained`` writes the adapter without the embedding matrices: peft's
+    default ``save_embedding_layers="auto"`` sees the resized vocabulary and would write both full matrices into every
+    checkpoint, while the GETok rows are saved in ``getok_rows.safetensors`` (and, as trainable tokens, in the
+    adapter). A patch of the instance for the block only."""
+    import functools
+
+    with Patches().applied() as patches:
+        patches.replace(peft_model, "save_pretrained", functools.partial(
+            type(peft_model).save_pretrained, peft_model, save_embedding_layers=False),
+            why="no full embedding matrices in the adapter, for this save")
+        yield peft_model
