@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     a = p.parse_args(argv)
     names = a.runs.split(",")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="same-losses-") as tmp:  # no 'mpt' (tmpt...) in the path: LLaVA reads it
         work = Path(tmp)
         paths = build(work)
         got = {name: run(paths, name, work) for name in names}

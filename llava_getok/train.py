@@ -50,6 +50,11 @@ def _peek(argv, name, default=None):
 
 def check_launch(argv) -> None:
     """Refuse combinations that cannot work, with the reason, before any model is loaded."""
+    model = _peek(argv, "model_name_or_path") or ""
+    if "mpt" in model and _peek(argv, "vision_tower") and not _is_mpt(model):
+        raise SystemExit(f"--model_name_or_path {model}: LLaVA's train() loads any model whose path contains 'mpt' as "
+                         "an MPT model (it picks the class by that substring), and this one is not: give it a path "
+                         "without 'mpt' (a symbolic link will do)")
     bits = int(_peek(argv, "bits", 16))
     ds = _peek(argv, "deepspeed")
     if bits in (4, 8) and ds:
@@ -61,6 +66,19 @@ def check_launch(argv) -> None:
             raise SystemExit(f"--bits {bits} with ZeRO-3 ({ds}) is not supported by bitsandbytes/peft (LLaVA#1692): "
                              f"quantised weights cannot be partitioned. Use ZeRO-2 (scripts/zero2.json) or one GPU, "
                              f"or train without --bits.")
+
+
+def _is_mpt(model: str) -> bool:
+    """Whether the model's config says MPT (a hub id or a folder without a readable config.json: assume it does)."""
+    from pathlib import Path
+
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return True
+    try:
+        return "mpt" in str(json.loads(config.read_text()).get("model_type", "")).lower()
+    except ValueError:
+        return True
 
 
 def with_default_checkpointing(argv: list[str]) -> list[str]:

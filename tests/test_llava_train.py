@@ -190,6 +190,17 @@ def test_seed_reproduces_a_run_whose_base_has_no_projector_yet(tiny_tokenizer_di
     assert len(runs[0]) == 3 and runs[0] == runs[1], runs
 
 
+def test_a_model_path_that_llava_would_take_for_mpt_is_one_line(tiny_llava_dir, train_data, tmp_path):
+    """LLaVA's train() loads any model whose path contains 'mpt' as MPT ('/tmp/tmpt...' is enough), and stopped deep
+    inside with "'LlavaConfig' object has no attribute 'attn_config'"."""
+    attempt = tmp_path / "attempt-1"  # "attempt" holds "mpt"
+    attempt.symlink_to(tiny_llava_dir)
+    with pytest.raises(SystemExit) as e:
+        train_in_process(train_argv(attempt, train_data, tmp_path / "out", steps=1))
+    message = str(e.value)
+    assert "\n" not in message and "contains 'mpt'" in message and str(attempt) in message, message
+
+
 def test_a_data_file_without_records_is_one_line(tiny_llava_dir, tmp_path):
     """A conversion that skipped everything writes an empty list: training says so in one line, naming the file,
     instead of torch's sampler error ("num_samples should be a positive integer value") with a traceback."""

@@ -290,13 +290,17 @@ def _needs_image_dtype():
 
 
 def _fix_image_dtype():
+    import torch
+
     def make(original):
         def encode_images(self, images):
             # serve.cli and model_worker cast the images to float16 whatever the model's dtype is (float32 on a
             # CPU): give them the projector's dtype. The tower casts them to its own dtype first either way, so
-            # its input is the same; a model in the images' dtype (LLaVA on a GPU) is untouched.
+            # its input is the same; a model in the images' dtype (LLaVA on a GPU) is untouched, and so is a
+            # forward under autocast (training with --bf16 / --fp16), where the matmuls take one dtype anyway.
             weight = next(self.get_model().mm_projector.parameters(), None)
-            if weight is not None and weight.is_floating_point() and images.dtype != weight.dtype:
+            if weight is not None and weight.is_floating_point() and images.dtype != weight.dtype \
+                    and not torch.is_autocast_enabled(images.device.type):
                 images = images.to(weight.dtype)
             return original(self, images)
         return encode_images
