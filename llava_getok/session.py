@@ -212,7 +212,8 @@ class Engine:
                 streamer.end()
 
         size = picture.size if picture is not None else (1, 1)  # no image: the normalised frame
-        shapes_of = shapes_of or (lambda got: self.parse(got, size=size).shapes)
+        bound = picture.size if picture is not None else None  # no image: nothing to bind a pixel format to
+        shapes_of = shapes_of or (lambda got: self.parse(got, size=bound).shapes)
         with self._lock:
             thread = threading.Thread(target=run, daemon=True)
             thread.start()
@@ -375,13 +376,13 @@ class Conversation:
     def _answer(self, turns, processors, fmt, shapes_of=None, anchors_from=None) -> Iterator[Chunk]:
         engine = self.engine
         ids_seen = []
+        size = self.picture.size if self.picture is not None else None
 
         def track(ids):
             ids_seen[:] = ids
             return shapes_of(ids) if shapes_of else engine.parse(ids, fmt, size).shapes
 
         last = None
-        size = self.picture.size if self.picture is not None else (1, 1)
         self.last_prompt = engine.prompt(turns)
         for chunk in engine.stream(self.last_prompt, self.picture, processors, self.temperature, self.top_p,
                                    self.max_new_tokens, shapes_of=track):

@@ -151,14 +151,18 @@ def test_stock_models_and_llava_only_flags(tiny_qwen_dir, tiny_llava_hf_dir, cap
     llava-hf in LLaVA-1.5's text boxes; LLaVA's template and quantisation flags are refused in one line."""
     from llava_getok.chat import main
     from llava_getok.formats import Qwen25Format, TextFormat
-    from llava_getok.session import Engine
+    from llava_getok.images import load_image
+    from llava_getok.session import Conversation, Engine
 
+    image = REPO / "tests" / "fixtures" / "data" / "coco_mini" / "val2017" / "000000183709.jpg"
     qwen = Engine.load(str(tiny_qwen_dir), device="cpu", max_new_tokens=4)
     assert isinstance(qwen.fmt, Qwen25Format) and qwen.frame == "orig"
+    chat = Conversation(qwen, load_image(image))
+    assert list(chat.ground("box", "the man"))[-1].done  # in Qwen2.5-VL's own grounding prompt
+    assert "Locate the man, output its bbox coordinates using JSON format.<|im_end|>" in chat.last_prompt
     llava = Engine.load(str(tiny_llava_hf_dir), device="cpu", max_new_tokens=4)
     assert isinstance(llava.fmt, TextFormat) and llava.frame == "pad"
     assert list(llava.stream(llava.prompt([{"from": "human", "value": "hi"}])))[-1].done
-    image = REPO / "tests" / "fixtures" / "data" / "coco_mini" / "val2017" / "000000183709.jpg"
     for flag in (["--conv-mode", "vicuna_v1"], ["--load-4bit"]):
         assert main(["--model-path", str(tiny_qwen_dir), "--image-file", str(image), "--device", "cpu", *flag]) == 1
         err = capsys.readouterr().err.strip().splitlines()
