@@ -13,9 +13,12 @@ Type a question; an empty line (or end of input) ends the chat. Commands:
     /reset                          forget the conversation (same image)
     /help                           this list
 
-The template is the checkpoint's (its sidecar's ``template``), else the one LLaVA's cli picks from the folder name;
-``--conv-mode`` overrides both. The history keeps each raw answer, so a later turn's prompt is what training saw.
-Images are read upright (EXIF orientation applied) and the shapes are pixels of that upright image.
+The backend is the checkpoint's (its sidecar; a folder without one: a Qwen2.5-VL or llava-hf config is a
+transformers model, anything else LLaVA's). A LLaVA model's template is the checkpoint's (its sidecar's ``template``),
+else the one LLaVA's cli picks from the folder name; ``--conv-mode`` overrides both. A Qwen2.5-VL or llava-hf model
+answers in its own chat template, its images go through its processor, and the shapes are mapped from the frame that
+processor gives. The history keeps each raw answer, so a later turn's prompt is what training saw. Images are read
+upright (EXIF orientation applied) and the shapes are pixels of that upright image.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from .options import add_flags
 from .session import ModelOptions
 
 COMMANDS = ("/ground", "/refine", "/reset", "/help")
-HELP = __doc__[__doc__.index("    /ground"):__doc__.index("\n\nThe template")]
+HELP = __doc__[__doc__.index("    /ground"):__doc__.index("\n\nThe backend")]
 
 
 def format_shape(k: int, shape: dict) -> str:
@@ -127,9 +130,7 @@ def main(argv=None) -> int:
     engine = load_engine(args, "llava-getok chat")
     if engine is None:
         return 1
-    from .llava.templates import template_roles
-
-    roles = template_roles(engine.template)
+    roles = engine.roles
     conversation = Conversation(engine, picture, args.temperature, args.top_p, args.max_new_tokens)
 
     def write(s):

@@ -16,6 +16,9 @@ LOG_NOISE = (
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community",
      "an optional hub kernel for 4-bit matmuls on AVX512-BF16 CPUs; bitsandbytes uses its own instead"),
     ("DeepSpeed", "Setting accelerator to CPU", "DeepSpeed found no GPU, on a run that asked for none"),
+    *((logger, "Using a slow image processor as `use_fast` is unset",
+       "a GETok checkpoint's processor is the one it was trained with; the fast one it suggests makes other pixels")
+      for logger in ("transformers.processing_utils", "transformers.models.auto.image_processing_auto")),
 )
 # transformers' "Some weights of ... were not used / newly initialized: [keys]", when every key is one of the CLIP
 # tower's: a LLaVA checkpoint holds the tower, and LLaVA loads it into the tower itself after from_pretrained

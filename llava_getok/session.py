@@ -1,6 +1,7 @@
-"""The conversation engine that ``llava-getok chat``, ``llava-getok web`` and the model worker share: a GETok (or any
-LLaVA) checkpoint loaded once, answers streamed token by token with the location tokens kept, the shapes closed so
-far parsed from the token ids and mapped to pixels of the upright image, and the picture with those shapes drawn.
+"""The conversation engine that ``llava-getok chat``, ``llava-getok web`` and the model worker share: a GETok
+checkpoint (or a stock model) of either backend loaded once, answers streamed token by token with the location tokens
+kept, the shapes closed so far parsed from the token ids and mapped to pixels of the upright image, and the picture
+with those shapes drawn.
 
     engine = Engine.load("runs/demo/llava-getok-demo", device="cpu")
     chat = Conversation(engine, load_image("photo.jpg"))
@@ -9,11 +10,14 @@ far parsed from the token ids and mapped to pixels of the upright image, and the
     chat.ground("box", "the red circle")    # a constrained answer: exactly one box
     chat.refine()                           # refine-mode checkpoints: the offset turn for the last answer
 
-Generation is LLaVA's own (template, ``<image>`` token, ``process_images``, ``generate`` with ``images=``) in the
-model's dtype (float32 on a CPU), greedy at temperature 0, and grammar-constrained for formats with location
-tokens (:class:`llava_getok.generation.GETokLogitsProcessor`), so every group the model opens closes and parses. The
-raw answer (tokens decoded with ``skip_special_tokens=False``, whatever the tokenizer calls special) is what the
-history keeps: the next turn's prompt is what training rendered.
+The backend is the checkpoint's (``predict.backend_of``: its sidecar, else its config), and what differs between
+backends is one small class each (:mod:`llava_getok.session_backends`): loading, the prompt (LLaVA's templates, or the
+model's chat template for Qwen2.5-VL and llava-hf), the model inputs for a prompt and a picture (LLaVA's
+``process_images``, or the model's processor), the frame read off the image processor. Generation is the model's own
+``generate`` in its dtype (float32 on a CPU), greedy at temperature 0, and grammar-constrained for formats with
+location tokens (:class:`llava_getok.generation.GETokLogitsProcessor`), so every group the model opens closes and
+parses. The raw answer (tokens decoded with ``skip_special_tokens=False``, whatever the tokenizer calls special) is
+what the history keeps: the next turn's prompt is what training rendered.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import numpy as np
 
 from .formats import LocationFormat, parse, parse_ids
 from .options import from_flags, option
+from .formats import for_image
 from .records import PROMPTS, REFINE_PROMPT, TASK_SHAPES, shapes_to_pixels
 from .vocab import GETokConfig
 
@@ -82,12 +87,14 @@ class ModelOptions:
     """How chat, web and the model worker load their model: LLaVA's ``serve.cli`` flags, declared once
     (:func:`llava_getok.options.add_flags` with dashes)."""
 
-    model_path: str = option(dataclasses.MISSING, "a GETok checkpoint (or a stock LLaVA)")
+    model_path: str = option(dataclasses.MISSING, "a GETok checkpoint of either backend (or a stock LLaVA, "
+                             "Qwen2.5-VL or llava-hf)")
     model_base: str | None = option(None, "base model of a LoRA / projector checkpoint")
-    conv_mode: str | None = option(None, "conversation template (default: the checkpoint's, from its sidecar)")
+    conv_mode: str | None = option(None, "LLaVA conversation template (default: the checkpoint's, from its sidecar; "
+                                   "Qwen2.5-VL and llava-hf use their chat template)")
     device: str | None = option(None, "cuda or cpu (default: cuda when available)")
-    load_4bit: bool = option(False, "load the language model in 4 bits (bitsandbytes)")
-    load_8bit: bool = option(False, "load the language model in 8 bits (bitsandbytes)")
+    load_4bit: bool = option(False, "LLaVA: load the language model in 4 bits (bitsandbytes)")
+    load_8bit: bool = option(False, "LLaVA: load the language model in 8 bits (bitsandbytes)")
     max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "most tokens an answer may have")
 
 
@@ -108,18 +115,19 @@ def load_engine(args, prog: str):
 
 
 class Engine:
-    """One loaded model. ``stream`` is the one generation path (chat, web and worker); ``picture`` draws."""
+    """One loaded model. ``stream`` is the one generation path (chat, web and worker); ``picture`` draws.
 
-    def __init__(self, tokenizer, model, image_processor, fmt: LocationFormat | None, template: str,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
-        from .formats import TextFormat
+    part: the backend's piece (:mod:`llava_getok.session_backends`); fmt: the location format of the answers (the
+    sidecar's; None: the part's default, for a stock model)."""
+
+    def __init__(self, part, fmt: LocationFormat | None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         from .generation import getok_token_ids
 
-        self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
-        self.fmt = fmt if fmt is not None else TextFormat()  # a stock LLaVA answers LLaVA-1.5's text boxes
-        self.template, self.max_new_tokens = template, max_new_tokens
-        self.frame = "pad" if getattr(model.config, "image_aspect_ratio", None) == "pad" else "orig"
-        self.token_ids = getok_token_ids(tokenizer, self.fmt)
+        self.part, self.tokenizer, self.model = part, part.tokenizer, part.model
+        self.fmt = fmt if fmt is not None else part.default_format()
+        self.template, self.roles, self.frame = part.template, part.roles, part.frame
+        self.max_new_tokens = max_new_tokens
+        self.token_ids = getok_token_ids(self.tokenizer, self.fmt)
         self.id_to_token = {v: k for k, v in self.token_ids.items()}
         self.refine_mode = isinstance(self.fmt, GETokConfig) and self.fmt.mode == "refine"
         self.answer_fmt = self.fmt.with_mode("grid") if self.refine_mode else self.fmt  # a refine model's first answer
@@ -130,27 +138,20 @@ class Engine:
     @classmethod
     def load(cls, model_path: str, model_base: str | None = None, device: str = "cpu", load_4bit: bool = False,
              load_8bit: bool = False, conv_mode: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
-        """Load a checkpoint through the builder hook (GETok tokens and rows from its sidecar; float32 on a CPU)."""
-        from .llava import register
-        from .llava.builder import load_getok_checkpoint
-        from .training.sidecar import read_sidecar
+        """Load a checkpoint (or a stock model) with the backend it is of: LLaVA's through the builder hook, a
+        transformers-native one (Qwen2.5-VL, llava-hf) through ``llava_getok.hf``; GETok tokens and rows from its
+        sidecar; float32 on a CPU."""
+        from .predict import backend_of
+        from .session_backends import HFModel, LlavaModel
 
-        register()
-        sidecar = read_sidecar(model_path)
-        from .llava.templates import pick_template
-
-        template = pick_template(model_path, sidecar, conv_mode)
-        tokenizer, model, processor, _ = load_getok_checkpoint(model_path, model_base, load_8bit=load_8bit,
-                                                               load_4bit=load_4bit, device=device, sidecar=sidecar)
-        model.eval()
-        return cls(tokenizer, model, processor, sidecar.location_format if sidecar else None, template, max_new_tokens)
+        kind = HFModel if backend_of(model_path) == "hf" else LlavaModel
+        part, fmt = kind.load(model_path, model_base, device, load_4bit, load_8bit, conv_mode)
+        return cls(part, fmt, max_new_tokens)
 
     # -- generation ---------------------------------------------------------------------------------------------
     def prompt(self, turns) -> str:
-        """LLaVA conversation turns (ending with a human turn) -> the prompt text in the engine's template."""
-        from .llava.inputs import render_prompt
-
-        return render_prompt(turns, self.template)
+        """LLaVA-style conversation turns (ending with a human turn) -> the prompt text as training rendered it."""
+        return self.part.prompt(turns)
 
     def processors(self, only: str | None = None, first_shapes=None) -> list:
         """The grammar constraint for one answer (none for text coordinates)."""
@@ -172,31 +173,28 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False,
                                      spaces_between_special_tokens=False).strip()
 
-    def parse(self, ids, fmt=None):
-        """The shapes of an answer's token ids (text coordinates: of its text)."""
+    def parse(self, ids, fmt=None, size=None):
+        """The shapes of an answer's token ids (text coordinates: of its text; a format whose numbers depend on the
+        image, Qwen2.5-VL's pixels, bound to the image of ``size`` (W, H))."""
         fmt = fmt or self.answer_fmt
-        return parse_ids(ids, self.id_to_token, fmt) if self.token_ids else parse(self.decode(ids), fmt)
+        if self.token_ids:
+            return parse_ids(ids, self.id_to_token, fmt)
+        return parse(self.decode(ids), for_image(fmt, size) if size is not None else fmt)
 
     def stream(self, prompt: str, picture=None, processors=(), temperature: float = 0.0, top_p: float = 1.0,
                max_new_tokens: int | None = None, shapes_of=None, stop: str | None = None) -> Iterator[Chunk]:
-        """Generate the answer to a rendered ``prompt`` (``<image>`` where ``picture``, an upright RGB PIL image,
-        goes) and yield it chunk by chunk. ``shapes_of(ids)`` -> normalised shapes (default: the parsed closed
-        groups), mapped to pixels of ``picture``; ``stop``: a string that ends the answer besides EOS (LLaVA's
-        worker API). The last chunk has ``done`` set; its ``text`` is the whole answer."""
+        """Generate the answer to a rendered ``prompt`` (its image marker, ``<image>`` for LLaVA, where ``picture``,
+        an upright RGB PIL image, goes) and yield it chunk by chunk. ``shapes_of(ids)`` -> normalised shapes
+        (default: the parsed closed groups), mapped to pixels of ``picture``; ``stop``: a string that ends the answer
+        besides EOS (LLaVA's worker API). The last chunk has ``done`` set; its ``text`` is the whole answer."""
         import torch
 
-        from .llava import inputs
-
-        ids = torch.tensor([inputs.prompt_ids(prompt, self.tokenizer)], device=self.model.device)
-        kwargs = {}
-        if picture is not None:
-            dtype = next(self.model.parameters()).dtype
-            kwargs["images"] = self.image_tensor(picture)[None].to(self.model.device, dtype=dtype)
+        kwargs = self.part.inputs(prompt, picture)
         if stop:
             from transformers import StopStringCriteria
 
             kwargs["stopping_criteria"] = [StopStringCriteria(self.tokenizer, [stop])]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.unk_token_id
+        eos = self.part.eos_ids
         streamer, failure = _IdStreamer(), []
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         budget = max_new_tokens or self.max_new_tokens
@@ -206,15 +204,16 @@ class Engine:
         def run():
             try:
                 with torch.inference_mode():
-                    self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, num_beams=1,
-                                        logits_processor=list(processors), streamer=streamer, pad_token_id=pad,
-                                        eos_token_id=self.tokenizer.eos_token_id, use_cache=True, **sampling, **kwargs)
+                    self.model.generate(**kwargs, max_new_tokens=budget, num_beams=1, logits_processor=list(processors),
+                                        streamer=streamer, pad_token_id=self.part.pad_id, eos_token_id=eos,
+                                        use_cache=True, **sampling)
             except BaseException as e:  # noqa: BLE001  re-raised in the caller's thread
                 failure.append(e)
                 streamer.end()
 
-        shapes_of = shapes_of or (lambda got: self.parse(got).shapes)
         size = picture.size if picture is not None else (1, 1)  # no image: the normalised frame
+        bound = picture.size if picture is not None else None  # no image: nothing to bind a pixel format to
+        shapes_of = shapes_of or (lambda got: self.parse(got, size=bound).shapes)
         with self._lock:
             thread = threading.Thread(target=run, daemon=True)
             thread.start()
@@ -223,9 +222,9 @@ class Engine:
                 item = streamer.queue.get()
                 if item is _IdStreamer.END:
                     break
-                if self.tokenizer.eos_token_id in item:
-                    item = item[: item.index(self.tokenizer.eos_token_id)]
-                    got += item
+                end = next((k for k, t in enumerate(item) if t in eos), None)
+                if end is not None:  # the end of the answer (the template's end of turn)
+                    got += item[:end]
                     continue
                 got += item
                 text = self.decode(got)
@@ -244,11 +243,6 @@ class Engine:
         text = self.decode(got)
         final = shapes_to_pixels(shapes_of(got), size, self.frame)
         yield Chunk(text[len(sent):] if text.startswith(sent) else "", text, final, done=True)
-
-    def image_tensor(self, picture):
-        from .llava.inputs import image_tensor
-
-        return image_tensor(picture, self.image_processor, self.model.config)
 
     # -- pictures -----------------------------------------------------------------------------------------------
     def moves(self, ids) -> list:
@@ -347,7 +341,9 @@ class Conversation:
         if only == "mask" and not isinstance(self.engine.fmt, GETokConfig):
             raise ValueError("masks need the GETok location format; this model answers in "
                              f"{type(self.engine.fmt).__name__}")
-        return self.ask(PROMPTS[task].format(expression=phrase.strip().rstrip(".")), only)
+        prompts = getattr(self.engine.fmt, "PROMPTS", {})  # a stock model's own prompts (Qwen2.5-VL's JSON boxes)
+        prompt = prompts.get(task) or PROMPTS[task]
+        return self.ask(prompt.format(expression=phrase.strip().rstrip(".")), only)
 
     def refine(self) -> Iterator[Chunk]:
         """Refine mode's second turn for the last answer: REFINE_PROMPT restates it, and the answer (one offset or
@@ -380,10 +376,11 @@ class Conversation:
     def _answer(self, turns, processors, fmt, shapes_of=None, anchors_from=None) -> Iterator[Chunk]:
         engine = self.engine
         ids_seen = []
+        size = self.picture.size if self.picture is not None else None
 
         def track(ids):
             ids_seen[:] = ids
-            return shapes_of(ids) if shapes_of else engine.parse(ids, fmt).shapes
+            return shapes_of(ids) if shapes_of else engine.parse(ids, fmt, size).shapes
 
         last = None
         self.last_prompt = engine.prompt(turns)

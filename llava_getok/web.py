@@ -10,7 +10,8 @@ each offset token moved its grid anchor. The raw answer is shown as text, locati
 
 Example images: the files of ``--examples DIR``; by default, in a checkout, the repository's COCO test images
 (tests/fixtures/data/coco_mini/val2017; an installed wheel has none: upload, or pass --examples). Needs the ``web``
-extra (``pip install "llava-getok[web]"``). All the model work is :mod:`llava_getok.session`'s.
+extra (``pip install "llava-getok[web]"``). All the model work is :mod:`llava_getok.session`'s: any checkpoint chat
+takes (LLaVA, Qwen2.5-VL, llava-hf; the backend read from the checkpoint).
 """
 from __future__ import annotations
 

@@ -118,7 +118,7 @@ def test_refine_turn_moves_the_first_answers_points(tiny_getok_checkpoint, share
     loaded = Engine.load(str(tiny_getok_checkpoint), device="cpu", max_new_tokens=12)
     assert loaded.template == "getok_v1"  # no --conv-mode: the template the checkpoint's sidecar records
     cfg = gt.GETokConfig(grid=8, mode="refine")
-    engine = Engine(loaded.tokenizer, loaded.model, loaded.image_processor, cfg, "getok_v1", 12)
+    engine = Engine(loaded.part, cfg, 12)
     chat = Conversation(engine, load_image(shared_data / "coco_mini" / "val2017" / IMAGE))
     first = list(chat.ground("box", "the person"))[-1]
     assert first.done and re.fullmatch(r"<box><grid_\d_\d><grid_\d_\d></box>", first.text), first.text

@@ -22,7 +22,7 @@ CORE = {f"llava_getok.{m}" for m in ("vocab", "geometry", "codec", "parse", "for
 ENTRY = {"llava_getok", "llava_getok.cli", "llava_getok.predict", "llava_getok.train", "llava_getok.demo",
          "llava_getok.export",
          *(f"llava_getok.demo.{m}" for m in ("run", "data", "model", "scoring", "training", "backends")),
-         "llava_getok.tiny_model", "llava_getok.recipes", "llava_getok.session", "llava_getok.chat", "llava_getok.web",
+         "llava_getok.tiny_model", "llava_getok.recipes", "llava_getok.session", "llava_getok.session_backends", "llava_getok.chat", "llava_getok.web",
          "llava_getok.serve", "llava_getok.serve.model_worker"}
 MAY_IMPORT = {  # layer -> the layers it may import from, besides its own
     "core": set(),

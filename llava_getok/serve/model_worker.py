@@ -11,9 +11,10 @@ JSON chunks, ``{"text": prompt + answer so far, "error_code": 0}``, as LLaVA's w
         --controller-address http://127.0.0.1:21001 --worker-address http://127.0.0.1:21002
         [--host 127.0.0.1] [--port 21002] [--device cpu] [--conv-mode TEMPLATE] [--no-register]
 
-Request fields read, as LLaVA's: ``prompt`` (the rendered conversation, one ``<image>``), ``images`` (base64, one),
-``temperature``, ``top_p``, ``max_new_tokens`` (at most 1024), ``stop``. A bad image is a chunk with ``error_code`` 1
-and a one-line ``text``. Generation is :mod:`llava_getok.session`'s, one request at a time. Needs the ``serve``
+Request fields read, as LLaVA's: ``prompt`` (the rendered conversation, one ``<image>``; for a Qwen2.5-VL or llava-hf
+checkpoint: rendered by the model's chat template, with its one image token, ``<|image_pad|>`` / ``<image>``),
+``images`` (base64, one), ``temperature``, ``top_p``, ``max_new_tokens`` (at most 1024), ``stop``. A bad image is a
+chunk with ``error_code`` 1 and a one-line ``text``. Generation is :mod:`llava_getok.session`'s, one request at a time. Needs the ``serve``
 extra (fastapi, uvicorn, requests).
 """
 import argparse
@@ -102,9 +103,10 @@ class Worker:
         if not isinstance(prompt, str):
             raise ValueError("the request needs a 'prompt' string")
         images = params.get("images") or []
-        if len(images) != prompt.count("<image>") or len(images) > 1:
-            raise ValueError(f"one image and one <image> in the prompt are supported; the request has {len(images)} "
-                             f"image(s) and {prompt.count('<image>')} <image>")
+        marker = engine.part.image_marker  # LLaVA's <image>; a transformers model's image token (Qwen: <|image_pad|>)
+        if len(images) != prompt.count(marker) or len(images) > 1:
+            raise ValueError(f"one image and one {marker} in the prompt are supported; the request has {len(images)} "
+                             f"image(s) and {prompt.count(marker)} {marker}")
         picture = None
         if images:
             try:
