@@ -82,7 +82,8 @@ QWEN_TINY_TEXT = {**QWEN25_7B_TEXT, "hidden_size": 64, "intermediate_size": 128,
                   "vocab_size": 800}
 QWEN_TINY_VISION = {**QWEN25_7B_VISION, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 14,
                     "window_size": 112, "out_hidden_size": 64}
-QWEN_LAYOUTS = {"7b": (QWEN25_7B_TEXT, QWEN25_7B_VISION, QWEN25_PIECES), "tiny": (QWEN_TINY_TEXT, QWEN_TINY_VISION, 700)}
+QWEN_LAYOUTS = {"7b": (QWEN25_7B_TEXT, QWEN25_7B_VISION, QWEN25_PIECES),
+                "tiny": (QWEN_TINY_TEXT, QWEN_TINY_VISION, 700)}
 
 
 def llama_vocabulary(out: Path) -> Path:
@@ -283,7 +284,7 @@ def qwen_vocabulary(pieces: int):
     fast.chat_template = QWEN_CHAT_TEMPLATE
     ids = fast.convert_tokens_to_ids(list(QWEN25_ADDED))
     assert len(fast) == pieces + len(QWEN25_ADDED) and ids == list(range(pieces, len(fast))), (len(fast), ids[:3])
-    assert all(t in QWEN_SPECIAL for t in QWEN25_ADDED[:len(QWEN_SPECIAL)])
+    assert QWEN25_ADDED[:len(QWEN_SPECIAL)] == QWEN_SPECIAL  # the tiny models' special tokens are the first 14
     return fast
 
 
@@ -374,9 +375,9 @@ def qwen_worker(job: dict) -> dict:
 
     device, steps, getok = job["device"], job["steps"], job["trainer"] == "GETok"
     data = Path(job["data"])
-    argv = ["--model_name_or_path", job["model"], "--data_path", str(data), "--image_folder", str(data.parent / "images"),
-            "--output_dir", job["out"], "--max_steps", str(steps + 2), "--per_device_train_batch_size",
-            str(job["batch"]), "--learning_rate", "1e-5", "--save_strategy", "no", "--report_to", "none",
+    argv = ["--model_name_or_path", job["model"], "--data_path", str(data), "--image_folder",
+            str(data.parent / "images"), "--output_dir", job["out"], "--max_steps", str(steps + 2),
+            "--per_device_train_batch_size", str(job["batch"]), "--learning_rate", "1e-5", "--save_strategy", "no", "--report_to", "none",
             "--logging_steps", "1", "--getok_grid", str(GRID), "--seed", "0", "--dataloader_num_workers", "0",
             "--disable_tqdm", "True", "--use_cpu", str(device == "cpu"), "--bf16", str(job["precision"] == "bf16"),
             "--lora_enable", str(job["mode"] == "lora"), "--lora_r", "64", "--lora_alpha", "128"]
@@ -594,10 +595,11 @@ def qwen_main(a, out_dir: Path = REPO / "bench" / "results") -> int:
                          f"{getok['rows_bytes'] / gib:.2f} GiB to one forward + backward of the embedding and LM "
                          f"head on the step's positions (against the frozen layers alone)")
     text, vision, pieces = QWEN_LAYOUTS[a.layout]
-    info = (f"\nQwen2.5-VL-{a.layout} layout cut to {a.layers} decoder layers ({text['hidden_size']} wide, MLP "
+    name = a.layout.upper() if a.layout == "7b" else a.layout
+    info = (f"\nQwen2.5-VL-{name} layout cut to {a.layers} decoder layers ({text['hidden_size']} wide, MLP "
             f"{text['intermediate_size']}, {text['num_attention_heads']} heads / {text['num_key_value_heads']} "
-            f"key-value heads, untied embedding and LM head of {text['vocab_size']} "
-            f"rows for {pieces + len(QWEN25_ADDED)} tokens; GETok: + {added} tokens, grid {GRID}, 1 offset round) "
+            f"key-value heads, untied embedding and LM head of {text['vocab_size']} rows for "
+            f"{pieces + len(QWEN25_ADDED)} tokens; GETok: + {added} tokens, grid {GRID}, 1 offset round) "
             f"and its ViT at full width ({vision['hidden_size']} wide, {vision['num_heads']} heads, patch "
             f"{vision['patch_size']}, merge {vision['spatial_merge_size']}, out {vision['out_hidden_size']}) cut to "
             f"{a.layers} blocks, random weights; batch {a.batch} of COCO referring records at the processor's pixel "
@@ -608,7 +610,8 @@ def qwen_main(a, out_dir: Path = REPO / "bench" / "results") -> int:
             f"peft trainable tokens. One process per cell, {a.steps} steps after a warm-up (forward, backward, "
             f"clipping, AdamW), median {'CPU' if a.device == 'cpu' else 'wall'} time; peak memory: what torch "
             f"allocates during one more step above what was allocated before it (model and optimiser state), as the "
-            f"LLaVA table; max RSS: the process's, loading included. {a.device}, {a.threads} threads, "
+            f"LLaVA table; max RSS: the process's, loading included. {time.strftime('%Y-%m-%d')}, {a.device} "
+            f"({os.cpu_count()} cores, {total_memory() / gib:.1f} GiB), {a.threads} threads, "
             f"{a.precisions} (float32 weights{', bf16 autocast' if 'bf16' in a.precisions else ''}), "
             f"torch {torch.__version__}, {platform.processor() or platform.machine()}.\n\n" + "\n".join(notes) +
             f"\n\nTargets: time ratio <= 1.05, memory ratio <= 1.0.\n"
@@ -618,8 +621,10 @@ def qwen_main(a, out_dir: Path = REPO / "bench" / "results") -> int:
     print(body)
     from llava_getok.atomic import write_text_atomic
 
-    name = "real_shapes_qwen" + ("" if a.device == "cpu" else "_" + a.device) + ("" if a.layout == "7b" else "_" + a.layout)
-    write_text_atomic(out_dir / f"{name}.md", "# GETok at Qwen2.5-VL-7B's shapes (transformers-native backend)\n\n" + body)
+    stem = ("real_shapes_qwen" + ("" if a.device == "cpu" else "_" + a.device)
+            + ("" if a.layout == "7b" else "_" + a.layout))
+    write_text_atomic(out_dir / f"{stem}.md", f"# GETok at Qwen2.5-VL-{name}'s shapes (transformers-native backend)\n\n"
+                      + body)
     return 0
 
 
