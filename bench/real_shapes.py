@@ -21,6 +21,23 @@ LoRA (LLaVA's r=128, alpha=256).
 
 Prints a markdown table and writes it to bench/results/real_shapes.md. Targets: GETok <= 1.05x plain LLaVA's step
 time and <= 1.0x its peak memory.
+
+``--family qwen2.5-vl``: the same comparison for the transformers-native backend at Qwen2.5-VL-7B's layout (Qwen2
+hidden 3584, MLP 18944, 28 heads / 4 key-value heads, 152,064 untied embedding and LM-head rows for a 151,665-token
+vocabulary, + the 1042 GETok tokens; its windowed ViT at full width, 1280 wide, 16 heads, patch 14, merge 2, out 3584),
+both cut to ``--layers`` blocks, random weights built from config objects. The batch is the same COCO records at the
+7B processor's pixel range (min_pixels 3136, max_pixels 12845056). Each cell is ``python -m llava_getok.hf.train``'s
+own path (``build`` -> trl's SFTTrainer -> ``Trainer.train``) in a process of its own:
+
+- plain Qwen2.5-VL: the same questions with Qwen2.5-VL's own JSON answer (``qwen25`` format: no tokens added, trl's
+  own loss), LoRA r=64 / alpha 128 on the language model;
+- GETok: GETok answers (grid 32), the box-token loss on, the GETok rows as peft trainable tokens beside the same LoRA.
+
+Step time and peak memory are measured as for LLaVA, from trainer callbacks around each optimiser step (forward,
+backward, clipping, AdamW); also the process's peak RSS and the memory the row mechanism adds (one forward + backward
+of the embedding and LM head on the step's positions, peft's trainable-token layers against the frozen layers alone).
+Full fine-tuning runs only where its AdamW state fits the machine's memory (else the table says why). Writes
+bench/results/real_shapes_qwen.md. ``--layout tiny`` runs the same path on a tiny model (the test's).
 """
 from __future__ import annotations
 
@@ -44,6 +61,29 @@ LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_head
 CLIP_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "image_size": 336,
               "patch_size": 14, "projection_dim": 768}
 GRID = 32
+# Qwen2.5-VL-7B-Instruct's config.json (text and vision) and processor
+QWEN25_7B_TEXT = {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
+                  "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+                  "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "sliding_window": 32768,
+                  "use_sliding_window": False, "hidden_act": "silu", "vocab_size": 152064}
+QWEN25_7B_VISION = {"hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+                    "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": 3584,
+                    "hidden_act": "silu", "tokens_per_second": 2}
+QWEN25_PIECES = 151643  # learned BPE pieces; the 22 special tokens follow (151,665 tokens), then 399 spare rows
+QWEN25_PIXELS = {"min_pixels": 3136, "max_pixels": 12845056}
+# Qwen2.5's 22 added tokens, in their id order (151643 ...)
+QWEN25_ADDED = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+                "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+# the same path on a tiny model (tests): sizes only
+QWEN_TINY_TEXT = {**QWEN25_7B_TEXT, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+                  "vocab_size": 800}
+QWEN_TINY_VISION = {**QWEN25_7B_VISION, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 14,
+                    "window_size": 112, "out_hidden_size": 64}
+QWEN_LAYOUTS = {"7b": (QWEN25_7B_TEXT, QWEN25_7B_VISION, QWEN25_PIECES),
+                "tiny": (QWEN_TINY_TEXT, QWEN_TINY_VISION, 700)}
 
 
 def llama_vocabulary(out: Path) -> Path:
@@ -215,6 +255,205 @@ def worker(job: dict) -> dict:
     return result
 
 
+# -- Qwen2.5-VL (the transformers-native backend) ---------------------------------------------------------------
+
+def qwen_vocabulary(pieces: int):
+    """A Qwen2-layout ``Qwen2TokenizerFast`` with Qwen2.5's size and id layout: ``pieces`` byte-level BPE pieces (a BPE
+    learned here on a synthetic corpus, filled up with pieces no merge makes), then Qwen2.5's 22 added tokens. The
+    benchmark needs the vocabulary's size and layout (embedding rows, LM-head width, where the GETok ids start), not
+    its language."""
+    from tokenizers import Tokenizer
+    from transformers import AddedToken, Qwen2TokenizerFast
+
+    from llava_getok.hf.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL, qwen_tokenizer
+
+    spec = json.loads(qwen_tokenizer(vocab_size=min(pieces, 2000)).backend_tokenizer.to_str())
+    spec["added_tokens"] = []
+    vocab = spec["model"]["vocab"]
+    k = 0
+    while len(vocab) < pieces:
+        vocab.setdefault(f"\u0120fill{k}", len(vocab))
+        k += 1
+    fast = Qwen2TokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=None, eos_token=None,
+                              pad_token=None, unk_token=None, errors="replace", clean_up_tokenization_spaces=False,
+                              model_max_length=32768)
+    fast.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
+                                                           for t in QWEN25_ADDED]},
+                            replace_additional_special_tokens=False)
+    fast.eos_token, fast.pad_token = "<|im_end|>", "<|endoftext|>"  # after the added tokens: their ids stay in order
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    ids = fast.convert_tokens_to_ids(list(QWEN25_ADDED))
+    assert len(fast) == pieces + len(QWEN25_ADDED) and ids == list(range(pieces, len(fast))), (len(fast), ids[:3])
+    assert QWEN25_ADDED[:len(QWEN_SPECIAL)] == QWEN_SPECIAL  # the tiny models' special tokens are the first 14
+    return fast
+
+
+def build_qwen(tmp: Path, layers: int, n_records: int, layout: str = "7b") -> tuple[Path, dict]:
+    """(model folder, {trainer: data file}): Qwen2.5-VL at ``layout``'s sizes cut to ``layers`` decoder layers and
+    vision blocks (random weights, saved with its tokenizer and the 7B's processor), and the same COCO records as
+    GETok answers and as Qwen2.5-VL's own JSON answers."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    import llava_getok as gt
+    from llava_getok.formats import Qwen25Format, record_format_dict
+    from llava_getok.hf.family import ImageOnlyQwenProcessor, save_processor
+    from llava_getok.hf.tiny import QWEN_CHAT_TEMPLATE
+    from llava_getok.llava.tiny import make_grounding_data
+
+    text, vision, pieces = QWEN_LAYOUTS[layout]
+    tok = qwen_vocabulary(pieces)
+    ids = dict(zip(QWEN25_ADDED, tok.convert_tokens_to_ids(list(QWEN25_ADDED))))
+    config = Qwen2_5_VLConfig(
+        text_config={**text, "num_hidden_layers": layers, "tie_word_embeddings": False,
+                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+                     "pad_token_id": ids["<|endoftext|>"]},
+        vision_config={**vision, "depth": layers, "fullatt_block_indexes": [layers - 1]},  # windowed, then full
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    out = tmp / f"qwen2.5-vl-{layout}-cut"
+    model.save_pretrained(out, safe_serialization=True)
+    del model
+    save_processor(ImageOnlyQwenProcessor(image_processor=Qwen2VLImageProcessor(**QWEN25_PIXELS), tokenizer=tok,
+                                          chat_template=QWEN_CHAT_TEMPLATE), out)
+    getok = make_grounding_data(tmp / "data-getok", COCO, gt.GETokConfig(grid=GRID), n_records=n_records, frame="orig")
+    records = json.loads(getok.read_text())
+    fmt = Qwen25Format(**QWEN25_PIXELS)
+    for r in records:  # the same question, answered as Qwen2.5-VL answers it
+        bound = fmt.for_image(r["getok"]["size"])
+        (x0, y0), (x1, y1) = r["getok"]["shapes"][0]["points"]
+        w, h = r["getok"]["size"]
+        label = r["conversations"][0]["value"].split("Where is the ", 1)[1].split("?", 1)[0]
+        r["conversations"][1]["value"] = bound.answer([[x0 / w, y0 / h, x1 / w, y1 / h]], label)
+        r["getok"] = {**{k: v for k, v in r["getok"].items() if k != "config"}, **record_format_dict(fmt)}
+    plain = tmp / "data-getok" / "plain.json"
+    plain.write_text(json.dumps(records, indent=1))
+    return out, {"plain": plain, "GETok": getok}
+
+
+def qwen_parameters(model_dir: Path, added: int) -> tuple[int, int]:
+    """(parameters full fine-tuning trains, frozen ones: the vision tower's blocks) of the saved model with ``added``
+    more embedding and LM-head rows, from the safetensors headers."""
+    from safetensors import safe_open
+
+    trained = frozen = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                n = 1
+                for v in shape:
+                    n *= v
+                if key.endswith(("embed_tokens.weight", "lm_head.weight")):
+                    n += added * shape[1]
+                if "visual." in key and "merger" not in key:
+                    frozen += n
+                else:
+                    trained += n
+    return trained, frozen
+
+
+def full_memory_bytes(model_dir: Path, added: int) -> int:
+    """What full fine-tuning in float32 holds before any activation: weights (4 bytes), gradients (4) and AdamW's two
+    moments (8) of what trains, the frozen tower's weights."""
+    trained, frozen = qwen_parameters(model_dir, added)
+    return 16 * trained + 4 * frozen
+
+
+def qwen_worker(job: dict) -> dict:
+    """One cell: ``python -m llava_getok.hf.train``'s ``build`` and ``Trainer.train`` for warm-up + ``steps`` + 1
+    steps, timed and measured by a callback."""
+    import resource
+
+    import torch
+    from transformers import TrainerCallback
+
+    from llava_getok.hf.train import build
+
+    device, steps, getok = job["device"], job["steps"], job["trainer"] == "GETok"
+    data = Path(job["data"])
+    argv = ["--model_name_or_path", job["model"], "--data_path", str(data), "--image_folder",
+            str(data.parent / "images"), "--output_dir", job["out"], "--max_steps", str(steps + 2),
+            "--per_device_train_batch_size", str(job["batch"]), "--learning_rate", "1e-5", "--save_strategy", "no", "--report_to", "none",
+            "--logging_steps", "1", "--getok_grid", str(GRID), "--seed", "0", "--dataloader_num_workers", "0",
+            "--disable_tqdm", "True", "--use_cpu", str(device == "cpu"), "--bf16", str(job["precision"] == "bf16"),
+            "--lora_enable", str(job["mode"] == "lora"), "--lora_r", "64", "--lora_alpha", "128"]
+    trainer = build(argv)
+
+    class Clock(TrainerCallback):
+        """CPU time (CUDA: wall time) of each optimiser step; the last step under PeakMemory."""
+
+        def __init__(self):
+            self.times, self.n, self.memory, self.batch = [], 0, None, None
+
+        def _sync(self):
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.n += 1
+            if self.n == steps + 2:
+                self.memory = PeakMemory(device).__enter__()
+            self._sync()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._sync()
+            if self.memory is not None:
+                self.memory.__exit__(None, None, None)
+            elif self.n > 1:
+                self.times.append(time.perf_counter() - self.t0 if device == "cuda" else time.process_time() - self.c0)
+
+    clock = Clock()
+    trainer.add_callback(clock)
+    seen = {}
+    collate = trainer.data_collator
+
+    def keep_batch(items):  # the batch the steps train on (for its length and the row measurement)
+        batch = collate(items)
+        seen.setdefault("batch", batch)
+        return batch
+
+    trainer.data_collator = keep_batch
+    trainer.train()
+    model = trainer.model
+    batch = seen["batch"]
+    result = {"step_s": statistics.median(clock.times), "peak_bytes": clock.memory.peak,
+              "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "seq_len": int(batch["input_ids"].shape[1]), "labelled": int((batch["labels"] != -100).sum()),
+              "image_tokens": int(batch["image_grid_thw"].prod(-1).sum()) // 4,
+              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "vocab_rows": model.get_input_embeddings().weight.shape[0], "losses": [
+                  h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    if getok and job["mode"] == "lora":
+        result["rows_bytes"] = rows_memory(model, batch, device)
+    return result
+
+
+def rows_memory(peft_model, batch, device: str) -> int:
+    """What the GETok rows add to one forward + backward of the embedding (the step's ids) and the LM head (as many
+    positions as the step labels): the peak with peft's trainable-token layers (each forward writes the rows into a
+    copy of its whole matrix) minus the peak with the frozen layers alone."""
+    import torch
+
+    base = peft_model.get_base_model()
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    ids = batch["input_ids"].to(emb.weight.device)
+    hidden = torch.randn(int((batch["labels"] != -100).sum()), head.weight.shape[1], device=ids.device,
+                         requires_grad=True)
+
+    def peak(e, h) -> int:
+        with PeakMemory(device) as memory:
+            (e(ids).float().sum() + h(hidden).float().sum()).backward()
+        return memory.peak
+
+    plain = peak(emb.original_module, head.original_module)
+    return peak(emb, head) - plain
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=2, help="decoder layers (and CLIP layers) kept")
@@ -222,16 +461,22 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--precisions", default=None, help="fp32,bf16 (qwen2.5-vl: fp32)")
     p.add_argument("--modes", default="full,lora")
+    p.add_argument("--family", default="llava", choices=("llava", "qwen2.5-vl"))
+    p.add_argument("--layout", default="7b", choices=tuple(QWEN_LAYOUTS), help="qwen2.5-vl: the 7B's sizes or tiny")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.precisions = a.precisions or ("fp32" if a.family == "qwen2.5-vl" else "fp32,bf16")
     if a.worker:
         import torch
 
         torch.set_num_threads(a.threads)
-        print("RESULT " + json.dumps(worker(json.loads(a.worker))))
+        job = json.loads(a.worker)
+        print("RESULT " + json.dumps(qwen_worker(job) if job.get("family") == "qwen2.5-vl" else worker(job)))
         return 0
+    if a.family == "qwen2.5-vl":
+        return qwen_main(a)
     rows = []
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     with tempfile.TemporaryDirectory() as d:
@@ -284,6 +529,102 @@ def main(argv=None) -> int:
         ("" if a.device == "cpu" else "_" + a.device)
     write_text_atomic(REPO / "bench" / "results" / f"{name}.md",
                       "# GETok at LLaVA-1.5-7B's shapes\n\n" + text)
+    return 0
+
+
+def run_worker(job: dict, threads: int) -> dict:
+    """One cell in a process of its own: its result, or SystemExit naming the cell (its output's tail on stderr)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job), "--threads", str(threads)],
+                          capture_output=True, text=True, env=env)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"real_shapes: the {job['precision']} {job['mode']} {job['trainer']} run failed")
+    return json.loads(line[len("RESULT "):])
+
+
+def total_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def qwen_main(a, out_dir: Path = REPO / "bench" / "results") -> int:
+    """``--family qwen2.5-vl``: build, run the cells (full fine-tuning where it fits), write the table."""
+    import llava_getok as gt
+
+    gib, rows, skipped = 2**30, [], []
+    added = len(gt.GETokConfig(grid=GRID).tokens())
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        model, data = build_qwen(tmp, a.layers, a.batch, a.layout)
+        need = full_memory_bytes(model, added)
+        for precision in a.precisions.split(","):
+            for mode in a.modes.split(","):
+                if mode == "full" and a.device == "cpu" and need > 0.9 * total_memory():
+                    skipped.append(f"{precision} full: not run: full fine-tuning holds {need / gib:.1f} GiB of "
+                                   f"float32 weights, gradients and AdamW moments before any activation (the untied "
+                                   f"{added}-row-grown embedding and LM head alone are most of it), more than this "
+                                   f"machine's {total_memory() / gib:.1f} GiB")
+                    continue
+                cell = {}
+                for trainer in ("plain", "GETok"):
+                    job = {"family": "qwen2.5-vl", "model": str(model), "data": str(data[trainer]),
+                           "device": a.device, "precision": precision, "mode": mode, "trainer": trainer,
+                           "batch": a.batch, "steps": a.steps, "out": str(tmp / f"out-{precision}-{mode}-{trainer}")}
+                    cell[trainer] = run_worker(job, a.threads)
+                    print(f"{precision} {mode} {trainer}: {cell[trainer]}", file=sys.stderr, flush=True)
+                rows.append((precision, mode, cell["plain"], cell["GETok"]))
+    table = ["| precision | mode | plain s/step | GETok s/step | time ratio | plain peak GiB | GETok peak GiB "
+             "| memory ratio | plain max RSS GiB | GETok max RSS GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for precision, mode, plain, getok in rows:
+        table.append(f"| {precision} | {mode} | {plain['step_s']:.2f} | {getok['step_s']:.2f} | "
+                     f"{getok['step_s'] / plain['step_s']:.3f} | {plain['peak_bytes'] / gib:.2f} | "
+                     f"{getok['peak_bytes'] / gib:.2f} | {getok['peak_bytes'] / plain['peak_bytes']:.3f} | "
+                     f"{plain['max_rss_bytes'] / gib:.2f} | {getok['max_rss_bytes'] / gib:.2f} |")
+    import torch
+
+    notes = [f"- {x}" for x in skipped]
+    for precision, mode, plain, getok in rows:
+        notes.append(f"- {precision} {mode}: sequence {plain['seq_len']} (plain) / {getok['seq_len']} (GETok) "
+                     f"positions, {getok['image_tokens']} image tokens; labelled {plain['labelled']} / "
+                     f"{getok['labelled']}; matrices {plain['vocab_rows']} / {getok['vocab_rows']} rows; trainable "
+                     f"{plain['trainable'] / 1e6:.1f}M / {getok['trainable'] / 1e6:.1f}M parameters; losses "
+                     f"{[round(x, 3) for x in plain['losses']]} / {[round(x, 3) for x in getok['losses']]}")
+        if "rows_bytes" in getok:
+            notes.append(f"- {precision} {mode}: the GETok rows (peft trainable tokens at both ends) add "
+                         f"{getok['rows_bytes'] / gib:.2f} GiB to one forward + backward of the embedding and LM "
+                         f"head on the step's positions (against the frozen layers alone)")
+    text, vision, pieces = QWEN_LAYOUTS[a.layout]
+    name = a.layout.upper() if a.layout == "7b" else a.layout
+    info = (f"\nQwen2.5-VL-{name} layout cut to {a.layers} decoder layers ({text['hidden_size']} wide, MLP "
+            f"{text['intermediate_size']}, {text['num_attention_heads']} heads / {text['num_key_value_heads']} "
+            f"key-value heads, untied embedding and LM head of {text['vocab_size']} rows for "
+            f"{pieces + len(QWEN25_ADDED)} tokens; GETok: + {added} tokens, grid {GRID}, 1 offset round) "
+            f"and its ViT at full width ({vision['hidden_size']} wide, {vision['num_heads']} heads, patch "
+            f"{vision['patch_size']}, merge {vision['spatial_merge_size']}, out {vision['out_hidden_size']}) cut to "
+            f"{a.layers} blocks, random weights; batch {a.batch} of COCO referring records at the processor's pixel "
+            f"range (min_pixels {QWEN25_PIXELS['min_pixels']}, max_pixels {QWEN25_PIXELS['max_pixels']}). Both "
+            f"through `python -m llava_getok.hf.train`'s build and trl's SFTTrainer (`Trainer.train`), LoRA r=64 / "
+            f"alpha 128 on the language model's linear layers; plain: the same questions answered in Qwen2.5-VL's "
+            f"own JSON (no tokens added, trl's loss); GETok: GETok answers, box-token loss on, the GETok rows as "
+            f"peft trainable tokens. One process per cell, {a.steps} steps after a warm-up (forward, backward, "
+            f"clipping, AdamW), median {'CPU' if a.device == 'cpu' else 'wall'} time; peak memory: what torch "
+            f"allocates during one more step above what was allocated before it (model and optimiser state), as the "
+            f"LLaVA table; max RSS: the process's, loading included. {time.strftime('%Y-%m-%d')}, {a.device} "
+            f"({os.cpu_count()} cores, {total_memory() / gib:.1f} GiB), {a.threads} threads, "
+            f"{a.precisions} (float32 weights{', bf16 autocast' if 'bf16' in a.precisions else ''}), "
+            f"torch {torch.__version__}, {platform.processor() or platform.machine()}.\n\n" + "\n".join(notes) +
+            f"\n\nTargets: time ratio <= 1.05, memory ratio <= 1.0.\n"
+            f"Reproduce: `python bench/real_shapes.py --family qwen2.5-vl --layout {a.layout} --layers {a.layers} "
+            f"--batch {a.batch} --steps {a.steps} --device {a.device} --precisions {a.precisions} --modes {a.modes}`\n")
+    body = "\n".join(table) + "\n" + info
+    print(body)
+    from llava_getok.atomic import write_text_atomic
+
+    stem = ("real_shapes_qwen" + ("" if a.device == "cpu" else "_" + a.device)
+            + ("" if a.layout == "7b" else "_" + a.layout))
+    write_text_atomic(out_dir / f"{stem}.md", f"# GETok at Qwen2.5-VL-{name}'s shapes (transformers-native backend)\n\n"
+                      + body)
     return 0
 
 
