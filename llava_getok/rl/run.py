@@ -245,6 +245,8 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
         gen_cfg = cfg
         if args.stage == "grid" and cfg.mode == "refine":  # the first answer of refine data is grid-only
             gen_cfg = cfg.with_mode("grid")
+        elif args.stage == "refine" and cfg.mode != "refine":  # a model of the same tokens, trained inline
+            gen_cfg = cfg.with_mode("refine")
         processors = [GETokLogitsProcessor(token_ids, gen_cfg, tokenizer.eos_token_id, len(tokenizer),
                                            never_ids=[i for i in (tokenizer.bos_token_id,) if i is not None],
                                            only=args.constrain_only, max_new_tokens=args.max_new_tokens,
