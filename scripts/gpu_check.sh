@@ -92,7 +92,7 @@ check predict "$OUT/predict.log" -- bash -c "
 check qwen-lora-zero2 "$OUT/qwen-lora-zero2.log" -- \
   env MODEL="$QWEN_MODEL" DATA_PATH="$QWEN_DATA_PATH" NUM_GPUS="$SINGLE" LORA_R=8 LORA_ALPHA=16 GRAD_ACCUM=1 \
   OUTPUT_DIR="$OUT/qwen-lora-zero2" bash scripts/finetune_getok_qwen.sh --max_steps "$STEPS"
-check qwen-grpo "$OUT/qwen-grpo.log" -- bash -c "
+check qwen-grpo "$OUT/qwen-grpo.log" -- env -u MODEL_BASE bash -c "
   MODEL='$OUT/qwen-lora-zero2' GRID_DATA='$QWEN_DATA_PATH' REFINE_DATA='$QWEN_REFINE_DATA' OUT='$OUT/qwen-grpo' \
   NUM_GPUS=$SINGLE REFINE_ARGS='--first-answer policy' bash scripts/grpo_getok_qwen.sh --max-steps 2 \
     --num-generations 4 --max-new-tokens 8 --lora-r 8 --lora-alpha 16 --save-steps 1 &&
