@@ -15,10 +15,10 @@ GETok rows lives in that weight: with LoRA, peft's trainable tokens (``llava_get
 GRPOTrainer sees too. The labels are the batch's own: the processor expands each image into its tokens, so they line
 up with the hidden states.
 
-Checkpoints (``checkpoint-N`` and the final folder): the model as the Trainer saves it (LoRA: the adapter, with the
-GETok rows as trainable-token values and never the full embedding matrices; full: the whole model), the processor
-with the GETok tokens, ``getok_rows.safetensors`` (the effective rows, compared across ranks) and the sidecar
-(backend ``hf``, model family, frame, processor settings).
+Checkpoints (``checkpoint-N`` and the final folder; ``hf/saving.py``, which GRPO's trainer shares): the model as the
+Trainer saves it (LoRA: the adapter, with the GETok rows as trainable-token values and never the full embedding
+matrices; full: the whole model), the processor with the GETok tokens, ``getok_rows.safetensors`` (the effective rows,
+compared across ranks) and the sidecar (backend ``hf``, model family, frame, processor settings).
 """
 from __future__ import annotations
 

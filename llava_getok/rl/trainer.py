@@ -18,9 +18,9 @@ clipped loss, KL, length-unbiased ``loss_type``, PEFT reference by disabled adap
   of the trainable GETok rows, which trl's fused head would bypass), and the completion tokens'
   log-probabilities are put back in completion order.
 
-Full fine-tuning with a KL term gets a reference that is a copy of the policy (trl would reload it from the
-config's path and lose in-memory GETok rows); under LoRA the reference is the model with its adapters and its
-GETok-row deltas disabled: the starting model.
+The reference (``rl/getok_grpo.py``, shared with the transformers-native backend): full fine-tuning with a KL term
+gets a copy of the policy (trl would reload it from the config's path and lose in-memory GETok rows); under LoRA the
+reference is the model with its adapters and, here, its GETok-row deltas disabled: the starting model.
 """
 from __future__ import annotations
 
