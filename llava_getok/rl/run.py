@@ -131,17 +131,17 @@ def load_policy(args: RLArgs):
     (processor, model, None, sidecar, ids) from :func:`llava_getok.rl.hf_trainer.load_policy`."""
     import torch
 
+    sidecar = start_sidecar(args.model_path)
+    device = process_device(args.device)
+    dtype = torch.bfloat16 if _bf16(args, device) else torch.float32
+    if sidecar.backend == "hf":  # never imports LLaVA
+        from .hf_trainer import load_policy as load_hf_policy
+
+        return load_hf_policy(args, sidecar, device, dtype)
     from ..llava import register
     from ..llava.builder import load_getok_checkpoint
     from ..training.rows import attach_trainable_rows
 
-    sidecar = start_sidecar(args.model_path)
-    device = process_device(args.device)
-    dtype = torch.bfloat16 if _bf16(args, device) else torch.float32
-    if sidecar.backend == "hf":
-        from .hf_trainer import load_policy as load_hf_policy
-
-        return load_hf_policy(args, sidecar, device, dtype)
     register()
     tokenizer, model, image_processor, _ = load_getok_checkpoint(
         args.model_path, args.model_base, load_4bit=args.bits == 4, load_8bit=args.bits == 8, device=device,
