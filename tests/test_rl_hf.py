@@ -108,8 +108,9 @@ def test_reference_is_the_starting_model_after_the_getok_rows_moved(qwen_sft, hf
 
 
 def test_grid_then_refine_from_a_qwen_lora_sft_checkpoint(qwen_sft, hf_grounding, refine_data, tmp_path):
-    """``python -m llava_getok.rl`` on the SFT checkpoint: the grid stage's checkpoints (every save) are LoRA
-    checkpoints on it that load back with their rows and answer in ``llava-getok predict``; the refine stage starts
+    """``python -m llava_getok.rl`` on the SFT checkpoint (bf16 autocast over float32 weights): the grid stage's
+    checkpoints (every save) are LoRA checkpoints on it that load back with their rows and answer in
+    ``llava-getok predict``; the refine stage starts
     from the grid stage's output and refines the policy's own first answers."""
     from llava_getok.cli import main as cli
     from llava_getok.hf.checkpoint import load_checkpoint
@@ -120,8 +121,8 @@ def test_grid_then_refine_from_a_qwen_lora_sft_checkpoint(qwen_sft, hf_grounding
     data, grid = hf_grounding["orig"], tmp_path / "grid"
     assert grpo(["--model-path", str(qwen_sft), "--data", str(data), "--image-folder", str(Path(data).parent / "images"),
                  "--output-dir", str(grid), "--num-generations", "4", "--max-steps", "2", "--save-steps", "1",
-                 "--max-new-tokens", "8", "--lora-r", "4", "--lora-alpha", "8", "--device", "cpu", "--no-bf16",
-                 "--no-gradient-checkpointing", "--constrained", "--constrain-only", "box"]) == 0
+                 "--max-new-tokens", "8", "--lora-r", "4", "--lora-alpha", "8", "--device", "cpu", "--bf16",
+                 "--constrained", "--constrain-only", "box"]) == 0  # bf16 autocast, gradient checkpointing: as on GPUs
     ids = read_sidecar(qwen_sft).token_ids
     for folder in (grid / "checkpoint-1", grid):
         sidecar = read_sidecar(folder)

@@ -3,7 +3,8 @@ vision-language path with the model's processor, and only what GETok adds.
 
 - The policy: the starting checkpoint loaded back (``hf.checkpoint.load_checkpoint``: an SFT LoRA checkpoint is its
   base with the adapter merged and its GETok rows written in), then new LoRA adapters on the language model with the
-  GETok rows as peft's trainable tokens (``hf.prepare.lora_model``, as SFT trains them), or full fine-tuning.
+  GETok rows as peft's trainable tokens (``hf.prepare.lora_model``, as SFT trains them), or full fine-tuning. Float32
+  weights under bf16 autocast (``--bf16``), as SFT: the rows a checkpoint saves are then the adapter's exactly.
 - Prompts: the same chat messages and template as SFT and ``llava-getok predict`` (``hf.data.turn_messages``); each
   generation batch's images are read from ``image_path`` (upright, RGB: ``llava_getok.images``) and handed to trl as
   the ``image`` column, so trl's processor path makes the pixels and carries them to the log-probabilities.
@@ -40,9 +41,9 @@ def prompt_renderer(processor):
     return lambda turns: prompt_text(processor, turns)
 
 
-def load_policy(args, sidecar: Sidecar, device: str, dtype):
+def load_policy(args, sidecar: Sidecar, device: str):
     """(processor, model ready for training, None, sidecar, GETok ids) of the starting checkpoint ``args.model_path``
-    (see the module docstring)."""
+    (see the module docstring): float32 weights, which ``--bf16`` trains and generates under autocast."""
     import os
 
     from ..hf.checkpoint import load_checkpoint
@@ -51,7 +52,9 @@ def load_policy(args, sidecar: Sidecar, device: str, dtype):
 
     if args.bits != 16:
         raise ValueError(f"--bits {args.bits}: GRPO of an hf-backend checkpoint trains 16-bit weights (LoRA or full)")
-    processor, model, sidecar = load_checkpoint(args.model_path, args.model_base, device, dtype)
+    # float32 weights and bf16 autocast (as SFT trains): peft writes the trained GETok rows into the matrix in its dtype,
+    # and in bf16 the rows a checkpoint saves would be rounded copies of the adapter's, which it would not load back
+    processor, model, sidecar = load_checkpoint(args.model_path, args.model_base, device, torch.float32)
     family = family_named(sidecar.model_family)
     ids = list(sidecar.token_ids)
     if args.lora:
@@ -96,9 +99,6 @@ class HfGRPOTrainer(GETokSaving, GETokGRPOTrainer):
         self.getok, self.start, self.start_path, self.run_settings = getok, start, str(start_path), settings
         super().__init__(model, processor, reward_funcs, args, train_dataset, logits_processor=logits_processor,
                          callbacks=callbacks, first_answers=first_answers)
-        from ..hf.prepare import float32_rows
-
-        float32_rows(self.model)  # the GETok rows' updates are ~300 times smaller than a bf16 row's resolution
 
     def sidecar(self) -> Sidecar:
         lora = self.checkpoint_kind() == "lora"
@@ -158,6 +158,7 @@ class HfGRPOTrainer(GETokSaving, GETokGRPOTrainer):
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as unwrapped,
             torch.no_grad(),
+            self.accelerator.autocast(),  # float32 weights: bf16 rollouts with --bf16, as the log-probabilities
         ):
             out = unwrapped.generate(**inputs, generation_config=generation_config,
                                      logits_processor=LogitsProcessorList(processors or []))

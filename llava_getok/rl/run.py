@@ -133,11 +133,11 @@ def load_policy(args: RLArgs):
 
     sidecar = start_sidecar(args.model_path)
     device = process_device(args.device)
-    dtype = torch.bfloat16 if _bf16(args, device) else torch.float32
     if sidecar.backend == "hf":  # never imports LLaVA
         from .hf_trainer import load_policy as load_hf_policy
 
-        return load_hf_policy(args, sidecar, device, dtype)
+        return load_hf_policy(args, sidecar, device)
+    dtype = torch.bfloat16 if _bf16(args, device) else torch.float32
     from ..llava import register
     from ..llava.builder import load_getok_checkpoint
     from ..training.rows import attach_trainable_rows
