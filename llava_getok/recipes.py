@@ -2,7 +2,8 @@
 
     llava-getok recipes --out my_recipes [--force]
 
-Writes the launch scripts (``finetune_getok.sh``, ``finetune_getok_lora.sh``, ``grpo_getok.sh``), the DeepSpeed
+Writes the launch scripts (``finetune_getok.sh``, ``finetune_getok_lora.sh``, ``grpo_getok.sh``; for Qwen2.5-VL
+``finetune_getok_qwen.sh``, ``grpo_getok_qwen.sh``), the DeepSpeed
 configs they default to (``zero2.json``, ``zero3.json``; the scripts look for them beside themselves) and
 ``patches/*.patch`` (unified diffs against LLaVA 1.2.2 for people who keep a fork), and prints each path written.
 Then, for example: ``DATA_PATH=... IMAGE_FOLDER=... bash my_recipes/finetune_getok.sh`` (``--help`` lists the
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from .atomic import _umask, atomic_path
 
-SCRIPTS = ("finetune_getok.sh", "finetune_getok_lora.sh", "grpo_getok.sh")
+SCRIPTS = ("finetune_getok.sh", "finetune_getok_lora.sh", "grpo_getok.sh", "finetune_getok_qwen.sh", "grpo_getok_qwen.sh")
 CONFIGS = ("zero2.json", "zero3.json")
 
 

@@ -7,6 +7,9 @@
 #   3. flash-attn-2      the full recipe with ATTN=flash_attention_2 (skipped when flash-attn does not import)
 #   4. grpo-2-steps      scripts/grpo_getok.sh, stage grid, 2 steps from check 1's checkpoint
 #   5. predict           llava-getok predict with grammar-constrained decoding on check 1's checkpoint, then eval
+#   6. qwen-lora-zero2   scripts/finetune_getok_qwen.sh on a tiny Qwen2.5-VL: LoRA + GETok rows, bf16, ZeRO-2, one GPU
+#   7. qwen-grpo         scripts/grpo_getok_qwen.sh, both stages (refine on the policy's first answers), 2 steps each,
+#                        from check 6's checkpoint, then llava-getok predict on the refine stage's checkpoint
 #
 # usage: bash scripts/gpu_check.sh [--help]
 #   OUT       working folder                                  [runs/gpu_check]
@@ -30,7 +33,7 @@ if [[ "$DEVICE" == gpu ]]; then
 else
   GPUS=2
 fi
-eval "$("$PYTHON" -m llava_getok.cli tiny-model --out "$OUT/tiny" --grid 8)" || { echo "gpu_check: tiny-model failed" >&2; exit 1; }
+eval "$("$PYTHON" -m llava_getok.cli tiny-model --out "$OUT/tiny" --grid 8 --qwen)" || { echo "gpu_check: tiny-model failed" >&2; exit 1; }
 export MODEL_BASE VISION_TOWER PROJECTOR DATA_PATH IMAGE_FOLDER GRID
 export BATCH=4 WORKERS=0 REPORT_TO=none
 
@@ -86,6 +89,16 @@ check predict "$OUT/predict.log" -- bash -c "
   '$PYTHON' -m llava_getok.cli predict --model-path '$OUT/zero3-bf16-full' --data '$DATA_PATH' --image-root '$IMAGE_FOLDER' \
     --output '$OUT/predictions.jsonl' --constrained --shape-only --max-new-tokens 16 --device $DEVICE_ARG &&
   '$PYTHON' -m llava_getok.cli eval --predictions '$OUT/predictions.jsonl' --annotations '$DATA_PATH' --output-dir '$OUT/eval'"
+check qwen-lora-zero2 "$OUT/qwen-lora-zero2.log" -- \
+  env MODEL="$QWEN_MODEL" DATA_PATH="$QWEN_DATA_PATH" NUM_GPUS="$SINGLE" LORA_R=8 LORA_ALPHA=16 GRAD_ACCUM=1 \
+  OUTPUT_DIR="$OUT/qwen-lora-zero2" bash scripts/finetune_getok_qwen.sh --max_steps "$STEPS"
+check qwen-grpo "$OUT/qwen-grpo.log" -- env -u MODEL_BASE bash -c "
+  MODEL='$OUT/qwen-lora-zero2' GRID_DATA='$QWEN_DATA_PATH' REFINE_DATA='$QWEN_REFINE_DATA' OUT='$OUT/qwen-grpo' \
+  NUM_GPUS=$SINGLE REFINE_ARGS='--first-answer policy' bash scripts/grpo_getok_qwen.sh --max-steps 2 \
+    --num-generations 4 --max-new-tokens 8 --lora-r 8 --lora-alpha 16 --save-steps 1 &&
+  '$PYTHON' -m llava_getok.cli predict --model-path '$OUT/qwen-grpo/refine' --data '$QWEN_REFINE_DATA' \
+    --image-root '$IMAGE_FOLDER' --output '$OUT/qwen-predictions.jsonl' --constrained --shape-only \
+    --max-new-tokens 16 --device $DEVICE_ARG"
 
 {
   echo "# GPU check (scripts/gpu_check.sh)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GRPO for a GETok LLaVA model, the paper's two stages:
+# GRPO for a GETok LLaVA model (or a transformers-native one: scripts/grpo_getok_qwen.sh), the paper's two stages:
 #   stage 1 (grid):   rec / det / res / point records, rewards format + repetition + grounding
 #                     (box: IoU + corner L1, Hungarian over objects, whole-image / extra-box penalties;
 #                      mask: IoU of the proposal masks at the predicted anchors; point: inside the target)
@@ -68,7 +68,7 @@ run_stage() {
 
 if [[ " $STAGES " == *" grid "* ]]; then
   run_stage grid "$GRID_DATA" "${GRID_ARGS:-}" "$@"
-  MODEL="$OUT/grid"  # the final grid-stage save is a full (merged) GETok checkpoint
+  MODEL="$OUT/grid"  # the grid stage's final save (LLaVA: merged, full; hf: LoRA on $MODEL, which loads it)
   BASE_ARGS=()
 fi
 if [[ " $STAGES " == *" refine "* ]]; then

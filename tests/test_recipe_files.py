@@ -12,7 +12,8 @@ def test_recipes_writes_the_repositorys_files_and_keeps_a_changed_one(tmp_path, 
     out = tmp_path / "recipes"
     assert main(["recipes", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    expected = ["finetune_getok.sh", "finetune_getok_lora.sh", "grpo_getok.sh", "zero2.json", "zero3.json",
+    expected = ["finetune_getok.sh", "finetune_getok_lora.sh", "grpo_getok.sh", "finetune_getok_qwen.sh",
+                "grpo_getok_qwen.sh", "zero2.json", "zero3.json",
                 *(f"patches/{p.name}" for p in (REPO / "patches").glob("*.patch"))]
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(expected)
     for name in expected:

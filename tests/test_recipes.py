@@ -1,5 +1,6 @@
 """The recipes as users run them, on a CPU with two processes: the shipped scripts as files (``DEVICE=cpu``:
-DeepSpeed ZeRO-3 full fine-tuning, ZeRO-3 LoRA, ZeRO-2 QLoRA 4-bit, GRPO through accelerate), and data parallel
+DeepSpeed ZeRO-3 full fine-tuning, ZeRO-3 LoRA, ZeRO-2 QLoRA 4-bit, GRPO through accelerate; Qwen2.5-VL's LoRA under
+ZeRO-2 and its GRPO), and data parallel
 through torchrun, all in bf16 with gradient checkpointing and the box-token loss on, on the tiny model that
 ``llava-getok tiny-model`` writes. Each run: it trains, both ranks hold the same GETok rows (the trainer compares
 them at every save and says so), and the checkpoint loads with LLaVA's builder and generates.
@@ -100,7 +101,7 @@ def test_gpu_check_script_runs_its_checks_on_cpu_ranks(gpu_check):
     out, result, proc = gpu_check
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     table = (out / "gpu_check.md").read_text()
-    for name in ("zero3-bf16-full", "qlora4-cuda", "grpo-2-steps", "predict"):
+    for name in ("zero3-bf16-full", "qlora4-cuda", "grpo-2-steps", "predict", "qwen-lora-zero2", "qwen-grpo"):
         assert f"| {name} | pass |" in table, proc.stdout[-3000:]
     assert "| flash-attn-2 | skipped" in table and not result.exists()  # a CPU run never stands for a GPU table
 
@@ -153,6 +154,31 @@ def test_grpo_script_two_cpu_processes(gpu_check):
     assert "[grpo] 2 logged steps on 2 process(es)" in (gpu_check[0] / "grpo-2-steps.log").read_text()
     assert loads_and_generates(out / "grid")[0]["kind"] == "full"  # the merged final save
     assert loads_and_generates(out / "grid" / "checkpoint-1")[0]["kind"] == "lora"
+
+
+def test_qwen_recipes_two_cpu_ranks(gpu_check):
+    """scripts/finetune_getok_qwen.sh (LoRA + GETok rows, bf16, ZeRO-2 through accelerate) and
+    scripts/grpo_getok_qwen.sh (both stages, the refine stage on the policy's first answers) on a tiny Qwen2.5-VL, each
+    on 2 CPU ranks: the ranks agree on the rows at every save, and every stage's checkpoint loads back on its own."""
+    from llava_getok.hf.checkpoint import load_checkpoint
+    from llava_getok.training.sidecar import read_sidecar
+
+    out = gpu_check[0]
+    sft = out / "qwen-lora-zero2"
+    assert len(losses(sft / "checkpoint-2")) == 2 and SAME_ROWS in (out / "qwen-lora-zero2.log").read_text()
+    assert (sft / "checkpoint-2" / "global_step2").is_dir()  # ZeRO's own state: DeepSpeed really ran
+    sidecar = read_sidecar(sft)
+    assert (sidecar.backend, sidecar.model_family, sidecar.kind, sidecar.frame) == ("hf", "qwen2.5-vl", "lora", "orig")
+    log = (out / "qwen-grpo.log").read_text()
+    assert log.count("[grpo] 2 logged steps on 2 process(es)") == 2 and log.count(SAME_ROWS) >= 2
+    base = str(sft)
+    for stage in ("grid", "refine"):
+        sidecar = read_sidecar(out / "qwen-grpo" / stage)
+        assert sidecar.kind == "lora" and sidecar.base_model == base and sidecar.settings["grpo"]["stage"] == stage
+        load_checkpoint(out / "qwen-grpo" / stage / "checkpoint-1")  # its rows checked against the saved ones
+        base = str(out / "qwen-grpo" / stage)
+    lines = (out / "qwen-predictions.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(x)["shapes"] for x in lines)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -112,6 +112,7 @@ def test_lora_reference_is_the_starting_model_after_rows_and_adapters_moved(geto
 
     trainer = build_trainer(_args(getok_ckpt, data, tmp_path, beta=0.04))
     assert trainer.ref_model is None  # trl's PEFT reference: the same model, adapters disabled
+    assert "ref" not in trainer.model.peft_config  # not trl's copy of the adapter, which leaves the row deltas on
     row = trainer.train_dataset[0]
     prompt = trainer._tokenize_prompts([row["prompt"]])[0][0]
     tok = trainer.processing_class
@@ -130,7 +131,7 @@ def test_lora_reference_is_the_starting_model_after_rows_and_adapters_moved(geto
             if "lora_B" in name:
                 p.normal_(0, 0.5)
         moved = score()
-        with use_adapter(trainer.model, adapter_name=None):  # exactly how trl 1.16 scores the reference
+        with use_adapter(trainer.model, adapter_name="ref" if "ref" in trainer.model.peft_config else None):  # as trl
             reference = score()
         after = score()
     assert (moved - start).abs().max() > 1e-2  # the policy did move

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["finetune_getok.sh", "finetune_getok_lora.sh", "grpo_getok.sh", "zero2.json", "zero3.json"]
+RECIPES = ["finetune_getok.sh", "finetune_getok_lora.sh", "grpo_getok.sh", "finetune_getok_qwen.sh", "grpo_getok_qwen.sh",
+           "zero2.json", "zero3.json"]
 PATCHES = sorted(p.name for p in (REPO / "patches").glob("*.patch"))
 pytestmark = pytest.mark.wheel
 
@@ -117,6 +118,8 @@ def test_the_installed_wheel_runs_its_commands_and_writes_the_recipes_outside_th
     assert "DATA_PATH" in usage and "zero3.json beside this script" in usage
     assert "QLoRA" in run(["bash", out / "finetune_getok_lora.sh", "--help"], cwd=cwd, env=env).stdout
     assert "refine" in run(["bash", out / "grpo_getok.sh", "--help"], cwd=cwd, env=env).stdout
+    assert "Qwen2.5-VL-7B-Instruct" in run(["bash", out / "finetune_getok_qwen.sh", "--help"], cwd=cwd, env=env).stdout
+    assert "grpo_getok.sh" in run(["bash", out / "grpo_getok_qwen.sh", "--help"], cwd=cwd, env=env).stdout
     # a second run leaves a file the user changed alone, and says so
     (out / "zero2.json").write_text("{}")
     proc = subprocess.run([venv / "bin" / "llava-getok", "recipes", "--out", out], cwd=cwd, env=env,

@@ -1,7 +1,8 @@
 """Load a checkpoint of ``python -m llava_getok.hf.train`` back, from its sidecar: the processor saved with it (the
 GETok tokens with their recorded ids), and the model: a full checkpoint as it is; a LoRA one as its base model
 (``--model-base``, else the sidecar's ``base_model``) resized to the recorded vocabulary, with the adapter and its
-trainable GETok rows on top (merged for inference by default). The rows the model ends up with are checked against
+trainable GETok rows on top (merged for inference by default). A base that is a GETok checkpoint itself (a GRPO run's
+adapter on the SFT checkpoint it started from) is loaded the same way first, merged. The rows the model ends up with are checked against
 ``getok_rows.safetensors``.
 """
 from __future__ import annotations
@@ -42,7 +43,10 @@ def load_checkpoint(path, model_base=None, device: str = "cpu", dtype=torch.floa
         base = model_base or sidecar.base_model
         if not base:
             raise ValueError(f"{path}: a LoRA checkpoint whose sidecar names no base model: pass --model-base")
-        model = cls.from_pretrained(str(base), dtype=dtype)
+        if read_sidecar(base) is not None:  # a GETok checkpoint itself (GRPO's adapters sit on the model it started from)
+            _, model, _ = load_checkpoint(base, dtype=dtype)
+        else:
+            model = cls.from_pretrained(str(base), dtype=dtype)
         # the rows past the base's are GETok rows: the adapter's trainable tokens write them
         resize_embeddings(model, sidecar.vocab_size)
         from peft import PeftModel

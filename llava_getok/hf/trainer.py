@@ -15,15 +15,14 @@ GETok rows lives in that weight: with LoRA, peft's trainable tokens (``llava_get
 GRPOTrainer sees too. The labels are the batch's own: the processor expands each image into its tokens, so they line
 up with the hidden states.
 
-Checkpoints (``checkpoint-N`` and the final folder): the model as the Trainer saves it (LoRA: the adapter, with the
-GETok rows as trainable-token values and never the full embedding matrices; full: the whole model), the processor
-with the GETok tokens, ``getok_rows.safetensors`` (the effective rows, compared across ranks) and the sidecar
-(backend ``hf``, model family, frame, processor settings).
+Checkpoints (``checkpoint-N`` and the final folder; ``hf/saving.py``, which GRPO's trainer shares): the model as the
+Trainer saves it (LoRA: the adapter, with the GETok rows as trainable-token values and never the full embedding
+matrices; full: the whole model), the processor with the GETok tokens, ``getok_rows.safetensors`` (the effective rows,
+compared across ranks) and the sidecar (backend ``hf``, model family, frame, processor settings).
 """
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import asdict
 
 import torch
@@ -31,12 +30,12 @@ from trl import SFTTrainer
 
 from ..frames import processor_frame
 from ..patching import Patches
-from ..training.rows import check_same_on_all_ranks, getok_rows_values, saving_adapter_only
 from ..training.settings import GETokSettings
-from ..training.sidecar import ROWS_FILE, Sidecar, save_tensors_atomic, write_sidecar
+from ..training.sidecar import Sidecar
 from ..training.step import Captured, step_loss
-from .family import Family, processor_settings, save_processor
+from .family import Family, processor_settings
 from .prepare import GETokState, float32_rows
+from .saving import GETokSaving, unwrap
 
 class HiddenCapture:
     """The hidden states the LM head would read (the language model's output, ``get_decoder()``) of the forward run
@@ -67,14 +66,7 @@ def capture_hidden(model):
         yield capture
 
 
-def unwrap(model):
-    """The transformers model inside DDP / DeepSpeed / peft wrappers (the same parameters)."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-class GETokSFTTrainer(SFTTrainer):
+class GETokSFTTrainer(GETokSaving, SFTTrainer):
     """SFTTrainer + GETok, configured by ``settings`` and the ``getok`` state that
     :func:`llava_getok.hf.prepare.add_location_tokens` set up; ``family``: the model family; ``base_model``: where the
     model was loaded from (recorded in the sidecar, where a LoRA checkpoint finds its base)."""
@@ -138,46 +130,7 @@ class GETokSFTTrainer(SFTTrainer):
             value = torch.as_tensor(value).detach().float().to(self.accelerator.device)
             self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value).mean().item())
 
-    # -- checkpoints -----------------------------------------------------------------------------------------------
-    def _save(self, output_dir=None, state_dict=None):
-        output_dir = output_dir or self.args.output_dir
-        if hasattr(self.model, "peft_config"):
-            with saving_adapter_only(self.model):
-                super()._save(output_dir, state_dict=state_dict)
-        else:
-            super()._save(output_dir, state_dict=state_dict)
-        save_processor(self.processing_class, output_dir)  # under the family's own processor class name
-
-    def _save_checkpoint(self, model, trial, *args, **kwargs):
-        super()._save_checkpoint(model, trial, *args, **kwargs)
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        self.save_getok_files(folder)
-
-    def save_final(self, folder=None) -> None:
-        """The final checkpoint: the model and processor (``save_model``), then the GETok files. Every rank calls it."""
-        folder = folder or self.args.output_dir
-        self.save_model(folder)
-        ranks = self.save_getok_files(folder)
-        if self.args.should_save:
-            same = f", identical on all {ranks} ranks" if ranks > 1 else ""
-            print(f"GETok: rows of {len(self.getok.ids)} tokens saved in {folder}/{ROWS_FILE}{same}", flush=True)
-
-    def checkpoint_kind(self) -> str:
-        return "lora" if hasattr(self.model, "peft_config") else "full"
-
-    def save_getok_files(self, folder) -> int:
-        """``getok_rows.safetensors`` and the sidecar of checkpoint ``folder``; every rank calls it (the rows are
-        gathered and compared across ranks first). Returns the number of ranks."""
-        rows = getok_rows_values(unwrap(self.model), self.getok.ids)
-        ranks = check_same_on_all_ranks(rows, folder)
-        if self.args.should_save:
-            os.makedirs(folder, exist_ok=True)
-            save_tensors_atomic(os.path.join(folder, ROWS_FILE), rows)
-            write_sidecar(folder, self.sidecar())
-        return ranks
-
+    # -- checkpoints (llava_getok.hf.saving: the same files for every trainer of this backend) ----------------------
     def sidecar(self) -> Sidecar:
         g = self.getok
         return Sidecar.of(g.format, g.ids, vocab_size=g.vocab_size, tokenizer_legacy=None, kind=self.checkpoint_kind(),

@@ -1,4 +1,5 @@
-"""``python -m llava_getok.rl``: GRPO for a GETok LLaVA checkpoint (see llava_getok.rl.run.RLArgs).
+"""``python -m llava_getok.rl``: GRPO for a GETok checkpoint, LLaVA or transformers-native (Qwen2.5-VL, llava-hf: the
+checkpoint's sidecar says; see llava_getok.rl.run.RLArgs).
 
     python -m llava_getok.rl --model-path SFT_CKPT --data rec_train.json --image-folder coco/ \\
         --output-dir runs/grpo-grid --stage grid [--num-generations 8 --beta 0.04 --learning-rate 1e-5 ...]

@@ -1,7 +1,8 @@
 """Converted records (docs/data-format.md) -> GRPO prompt rows.
 
 A row is what trl's GRPOTrainer hands to the rollout and to every reward as keyword columns:
-``prompt`` (the conversation up to the answer being trained, rendered by LLaVA's template), ``image_path``
+``prompt`` (the conversation up to the answer being trained, rendered by the backend's template: LLaVA's
+``conv_mode``, or the model's chat template for llava_getok.hf), ``image_path``
 (absolute; deliberately not named ``image``, which would send trl down its processor-based VLM path),
 ``getok`` (the record's ground truth as JSON text: one Arrow type for every record) and ``first_answer``
 (the first assistant turn of a refine record, "" otherwise).
@@ -15,15 +16,23 @@ from pathlib import Path
 STAGE_TASKS = {"grid": ("rec", "det", "res", "point"), "refine": ("refine",)}
 
 
-def build_rows(records, stage: str, image_folder, conv_mode: str, source="<records>", frame=None, config=None):
+def build_rows(records, stage: str, image_folder, conv_mode: str, source="<records>", frame=None, config=None,
+               render=None):
     """Records -> (rows, skipped) for one stage; ``skipped`` counts records left out, by reason.
+
+    render: ``turns -> prompt`` (default: LLaVA's template ``conv_mode``).
 
     frame / config: the model's frame and GETok config (its sidecar). A record made for another frame or
     grid is an error: its ground truth would be compared with coordinates the model does not mean.
     """
     from ..images import ImageError, load_image
-    from ..llava.inputs import render_prompt
     from .scores import record_task
+
+    if render is None:
+        from ..llava.inputs import render_prompt
+
+        def render(turns):
+            return render_prompt(turns, conv_mode)
 
     if stage not in STAGE_TASKS:
         raise ValueError(f"stage must be one of {sorted(STAGE_TASKS)}, got {stage!r}")
@@ -70,7 +79,7 @@ def build_rows(records, stage: str, image_folder, conv_mode: str, source="<recor
             first_answer = gpt[-1]["value"]
         rows.append({
             "id": str(rec.get("id", k)),
-            "prompt": render_prompt(turns[:-1], conv_mode),
+            "prompt": render(turns[:-1]),
             "image_path": str(image.resolve()),
             "getok": json.dumps(g, sort_keys=True),
             "first_answer": first_answer,

@@ -1,4 +1,6 @@
-"""GRPO on a GETok LLaVA checkpoint: arguments (the CLI is built from :class:`RLArgs`), model set-up, run.
+"""GRPO on a GETok checkpoint: arguments (the CLI is built from :class:`RLArgs`), model set-up, run. The backend is
+the starting checkpoint's (its sidecar says): LLaVA (``rl/trainer.py``) or transformers-native Qwen2.5-VL / llava-hf
+(``rl/hf_trainer.py``); the data, rewards, grammar and stages are the same for both.
 
 Stage ``grid`` trains on rec / det / res / point records with the format, repetition and grounding rewards;
 stage ``refine`` trains the second turn of refine records (offsets to the first answer) with the format,
@@ -23,7 +25,8 @@ class RLArgs:
     output_dir: str = field(metadata={"help": "where checkpoints and logs go"})
     model_base: str | None = field(default=None, metadata={"help": "base model of a LoRA checkpoint"})
     stage: str = field(default="grid", metadata={"help": "grid (rec/det/res/point) or refine (second-turn offsets)"})
-    conv_mode: str = field(default="llava_v1", metadata={"help": "LLaVA conversation template (as in SFT)"})
+    conv_mode: str = field(default="llava_v1", metadata={"help": "LLaVA conversation template (as in SFT); an hf-"
+                                                                  "backend model uses its own chat template"})
     rewards: str | None = field(default=None, metadata={"help": "comma-separated reward names; default by stage: "
                                                                  + "; ".join(f"{k}: {','.join(v)}" for k, v in STAGE_REWARDS.items())})
     reward_weights: str | None = field(default=None, metadata={"help": "per-reward weights in the total, comma-"
@@ -112,22 +115,34 @@ def lora_target_modules(model) -> list[str]:
     return sorted(names)
 
 
+def start_sidecar(model_path: str):
+    """The starting checkpoint's sidecar; ValueError without one."""
+    from ..training.sidecar import read_sidecar
+
+    sidecar = read_sidecar(model_path)
+    if sidecar is None:
+        raise ValueError(f"{model_path}: no getok_config.json; GRPO starts from a GETok checkpoint (SFT first)")
+    return sidecar
+
+
 def load_policy(args: RLArgs):
     """(tokenizer, model, image_processor, sidecar, getok ids) ready for training: the GETok checkpoint through
-    the builder hook, LoRA/QLoRA adapters on the language model, the GETok rows trainable."""
+    the builder hook, LoRA/QLoRA adapters on the language model, the GETok rows trainable. An hf-backend checkpoint:
+    (processor, model, None, sidecar, ids) from :func:`llava_getok.rl.hf_trainer.load_policy`."""
     import torch
 
+    sidecar = start_sidecar(args.model_path)
+    device = process_device(args.device)
+    if sidecar.backend == "hf":  # never imports LLaVA
+        from .hf_trainer import load_policy as load_hf_policy
+
+        return load_hf_policy(args, sidecar, device)
+    dtype = torch.bfloat16 if _bf16(args, device) else torch.float32
     from ..llava import register
     from ..llava.builder import load_getok_checkpoint
     from ..training.rows import attach_trainable_rows
-    from ..training.sidecar import read_sidecar
 
     register()
-    sidecar = read_sidecar(args.model_path)
-    if sidecar is None:
-        raise ValueError(f"{args.model_path}: no getok_config.json; GRPO starts from a GETok checkpoint (SFT first)")
-    device = process_device(args.device)
-    dtype = torch.bfloat16 if _bf16(args, device) else torch.float32
     tokenizer, model, image_processor, _ = load_getok_checkpoint(
         args.model_path, args.model_base, load_4bit=args.bits == 4, load_8bit=args.bits == 8, device=device,
         torch_dtype=dtype)
@@ -176,33 +191,42 @@ def _bf16(args: RLArgs, device: str) -> bool:
 
 
 def build_trainer(args: RLArgs, policy=None, callbacks=()):
-    """The :class:`LlavaGRPOTrainer` for ``args``; ``policy`` (from :func:`load_policy`) may be given."""
+    """The GRPO trainer for ``args``: :class:`~llava_getok.rl.trainer.LlavaGRPOTrainer` or, for an hf-backend
+    checkpoint, :class:`~llava_getok.rl.hf_trainer.HfGRPOTrainer`; ``policy`` (from :func:`load_policy`) may be
+    given."""
     import torch
-    from datasets import Dataset
     from trl import GRPOConfig
 
     from ..generation import GETokLogitsProcessor, space_token_ids
-    from ..llava import register
-    from ..training.sidecar import read_sidecar
     from ..records import read_records
-    from .checkpoint import GETokCheckpointCallback
     from .data import build_rows
-    from .trainer import LlavaGRPOTrainer, PolicyFirstAnswers
+    from .first_answers import PolicyFirstAnswers
 
-    register()  # LLaVA's templates and fixes, before the data is rendered
-    sidecar = read_sidecar(args.model_path)
-    if sidecar is None:
-        raise ValueError(f"{args.model_path}: no getok_config.json; GRPO starts from a GETok checkpoint (SFT first)")
+    sidecar = start_sidecar(args.model_path)
+    hf = sidecar.backend == "hf"
+    if hf:  # the model's chat template renders the prompts, as in SFT
+        from ..hf.family import family_named, load_processor
+        from .hf_trainer import prompt_renderer
+
+        render = prompt_renderer(load_processor(args.model_path, family_named(sidecar.model_family)))
+    else:
+        from ..llava import register
+
+        register()  # LLaVA's templates and fixes, before the data is rendered
+        render = None
     cfg = sidecar.config
     # the data first: a bad record fails in seconds, not after loading a 7B model
-    rows, skipped = build_rows(read_records(args.data, require_id=False, one_question=True), args.stage, args.image_folder, args.conv_mode, args.data,
-                               frame=sidecar.frame, config=cfg)
+    rows, skipped = build_rows(read_records(args.data, require_id=False, one_question=True), args.stage,
+                               args.image_folder, args.conv_mode, args.data, frame=sidecar.frame, config=cfg,
+                               render=render)
     for reason, n in sorted(skipped.items()):
         print(f"[grpo] skipped {n} record(s): {reason}", file=sys.stderr)
     from transformers import set_seed
 
     set_seed(args.seed)  # before the policy's LoRA adapters are made: --seed reproduces a run from its first step
-    tokenizer, model, image_processor, sidecar, ids = policy or load_policy(args)
+    policy = policy or load_policy(args)
+    tokenizer, model, image_processor, sidecar, ids = policy
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # an hf processor's
     id_to_token = dict(zip(ids, sidecar.tokens))
     funcs, weights = reward_funcs(args, id_to_token)
     device = str(next(model.parameters()).device)
@@ -216,31 +240,48 @@ def build_trainer(args: RLArgs, policy=None, callbacks=()):
         logging_steps=args.logging_steps, seed=args.seed, report_to="none", remove_unused_columns=False,
     )
     processors = None
+    token_ids = dict(zip(sidecar.tokens, ids))
     if args.constrained:
         gen_cfg = cfg
         if args.stage == "grid" and cfg.mode == "refine":  # the first answer of refine data is grid-only
             gen_cfg = cfg.with_mode("grid")
-        token_ids = dict(zip(sidecar.tokens, ids))
+        elif args.stage == "refine" and cfg.mode != "refine":  # a model of the same tokens, trained inline
+            gen_cfg = cfg.with_mode("refine")
         processors = [GETokLogitsProcessor(token_ids, gen_cfg, tokenizer.eos_token_id, len(tokenizer),
-                                           never_ids=[tokenizer.bos_token_id], only=args.constrain_only,
-                                           max_new_tokens=args.max_new_tokens, space_ids=space_token_ids(tokenizer))]
+                                           never_ids=[i for i in (tokenizer.bos_token_id,) if i is not None],
+                                           only=args.constrain_only, max_new_tokens=args.max_new_tokens,
+                                           space_ids=space_token_ids(tokenizer))]
     first_answers = None
     if args.stage == "refine" and args.first_answer == "policy":
-        first_answers = PolicyFirstAnswers(args.conv_mode, cfg, dict(zip(sidecar.tokens, ids)), args.max_new_tokens)
+        first_answers = PolicyFirstAnswers(cfg, token_ids, args.max_new_tokens)
+    torch.manual_seed(args.seed)
+    if hf:
+        from .hf_trainer import make_trainer
+
+        return make_trainer(args, policy, funcs, grpo, rows, processors, first_answers, callbacks)
+    from datasets import Dataset
+
+    from .checkpoint import GETokCheckpointCallback
+    from .trainer import LlavaGRPOTrainer
+
     # what this run's checkpoints record: the template it answered in, its own settings and the ones it started from
     ours = replace(sidecar, template=args.conv_mode, settings={"grpo": asdict(args), "start": sidecar.settings})
     callback = GETokCheckpointCallback(tokenizer, ours, args.model_path, quantized=args.bits != 16)
-    torch.manual_seed(args.seed)
     return LlavaGRPOTrainer(model, tokenizer, image_processor, funcs, grpo, Dataset.from_list(rows),
                             logits_processor=processors, callbacks=[callback, *callbacks],
-                            first_answers=first_answers)
+                            first_answers=first_answers, conv_mode=args.conv_mode)
 
 
 def run(args: RLArgs, policy=None):
-    """Train, save the final checkpoint to ``output_dir`` (loadable by the builder hook), return the trainer."""
+    """Train, save the final checkpoint to ``output_dir`` (loadable by ``llava-getok predict``), return the
+    trainer."""
+    trainer = build_trainer(args, policy)
+    if hasattr(trainer, "save_final"):  # llava_getok.hf: the adapter restores its GETok rows (trainable tokens)
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        trainer.save_final()
+        return trainer
     from .checkpoint import save_getok_checkpoint
 
-    trainer = build_trainer(args, policy)
     if args.resume_from_checkpoint:
         # trl's Trainer restores the adapter, optimiser and schedule; the GETok rows live in their own file
         from ..training.rows import set_rows

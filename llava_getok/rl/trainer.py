@@ -18,24 +18,24 @@ clipped loss, KL, length-unbiased ``loss_type``, PEFT reference by disabled adap
   of the trainable GETok rows, which trl's fused head would bypass), and the completion tokens'
   log-probabilities are put back in completion order.
 
-Full fine-tuning with a KL term gets a reference that is a copy of the policy (trl would reload it from the
-config's path and lose in-memory GETok rows); under LoRA the reference is the model with its adapters and its
-GETok-row deltas disabled: the starting model.
+The reference (``rl/getok_grpo.py``, shared with the transformers-native backend): full fine-tuning with a KL term
+gets a copy of the policy (trl would reload it from the config's path and lose in-memory GETok rows); under LoRA the
+reference is the model with its adapters and, here, its GETok-row deltas disabled: the starting model.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
+import json
 
 import torch
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import entropy_from_logits, pad, selective_log_softmax
 
 from ..llava import inputs as model_inputs
 from ..llava.prepare import unwrap_llava
-from ..records import TASK_SHAPES
 from ..training.rows import ROWS_ATTR
+from .getok_grpo import GETokGRPOTrainer
 
 
 def _reference_without_getok_rows(peft_model) -> None:
@@ -56,7 +56,7 @@ def _reference_without_getok_rows(peft_model) -> None:
     peft_model.disable_adapter = disable_adapter
 
 
-class LlavaGRPOTrainer(GRPOTrainer):
+class LlavaGRPOTrainer(GETokGRPOTrainer):
     """GRPOTrainer for LLaVA models. Dataset rows: ``prompt`` (rendered text with ``<image>``), ``image_path``,
     plus any columns the rewards read (``getok``, ``first_answer``).
 
@@ -64,28 +64,27 @@ class LlavaGRPOTrainer(GRPOTrainer):
     logits_processor: optional list of transformers logits processors for rollouts (grammar constraint).
     first_answers: optional ``f(trainer, rows) -> rows`` run on each generation batch before the rollouts
         (:class:`PolicyFirstAnswers`: the refine stage refines the policy's own first answers).
+    conv_mode: LLaVA's template, which re-renders the refine stage's prompts around the policy's first answers.
     """
 
     def __init__(self, model, tokenizer, image_processor, reward_funcs, args: GRPOConfig, train_dataset,
-                 peft_config=None, logits_processor=None, callbacks=None, first_answers=None):
-        self.image_processor = image_processor
-        self.rollout_logits_processor = logits_processor
-        self.first_answers = first_answers  # refine stage: rewrites a batch's rows before the rollouts
+                 peft_config=None, logits_processor=None, callbacks=None, first_answers=None,
+                 conv_mode: str = "llava_v1"):
+        self.image_processor, self.conv_mode = image_processor, conv_mode
         self._rollout_images = None  # the current generation batch's pixels, while trl generates and scores
-        # trl builds a full-finetuning reference with AutoModelForCausalLM.from_pretrained(config path), which
-        # loses a model's in-memory GETok rows; copy the policy instead (PEFT: adapters disabled, nothing to copy).
-        beta = args.beta
-        own_ref = beta != 0.0 and peft_config is None and not hasattr(model, "peft_config")
-        ref = copy.deepcopy(model).eval().requires_grad_(False) if own_ref else None
-        if own_ref:
-            args.beta = 0.0
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
-        if own_ref:
-            args.beta = self.beta = beta
-            self.ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True)
-        if self.ref_model is None and beta != 0.0:
-            _reference_without_getok_rows(self.accelerator.unwrap_model(self.model))
+        super().__init__(model, tokenizer, reward_funcs, args, train_dataset, peft_config=peft_config,
+                         logits_processor=logits_processor, callbacks=callbacks, first_answers=first_answers)
+
+    def _reference_is_the_starting_model(self, peft_model) -> None:
+        _reference_without_getok_rows(peft_model)
+
+    def first_answer_ids(self, rows, ks, conversations, generation_config, processors) -> list[list[int]]:
+        prompts = [model_inputs.prompt_ids(model_inputs.render_prompt(t, self.conv_mode), self.processing_class)
+                   for t in conversations]
+        return self._llava_generate(prompts, self._rollout_images[ks], generation_config, processors)
+
+    def with_turns(self, row: dict, turns: list[dict]) -> dict:
+        return {**row, "prompt": model_inputs.render_prompt(turns, self.conv_mode), "conversation": json.dumps(turns)}
 
     # -- prompts and images ----------------------------------------------------------------------------------
     def _tokenize_prompts(self, prompts: list):
@@ -206,81 +205,3 @@ class LlavaGRPOTrainer(GRPOTrainer):
             if compute_entropy:
                 entropies.append(entropy_from_logits(aligned) * valid)
         return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
-
-
-class PolicyFirstAnswers:
-    """Refine stage on the policy's own first answers (as at inference), not the ones stored in the data.
-
-    For each distinct row of a generation batch: greedy first answer to the first question (under the GETok
-    grammar restricted to the shape the task asks for), then the refine question re-rendered around it (the
-    data's first answer, which the question restates, is replaced by the model's). ``first_answer`` and
-    ``prompt`` of the rows are rewritten; the rewards then judge the refinement of the model's answer.
-    """
-
-
-    def __init__(self, conv_mode: str, cfg, token_ids: dict[str, int], max_new_tokens: int):
-        self.conv_mode, self.token_ids, self.max_new_tokens = conv_mode, token_ids, max_new_tokens
-        self.grid_cfg = cfg.with_mode("grid")
-        self.getok_ids = set(token_ids.values())
-
-    def __call__(self, trainer, rows):
-        import json
-
-        from transformers import GenerationConfig
-
-        from ..generation import GETokLogitsProcessor, space_token_ids
-
-        tok = trainer.processing_class
-        first_of = {}  # prompt -> index of its first row (a group's G rows share a prompt)
-        for k, x in enumerate(rows):
-            first_of.setdefault(x["prompt"], k)
-        by_kind: dict[str | None, list[int]] = {}
-        for k in first_of.values():
-            task = json.loads(rows[k]["getok"])["task"]
-            by_kind.setdefault(TASK_SHAPES.get(task), []).append(k)
-        greedy = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=trainer.eos_token_ids)
-        answer = {}
-        for only, ks in by_kind.items():
-            turns = [json.loads(rows[k]["conversation"]) for k in ks]
-            prompts = [model_inputs.render_prompt(t[: self._first_gpt(t, rows[k])], self.conv_mode)
-                       for t, k in zip(turns, ks)]
-            proc = GETokLogitsProcessor(self.token_ids, self.grid_cfg, tok.eos_token_id, len(tok),
-                                        never_ids=[tok.bos_token_id], only=only, max_new_tokens=self.max_new_tokens,
-                                        space_ids=space_token_ids(tok))
-            ids = trainer._llava_generate([model_inputs.prompt_ids(p, tok) for p in prompts],
-                                          trainer._rollout_images[ks], greedy, [proc])
-            for k, t, a in zip(ks, turns, ids):
-                answer[rows[k]["prompt"]] = (t, self._text(tok, a, trainer.eos_token_ids))
-        out = []
-        for x in rows:
-            turns, first = answer[x["prompt"]]
-            out.append({**x, "prompt": self._refine_prompt(turns, x, first), "first_answer": first})
-        return out
-
-    def _text(self, tok, ids, eos) -> str:
-        from ..generation import space_token_ids
-
-        ids = [i for i in ids if i not in eos]
-        if ids and ids[0] in space_token_ids(tok):  # the template's space before the answer, not part of it
-            ids = ids[1:]
-        if all(i in self.getok_ids for i in ids):  # the GETok tokens exactly, as the converter writes them
-            return "".join(tok.convert_ids_to_tokens(ids))
-        return tok.decode(ids, skip_special_tokens=False)
-
-    @staticmethod
-    def _first_gpt(turns, row) -> int:
-        k = next((i for i, t in enumerate(turns) if t["from"] == "gpt"), None)
-        if k is None:
-            raise ValueError(f"record {row.get('id')!r}: a refine conversation needs its first answer turn")
-        return k
-
-    def _refine_prompt(self, turns, row, first: str) -> str:
-        k = self._first_gpt(turns, row)
-        question = turns[-1]["value"]
-        if row["first_answer"] not in question:
-            raise ValueError(f"record {row.get('id')!r}: the refine question does not restate the first answer "
-                             f"{row['first_answer']!r}; cannot re-ask it about the model's own answer")
-        new = [*turns[:k], {"from": "gpt", "value": first}, *turns[k + 1 : -1],
-               {"from": "human", "value": question.replace(row["first_answer"], first)}]
-        return model_inputs.render_prompt(new, self.conv_mode)
