@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 
 from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import unwrap_model_for_generation
 
 
 class GETokGRPOTrainer(GRPOTrainer):
@@ -53,6 +54,14 @@ class GETokGRPOTrainer(GRPOTrainer):
         """Make ``peft_model.disable_adapter()`` turn off whatever else trains (nothing by default)."""
 
     # -- the refine stage's first answers (rl/first_answers.py) ------------------------------------------------
+    def unwrapped_for_generation(self):
+        """The policy as ``generate`` wants it (ZeRO-3 parameters gathered, gradient checkpointing off), as trl's own
+        rollouts unwrap it: a context manager."""
+        return unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+            generation_kwargs=self.generation_kwargs,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
+
     def first_answer_ids(self, rows, ks, conversations, generation_config, processors) -> list[list[int]]:
         raise NotImplementedError
 

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList, Trainer
 from trl.data_utils import prepare_multimodal_messages
-from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 from ..hf.data import turn_messages
@@ -151,12 +150,7 @@ class HfGRPOTrainer(GETokSaving, GETokGRPOTrainer):
                 inputs[key] = torch.tensor(np.array(value))
         inputs = Trainer._prepare_inputs(self, inputs)
         with (
-            unwrap_model_for_generation(
-                self.model_wrapped, self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                generation_kwargs=self.generation_kwargs,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as unwrapped,
+            self.unwrapped_for_generation() as unwrapped,
             torch.no_grad(),
             self.accelerator.autocast(),  # float32 weights: bf16 rollouts with --bf16, as the log-probabilities
         ):

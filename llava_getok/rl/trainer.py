@@ -29,7 +29,6 @@ import json
 
 import torch
 from trl import GRPOConfig
-from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import entropy_from_logits, pad, selective_log_softmax
 
 from ..llava import inputs as model_inputs
@@ -138,12 +137,7 @@ class LlavaGRPOTrainer(GETokGRPOTrainer):
 
             kwargs["logits_processor"] = LogitsProcessorList(logits_processor)
         with (
-            unwrap_model_for_generation(
-                self.model_wrapped, self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                generation_kwargs=self.generation_kwargs,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as unwrapped,
+            self.unwrapped_for_generation() as unwrapped,
             torch.no_grad(),
             model_inputs.padding_side(unwrap_llava(unwrapped), "left"),
         ):
