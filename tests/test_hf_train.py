@@ -1,7 +1,7 @@
 """``python -m llava_getok.hf.train`` (trl's SFTTrainer with GETok) on the tiny Qwen2.5-VL (untied and tied, as the 3B
 model) and llava-hf: full fine-tuning and LoRA in this process through the entry point's ``build`` (the trainer is
-kept to compare logits before save and after load), then data parallel (torchrun, LoRA), DeepSpeed ZeRO-3 (full) and
-ZeRO-2 (4-bit QLoRA of the tied model) on two CPU ranks as users launch them, in bf16 with gradient checkpointing.
+kept to compare logits before save and after load), 4-bit QLoRA of the tied model in this process, then data parallel (torchrun, LoRA) and DeepSpeed ZeRO-3 (full) on
+two CPU ranks as users launch them, in bf16 with gradient checkpointing (ZeRO-2: the Qwen recipe, test_recipes.py).
 Every checkpoint loads back through ``llava_getok.hf.checkpoint`` with the same GETok ids and the same logits."""
 import json
 import os
@@ -115,6 +115,23 @@ def test_tied_model_trains_one_set_of_rows_and_round_trips(tiny_qwen_tied_dir, h
     assert (logits_of(trainer.model, inputs) - logits_of(model, inputs)).abs().max() <= LOGIT_TOL
 
 
+def test_qlora_of_the_tied_model_trains_its_rows_and_loads_back(tiny_qwen_tied_dir, hf_grounding, tmp_path):
+    """4-bit QLoRA (bitsandbytes) of the tied model: the GETok rows train in float32 beside the 4-bit base, the saved
+    checkpoint holds no full matrix and loads back with its ids."""
+    from llava_getok.hf.checkpoint import load_checkpoint
+
+    out = tmp_path / "qlora"
+    train_here(train_argv(tiny_qwen_tied_dir, hf_grounding["orig"], out, "--lora_enable", "True", "--lora_r", "8",
+                          "--bits", "4", "--save_strategy", "no", steps=2))
+    rows = rows_file(out)
+    assert torch.equal(rows["input_rows"], rows["output_rows"]) and rows["input_rows"].dtype == torch.float32
+    assert not any("embed_tokens.weight" in k or "lm_head.weight" in k for f in out.glob("adapter_model.safetensors")
+                   for k in __import__("safetensors.torch").torch.load_file(f))
+    processor, model, sidecar = load_checkpoint(out)
+    assert processor.tokenizer.convert_tokens_to_ids(sidecar.tokens) == sidecar.token_ids
+    assert torch.isfinite(logits_of(model, probe(processor, hf_grounding["orig"]))).all()
+
+
 # -- refusals, in one line ---------------------------------------------------------------------------------------
 
 def test_records_in_another_frame_and_unsupported_combinations_are_refused(tiny_qwen_dir, hf_grounding, tmp_path):
@@ -186,17 +203,13 @@ def test_data_parallel_lora_bf16_on_two_cpu_ranks(tiny_llava_hf_dir, hf_groundin
     two_ranks_trained(out, proc, tiny_llava_hf_dir, hf_grounding["pad"], "lora")
 
 
-@pytest.mark.parametrize("zero", ["zero3", "zero2"])
-def test_deepspeed_on_two_cpu_ranks(zero, tiny_qwen_dir, tiny_qwen_tied_dir, hf_grounding, tmp_path):
-    """ZeRO-3: full fine-tuning of Qwen2.5-VL; ZeRO-2: 4-bit QLoRA of the tied Qwen2.5-VL (LoRA with GETok rows under
-    ZeRO-3 is refused: see the refusals above)."""
-    model_dir, extra, kind = ((tiny_qwen_dir, [], "full") if zero == "zero3" else
-                              (tiny_qwen_tied_dir, ["--lora_enable", "True", "--lora_r", "8", "--bits", "4"], "lora"))
-    out = tmp_path / zero
-    config = str(REPO / "scripts" / f"{zero}.json")
-    argv = train_argv(model_dir, hf_grounding["orig"], out, *extra, "--deepspeed", config,
+def test_deepspeed_zero3_full_fine_tuning_on_two_cpu_ranks(tiny_qwen_dir, hf_grounding, tmp_path):
+    """ZeRO-3: full fine-tuning of Qwen2.5-VL (LoRA with GETok rows under ZeRO-3 is refused: see the refusals above).
+    ZeRO-2 on two CPU ranks is the Qwen recipe's (scripts/finetune_getok_qwen.sh in tests/test_recipes.py)."""
+    out = tmp_path / "zero3"
+    argv = train_argv(tiny_qwen_dir, hf_grounding["orig"], out, "--deepspeed", str(REPO / "scripts" / "zero3.json"),
                       "--per_device_train_batch_size", "1", "--save_steps", "4", "--bf16", "True",
                       "--gradient_checkpointing", "True", "--use_cpu", "True", steps=4)
     proc = launch([bin_("deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "--module",
                    "llava_getok.hf.train", *argv])
-    two_ranks_trained(out, proc, model_dir, hf_grounding["orig"], kind)
+    two_ranks_trained(out, proc, tiny_qwen_dir, hf_grounding["orig"], "full")
