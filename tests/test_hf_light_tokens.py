@@ -115,3 +115,24 @@ def test_lora_training_losses_unchanged(tiny_qwen_tied_dir, hf_grounding, tmp_pa
         runs.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
     assert len(runs[0]) == 3
     assert runs[0] == pytest.approx(runs[1], rel=1e-4), runs
+
+
+def test_a_copied_model_keeps_its_own_light_forward(tiny_llava_hf_dir):
+    """trl copies a model for GRPO's reference (``copy.deepcopy``); the copy's layers run their own rows."""
+    import copy
+    import pickle
+
+    peft_model, ids = lora_with_rows(tiny_llava_hf_dir, seed=2)
+    twin = copy.deepcopy(peft_model)
+    pickled = pickle.loads(pickle.dumps(peft_model))
+    for other in (twin, pickled):
+        layers = light_tokens.trainable_token_layers(other.get_base_model())
+        assert all(vars(layer)["forward_adapters"].layer is layer for _, layer in layers)
+        assert len(model_patches(other.get_base_model()).names()) == 2
+    with torch.no_grad():
+        for name, p in deltas(twin).items():
+            p.zero_()
+        input_ids = torch.tensor([[ids[2], 5, ids[0]]])
+        mine, theirs = peft_model(input_ids=input_ids).logits, twin(input_ids=input_ids).logits
+        assert not torch.allclose(mine, theirs)
+        torch.testing.assert_close(mine, pickled(input_ids=input_ids).logits, rtol=0, atol=0)
