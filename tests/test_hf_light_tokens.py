@@ -54,10 +54,11 @@ def test_same_logits_and_row_gradients_as_peft(which, bf16, request):
     layers = light_tokens.trainable_token_layers(base)
     names = model_patches(base).names()
     assert len(names) == len(layers) == 2 and all("forward_adapters" in n for n in names), names
+    assert light_tokens.covered(base) == [name for name, _ in layers]
     assert len(deltas(peft_model)) == (1 if which == "tiny_qwen_tied_dir" else 2)  # tied: one delta, both ends
     input_ids = torch.tensor([[ids[0], 5, ids[2], 9, ids[5], ids[2], 1, ids[1]], [ids[3], 2, 4, ids[4], 6, 7, 8, 11]])
     light, light_grads = step(peft_model, input_ids, bf16)
-    assert light_tokens.remove(base) == names and not model_patches(base).names()
+    assert light_tokens.remove(base) == names and not model_patches(base).names() and not light_tokens.covered(base)
     assert all("forward_adapters" not in vars(layer) for _, layer in layers)  # peft's own method again
     own, own_grads = step(peft_model, input_ids, bf16)
     assert own_grads.keys() == light_grads.keys()
@@ -70,6 +71,7 @@ def test_same_logits_and_row_gradients_as_peft(which, bf16, request):
     # installed again: the disabled adapter falls back to peft's forward (the base model's logits)
     assert light_tokens.install(base) == names and light_tokens.install(base) == []
     with torch.no_grad(), peft_model.disable_adapter():
+        assert not light_tokens.covered(base)
         off = peft_model(input_ids=input_ids).logits
         light_tokens.remove(base)
         torch.testing.assert_close(off, peft_model(input_ids=input_ids).logits, rtol=0, atol=0)
@@ -108,7 +110,7 @@ def test_lora_training_losses_unchanged(tiny_qwen_tied_dir, hf_grounding, tmp_pa
         argv = train_argv(tiny_qwen_tied_dir, hf_grounding["orig"], tmp_path / f"out-{light}", "--lora_enable", "True",
                           "--lora_r", "8", "--lora_alpha", "16", "--save_strategy", "no", steps=3)
         trainer = build(argv + ["--use_cpu", "True", "--bf16", "False"])
-        assert len(model_patches(unwrap(trainer.model)).names()) == 2  # embedding and (tied) head
+        assert len(light_tokens.covered(unwrap(trainer.model))) == 2  # embedding and (tied) head
         if not light:
             light_tokens.remove(unwrap(trainer.model))
         trainer.train()

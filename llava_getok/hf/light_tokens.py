@@ -87,6 +87,14 @@ def trainable_token_layers(model) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, TrainableTokensLayer)]
 
 
+def covered(model) -> list[str]:
+    """Names of the trainable-token layers of ``model`` whose next forward the light one computes (patched, and in a
+    state it covers); the others run peft's own."""
+    return [name for name, layer in trainable_token_layers(model)
+            if isinstance(layer.__dict__.get("forward_adapters"), LightForward)
+            and _adapter(layer, layer.active_adapters, (), {}) is not None]
+
+
 def install(model) -> list[str]:
     """Give every trainable-token layer of ``model`` the light forward, as patches kept on ``model``; the names of
     the patches made (none for a layer that has it already)."""
