@@ -435,8 +435,8 @@ def qwen_worker(job: dict) -> dict:
 
 def rows_memory(peft_model, batch, device: str) -> int:
     """What the GETok rows add to one forward + backward of the embedding (the step's ids) and the LM head (as many
-    positions as the step labels): the peak with peft's trainable-token layers (each forward writes the rows into a
-    copy of its whole matrix) minus the peak with the frozen layers alone."""
+    positions as the step labels): the peak with peft's trainable-token layers as the model runs them
+    (``llava_getok.hf.light_tokens``' forward) minus the peak with the frozen layers alone."""
     import torch
 
     base = peft_model.get_base_model()

@@ -7,7 +7,9 @@ what trains chosen:
 - LoRA / QLoRA: peft's LoRA on the language model's linear layers and, beside it, only the GETok rows of the input
   embeddings and the LM head, as peft's trainable tokens (``LoraConfig(trainable_token_indices=...)``). Their values
   live in the LM head's ``weight`` as peft exposes it (the matrix with the trained rows written in), which is what trl's
-  fused LM head reads; a tied model gets one set of rows for both ends (peft ties the head's to the embedding's).
+  fused LM head reads; a tied model gets one set of rows for both ends (peft ties the head's to the embedding's). The
+  forward of both ends is ``llava_getok.hf.light_tokens``'s (a patch kept on the model): the same values without
+  peft's copy of the whole matrix in each call.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ..training.box_loss import TokenTable
 from ..training.settings import FormatError, GETokSettings
 from ..training.tokens import add_getok_tokens, check_token_ids, init_getok_rows, resize_embeddings
 from ..vocab import GETokConfig
+from . import light_tokens
 from .family import Family
 
 
@@ -118,6 +121,7 @@ def lora_model(model, family: Family, state: GETokState, lora: LoraSettings, qua
     # ZeRO-3 wants one dtype among what trains (trl passes the same for the models it wraps itself)
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=not (zero3 and not quantized))
     expose_head_bias(peft_model.get_base_model())
+    light_tokens.install(peft_model.get_base_model())  # the rows applied without copying the 152k-row matrices
     return peft_model
 
 
