@@ -10,6 +10,20 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Each test process (and what it launches) gets its share of the cores: under pytest-xdist (scripts/test.sh runs two
+# workers) two processes with a thread per core each would spin against each other on every tiny matmul.
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+# The modules whose runs are longest go first, so that under pytest-xdist (one module per worker at a time) none of
+# them is left to the end while the other worker idles; the order changes nothing else.
+LONGEST_FIRST = ("test_recipes", "test_hf_train", "test_rl_grpo", "test_demo", "test_llava_train", "test_rl_hf",
+                 "test_convert_property")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(getattr(getattr(item, "module", None), "__name__", ""), len(rank)))
 
 DATA = Path(__file__).resolve().parent / "fixtures" / "data"  # provenance and licences: its README.md
 
@@ -36,7 +50,7 @@ def tiny_llava_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     Treat as read-only: copy it before writing into it."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     from llava_getok.llava.tiny import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava", tiny_tokenizer_dir)
@@ -63,7 +77,7 @@ def tiny_getok_checkpoint(tmp_path_factory, tiny_llava_dir, shared_data) -> Path
             "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "2",
             "--learning_rate", "3e-3", "--save_strategy", "no", "--report_to", "none", "--model_max_length", "256",
             "--dataloader_num_workers", "0", "--seed", "0", "--disable_tqdm", "True", "--use_cpu", "True"]
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run([sys.executable, "-m", "llava_getok.train", *argv], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -33,7 +33,7 @@ def chat_run(tiny_getok_checkpoint, shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("chat") / "answer.png"
     typed = ["/ground box the person", "Where is the person?", "/refine", "/ground point the man", "/nonsense", "/reset",
              "/ground mask the person", ""]
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "llava_getok.cli", "chat", "--model-path", str(tiny_getok_checkpoint),
                            "--image-file", str(shared_data / "coco_mini" / "val2017" / IMAGE), "--device", "cpu",
                            "--conv-mode", "getok_v1", "--max-new-tokens", "12", "--out", str(out), "--debug"],

@@ -68,7 +68,7 @@ def qwen_chat(hf_full_run, hf_grounding, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf-chat") / "answer.png"
     question = record["conversations"][0]["value"].replace("<image>", "").strip()
     typed = [question, "/reset", "/ground box the object", "/refine", ""]
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "llava_getok.cli", "chat", "--model-path", str(ckpt), "--image-file",
                            str(data.parent / "images" / record["image"]), "--device", "cpu", "--max-new-tokens",
                            MAX_NEW, "--out", str(out), "--debug"],

@@ -54,7 +54,7 @@ def standalone(jobs: dict, tmp_path) -> dict:
     for name, (folder, inputs) in jobs.items():
         torch.save(inputs, tmp_path / f"{name}.inputs.pt")
         args.append([str(folder), str(tmp_path / f"{name}.inputs.pt"), str(tmp_path / f"{name}.logits.pt")])
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", STANDALONE, json.dumps(args), *CFG.tokens()], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

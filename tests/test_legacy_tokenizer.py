@@ -117,7 +117,7 @@ def test_training_from_a_legacy_folder_records_it_and_the_checkpoint_reloads_non
            "--getok_grid", "32", "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "2",
            "--save_strategy", "no", "--report_to", "none", "--model_max_length", "256", "--dataloader_num_workers", "0",
            "--use_cpu", "True", "--disable_tqdm", "True"]
-    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert sum(SWITCHED in line for line in proc.stderr.splitlines()) == 1

@@ -42,7 +42,7 @@ def wait_for(check, what, timeout=120.0):
 def fleet(tiny_getok_checkpoint, tmp_path_factory):
     """LLaVA's controller and our worker, each a process as users start them; stopped after the module."""
     cwd = tmp_path_factory.mktemp("fleet")  # LLaVA's controller writes its log file into the working folder
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     pc, pw = free_port(), free_port()
     controller = f"http://127.0.0.1:{pc}"
     procs = [subprocess.Popen([sys.executable, "-m", "llava.serve.controller", "--host", "127.0.0.1", "--port", str(pc)],

@@ -43,7 +43,7 @@ def server(tiny_getok_checkpoint, shared_data):
     assert Path(command[0]).name == "llava-getok" and command[1] == "web"
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO), GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, PYTHONPATH=str(REPO), GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen([sys.executable, "-m", "llava_getok.cli", *command[1:], "--device", "cpu", "--port",
                              str(port), "--max-new-tokens", "16"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

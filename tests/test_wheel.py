@@ -139,7 +139,7 @@ def test_a_written_recipe_trains_a_step_on_cpu(fresh, tiny_llava_dir, shared_dat
     env = dict(env, DEVICE="cpu", NUM_GPUS="1", MODEL_BASE=str(tiny_llava_dir), PROJECTOR="",
                VISION_TOWER=str(tiny_llava_dir / "vision_tower"), DATA_PATH=str(data),
                IMAGE_FOLDER=str(data.parent / "images"), OUTPUT_DIR=str(out), BATCH="2", WORKERS="0", MAX_LEN="256",
-               GRID="8", OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               GRID="8", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     run(["bash", recipes / "finetune_getok.sh", "--max_steps", "1", "--save_strategy", "no"], cwd=cwd, env=env,
         timeout=500)
     assert (out / "getok_config.json").is_file() and (out / "getok_rows.safetensors").is_file()
