@@ -113,8 +113,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", default="auto", choices=ROW_MODES, help="--getok_rows of the training run (factored: "
                    "the grid rows as column + row + cell parts)")
     p.add_argument("--template", default="getok_mistral_instruct", help="conversation template (training and prediction)")
-    p.add_argument("--processes", type=int, default=1, help="training processes (data parallel on CPU ranks, torchrun "
-                   "over gloo), each with its share of every batch of --batch records: one a core")
+    p.add_argument("--processes", type=int, default=2, help="training processes (data parallel on CPU ranks, torchrun "
+                   "over gloo), each with its share of every batch of --batch records and preparing it itself; 2 keeps "
+                   "both cores of a small machine busy (bench/results/learning_demo.md)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each training process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sheet", type=int, default=16, help="samples on the contact sheet")
