@@ -18,6 +18,7 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     assert main(["--quick", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     printed = captured.out
+    assert "2 process(es) x 1 thread(s)" in printed  # the default: data parallel on two CPU ranks
     summary = json.loads((out / "summary.json").read_text())
     # evaluated on every val record; constrained, shape-only decoding always yields one parseable box
     assert summary["metrics"]["n"] == 4 and summary["metrics"]["unparseable"] == 0
@@ -94,7 +95,7 @@ def test_demo_stages_run_one_shape_then_colour_only_then_kind_only_images_before
     from llava_getok.demo import main
 
     out = tmp_path / "demo"
-    assert main(["--quick", "--single-steps", "5", "--kind-steps", "5", "--out", str(out)]) == 0  # quick: 1 step a stage
+    assert main(["--quick", "--single-steps", "5", "--kind-steps", "5", "--processes", "1", "--out", str(out)]) == 0
     assert ("curriculum: 1 steps on one-shape images, 1 steps of colour-only expressions, 1 steps of kind-only ones, "
             "then 1 steps of the full mix" in capsys.readouterr().out)
     order = json.loads((out / "train_curriculum.json").read_text())
@@ -174,20 +175,20 @@ def test_sincos_positions_fill_the_given_dimensions_and_leave_the_rest_to_conten
 
 
 def test_demo_with_a_baseline_format_and_a_learning_curve_reruns_into_the_same_folder(tmp_path, capsys):
-    """--format text: the same job with LLaVA-1.5's text boxes (free decoding, parsed by eval); --eval-every: each
+    """(One training process: the default two are test_demo_quick_runs_end_to_end's.) --format text: the same job with LLaVA-1.5's text boxes (free decoding, parsed by eval); --eval-every: each
     saved checkpoint scored; a second run into the same folder with another format starts afresh instead of
     resuming the first run's checkpoint (LLaVA's train() resumes from any checkpoint-* in its output folder)."""
     from llava_getok.demo import main
 
     out = tmp_path / "demo"
-    assert main(["--quick", "--out", str(out), "--format", "text", "--eval-every", "1"]) == 0
+    assert main(["--quick", "--out", str(out), "--format", "text", "--eval-every", "1", "--processes", "1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     answer = json.loads((out / "val.json").read_text())[0]["conversations"][1]["value"]
     assert answer.startswith("[0.") and answer.count(", ") == 3 and summary["tokens_per_answer"] > 10
     assert json.loads((out / "llava-getok-demo" / "getok_config.json").read_text())["format"]["name"] == "text"
     assert [p["step"] for p in summary["curve"]] == [1, 2, 3] and all(p["n"] == 4 for p in summary["curve"])
     assert summary["metrics"]["n"] == 4
-    assert main(["--quick", "--out", str(out), "--format", "bins", "--bins", "16"]) == 0
+    assert main(["--quick", "--out", str(out), "--format", "bins", "--bins", "16", "--processes", "1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["curve"] == [] and summary["tokens_per_answer"] == 4.0 and summary["metrics"]["unparseable"] == 0
     assert json.loads((out / "llava-getok-demo" / "getok_config.json").read_text())["format"] == {"name": "bins", "bins": 16}

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from ..options import add_flags, from_flags
+from ..training.cpu_ranks import close_process_group
 from .run import RLArgs, run
 
 
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
         print(f"[grpo] {len(history)} logged steps on {trainer.accelerator.num_processes} process(es); last reward "
               f"{last['reward']:.4f}, zero-variance groups {last.get('frac_reward_zero_std', float('nan')):.2f}; "
               f"saved {args.output_dir}")
+    close_process_group()  # gloo's threads outliving the interpreter abort the rank at exit, after its saves
     return 0
 
 
