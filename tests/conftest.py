@@ -15,6 +15,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
+@pytest.fixture(autouse=True)
+def no_mixed_precision_after_the_test():
+    """TrainingArguments writes its mixed precision into os.environ (ACCELERATE_MIXED_PRECISION), where every later
+    Trainer of the process reads it even with --bf16 False: one bf16 run in this process (GRPO's CLI test) would run
+    the next test's float32 trainings under bf16 autocast. Users run one training a process."""
+    yield
+    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+
+
 # The modules whose runs are longest go first, so that under pytest-xdist (one module per worker at a time) none of
 # them is left to the end while the other worker idles; the order changes nothing else.
 LONGEST_FIRST = ("test_recipes", "test_hf_train", "test_rl_grpo", "test_demo", "test_llava_train", "test_rl_hf",
